@@ -1,0 +1,303 @@
+"""Load a Hugging Face model and generate for a batch of prompts with per-prompt parameters."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
+
+from engine.errors import PromptTooLongError
+from engine.params import Completion, FinishReason, SamplingParams
+from engine.sampling import BatchState, Row, RowSampler, RowStopper
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Generation options of a model's own generation_config that we reset: sampling is per request
+# (ours), beam search is off, and length limits come from each request.
+_RESET = {
+    "do_sample": False,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "temperature": None,
+    "top_p": None,
+    "top_k": None,
+    "min_p": None,
+    "typical_p": None,
+    "repetition_penalty": None,
+    "length_penalty": None,
+    "min_length": None,
+    "min_new_tokens": None,
+    "max_length": None,
+    "stop_strings": None,
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine needs to load a model.
+
+    Example::
+
+        >>> EngineConfig(model_id="facebook/opt-125m", device="cpu").resolved_dtype()
+        torch.float32
+    """
+
+    model_id: str
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    trust_remote_code: bool = False
+    num_threads: int | None = None
+    max_prompt_tokens: int | None = None
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+
+
+@dataclass
+class WorkItem:
+    """One prompt queued for generation; ``cancelled`` may be set from another thread."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    cancelled: bool = False
+
+
+class PhaseTimer:
+    """Wall-clock durations of named phases, in order (the cold-start breakdown)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(time.perf_counter() - start, 4)
+
+
+class TextGenerator:
+    """A loaded model and tokenizer that generate for batches of prompts.
+
+    Example::
+
+        gen = TextGenerator.load(EngineConfig(model_id="models/pydoc-gpt-mini"))
+        ids = gen.encode(["Return the"], SamplingParams(max_new_tokens=8))
+        [completion] = gen.generate([WorkItem(ids[0], SamplingParams(max_new_tokens=8))])
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = torch.device(config.device)
+        self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise ValueError(f"{config.model_id}: the tokenizer has neither a pad nor an EOS token")
+        self.context_length = _context_length(model.config, tokenizer)
+        self._generation_config = _base_generation_config(model, self.pad_id)
+        eos = self._generation_config.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+
+    # --- loading -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, config: EngineConfig, timer: PhaseTimer | None = None) -> TextGenerator:
+        timer = timer or PhaseTimer()
+        if config.device == "cpu" and config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        dtype = config.resolved_dtype()
+        remote = config.trust_remote_code
+        with timer.phase("config"):
+            model_config = AutoConfig.from_pretrained(config.model_id, trust_remote_code=remote)
+        with timer.phase("tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(config.model_id, trust_remote_code=remote)
+        model_cls = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
+        with timer.phase("weights"):
+            # Straight onto the target device and dtype: no CPU copy of a GPU model, no float32
+            # detour for a half-precision one.
+            model = model_cls.from_pretrained(
+                config.model_id,
+                config=model_config,
+                dtype=dtype,
+                device_map=config.device if config.device == "cuda" else None,
+                trust_remote_code=remote,
+            )
+            model.eval()
+        engine = cls(model, tokenizer, config)
+        with timer.phase("warmup"):
+            engine.warm_up()
+        logger.info(
+            "loaded model=%s class=%s device=%s dtype=%s threads=%s context=%s phases=%s",
+            config.model_id,
+            type(model).__name__,
+            config.device,
+            str(dtype).removeprefix("torch."),
+            torch.get_num_threads(),
+            engine.context_length,
+            timer.phases,
+        )
+        return engine
+
+    def warm_up(self) -> None:
+        """One tiny generation, so the first request does not pay for lazy initialisation."""
+        ids = self.tokenizer("Hello", add_special_tokens=True)["input_ids"] or [self.pad_id]
+        self.generate([WorkItem(ids, SamplingParams(max_new_tokens=2))])
+
+    # --- requests ------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str], params: SamplingParams) -> list[list[int]]:
+        """Token ids per prompt; raises PromptTooLongError when a prompt cannot fit."""
+        encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        for index, ids in enumerate(encoded):
+            self._check_fits(index, len(ids), params.max_new_tokens, len(prompts) > 1)
+        return encoded
+
+    def _check_fits(self, index: int, n_prompt: int, max_new: int, many: bool) -> None:
+        which = f"prompt {index}" if many else "the prompt"
+        limit = self.config.max_prompt_tokens
+        if limit is not None and n_prompt > limit:
+            raise PromptTooLongError(
+                f"{which} has {n_prompt} tokens; this service accepts at most {limit} (MAX_PROMPT_TOKENS)."
+            )
+        if n_prompt == 0 and not self.is_encoder_decoder:
+            raise PromptTooLongError(f"{which} encodes to no tokens; send some text.")
+        ctx = self.context_length
+        if ctx is None:
+            return
+        if self.is_encoder_decoder:
+            if n_prompt > ctx or max_new > ctx:
+                raise PromptTooLongError(
+                    f"{which} has {n_prompt} tokens and max_new_tokens is {max_new}; the model reads and "
+                    f"writes at most {ctx} tokens each. Shorten the prompt or lower max_new_tokens."
+                )
+        elif n_prompt + max_new > ctx:
+            raise PromptTooLongError(
+                f"{which} has {n_prompt} tokens and max_new_tokens is {max_new}: together they exceed the "
+                f"model's context of {ctx} tokens. Shorten the prompt or lower max_new_tokens to "
+                f"{max(ctx - n_prompt, 0)}."
+            )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        items: Sequence[WorkItem],
+        on_done: Callable[[int, Completion], None] | None = None,
+    ) -> list[Completion]:
+        """Generate for every item in one batch; ``on_done`` hears of each item the moment it ends."""
+        input_ids, attention_mask = self._pad([item.prompt_ids for item in items])
+        start = 1 if self.is_encoder_decoder else input_ids.shape[1]  # decoder starts with one token
+        rows = [
+            Row(
+                params=item.params,
+                start=start,
+                first_real=0 if self.is_encoder_decoder else input_ids.shape[1] - len(item.prompt_ids),
+                cancelled=lambda item=item: item.cancelled,
+            )
+            for item in items
+        ]
+        results: list[Completion | None] = [None] * len(items)
+
+        def finish(index: int, token_ids: list[int], reason: FinishReason) -> None:
+            results[index] = self._completion(items[index], token_ids, reason)
+            if on_done is not None:
+                on_done(index, results[index])
+
+        state = BatchState(rows, self.eos_ids, self._decode, finish)
+        config = GenerationConfig(**self._generation_config.to_dict())
+        config.max_new_tokens = max(item.params.max_new_tokens for item in items)
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([RowSampler(state)]),
+            stopping_criteria=StoppingCriteriaList([RowStopper(state)]),
+        )
+        for index, row in enumerate(rows):  # rows still open when generate() ended ran out of length
+            if row.finish_reason is None:
+                row.finish_reason = "length"
+                finish(index, output[index, row.start :].tolist(), "length")
+        return [result for result in results if result is not None]
+
+    def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Decoder-only models continue from the last position, so pad on the left; an encoder
+        # reads the whole input, and its models are trained with right padding.
+        width = max(len(ids) for ids in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            if self.is_encoder_decoder:
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            else:
+                ids[row, width - len(seq) :] = torch.tensor(seq)
+                mask[row, width - len(seq) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _completion(self, item: WorkItem, token_ids: list[int], reason: FinishReason) -> Completion:
+        # The completion is decoded from the generated tokens alone (never by cutting the prompt
+        # off a decoded string, which breaks when decoding does not round-trip).
+        while token_ids and token_ids[-1] == self.pad_id and self.pad_id not in self.eos_ids:
+            token_ids = token_ids[:-1]
+        text = self._decode(token_ids)
+        if reason == "stop" and item.params.stop:
+            cut = min((text.find(s) for s in item.params.stop if s in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+        return Completion(
+            text=text,
+            prompt_tokens=len(item.prompt_ids),
+            completion_tokens=len(token_ids),
+            finish_reason=reason,
+        )
+
+
+def _context_length(model_config: Any, tokenizer: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**7 else None
+
+
+def _base_generation_config(model: Any, pad_id: int) -> GenerationConfig:
+    """The model's own generation config (structural tokens, forced BOS/EOS) minus what requests set."""
+    config = GenerationConfig(**model.generation_config.to_dict())
+    config.update(**_RESET)
+    config.pad_token_id = pad_id
+    if config.eos_token_id is None and model.config.eos_token_id is not None:
+        config.eos_token_id = model.config.eos_token_id
+    return config
+
+
+def checkpoint_bytes(model_id: str) -> int:
+    """Size of the weight files of a local checkpoint (0 for a hub ID not cached locally)."""
+    path = Path(model_id)
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in {".safetensors", ".bin"})
