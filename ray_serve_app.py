@@ -1,0 +1,29 @@
+"""The Serve graph: HTTP -> Gateway (FastAPI ingress) -> Generator (model). Nothing else lives here.
+
+    serve run ray_serve_app:deployment_graph
+
+Settings are read from the environment once, in the process that builds the graph, and reach the
+replicas only through deployment options and bind arguments. ``deployment_graph`` is built on
+first access (PEP 562), so importing this module for ``build_graph`` reads no environment.
+"""
+
+from typing import Any
+
+from ray.serve import Application
+
+from serving.gateway import Gateway
+from serving.generator import Generator
+from settings import Settings, load_settings
+
+
+def build_graph(settings: Settings) -> Application:
+    """The application for ``settings``: a light Gateway bound to an autoscaled Generator."""
+    generator = Generator.options(**settings.generator_options()).bind(settings)
+    return Gateway.options(**settings.gateway_options()).bind(generator, settings)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "deployment_graph":  # `serve run` / `serve build` look the graph up by this name
+        graph = globals()["deployment_graph"] = build_graph(load_settings())
+        return graph
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
