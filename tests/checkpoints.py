@@ -1,0 +1,86 @@
+"""Tiny random checkpoints built on the fly, so tests never need a hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = [
+    "Return the number of items in the container.",
+    "The socket module provides access to the BSD socket interface.",
+    "This function reads a line from the file and returns it as a string.",
+    "Raise ValueError if the argument is negative or not an integer.",
+    "A Ray Serve deployment scales between a minimum and a maximum number of replicas.",
+    "Write a haiku about autumn leaves falling on a quiet river.",
+] * 20
+
+
+def build_tokenizer(path: Path, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on CORPUS, saved in Hugging Face format at ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<pad>", "<s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=128)
+    fast.eos_token = "<|endoftext|>"
+    fast.bos_token = "<s>"
+    fast.pad_token = "<pad>"
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_causal(path: Path, seed: int = 0) -> Path:
+    """A 2-layer GPT-2 with random weights and a context of 128 tokens."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = build_tokenizer(path)
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def build_tiny_seq2seq(path: Path, seed: int = 0) -> Path:
+    """A 1+1-layer BART with random weights (the shape of a summarizer)."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    tok = build_tokenizer(path)
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=len(tok),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        decoder_start_token_id=tok.eos_token_id,
+        forced_eos_token_id=tok.eos_token_id,
+        # Untied: with tied random embeddings the decoder's first step echoes its start token (EOS).
+        tie_word_embeddings=False,
+    )
+    BartForConditionalGeneration(config).save_pretrained(path)
+    return path

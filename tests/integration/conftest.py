@@ -1,0 +1,99 @@
+"""Real Ray Serve on the local machine: a Ray instance and Serve proxy per test module."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from ray_serve_app import build_graph
+from settings import REPO_ROOT, Settings, build_settings
+
+APP = "llm"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
+            item.add_marker(pytest.mark.integration)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float, interval: float = 0.2, what: str = "condition"):
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def replica_states(app: str = APP, deployment: str = "Generator") -> dict[str, int]:
+    status = serve.status().applications.get(app)
+    if status is None or deployment not in status.deployments:
+        return {}
+    return {str(k): v for k, v in status.deployments[deployment].replica_states.items()}
+
+
+def running_replicas(app: str = APP) -> int:
+    return replica_states(app).get("RUNNING", 0)
+
+
+@dataclass
+class Service:
+    url: str
+    settings: Settings
+    client: httpx.Client
+
+    def generate(self, body: dict, timeout: float = 120) -> httpx.Response:
+        return self.client.post(f"{self.url}/generate", json=body, timeout=timeout)
+
+    def health(self) -> dict:
+        return self.client.get(f"{self.url}/healthz", timeout=10).json()
+
+
+@pytest.fixture(scope="module")
+def serve_port() -> Iterator[int]:
+    """A fresh local Ray instance with Serve listening on a free port, torn down after the module."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def deploy(port: int, env: dict[str, str]) -> Service:
+    settings = build_settings(env)
+    serve.run(build_graph(settings), name=APP, route_prefix="/", blocking=False)
+    client = httpx.Client()
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _ok(client, f"{url}/healthz"), timeout=60, what="the Gateway to answer")
+    return Service(url=url, settings=settings, client=client)
+
+
+def _ok(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+__all__ = ["APP", "REPO_ROOT", "Service", "deploy", "free_port", "replica_states", "running_replicas", "wait_for"]

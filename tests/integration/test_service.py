@@ -1,0 +1,117 @@
+"""The whole graph on real Ray Serve: health without waking, cold start, prompts, errors, idle to zero."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Service, deploy, replica_states, running_replicas, wait_for
+
+IDLE_TIMEOUT_S = 6.0
+
+
+@pytest.fixture(scope="module")
+def service(serve_port: int, tiny_causal: Path) -> Service:
+    return deploy(
+        serve_port,
+        {
+            "MODEL_ID": str(tiny_causal),
+            "MIN_REPLICAS": "0",
+            "MAX_REPLICAS": "1",
+            "IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
+            "AUTOSCALING_LOOK_BACK_S": "1",
+            "METRICS_PUSH_INTERVAL_S": "0.5",
+            "MAX_PROMPTS_PER_REQUEST": "4",
+            "MAX_NEW_TOKENS": "8",
+            "REQUEST_TIMEOUT_S": "120",
+        },
+    )
+
+
+def test_healthz_answers_without_waking_the_model(service: Service) -> None:
+    assert replica_states() == {}
+    started = time.monotonic()
+    for _ in range(20):
+        body = service.health()
+        assert body["status"] == "ok"
+        assert body["generator"]["state"] == "scaled_to_zero"
+    assert time.monotonic() - started < 10
+    # Give the autoscaler time to react to anything the probes might have queued: it must not.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert replica_states() == {}, "a health probe started a model replica"
+        time.sleep(0.25)
+
+
+def test_first_generate_from_zero_replicas(service: Service) -> None:
+    assert running_replicas() == 0
+    started = time.monotonic()
+    response = service.generate({"prompt": "Return the number", "generation_kwargs": {"temperature": 0}})
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["completions"][0] and body["usage"]["completion_tokens"] <= 8
+    assert running_replicas() == 1
+    health = service.health()
+    assert health["generator"]["state"] == "running"
+    report = health["last_cold_start"]
+    assert report is not None and report["weights_s"] >= 0 and report["first_generation_s"] > 0
+    print(f"cold start to first answer: {elapsed:.2f}s; phases: {report}")
+
+
+def test_prompt_and_prompts_agree(service: Service) -> None:
+    prompts = ["Return the number", "The socket module provides", "Raise"]
+    greedy = {"temperature": 0, "max_new_tokens": 6}
+    batch = service.generate({"prompts": prompts, "generation_kwargs": greedy}).json()
+    singles = [service.generate({"prompt": p, "generation_kwargs": greedy}).json() for p in prompts]
+    assert batch["prompts"] == prompts
+    assert batch["completions"] == [s["completions"][0] for s in singles]
+    assert batch["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in singles)
+
+
+def test_seeded_sampling_reproduces_through_the_service(service: Service) -> None:
+    body = {"prompt": "Return the", "generation_kwargs": {"temperature": 1.0, "seed": 11, "max_new_tokens": 8}}
+    first, second = service.generate(body).json(), service.generate(body).json()
+    assert first["completions"] == second["completions"]
+    unseeded = service.generate({"prompt": "Return the", "generation_kwargs": {"temperature": 1.0}}).json()
+    replay = {"prompt": "Return the", "generation_kwargs": unseeded["generation_kwargs"]}
+    assert service.generate(replay).json()["completions"] == unseeded["completions"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"prompts": []}, 422, "prompts"),
+        ({"prompt": "a", "prompts": ["b"]}, 422, "not both"),
+        ({"prompt": "a", "generation_kwargs": {"temperature": -1}}, 422, "temperature"),
+        ({"prompt": "a", "unknown": True}, 422, "unknown: Extra inputs"),
+        ({"prompts": ["a"] * 5}, 413, "MAX_PROMPTS_PER_REQUEST"),
+        ({"prompt": "word " * 200}, 413, "context of 128 tokens"),
+        ({"prompt": "a", "generation_kwargs": {"max_new_tokens": 5000}}, 422, "MAX_NEW_TOKENS_LIMIT"),
+    ],
+)
+def test_bad_requests_get_4xx_and_the_service_keeps_serving(service: Service, body, status, fragment) -> None:
+    response = service.generate(body)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]["message"]
+    assert service.generate({"prompt": "Raise"}).status_code == 200
+
+
+def test_malformed_json_is_400(service: Service) -> None:
+    response = service.client.post(f"{service.url}/generate", content=b"{oops", timeout=30)
+    assert response.status_code == 400
+
+
+def test_model_scales_to_zero_after_idle_timeout(service: Service) -> None:
+    assert service.generate({"prompt": "Raise"}).status_code == 200
+    last_answer = time.monotonic()
+    assert running_replicas() == 1
+    wait_for(lambda: replica_states() == {}, timeout=IDLE_TIMEOUT_S + 30, interval=0.25, what="scale to zero")
+    idle = time.monotonic() - last_answer
+    print(f"model replica gone {idle:.1f}s after the last answer (IDLE_TIMEOUT_S={IDLE_TIMEOUT_S})")
+    assert idle >= IDLE_TIMEOUT_S * 0.7, "the replica stopped well before the idle timeout"
+    assert service.health()["generator"]["state"] == "scaled_to_zero"
+    # and it wakes again
+    assert service.generate({"prompt": "Raise"}).status_code == 200
