@@ -1,0 +1,78 @@
+"""A `ray start --head` cluster owned by one test: started in the foreground, killed by session.
+
+Unlike `ray stop`, which ends every Ray process on the machine, teardown here ends only the
+processes of this cluster's session.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from settings import REPO_ROOT, Settings
+
+RAY = str(Path(sys.executable).with_name("ray"))
+SERVE = str(Path(sys.executable).with_name("serve"))
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without any of the service's variables, as a cluster started earlier has."""
+    ours = {name.upper() for name in Settings.model_fields} | {"RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S"}
+    return {k: v for k, v in os.environ.items() if k.upper() not in ours and not k.startswith("RAY_")}
+
+
+class RayHead:
+    """``with RayHead(port) as head:`` runs `ray start --head --block` until the block ends."""
+
+    def __init__(self, port: int, num_cpus: int = 2, extra_args: tuple[str, ...] = ()) -> None:
+        self.port = port
+        self.args = [
+            RAY, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
+            "--include-dashboard=false", "--disable-usage-stats", *extra_args,
+        ]  # fmt: skip
+        self.address = ""
+        self.session = ""
+        self._proc: subprocess.Popen | None = None
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        """Environment for a CLI that should join this cluster (and no other)."""
+        return {**clean_env(), "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", **extra}
+
+    def __enter__(self) -> RayHead:
+        self._proc = subprocess.Popen(
+            self.args, env=clean_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        output = []
+        deadline = time.monotonic() + 120
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            output.append(line)
+            if match := re.search(r"ray start --address='([^']+)'", line):
+                self.address = match.group(1)
+            if match := re.search(r"(session_\d{4}-[\d_-]+)", line):
+                self.session = self.session or match.group(1)
+            if (self.address and self.session) or time.monotonic() > deadline:
+                break
+        if not self.address or not self.session:
+            self.__exit__(None, None, None)
+            raise RuntimeError("ray start did not come up:\n" + "".join(output))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.session:
+            subprocess.run(["pkill", "-KILL", "-f", self.session], capture_output=True)
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait(timeout=30)
+
+
+def run_cli(cmd: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run a CLI from the repository root; fail the test with its output if it fails."""
+    result = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
