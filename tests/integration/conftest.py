@@ -70,7 +70,8 @@ class Service:
 @pytest.fixture(scope="module")
 def serve_port() -> Iterator[int]:
     """A fresh local Ray instance with Serve listening on a free port, torn down after the module."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": always a new instance, never a cluster some `ray start` left running.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
