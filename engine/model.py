@@ -21,6 +21,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from engine.continuous import ContinuousBatch, supports
 from engine.errors import PromptTooLongError
 from engine.params import Completion, FinishReason, SamplingParams
 from engine.sampling import BatchState, Row, RowSampler, RowStopper
@@ -65,6 +66,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     num_threads: int | None = None
     max_prompt_tokens: int | None = None
+    continuous_batching: bool = True
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
@@ -121,6 +123,9 @@ class TextGenerator:
         self._generation_config = _base_generation_config(model, self.pad_id)
         eos = self._generation_config.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        # Iteration-level batching where our own loop can drive the model; static batches
+        # through generate() otherwise (see engine.continuous).
+        self.continuous = config.continuous_batching and supports(model)
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
@@ -150,13 +155,14 @@ class TextGenerator:
         with timer.phase("warmup"):
             engine.warm_up()
         logger.info(
-            "loaded model=%s class=%s device=%s dtype=%s threads=%s context=%s phases=%s",
+            "loaded model=%s class=%s device=%s dtype=%s threads=%s context=%s batching=%s phases=%s",
             config.model_id,
             type(model).__name__,
             config.device,
             str(dtype).removeprefix("torch."),
             torch.get_num_threads(),
             engine.context_length,
+            "continuous" if engine.continuous else "static",
             timer.phases,
         )
         return engine
@@ -203,42 +209,75 @@ class TextGenerator:
     def generate(
         self,
         items: Sequence[WorkItem],
-        on_done: Callable[[int, Completion], None] | None = None,
+        on_done: Callable[[WorkItem, Completion], None] | None = None,
+        poll: Callable[[int], Sequence[WorkItem]] | None = None,
+        max_batch_size: int | None = None,
     ) -> list[Completion]:
-        """Generate for every item in one batch; ``on_done`` hears of each item the moment it ends."""
-        input_ids, attention_mask = self._pad([item.prompt_ids for item in items])
-        start = 1 if self.is_encoder_decoder else input_ids.shape[1]  # decoder starts with one token
-        rows = [
-            Row(
-                params=item.params,
-                start=start,
-                first_real=0 if self.is_encoder_decoder else input_ids.shape[1] - len(item.prompt_ids),
-                cancelled=lambda item=item: item.cancelled,
-            )
-            for item in items
-        ]
-        results: list[Completion | None] = [None] * len(items)
+        """Generate for ``items``; ``on_done`` hears of each item the moment it ends.
 
-        def finish(index: int, token_ids: list[int], reason: FinishReason) -> None:
-            results[index] = self._completion(items[index], token_ids, reason)
+        With continuous batching, ``poll(free_slots)`` is asked between steps for more items to
+        join (at most ``max_batch_size`` rows decode together). Returns the completions of every
+        item that ran, in the order they were admitted.
+        """
+        done: list[tuple[WorkItem, Completion]] = []
+
+        def finish(item: WorkItem, row: Row, reason: FinishReason) -> None:
+            completion = self._completion(item, row.generated, reason)
+            done.append((item, completion))
             if on_done is not None:
-                on_done(index, results[index])
+                on_done(item, completion)
 
-        state = BatchState(rows, self.eos_ids, self._decode, finish)
+        if self.continuous:
+            admitted = self._generate_continuous(list(items), finish, poll, max_batch_size or len(items))
+        else:
+            admitted = list(items)
+            self._generate_static(admitted, finish)
+        by_item = {id(item): completion for item, completion in done}
+        return [by_item[id(item)] for item in admitted if id(item) in by_item]
+
+    def _rows(self, items: Sequence[WorkItem]) -> list[Row]:
+        return [Row(item.params, item.prompt_ids, cancelled=lambda item=item: item.cancelled) for item in items]
+
+    def _generate_continuous(self, items, finish, poll, max_batch_size: int) -> list[WorkItem]:
+        owner: dict[int, WorkItem] = {}
+        batch = ContinuousBatch(
+            self.model, self.pad_id, self.eos_ids, self._decode, lambda row, why: finish(owner[id(row)], row, why)
+        )
+        admitted: list[WorkItem] = []
+        pending = items
+        while True:
+            if pending:
+                rows = self._rows(pending)
+                owner.update({id(row): item for row, item in zip(rows, pending, strict=True)})
+                admitted.extend(pending)
+                batch.admit(rows)
+            batch.drop_cancelled()
+            free = max_batch_size - len(batch.rows)
+            pending = list(poll(free)) if poll is not None and free > 0 else []
+            if not batch.rows and not pending:
+                return admitted
+            if batch.rows:
+                batch.step()
+
+    def _generate_static(self, items: list[WorkItem], finish) -> None:
+        input_ids, attention_mask = self._pad([item.prompt_ids for item in items])
+        rows = self._rows(items)
+        width = input_ids.shape[1]
+        seen_from = [0 if self.is_encoder_decoder else width - len(item.prompt_ids) for item in items]
+        state = BatchState(rows, seen_from, self.eos_ids, self._decode, lambda i, why: finish(items[i], rows[i], why))
         config = GenerationConfig(**self._generation_config.to_dict())
         config.max_new_tokens = max(item.params.max_new_tokens for item in items)
-        output = self.model.generate(
+        self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=config,
             logits_processor=LogitsProcessorList([RowSampler(state)]),
             stopping_criteria=StoppingCriteriaList([RowStopper(state)]),
         )
-        for index, row in enumerate(rows):  # rows still open when generate() ended ran out of length
+        for item, row in zip(items, rows, strict=True):  # rows still open when generate() ended ran out
             if row.finish_reason is None:
                 row.finish_reason = "length"
-                finish(index, output[index, row.start :].tolist(), "length")
-        return [result for result in results if result is not None]
+                finish(item, row, "length")
 
     def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         # Decoder-only models continue from the last position, so pad on the left; an encoder
@@ -261,8 +300,6 @@ class TextGenerator:
     def _completion(self, item: WorkItem, token_ids: list[int], reason: FinishReason) -> Completion:
         # The completion is decoded from the generated tokens alone (never by cutting the prompt
         # off a decoded string, which breaks when decoding does not round-trip).
-        while token_ids and token_ids[-1] == self.pad_id and self.pad_id not in self.eos_ids:
-            token_ids = token_ids[:-1]
         text = self._decode(token_ids)
         if reason == "stop" and item.params.stop:
             cut = min((text.find(s) for s in item.params.stop if s in text), default=-1)

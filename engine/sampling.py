@@ -1,16 +1,15 @@
-"""Per-row decoding control for a batch: sampling, repetition penalty and stopping.
+"""Per-row decoding rules for a batch: repetition penalty, sampling, and when a row ends.
 
-Hugging Face ``generate`` takes one sampling configuration per batch. To honour each request's own
-temperature, top-p, top-k, repetition penalty, seed, stop strings and token budget inside one
-batch, ``generate`` runs in greedy mode and a logits processor samples each sampling row with the
-row's own seeded generator, leaving only the chosen token selectable (:class:`RowSampler`); a
-stopping criterion ends each row on its own terms and reports it at once (:class:`RowStopper`), so
-a short request does not wait for the longest one in its batch.
+Every prompt in a batch keeps its own temperature, top-p, top-k, repetition penalty, seed, stop
+strings and token budget. :func:`pick_tokens` and :func:`finish_reason` implement them for one
+decoding step; both decoding loops use them: our own continuous loop (``engine.continuous``) and,
+for models it cannot drive, Hugging Face ``generate`` through :class:`RowSampler` and
+:class:`RowStopper`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,12 +20,12 @@ from engine.params import FinishReason, SamplingParams
 
 @dataclass
 class Row:
-    """One prompt's decoding state inside a batch."""
+    """One prompt's decoding state."""
 
     params: SamplingParams
-    start: int  # index in the output ids where this row's generated tokens begin
-    first_real: int  # index of the row's first non-padding token (left padding)
+    prompt_ids: list[int]
     cancelled: Callable[[], bool] = lambda: False
+    generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = field(default=None, repr=False)
 
@@ -36,54 +35,79 @@ class Row:
             self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
 
-class BatchState:
-    """The rows of one ``generate`` call and what to do when one ends.
+def pick_tokens(logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """The next token of each row: greedy rows take the argmax, sampling rows sample with their settings.
 
-    ``on_finish(index, token_ids, reason)`` is called from the generating thread as soon as row
-    ``index`` ends, with the tokens it generated.
+    ``seen[i]`` holds the tokens row ``i`` has seen (prompt and output), needed only for rows with a
+    repetition penalty. ``logits`` (rows x vocab, float32) may be modified in place.
+    """
+    for i, row in enumerate(rows):
+        if row.params.repetition_penalty != 1.0 and seen[i] is not None:
+            _apply_repetition_penalty(logits[i], seen[i], row.params.repetition_penalty)
+    chosen = logits.argmax(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if sampled:
+        chosen[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled])
+    return chosen
+
+
+def finish_reason(row: Row, eos: Collection[int], decode: Callable[[list[int]], str]) -> FinishReason | None:
+    """Why ``row`` ends after its latest token, or None if it goes on."""
+    if row.cancelled():
+        return "cancelled"
+    if row.generated and row.generated[-1] in eos:
+        return "stop"
+    if row.params.stop and any(stop in decode(row.generated) for stop in row.params.stop):
+        return "stop"
+    if len(row.generated) >= row.params.max_new_tokens:
+        return "length"
+    return None
+
+
+class BatchState:
+    """The rows of one Hugging Face ``generate`` call and what to do when one ends.
+
+    ``on_finish(index, reason)`` is called from the generating thread as soon as row ``index`` ends.
     """
 
     def __init__(
         self,
         rows: Sequence[Row],
-        eos_token_ids: Sequence[int],
+        seen_from: Sequence[int],
+        eos_token_ids: Collection[int],
         decode: Callable[[list[int]], str],
-        on_finish: Callable[[int, list[int], FinishReason], None],
+        on_finish: Callable[[int, FinishReason], None],
     ) -> None:
         self.rows = list(rows)
+        self.seen_from = list(seen_from)  # where each row's own tokens begin in generate()'s input_ids
         self.eos = frozenset(eos_token_ids)
         self.decode = decode
         self.on_finish = on_finish
 
 
 class RowSampler(LogitsProcessor):
-    """Applies each row's repetition penalty, then samples each sampling row with its own settings.
-
-    Greedy rows are left to generate()'s argmax; a sampled row keeps only its chosen token.
-    """
+    """Makes ``generate`` (run in greedy mode) follow :func:`pick_tokens` row by row."""
 
     def __init__(self, state: BatchState) -> None:
         self.state = state
-        self._penalised = [i for i, row in enumerate(state.rows) if row.params.repetition_penalty != 1.0]
-        self._sampled = [i for i, row in enumerate(state.rows) if not row.params.greedy]
+        self._custom = any(r.params.repetition_penalty != 1.0 or not r.params.greedy for r in state.rows)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        rows = self.state.rows
-        for i in self._penalised:
-            if rows[i].finish_reason is None:
-                seen = input_ids[i, rows[i].first_real :]
-                _apply_repetition_penalty(scores[i], seen, rows[i].params.repetition_penalty)
-        active = [i for i in self._sampled if rows[i].finish_reason is None]
+        if not self._custom:  # all greedy, no penalty: generate()'s own argmax is the answer
+            return scores
+        state = self.state
+        active = [i for i, row in enumerate(state.rows) if row.finish_reason is None]
         if active:
-            chosen = _sample_rows(scores[active], [rows[i] for i in active])
+            seen = [input_ids[i, state.seen_from[i] :] for i in active]
+            chosen = pick_tokens(scores[active], [state.rows[i] for i in active], seen)
             index = torch.tensor(active, device=scores.device)
             scores[index] = float("-inf")
-            scores[index, chosen] = 0.0
+            scores[index, chosen.to(scores.device)] = 0.0
         return scores
 
 
 class RowStopper(StoppingCriteria):
-    """Ends each row on its own terms (EOS, stop string, token budget, cancellation) and reports it."""
+    """Ends each row on its own terms (:func:`finish_reason`) and reports it at once."""
 
     def __init__(self, state: BatchState) -> None:
         self.state = state
@@ -93,34 +117,21 @@ class RowStopper(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         state = self.state
         last = input_ids[:, -1].tolist()
-        length = input_ids.shape[1]
         done = []
         for i, row in enumerate(state.rows):
             if row.finish_reason is None:
-                reason = self._reason(row, input_ids[i], last[i], length)
+                row.generated.append(last[i])
+                reason = finish_reason(row, state.eos, state.decode)
                 if reason is not None:
                     row.finish_reason = reason
-                    state.on_finish(i, input_ids[i, row.start :].tolist(), reason)
+                    state.on_finish(i, reason)
             done.append(row.finish_reason is not None)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    def _reason(self, row: Row, ids: torch.Tensor, last: int, length: int) -> FinishReason | None:
-        if row.cancelled():
-            return "cancelled"
-        if last in self.state.eos:
-            return "stop"
-        if row.params.stop:
-            text = self.state.decode(ids[row.start :].tolist())
-            if any(stop in text for stop in row.params.stop):
-                return "stop"
-        if length - row.start >= row.params.max_new_tokens:
-            return "length"
-        return None
 
 
 def _apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
     """CTRL-style penalty (as transformers applies it) on the tokens this row has seen, in place."""
-    seen = seen.unique()
+    seen = seen.to(scores.device).unique()
     picked = scores.gather(0, seen)
     scores.scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
 

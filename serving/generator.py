@@ -101,7 +101,14 @@ class Generator:
         return reply
 
     async def stats(self) -> dict[str, Any]:
-        return {"batches": self._batcher.batches_run, "prompts": self._batcher.items_run}
+        """Batching counters of this replica (for benchmarks and debugging)."""
+        sizes = self._batcher.batch_sizes
+        return {
+            "batches": sum(sizes.values()),
+            "prompts": sum(size * n for size, n in sizes.items()),
+            "batch_sizes": dict(sorted(sizes.items())),
+            "busy_s": round(self._batcher.busy_s, 3),
+        }
 
 
 def _load_with_timeout(load: Any, timeout_s: float, model_id: str) -> Any:

@@ -25,20 +25,33 @@ def item(n: int, max_new: int = 4) -> Item:
 
 
 class FakeRunner:
-    """Answers each item with its prompt id; an item ends after max_new_tokens 'steps' of 10 ms."""
+    """A fake engine: each step takes 10 ms; an item ends after max_new_tokens steps.
 
-    def __init__(self) -> None:
+    With ``join`` it admits polled items between steps, like the continuous engine.
+    """
+
+    def __init__(self, join: bool = False) -> None:
         self.batches: list[list[int]] = []
+        self.joined: list[int] = []
         self.threads: set[str] = set()
+        self.join = join
 
-    def __call__(self, items, on_done) -> None:
+    def __call__(self, items, on_done, poll, max_batch_size) -> None:
         self.batches.append([i.prompt_ids[0] for i in items])
         self.threads.add(threading.current_thread().name)
-        for step in range(1, max(i.params.max_new_tokens for i in items) + 1):
+        active = {id(it): [it, 0] for it in items}
+        while active:
             time.sleep(0.01)
-            for index, it in enumerate(items):
-                if it.params.max_new_tokens == step:
-                    on_done(index, Completion(str(it.prompt_ids[0]), 1, step, "length"))
+            for key, entry in list(active.items()):
+                it, steps = entry
+                entry[1] = steps = steps + 1
+                if it.cancelled or steps >= it.params.max_new_tokens:
+                    del active[key]
+                    on_done(it, Completion(str(it.prompt_ids[0]), 1, steps, "cancelled" if it.cancelled else "length"))
+            if self.join:
+                for it in poll(max_batch_size - len(active)):
+                    self.joined.append(it.prompt_ids[0])
+                    active[id(it)] = [it, 0]
 
 
 async def test_concurrent_submissions_share_a_batch() -> None:
@@ -87,13 +100,13 @@ async def test_event_loop_stays_free_while_a_batch_runs() -> None:
 async def test_failed_batch_fails_every_waiter_and_recovers() -> None:
     calls = 0
 
-    def flaky(items, on_done) -> None:
+    def flaky(items, on_done, poll, max_batch_size) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("boom")
-        for index in range(len(items)):
-            on_done(index, Completion("ok", 1, 1, "length"))
+        for it in items:
+            on_done(it, Completion("ok", 1, 1, "length"))
 
     batcher = Batcher(flaky, max_batch_size=4, wait_timeout_s=0.02)
     results = await asyncio.gather(batcher.submit(item(1)), batcher.submit(item(2)), return_exceptions=True)
@@ -103,7 +116,7 @@ async def test_failed_batch_fails_every_waiter_and_recovers() -> None:
 
 
 async def test_unanswered_item_fails_instead_of_hanging() -> None:
-    batcher = Batcher(lambda items, on_done: None, max_batch_size=4, wait_timeout_s=0.0)
+    batcher = Batcher(lambda items, on_done, poll, n: None, max_batch_size=4, wait_timeout_s=0.0)
     with pytest.raises(RuntimeError, match="without a result"):
         await asyncio.wait_for(batcher.submit(item(1)), 2)
     await batcher.close()
@@ -118,4 +131,27 @@ async def test_cancelling_a_waiter_marks_its_item() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert it.cancelled
+    await batcher.close()
+
+
+async def test_arrivals_join_a_running_batch() -> None:
+    runner = FakeRunner(join=True)
+    batcher = Batcher(runner, max_batch_size=4, wait_timeout_s=0.0)
+    first = asyncio.create_task(batcher.submit(item(1, max_new=40)))
+    while not runner.batches:
+        await asyncio.sleep(0.005)
+    late = await asyncio.wait_for(batcher.submit(item(2, max_new=3)), 1.0)
+    assert late.text == "2" and not first.done(), "the late item finished inside the running batch"
+    assert runner.batches == [[1]] and runner.joined == [2]
+    await first
+    assert batcher.batch_sizes == {2: 1}
+    await batcher.close()
+
+
+async def test_joining_respects_the_batch_limit() -> None:
+    runner = FakeRunner(join=True)
+    batcher = Batcher(runner, max_batch_size=2, wait_timeout_s=0.0)
+    results = await asyncio.gather(*(batcher.submit(item(n, max_new=5)) for n in range(6)))
+    assert sorted(r.text for r in results) == [str(n) for n in range(6)]
+    assert max(len(b) for b in runner.batches) <= 2
     await batcher.close()

@@ -71,12 +71,10 @@ def test_different_seeds_sample_differently(causal: TextGenerator) -> None:
 def test_per_row_max_new_tokens_and_early_release(causal: TextGenerator) -> None:
     short, long = SamplingParams(max_new_tokens=2), SamplingParams(max_new_tokens=10)
     ids = [causal.encode([p], long)[0] for p in PROMPTS[:2]]
+    items = [WorkItem(ids[0], long), WorkItem(ids[1], short)]
     order: list[tuple[int, int]] = []
-    results = causal.generate(
-        [WorkItem(ids[0], long), WorkItem(ids[1], short)],
-        on_done=lambda index, c: order.append((index, c.completion_tokens)),
-    )
-    by_row = {index: n for index, n in order}
+    results = causal.generate(items, on_done=lambda item, c: order.append((items.index(item), c.completion_tokens)))
+    by_row = dict(order)
     assert order[0][0] == 1, "the short row is reported before the long one ends"
     assert by_row[1] <= 2 and results[1].finish_reason in {"length", "stop"}
     assert results[0].completion_tokens <= 10
@@ -151,3 +149,38 @@ def test_seq2seq_model_serves_the_same_api(seq2seq: TextGenerator) -> None:
 def test_resolved_dtype() -> None:
     assert EngineConfig(model_id="x").resolved_dtype() == torch.float32
     assert EngineConfig(model_id="x", dtype="bfloat16").resolved_dtype() == torch.bfloat16
+
+
+def test_decoder_only_uses_continuous_batching_seq2seq_static(causal: TextGenerator, seq2seq: TextGenerator) -> None:
+    assert causal.continuous and not seq2seq.continuous
+
+
+def test_prompts_joining_mid_generation_match_their_solo_output(causal: TextGenerator) -> None:
+    long = SamplingParams(max_new_tokens=20)
+    ids = [causal.encode([p], long)[0] for p in PROMPTS]
+    solo = [causal.generate([WorkItem(i, long)])[0] for i in ids]
+    joins = {3: WorkItem(ids[1], long), 6: WorkItem(ids[2], long), 7: WorkItem(ids[3], long)}  # poll -> item
+    polls = 0
+
+    def poll(free: int) -> list[WorkItem]:
+        nonlocal polls
+        polls += 1
+        return [joins[polls]] if polls in joins else []
+
+    results = causal.generate([WorkItem(ids[0], long)], poll=poll, max_batch_size=4)
+    assert results == solo
+
+
+def test_joining_respects_max_batch_size(causal: TextGenerator) -> None:
+    params = SamplingParams(max_new_tokens=6)
+    ids = causal.encode(PROMPTS, params)
+    queue = [WorkItem(i, params) for i in ids[1:]]
+    asked: list[int] = []
+
+    def poll(free: int) -> list[WorkItem]:
+        asked.append(free)
+        taken, queue[:] = queue[:free], queue[free:]
+        return taken
+
+    results = causal.generate([WorkItem(ids[0], params)], poll=poll, max_batch_size=2)
+    assert len(results) == 4 and asked and max(asked) <= 2 and asked[0] == 1

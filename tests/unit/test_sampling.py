@@ -9,7 +9,7 @@ from engine.sampling import Row, _apply_repetition_penalty, _sample_rows
 
 
 def rows(n: int, **params) -> list[Row]:
-    return [Row(SamplingParams(max_new_tokens=1, **params), start=0, first_real=0) for _ in range(n)]
+    return [Row(SamplingParams(max_new_tokens=1, **params), prompt_ids=[0]) for _ in range(n)]
 
 
 def test_top_k_one_is_argmax() -> None:
@@ -26,14 +26,14 @@ def test_tiny_top_p_keeps_only_the_most_likely_token() -> None:
 
 def test_top_k_restricts_support() -> None:
     logits = torch.arange(10, dtype=torch.float32).repeat(200, 1)
-    chosen = _sample_rows(logits, [Row(SamplingParams(1, temperature=2.0, top_k=3, seed=i), 0, 0) for i in range(200)])
+    chosen = _sample_rows(logits, [Row(SamplingParams(1, temperature=2.0, top_k=3, seed=i), [0]) for i in range(200)])
     assert set(chosen.tolist()) <= {7, 8, 9} and len(set(chosen.tolist())) == 3
 
 
 def test_sampling_follows_the_distribution() -> None:
     probs = torch.tensor([0.7, 0.2, 0.1])
     logits = probs.log().repeat(2000, 1)
-    chosen = _sample_rows(logits, [Row(SamplingParams(1, temperature=1.0, seed=i), 0, 0) for i in range(2000)])
+    chosen = _sample_rows(logits, [Row(SamplingParams(1, temperature=1.0, seed=i), [0]) for i in range(2000)])
     freq = torch.bincount(chosen, minlength=3).float() / 2000
     assert torch.allclose(freq, probs, atol=0.05)
 

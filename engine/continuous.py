@@ -1,0 +1,178 @@
+"""Iteration-level (continuous) batching for decoder-only models.
+
+A batch is a set of rows decoding together, one token per step. Between steps, rows that ended
+leave (their answer goes out at once, and they stop costing compute) and prompts that arrived
+join: they are prefilled together, and their key/value cache is merged into the batch's by
+left-padding the shorter one, with the attention mask hiding the padding. So a request that
+arrives while others decode waits at most one step, not a whole generation.
+
+It works on Hugging Face models whose cache is a plain ``DynamicCache`` of full-attention layers
+and whose forward takes ``position_ids``; :func:`supports` checks, and the engine falls back to
+static batches through ``generate`` for anything else (encoder-decoder, sliding-window layers...).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from engine.params import FinishReason
+from engine.sampling import Row, finish_reason, pick_tokens
+
+Finished = Callable[[Row, FinishReason], None]
+
+
+def supports(model: Any) -> bool:
+    """Whether :class:`ContinuousBatch` can drive this model (decided before any request)."""
+    if model.config.is_encoder_decoder:
+        return False
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return False
+    cache = DynamicCache(config=model.config)
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class ContinuousBatch:
+    """The rows decoding together and their key/value cache.
+
+    Example::
+
+        batch = ContinuousBatch(model, pad_id, eos_ids, decode, on_finish)
+        batch.admit(rows)          # prefill; each row gets its first token
+        while batch.rows:
+            batch.step()           # one token per row; ended rows leave through on_finish
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        pad_id: int,
+        eos_ids: Collection[int],
+        decode: Callable[[list[int]], str],
+        on_finish: Finished,
+    ) -> None:
+        self.model = model
+        self.device = model.device
+        self.pad_id = pad_id
+        self.eos = frozenset(eos_ids)
+        self.decode = decode
+        self.on_finish = on_finish
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # rows x (cache length)
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # next position per row
+        self.last = torch.zeros(0, dtype=torch.long, device=self.device)  # token each row feeds next
+
+    # --- joining ---------------------------------------------------------------------------
+    def admit(self, rows: Sequence[Row]) -> None:
+        """Prefill ``rows`` together, pick their first tokens, and merge them into the batch."""
+        if not rows:
+            return
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
+            mask[i, width - len(row.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        logits = out.logits[:, -1].float()
+        seen = [torch.tensor(r.prompt_ids) for r in rows]
+        first = pick_tokens(logits, rows, seen)
+        self._merge(list(rows), out.past_key_values, mask, positions[:, -1] + 1, first)
+        self._record(first.tolist(), range(len(self.rows) - len(rows), len(self.rows)))
+
+    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, positions, last) -> None:
+        if self.cache is None or not self.rows:
+            self.rows, self.cache, self.mask, self.positions, self.last = rows, cache, mask, positions, last
+            return
+        old, new = self.mask.shape[1], mask.shape[1]
+        width = max(old, new)
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], dim=0)
+            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], dim=0)
+        self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)], dim=0)
+        self.positions = torch.cat([self.positions, positions])
+        self.last = torch.cat([self.last, last])
+        self.rows = self.rows + rows
+
+    # --- decoding ----------------------------------------------------------------------------
+    def step(self) -> None:
+        """Feed every row its last token, pick the next one, and let ended rows go."""
+        assert self.cache is not None
+        ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        out = self.model(
+            input_ids=self.last[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1].float()
+        seen = [self._seen(r) for r in self.rows]
+        self.last = pick_tokens(logits, self.rows, seen)
+        self.positions = self.positions + 1
+        self._record(self.last.tolist(), range(len(self.rows)))
+
+    def _seen(self, row: Row) -> torch.Tensor | None:
+        if row.params.repetition_penalty == 1.0:
+            return None
+        return torch.tensor(row.prompt_ids + row.generated)
+
+    def _record(self, tokens: list[int], indices: Sequence[int]) -> None:
+        """Append each row's new token, end the rows that are done, and drop them from the batch."""
+        ended = False
+        for index, token in zip(indices, tokens, strict=True):
+            row = self.rows[index]
+            row.generated.append(token)
+            reason = finish_reason(row, self.eos, self.decode)
+            if reason is not None:
+                row.finish_reason = reason
+                self.on_finish(row, reason)
+                ended = True
+        if ended:
+            self._keep([i for i, row in enumerate(self.rows) if row.finish_reason is None])
+
+    def drop_cancelled(self) -> None:
+        """End rows whose caller went away, without spending another step on them."""
+        cancelled = [row for row in self.rows if row.cancelled()]
+        for row in cancelled:
+            row.finish_reason = "cancelled"
+            self.on_finish(row, "cancelled")
+        if cancelled:
+            self._keep([i for i, row in enumerate(self.rows) if row.finish_reason is None])
+
+    def _keep(self, indices: list[int]) -> None:
+        index = torch.tensor(indices, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[i] for i in indices]
+        self.mask, self.positions, self.last = self.mask[index], self.positions[index], self.last[index]
+        assert self.cache is not None
+        for layer in self.cache.layers:
+            layer.batch_select_indices(index)
+        # Columns no remaining row attends to (padding of rows that left) cost compute: cut them.
+        if self.rows:
+            first_used = int(self.mask.any(dim=0).int().argmax())
+            if first_used > 0:
+                self.mask = self.mask[:, first_used:]
+                for layer in self.cache.layers:
+                    layer.keys = layer.keys[:, :, first_used:]
+                    layer.values = layer.values[:, :, first_used:]
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
