@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +23,7 @@ from engine.continuous import ContinuousBatch, supports
 from engine.errors import PromptTooLongError
 from engine.params import Completion, FinishReason, SamplingParams
 from engine.sampling import BatchState, Row, RowSampler, RowStopper
+from engine.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +84,15 @@ class WorkItem:
     cancelled: bool = False
 
 
-class PhaseTimer:
-    """Wall-clock durations of named phases, in order (the cold-start breakdown)."""
-
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[name] = round(time.perf_counter() - start, 4)
+def _weights_facts(model: Any, seconds: float) -> dict[str, Any]:
+    """Bytes of the loaded weights and the load rate, for the cold-start report."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()  # tied weights once
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    return {
+        "weights_bytes": size,
+        "weights_gb_per_s": round(size / seconds / 1e9, 3) if seconds > 0 else None,
+        "device": str(next(iter(tensors)).device) if tensors else None,
+    }
 
 
 class TextGenerator:
@@ -151,6 +146,7 @@ class TextGenerator:
                 trust_remote_code=remote,
             )
             model.eval()
+        timer.facts.update(_weights_facts(model, timer.phases["weights"]))
         engine = cls(model, tokenizer, config)
         with timer.phase("warmup"):
             engine.warm_up()

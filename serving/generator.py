@@ -55,11 +55,11 @@ class Generator:
     def __init__(self, settings: Settings) -> None:
         self._constructed_at = time.time()
         process_started = _process_start_time()
-        from engine.model import EngineConfig, PhaseTimer
+        from engine.timing import PhaseTimer
 
         self._timer = PhaseTimer()
-        with self._timer.phase("imports"):
-            from engine.model import TextGenerator
+        with self._timer.phase("imports"):  # torch, transformers and the engine: the first import in this process
+            from engine.model import EngineConfig, TextGenerator
 
         config = EngineConfig(
             model_id=settings.model_id,
@@ -77,7 +77,7 @@ class Generator:
         self._cold_start: dict[str, Any] | None = {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "process_start_s": round(self._constructed_at - process_started, 4) if process_started else None,
-            **{f"{name}_s": seconds for name, seconds in self._timer.phases.items()},
+            **self._timer.report(),
             "constructor_s": round(ready - self._constructed_at, 4),
             "process_started_at": process_started,
             "ready_at": ready,

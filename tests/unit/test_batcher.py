@@ -144,6 +144,8 @@ async def test_arrivals_join_a_running_batch() -> None:
     assert late.text == "2" and not first.done(), "the late item finished inside the running batch"
     assert runner.batches == [[1]] and runner.joined == [2]
     await first
+    # the batch is counted when the engine call returns, just after its last answer went out
+    await asyncio.wait_for(_counted(batcher), 1.0)
     assert batcher.batch_sizes == {2: 1}
     await batcher.close()
 
@@ -155,3 +157,8 @@ async def test_joining_respects_the_batch_limit() -> None:
     assert sorted(r.text for r in results) == [str(n) for n in range(6)]
     assert max(len(b) for b in runner.batches) <= 2
     await batcher.close()
+
+
+async def _counted(batcher: Batcher) -> None:
+    while not batcher.batch_sizes:
+        await asyncio.sleep(0.001)
