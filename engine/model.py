@@ -18,6 +18,7 @@ from transformers import (
     LogitsProcessorList,
     StoppingCriteriaList,
 )
+from transformers.utils import logging as hf_logging
 
 from engine.continuous import ContinuousBatch, supports
 from engine.errors import PromptTooLongError
@@ -84,6 +85,14 @@ class WorkItem:
     cancelled: bool = False
 
 
+def _model_class(model_config: Any, trust_remote_code: bool) -> Any:
+    """The concrete class for ``model_config`` (importing its module), or the Auto class for remote code."""
+    auto = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
+    if trust_remote_code or type(model_config) not in auto._model_mapping:
+        return auto
+    return auto._model_mapping[type(model_config)]
+
+
 def _weights_facts(model: Any, seconds: float) -> dict[str, Any]:
     """Bytes of the loaded weights and the load rate, for the cold-start report."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()  # tied weights once
@@ -126,6 +135,7 @@ class TextGenerator:
     @classmethod
     def load(cls, config: EngineConfig, timer: PhaseTimer | None = None) -> TextGenerator:
         timer = timer or PhaseTimer()
+        hf_logging.disable_progress_bar()  # a per-tensor progress bar in every replica's log helps no one
         if config.device == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         dtype = config.resolved_dtype()
@@ -134,7 +144,8 @@ class TextGenerator:
             model_config = AutoConfig.from_pretrained(config.model_id, trust_remote_code=remote)
         with timer.phase("tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(config.model_id, trust_remote_code=remote)
-        model_cls = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
+        with timer.phase("model_code"):  # the architecture's module and what it pulls in (seconds, once)
+            model_cls = _model_class(model_config, remote)
         with timer.phase("weights"):
             # Straight onto the target device and dtype: no CPU copy of a GPU model, no float32
             # detour for a half-precision one.

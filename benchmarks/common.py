@@ -1,0 +1,130 @@
+"""Helpers shared by the benchmarks: prompts, statistics, results files, a local Serve instance."""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Prompts of varied lengths, as a mixed workload has.
+PROMPTS = [
+    "Return the",
+    "The socket module provides access to the BSD socket interface.",
+    "Write a haiku about Ray Serve.",
+    "This function reads a line from the file, strips the trailing newline and returns it as a string;",
+    "Explain scale to zero.",
+    "A deployment scales between a minimum and a maximum number of replicas, and",
+    "Raise ValueError if",
+    "The quick brown fox jumps over the lazy dog while the scheduler decides where the next replica goes",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; nan for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values) if values else float("nan"),
+        "min": min(values, default=float("nan")),
+        "max": max(values, default=float("nan")),
+        "p95": percentile(values, 95),
+        "n": len(values),
+    }
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_results(name: str, data: dict[str, Any], directory: Path = RESULTS) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    payload = {"benchmark": name, "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(), **data}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float, interval: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met in {timeout}s")
+        time.sleep(interval)
+    return value
+
+
+@contextmanager
+def local_serve(num_cpus: int = 2, num_gpus: int | None = None) -> Iterator[int]:
+    """A fresh local Ray instance with Serve on a free port; yields the port."""
+    import ray
+    from ray import serve
+
+    # address="local": always a new instance, never a cluster some `ray start` left running.
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def plot_concurrency(results: dict[str, Any], path: Path, title: str) -> None:
+    """Requests/s and latency against concurrent clients, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system, style in (("service", "o-"), ("baseline", "s--")):
+        levels = [int(c) for c in results[system]]
+        left.plot(levels, [results[system][str(c)]["requests_per_s"] for c in levels], style, label=system)
+        right.plot(levels, [results[system][str(c)]["p50_s"] for c in levels], style, label=f"{system} p50")
+        right.plot(levels, [results[system][str(c)]["p95_s"] for c in levels], style, alpha=0.4, label=f"{system} p95")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    left.set_ylabel("requests / s")
+    right.set_ylabel("latency (s)")
+    right.set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
