@@ -36,8 +36,8 @@ def build_tokenizer(path: Path, vocab_size: int = 400):
     return fast
 
 
-def build_tiny_causal(path: Path, seed: int = 0) -> Path:
-    """A 2-layer GPT-2 with random weights and a context of 128 tokens."""
+def build_tiny_causal(path: Path, seed: int = 0, n_positions: int = 128, n_layer: int = 2) -> Path:
+    """A small GPT-2 with random weights (2 layers and a context of 128 tokens by default)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -45,9 +45,9 @@ def build_tiny_causal(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=len(tok),
-        n_positions=128,
+        n_positions=n_positions,
         n_embd=32,
-        n_layer=2,
+        n_layer=n_layer,
         n_head=2,
         bos_token_id=tok.eos_token_id,
         eos_token_id=tok.eos_token_id,
