@@ -31,7 +31,7 @@ def supports(model: Any) -> bool:
     """Whether :class:`ContinuousBatch` can drive this model (decided before any request)."""
     if model.config.is_encoder_decoder:
         return False
-    if "position_ids" not in inspect.signature(model.forward).parameters:
+    if not _takes(model, "position_ids"):
         return False
     cache = DynamicCache(config=model.config)
     return all(type(layer) is DynamicLayer for layer in cache.layers)
@@ -62,6 +62,8 @@ class ContinuousBatch:
         self.eos = frozenset(eos_ids)
         self.decode = decode
         self.on_finish = on_finish
+        # Prefill needs logits at each row's last position only, not vocab x prompt length.
+        self._prefill_kwargs = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
         self.rows: list[Row] = []
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # rows x (cache length)
@@ -83,7 +85,12 @@ class ContinuousBatch:
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         cache = DynamicCache(config=self.model.config)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            **self._prefill_kwargs,
         )
         logits = out.logits[:, -1].float()
         seen = [torch.tensor(r.prompt_ids) for r in rows]
@@ -176,3 +183,7 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _takes(model: Any, argument: str) -> bool:
+    return argument in inspect.signature(model.forward).parameters

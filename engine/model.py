@@ -93,6 +93,32 @@ def _model_class(model_config: Any, trust_remote_code: bool) -> Any:
     return auto._model_mapping[type(model_config)]
 
 
+class CpuHead(torch.nn.Linear):
+    """The output projection (hidden -> vocabulary) for several rows at once, fast on CPU.
+
+    With a few rows, ``x @ W.T`` through MKL runs at a third of the speed of ``W @ x.T`` for a
+    vocabulary-sized ``W`` (GPT-2-small: 38 ms against 13 ms for 2 rows on 2 cores, and the head
+    is the largest matrix of the model), so batched decoding lost most of its gain there. Same
+    weights and result (up to float rounding); one row keeps the plain path, fastest for it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows <= 1:
+            return super().forward(x)
+        out = (self.weight @ x.reshape(rows, x.shape[-1]).t()).t()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _use_cpu_head(model: Any) -> None:
+    """Compute the model's output projection with :class:`CpuHead` (same module, same parameters)."""
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        head.__class__ = CpuHead
+
+
 def _weights_facts(model: Any, seconds: float) -> dict[str, Any]:
     """Bytes of the loaded weights and the load rate, for the cold-start report."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()  # tied weights once
@@ -157,6 +183,8 @@ class TextGenerator:
                 trust_remote_code=remote,
             )
             model.eval()
+        if config.device == "cpu":
+            _use_cpu_head(model)
         timer.facts.update(_weights_facts(model, timer.phases["weights"]))
         engine = cls(model, tokenizer, config)
         with timer.phase("warmup"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.errors import PromptTooLongError
-from engine.model import EngineConfig, TextGenerator, WorkItem
+from engine.model import CpuHead, EngineConfig, TextGenerator, WorkItem
 from engine.params import SamplingParams
 
 PROMPTS = [
@@ -184,3 +184,23 @@ def test_joining_respects_max_batch_size(causal: TextGenerator) -> None:
 
     results = causal.generate([WorkItem(ids[0], params)], poll=poll, max_batch_size=2)
     assert len(results) == 4 and asked and max(asked) <= 2 and asked[0] == 1
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (3, 4, 48), (2, 1, 48)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_head_computes_what_linear_computes(shape: tuple[int, ...], bias: bool) -> None:
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(48, 300, bias=bias)
+    head = torch.nn.Linear(48, 300, bias=bias)
+    head.load_state_dict(plain.state_dict())
+    head.__class__ = CpuHead
+    x = torch.randn(shape)
+    out = head(x)
+    assert out.shape == (*shape[:-1], 300)
+    torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_engine_uses_the_cpu_head_on_the_tied_weights(causal: TextGenerator) -> None:
+    head = causal.model.get_output_embeddings()
+    assert type(head) is CpuHead
+    assert head.weight is causal.model.get_input_embeddings().weight  # still tied, no copy
