@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from settings import REPO_ROOT, Settings
@@ -29,15 +30,42 @@ def clean_env() -> dict[str, str]:
 class RayHead:
     """``with RayHead(port) as head:`` runs `ray start --head --block` until the block ends."""
 
-    def __init__(self, port: int, num_cpus: int = 2, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        port: int,
+        num_cpus: int = 2,
+        extra_args: tuple[str, ...] = (),
+        dashboard_port: int | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """``dashboard_port``: also run the dashboard there (``serve deploy`` talks to it);
+        ``env``: extra variables for the Ray processes (never the service's own settings)."""
         self.port = port
+        self.dashboard_port = dashboard_port
+        if dashboard_port is None:
+            dashboard = ["--include-dashboard=false"]
+        else:
+            from tests.integration.conftest import free_port
+
+            dashboard = [
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                # the agent's default port (52365) may belong to another cluster on this machine
+                f"--dashboard-agent-listen-port={free_port()}",
+            ]  # fmt: skip
         self.args = [
             RAY, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
-            "--include-dashboard=false", "--disable-usage-stats", *extra_args,
+            *dashboard, "--disable-usage-stats", *extra_args,
         ]  # fmt: skip
+        self.env = {**clean_env(), **(env or {})}
         self.address = ""
         self.session = ""
         self._proc: subprocess.Popen | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        """Where ``serve deploy``/``serve status`` reach this cluster (needs ``dashboard_port``)."""
+        assert self.dashboard_port is not None, "RayHead was started without a dashboard"
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def client_env(self, **extra: str) -> dict[str, str]:
         """Environment for a CLI that should join this cluster (and no other)."""
@@ -45,7 +73,7 @@ class RayHead:
 
     def __enter__(self) -> RayHead:
         self._proc = subprocess.Popen(
-            self.args, env=clean_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            self.args, env=self.env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         output = []
         deadline = time.monotonic() + 120
@@ -69,6 +97,13 @@ class RayHead:
         if self._proc is not None:
             self._proc.send_signal(signal.SIGKILL)
             self._proc.wait(timeout=30)
+        # `ray start` recorded this cluster as the machine's current one, and a plain `serve run`
+        # or `ray.init()` would try to join it after it is gone (`ray stop` removes the record).
+        from ray._common.utils import get_ray_address_file
+
+        record = Path(get_ray_address_file(None))
+        if self.address and record.is_file() and record.read_text().strip() == self.address:
+            record.unlink()
 
 
 def run_cli(cmd: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
