@@ -12,7 +12,7 @@ from ray import serve
 
 from tests.integration.conftest import APP, Service, deploy, running_replicas, wait_for
 
-MAX_ONGOING = 2
+MAX_ONGOING = 4  # the batching test's requests all fit in the replica at once
 MAX_QUEUED = 2
 PROMPTS = [
     "Return the number of items",
@@ -76,7 +76,7 @@ def test_a_flood_past_the_limits_gets_fast_retry_answers_and_every_accepted_requ
     service: Service,
 ) -> None:
     expected = alone(service)
-    flood = 12 * (MAX_ONGOING + MAX_QUEUED)
+    flood = 8 * (MAX_ONGOING + MAX_QUEUED)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(flood)]
 
     def send(prompt: str) -> tuple[httpx.Response, float]:
