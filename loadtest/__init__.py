@@ -1,0 +1,1 @@
+"""Locust load tests: the users (locustfile.py) and the answer checks they apply (checks.py)."""

@@ -1,0 +1,34 @@
+"""The README's promises that code can check: every setting documented, the commands it gives real."""
+
+from __future__ import annotations
+
+from settings import REPO_ROOT, Settings, env_name
+from tests.docs import code_lines, section
+
+
+def test_every_setting_is_in_the_configuration_table() -> None:
+    _, text = section("Configuration")
+    rows = {line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `")}
+    missing = [env_name(name) for name in Settings.model_fields if env_name(name) not in rows]
+    assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_every_documented_default_is_the_real_one() -> None:
+    _, text = section("Configuration")
+    for name, field in Settings.model_fields.items():
+        if name == "model_id":
+            continue
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{env_name(name)}` |"))
+        assert row.split("|")[2].strip() == f"`{field.default}`", f"README documents another default: {row}"
+
+
+def test_quick_start_is_one_install_and_one_run_command() -> None:
+    _, text = section("Quick start")
+    lines = code_lines(text)
+    assert lines[:2] == ["pip install -r requirements.txt", "serve run ray_serve_app:deployment_graph"]
+    assert "python -m pytest" in lines
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (REPO_ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1] == "python -m pytest"
