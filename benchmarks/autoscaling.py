@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from benchmarks.checkpoints import random_checkpoint
-from benchmarks.common import PROMPTS, RESULTS, local_serve, summary, wait_for, write_results
+from benchmarks.common import PROMPTS, RESULTS, local_serve, replica_states, summary, wait_for, write_results
 from ray_serve_app import build_graph
 from settings import build_settings
 
@@ -47,15 +47,6 @@ class Phase:
     seconds: float
 
 
-def replica_states() -> dict[str, int]:
-    from ray import serve
-
-    status = serve.status().applications.get("service")
-    if status is None or "Generator" not in status.deployments:
-        return {}
-    return {str(k): v for k, v in status.deployments["Generator"].replica_states.items()}
-
-
 class Watcher(threading.Thread):
     """Samples replica states until stopped: [(t, running, starting), ...]."""
 
@@ -67,7 +58,7 @@ class Watcher(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            states = replica_states()
+            states = replica_states("service", "Generator")
             starting = sum(states.get(s, 0) for s in ("STARTING", "UPDATING", "RECOVERING"))
             self.samples.append((time.monotonic() - self.t0, states.get("RUNNING", 0), starting))
             self.stop.wait(0.2)

@@ -31,7 +31,7 @@ import httpx
 
 from benchmarks import baseline_app
 from benchmarks.checkpoints import random_checkpoint
-from benchmarks.common import PROMPTS, RESULTS, local_serve, summary, wait_for, write_results
+from benchmarks.common import PROMPTS, RESULTS, local_serve, replica_states, summary, wait_for, write_results
 from ray_serve_app import build_graph
 from settings import build_settings
 
@@ -87,15 +87,6 @@ def _status(url: str) -> int | None:
         return None
 
 
-def replicas(app: str, deployment: str) -> dict[str, int]:
-    from ray import serve
-
-    status = serve.status().applications.get(app)
-    if status is None or deployment not in status.deployments:
-        return {}
-    return {str(k): v for k, v in status.deployments[deployment].replica_states.items()}
-
-
 def upscale_times(app: str) -> list[float]:
     """Epoch times at which Serve's controller decided to scale ``app`` up from zero."""
     import ray
@@ -111,8 +102,11 @@ def upscale_times(app: str) -> list[float]:
 
 def one_cold_start(urls: dict[str, str], system: str, new_tokens: int) -> dict[str, Any]:
     # Both models at zero: the other system's replica must not hold the CPUs this one needs.
-    at_zero = lambda: replicas("service", "Generator") == {} and replicas("baseline", "PlainGenerator") == {}  # noqa: E731
-    wait_for(at_zero, timeout=300, interval=0.2)
+    wait_for(
+        lambda: replica_states("service", "Generator") == {} and replica_states("baseline", "PlainGenerator") == {},
+        timeout=300,
+        interval=0.2,
+    )
     decisions_before = len(upscale_times(system))
     body = {"prompt": PROMPTS[1], "generation_kwargs": {"max_new_tokens": new_tokens, "temperature": 0}}
     sent = time.time()

@@ -128,3 +128,13 @@ def plot_concurrency(results: dict[str, Any], path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def replica_states(app: str, deployment: str) -> dict[str, int]:
+    """Replica count per state of ``deployment`` in ``app``, from Serve's status ({} when none)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None or deployment not in status.deployments:
+        return {}
+    return {str(k): v for k, v in status.deployments[deployment].replica_states.items()}

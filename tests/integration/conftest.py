@@ -90,6 +90,15 @@ def deploy(port: int, env: dict[str, str]) -> Service:
     return Service(url=url, settings=settings, client=client)
 
 
+def get_json(url: str) -> dict | None:
+    """The JSON body of a 200 answer from ``url``; None when it is not reachable or not 200."""
+    try:
+        response = httpx.get(url, timeout=5)
+    except httpx.HTTPError:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
 def _ok(client: httpx.Client, url: str) -> bool:
     try:
         return client.get(url, timeout=5).status_code == 200
@@ -97,4 +106,14 @@ def _ok(client: httpx.Client, url: str) -> bool:
         return False
 
 
-__all__ = ["APP", "REPO_ROOT", "Service", "deploy", "free_port", "replica_states", "running_replicas", "wait_for"]
+__all__ = [
+    "APP",
+    "REPO_ROOT",
+    "Service",
+    "deploy",
+    "free_port",
+    "get_json",
+    "replica_states",
+    "running_replicas",
+    "wait_for",
+]

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port, wait_for
+from tests.integration.conftest import free_port, get_json, wait_for
 from tests.raycluster import SERVE, RayHead, run_cli
 
 
@@ -26,7 +26,7 @@ def test_settings_exported_after_ray_start_take_effect(ray_head: RayHead, tiny_c
     run_cli([SERVE, "run", "--non-blocking", "ray_serve_app:deployment_graph"], exported)
 
     url = f"http://127.0.0.1:{http_port}"
-    health = wait_for(lambda: _json(f"{url}/healthz"), timeout=60, what="the Gateway")
+    health = wait_for(lambda: get_json(f"{url}/healthz"), timeout=60, what="the Gateway")
     assert health["model"] == str(tiny_causal)
     response = httpx.post(f"{url}/generate", json={"prompt": "Return the"}, timeout=120)
     assert response.status_code == 200, response.text
@@ -35,11 +35,3 @@ def test_settings_exported_after_ray_start_take_effect(ray_head: RayHead, tiny_c
     assert body["generation_kwargs"]["max_new_tokens"] == 5
     assert body["generation_kwargs"]["temperature"] == 0.0 and body["generation_kwargs"]["top_k"] == 7
     assert body["usage"]["completion_tokens"] <= 5
-
-
-def _json(url: str) -> dict | None:
-    try:
-        response = httpx.get(url, timeout=5)
-    except httpx.HTTPError:
-        return None
-    return response.json() if response.status_code == 200 else None

@@ -12,7 +12,7 @@ import httpx
 import yaml
 
 from settings import REPO_ROOT
-from tests.integration.conftest import free_port, wait_for
+from tests.integration.conftest import free_port, get_json, wait_for
 from tests.raycluster import SERVE, RayHead, clean_env, run_cli
 
 
@@ -38,7 +38,7 @@ def test_serve_deploy_runs_the_exported_settings(tmp_path: Path, tiny_causal: Pa
         run_cli([SERVE, "deploy", str(config), "--address", head.dashboard_url], cli_env)
 
         url = f"http://127.0.0.1:{http_port}"
-        health = wait_for(lambda: _json(f"{url}/healthz"), timeout=120, what="the deployed Gateway")
+        health = wait_for(lambda: get_json(f"{url}/healthz"), timeout=120, what="the deployed Gateway")
         assert health["model"] == str(tiny_causal)
         assert health["generator"]["max_replicas"] == 1
         assert health["generator"]["state"] == "scaled_to_zero"
@@ -59,12 +59,4 @@ def test_serve_deploy_runs_the_exported_settings(tmp_path: Path, tiny_causal: Pa
         assert yaml.safe_load(status)["applications"]["llm"]["status"] == "RUNNING"
 
         run_cli([SERVE, "shutdown", "--yes", "--address", head.dashboard_url], cli_env)
-        wait_for(lambda: _json(f"{url}/healthz") is None, timeout=60, what="Serve to stop answering")
-
-
-def _json(url: str) -> dict | None:
-    try:
-        response = httpx.get(url, timeout=5)
-    except httpx.HTTPError:
-        return None
-    return response.json() if response.status_code == 200 else None
+        wait_for(lambda: get_json(f"{url}/healthz") is None, timeout=60, what="Serve to stop answering")
