@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -10,9 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 from ray import serve
 
+from benchmarks.common import free_port, local_serve
+from benchmarks.common import replica_states as benchmark_replica_states
 from ray_serve_app import build_graph
 from settings import REPO_ROOT, Settings, build_settings
 
@@ -23,12 +23,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
             item.add_marker(pytest.mark.integration)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], object], timeout: float, interval: float = 0.2, what: str = "condition"):
@@ -44,10 +38,7 @@ def wait_for(condition: Callable[[], object], timeout: float, interval: float = 
 
 
 def replica_states(app: str = APP, deployment: str = "Generator") -> dict[str, int]:
-    status = serve.status().applications.get(app)
-    if status is None or deployment not in status.deployments:
-        return {}
-    return {str(k): v for k, v in status.deployments[deployment].replica_states.items()}
+    return benchmark_replica_states(app, deployment)
 
 
 def running_replicas(app: str = APP) -> int:
@@ -70,15 +61,8 @@ class Service:
 @pytest.fixture(scope="module")
 def serve_port() -> Iterator[int]:
     """A fresh local Ray instance with Serve listening on a free port, torn down after the module."""
-    # address="local": always a new instance, never a cluster some `ray start` left running.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    with local_serve(num_cpus=2) as port:
         yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def deploy(port: int, env: dict[str, str]) -> Service:

@@ -123,10 +123,12 @@ async def test_unanswered_item_fails_instead_of_hanging() -> None:
 
 
 async def test_cancelling_a_waiter_marks_its_item() -> None:
-    batcher = Batcher(FakeRunner(), max_batch_size=4, wait_timeout_s=0.0)
+    runner = FakeRunner()
+    batcher = Batcher(runner, max_batch_size=4, wait_timeout_s=0.0)
     it = item(1, max_new=50)
     task = asyncio.create_task(batcher.submit(it))
-    await asyncio.sleep(0.05)
+    while not runner.batches:  # the engine has taken the item
+        await asyncio.sleep(0.001)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
