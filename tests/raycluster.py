@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -56,7 +57,10 @@ class RayHead:
             RAY, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
             *dashboard, "--disable-usage-stats", *extra_args,
         ]  # fmt: skip
-        self.env = {**clean_env(), **(env or {})}
+        # Token auth (Ray's default for new clusters) with a token of this cluster's own, given to
+        # the head and to its clients (client_env): nothing depends on a ~/.ray/auth_token.
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
+        self.env = {**clean_env(), **self.auth, **(env or {})}
         self.address = ""
         self.session = ""
         self._proc: subprocess.Popen | None = None
@@ -69,7 +73,7 @@ class RayHead:
 
     def client_env(self, **extra: str) -> dict[str, str]:
         """Environment for a CLI that should join this cluster (and no other)."""
-        return {**clean_env(), "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", **extra}
+        return {**clean_env(), "RAY_ADDRESS": self.address, **self.auth, **extra}
 
     def __enter__(self) -> RayHead:
         self._proc = subprocess.Popen(
