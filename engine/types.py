@@ -1,0 +1,193 @@
+"""Transport-neutral types: what a request asks for and what the engine streams back.
+
+No torch, no Ray, no HTTP: the Gateway imports this module to build requests and to read the
+model server's stream, the model server passes the same objects to the engine, and they cross a
+Ray Serve handle pickled as they are. The engine's one primitive is a stream of :class:`Delta`
+per row; a non-streamed answer is that stream collected (:func:`collect`)::
+
+    >>> request = GenerationRequest("req-1", SamplingParams(max_new_tokens=4), prompts=("Hi",), n=2)
+    >>> request.rows, request.row_params(1).seed is None
+    (2, True)
+    >>> deltas = [Delta(0, "He", 1), Delta(1, "Yo", 1), Delta(0, "llo", 1, finish_reason="stop")]
+    >>> [c.text for c in collect(deltas, rows=2, prompt_tokens=(1, 1))]
+    ['Hello', 'Yo']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+# stop: end of text or a stop string; length: max_new_tokens or the context; cancelled: the
+# caller went away (never sent to a client).
+FinishReason = Literal["stop", "length", "cancelled"]
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Generation parameters with every default filled in, as one row decodes them.
+
+    ``logprobs``: None for none; k >= 0 for the chosen token's log-probability plus the k most
+    likely alternatives at each step. Log-probabilities are those of the model's raw
+    distribution, before temperature, penalties and top-k/top-p (vLLM's ``raw_logprobs``).
+
+    Example::
+
+        >>> SamplingParams(max_new_tokens=16, temperature=0.0).greedy
+        True
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["stop"] = list(self.stop)
+        return out
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One call to a model server: prompts (or a chat) and how to continue them.
+
+    Rows are numbered prompt by prompt, ``n`` choices each: row ``p * n + c`` is choice ``c`` of
+    prompt ``p``. A chat (``messages``) is one prompt, rendered by the model server with the
+    model's chat template. With a seed, choice ``c`` samples with ``seed + c``, so that the ``n``
+    choices differ and each one reproduces.
+    """
+
+    request_id: str
+    params: SamplingParams
+    prompts: tuple[str, ...] = ()
+    messages: tuple[ChatMessage, ...] = ()
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if bool(self.prompts) == bool(self.messages):
+            raise ValueError("a GenerationRequest has either prompts or messages")
+        if self.n < 1:
+            raise ValueError("n must be at least 1")
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts) if self.prompts else 1
+
+    @property
+    def rows(self) -> int:
+        return self.num_prompts * self.n
+
+    def row_params(self, row: int) -> SamplingParams:
+        choice = row % self.n
+        if choice == 0 or self.params.seed is None:
+            return self.params
+        return replace(self.params, seed=self.params.seed + choice)
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str  # the token's text; a token that is part of a character shows what decodes of it
+    bytes: tuple[int, ...]  # the token's exact UTF-8 bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token and the most likely alternatives at its step (``top``, best first)."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one row produced since its last delta.
+
+    ``text`` holds whole characters only and never any part of a stop string (text that could
+    begin one is held back until it cannot). ``tokens`` counts the tokens this delta covers, and
+    ``logprobs`` has one entry per token when the request asked for them. The last delta of a
+    row carries its ``finish_reason``.
+    """
+
+    index: int
+    text: str
+    tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    """The first item of every stream: the model server has taken the request.
+
+    ``queue_s`` is how long the request waited in the replica before the engine took it;
+    ``cold_start`` is the replica's start-up report, sent with the first request it serves.
+    """
+
+    replica: str
+    prompt_tokens: tuple[int, ...]  # per prompt (a chat is one prompt)
+    queue_s: float = 0.0
+    cold_start: dict[str, Any] | None = None
+
+
+# What a model server's stream yields: a Started, then batches of deltas in the order produced.
+StreamItem = Started | tuple[Delta, ...]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One row's result: the generated text only (never the prompt) and its token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] = field(default=())
+
+
+def collect(deltas: Iterable[Delta], rows: int, prompt_tokens: Sequence[int], n: int = 1) -> list[Completion]:
+    """Join each row's deltas into its :class:`Completion` (rows in order; ``n`` rows per prompt)."""
+    texts: list[list[str]] = [[] for _ in range(rows)]
+    tokens = [0] * rows
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(rows)]
+    reasons: list[FinishReason | None] = [None] * rows
+    for delta in deltas:
+        texts[delta.index].append(delta.text)
+        tokens[delta.index] += delta.tokens
+        logprobs[delta.index].extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            reasons[delta.index] = delta.finish_reason
+    missing = [row for row, reason in enumerate(reasons) if reason is None]
+    if missing:
+        raise RuntimeError(f"the stream ended before rows {missing} finished")
+    return [
+        Completion(
+            text="".join(texts[row]),
+            prompt_tokens=prompt_tokens[row // n],
+            completion_tokens=tokens[row],
+            finish_reason=reasons[row],  # type: ignore[arg-type]
+            logprobs=tuple(logprobs[row]),
+        )
+        for row in range(rows)
+    ]
