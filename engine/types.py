@@ -8,9 +8,9 @@ per row; a non-streamed answer is that stream collected (:func:`collect`)::
     >>> request = GenerationRequest("req-1", SamplingParams(max_new_tokens=4), prompts=("Hi",), n=2)
     >>> request.rows, request.row_params(1).seed is None
     (2, True)
-    >>> deltas = [Delta(0, "He", 1), Delta(1, "Yo", 1), Delta(0, "llo", 1, finish_reason="stop")]
+    >>> deltas = [Delta(0, "He", 1), Delta(1, "Yo", 1, finish_reason="length"), Delta(0, "y", 1, finish_reason="stop")]
     >>> [c.text for c in collect(deltas, rows=2, prompt_tokens=(1, 1))]
-    ['Hello', 'Yo']
+    ['Hey', 'Yo']
 """
 
 from __future__ import annotations
