@@ -1,4 +1,4 @@
-"""The Serve graph: HTTP -> Gateway (FastAPI ingress) -> Generator (model). Nothing else lives here.
+"""The Serve graph: HTTP -> Gateway (FastAPI ingress) -> one model deployment per model. Nothing else lives here.
 
     serve run ray_serve_app:deployment_graph
 
@@ -17,9 +17,12 @@ from settings import Settings, load_settings
 
 
 def build_graph(settings: Settings) -> Application:
-    """The application for ``settings``: a light Gateway bound to an autoscaled Generator."""
-    generator = Generator.options(**settings.generator_options()).bind(settings)
-    return Gateway.options(**settings.gateway_options()).bind(generator, settings)
+    """The application for ``settings``: a light Gateway bound to one autoscaled deployment per model."""
+    models = {
+        model.name: Generator.options(**model.deployment_options(settings.log_level)).bind(model)
+        for model in settings.model_configs
+    }
+    return Gateway.options(**settings.gateway_options()).bind(models, settings)
 
 
 def __getattr__(name: str) -> Any:

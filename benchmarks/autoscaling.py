@@ -4,7 +4,7 @@
 
 The service runs at MIN_REPLICAS=0, MAX_REPLICAS=2 (one CPU each) on one local Ray instance.
 Closed-loop clients (each sends its next request when its last is answered) follow the schedule;
-a watcher samples the Generator's replica states from ``serve.status()`` every 0.2 s. Reports the
+a watcher samples the model deployment's replica states from ``serve.status()`` every 0.2 s. Reports the
 time to the first replica and first answer, the time to add the second replica under the burst,
 and the time back to zero after the last answer, against IDLE_TIMEOUT_S.
 Writes benchmarks/results/autoscaling.json and autoscaling.png.
@@ -23,7 +23,16 @@ from typing import Any
 import httpx
 
 from benchmarks.checkpoints import random_checkpoint
-from benchmarks.common import PROMPTS, RESULTS, local_serve, replica_states, summary, wait_for, write_results
+from benchmarks.common import (
+    MODEL_NAME,
+    PROMPTS,
+    RESULTS,
+    local_serve,
+    replica_states,
+    summary,
+    wait_for,
+    write_results,
+)
 from ray_serve_app import build_graph
 from settings import build_settings
 
@@ -58,7 +67,7 @@ class Watcher(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            states = replica_states("service", "Generator")
+            states = replica_states("service", MODEL_NAME)
             starting = sum(states.get(s, 0) for s in ("STARTING", "UPDATING", "RECOVERING"))
             self.samples.append((time.monotonic() - self.t0, states.get("RUNNING", 0), starting))
             self.stop.wait(0.2)
@@ -180,7 +189,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = args.model or random_checkpoint("gpt2-small")
-    settings = build_settings({"MODEL_ID": str(model), **SETTINGS})
+    settings = build_settings({"MODEL_ID": str(model), "SERVED_MODEL_NAME": MODEL_NAME, **SETTINGS})
     idle_tail = settings.idle_timeout_s + 20
     phases = [
         Phase("idle", 0, 5),

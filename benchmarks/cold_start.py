@@ -31,7 +31,16 @@ import httpx
 
 from benchmarks import baseline_app
 from benchmarks.checkpoints import random_checkpoint
-from benchmarks.common import PROMPTS, RESULTS, local_serve, replica_states, summary, wait_for, write_results
+from benchmarks.common import (
+    MODEL_NAME,
+    PROMPTS,
+    RESULTS,
+    local_serve,
+    replica_states,
+    summary,
+    wait_for,
+    write_results,
+)
 from ray_serve_app import build_graph
 from settings import build_settings
 
@@ -60,6 +69,7 @@ def deploy(model: Path, port: int, cpus: int, idle_s: float) -> dict[str, str]:
     settings = build_settings(
         {
             "MODEL_ID": str(model),
+            "SERVED_MODEL_NAME": MODEL_NAME,
             "MIN_REPLICAS": "0",
             "MAX_REPLICAS": "1",
             "NUM_CPUS_PER_REPLICA": str(cpus),
@@ -103,7 +113,7 @@ def upscale_times(app: str) -> list[float]:
 def one_cold_start(urls: dict[str, str], system: str, new_tokens: int) -> dict[str, Any]:
     # Both models at zero: the other system's replica must not hold the CPUs this one needs.
     wait_for(
-        lambda: replica_states("service", "Generator") == {} and replica_states("baseline", "PlainGenerator") == {},
+        lambda: replica_states("service", MODEL_NAME) == {} and replica_states("baseline", "PlainGenerator") == {},
         timeout=300,
         interval=0.2,
     )
@@ -118,7 +128,7 @@ def one_cold_start(urls: dict[str, str], system: str, new_tokens: int) -> dict[s
     if decisions:
         run["decision_s"] = round(decisions[0] - sent, 3)
     if system == "service":
-        report = httpx.get(f"{urls[system]}/healthz", timeout=10).json()["last_cold_start"]
+        report = httpx.get(f"{urls[system]}/healthz", timeout=10).json()["models"][0]["last_cold_start"]
         constructed_at = report["ready_at"] - report["constructor_s"]
         run |= {
             "replica_start_s": round(constructed_at - decisions[0], 3) if decisions else None,

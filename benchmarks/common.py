@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The service's model in every benchmark is served under this name, which is also its deployment's.
+MODEL_NAME = "bench"
 
 # Prompts of varied lengths, as a mixed workload has.
 PROMPTS = [

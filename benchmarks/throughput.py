@@ -20,7 +20,7 @@ import httpx
 
 from benchmarks import baseline_app
 from benchmarks.checkpoints import random_checkpoint
-from benchmarks.common import PROMPTS, RESULTS, local_serve, plot_concurrency, wait_for, write_results
+from benchmarks.common import MODEL_NAME, PROMPTS, RESULTS, local_serve, plot_concurrency, wait_for, write_results
 from benchmarks.loadgen import closed_loop
 from ray_serve_app import build_graph
 from settings import build_settings
@@ -34,6 +34,7 @@ def deploy(model: Path, port: int, cpus: int, gpus: float, max_batch: int) -> di
     settings = build_settings(
         {
             "MODEL_ID": str(model),
+            "SERVED_MODEL_NAME": MODEL_NAME,
             "MIN_REPLICAS": "1",
             "MAX_REPLICAS": "1",
             "NUM_CPUS_PER_REPLICA": str(cpus),

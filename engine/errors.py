@@ -1,19 +1,18 @@
-"""Errors the engine raises for requests it cannot serve; the Gateway maps each to a 4xx."""
+"""Why the engine cannot serve a request as asked. No HTTP here: the Gateway maps each to a status.
+
+The messages are written for the person who sent the request, and say what to change.
+"""
 
 from __future__ import annotations
 
 
-class EngineRequestError(ValueError):
-    """A request the model cannot serve as asked. ``status_code`` is the HTTP status it maps to."""
-
-    status_code = 422
+class RequestError(ValueError):
+    """A request this model cannot serve as asked (the client can fix it)."""
 
 
-class PromptTooLongError(EngineRequestError):
+class PromptTooLongError(RequestError):
     """A prompt (plus the tokens to generate) does not fit the model's context or the token limit."""
 
-    status_code = 413
 
-
-class EngineOverloadedError(RuntimeError):
-    """The replica is shutting down or its queue is full; the client should retry elsewhere."""
+class ChatTemplateError(RequestError):
+    """A chat was sent to a model that has no chat template, or the template rejected the messages."""

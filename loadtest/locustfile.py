@@ -112,7 +112,7 @@ def _generator_state(host: str) -> str:
     import requests
 
     try:
-        return requests.get(f"{host}/healthz", timeout=10).json()["generator"]["state"]
+        return requests.get(f"{host}/healthz", timeout=10).json()["models"][0]["state"]
     except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
         return f"unreachable ({exc.__class__.__name__})"
 

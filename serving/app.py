@@ -1,7 +1,9 @@
-"""The HTTP API (FastAPI), built around a backend that reaches the model.
+"""The HTTP API (FastAPI), built around a backend that reaches the models.
 
 ``create_app`` takes the backend as an argument, so the whole HTTP layer runs in tests with a fake
-one; in the service the backend is a Ray Serve handle to the Generator (see ``serving.gateway``).
+one; in the service the backend holds a Ray Serve handle per model (``serving.gateway``). Routes
+stay short: each dialect (``serving.api.native``, ``serving.api.openai``) translates and renders,
+``serving.backend.ModelCall`` drives a request's stream, ``serving.api.errors`` maps failures.
 This module must not import torch or transformers: it runs in the light Gateway.
 """
 
@@ -9,170 +11,242 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-from typing import Any, Protocol
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.params import Completion, SamplingParams
-from serving.errors import ServiceError, error_response, from_exception, install_error_handlers
-from serving.schemas import (
-    ErrorResponse,
-    GenerateRequest,
-    GenerateResponse,
-    GenerationKwargs,
-    GeneratorStatus,
-    HealthResponse,
-    Usage,
+from engine.types import Completion, GenerationRequest, Started
+from serving.api import native, openai, sse
+from serving.api.auth import BEARER, KeyCheck, require
+from serving.api.body import StrictJSONMiddleware
+from serving.api.errors import ApiError, Family, family_of, from_exception, invalid
+from serving.api.native_schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
+from serving.api.openai_schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    OpenAIError,
 )
-from settings import Settings
+from serving.backend import ModelBackend, ModelCall, ModelStatus
+from settings import ModelConfig, Settings
 
 logger = logging.getLogger("ray.serve")
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
+
+def _responses(model: type, codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": model, "description": text} for code, text in codes.items()}
+
+
+NATIVE_ERRORS = _responses(
+    ErrorResponse,
+    {
         400: "Body is not valid JSON.",
-        413: "Too many prompts, or a prompt too long for the limits or the model's context.",
+        401: "Missing or wrong API key.",
+        404: "Unknown model.",
+        413: "Body, prompt or number of prompts over the limits, or prompt too long for the model.",
+        415: "Body is not JSON.",
         422: "Request does not match the schema, or a value is out of range.",
         503: "At capacity (Retry-After says when to retry), or the model replica went away.",
         504: "No answer within REQUEST_TIMEOUT_S.",
-    }.items()
-}
+    },
+)
+OPENAI_ERRORS = _responses(
+    OpenAIError,
+    {
+        400: "Invalid value, or a feature this service does not support (the message names the field).",
+        401: "Missing or wrong API key.",
+        404: "Unknown model (the message lists the served ones).",
+        413: "Body, prompt or n over the limits, or prompt too long for the model.",
+        415: "Body is not JSON.",
+        503: "At capacity (Retry-After says when to retry), or the model replica went away.",
+        504: "No answer within REQUEST_TIMEOUT_S.",
+    },
+)
 
 
-class GeneratorBackend(Protocol):
-    """What the Gateway needs from the model side."""
-
-    async def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]: ...
-
-    async def status(self) -> GeneratorStatus: ...
-
-    def last_cold_start(self) -> dict[str, Any] | None: ...
+def request_id(request: Request) -> str:
+    """Serve's proxy gives every request an x-request-id (the client's own, or a new one)."""
+    return request.headers.get("x-request-id") or uuid.uuid4().hex
 
 
-def resolve_params(kwargs: GenerationKwargs, settings: Settings) -> SamplingParams:
-    """Fill a request's generation kwargs from the service defaults and check them against the cap."""
-    max_new = kwargs.max_new_tokens if kwargs.max_new_tokens is not None else settings.max_new_tokens
-    if max_new > settings.max_new_tokens_limit:
-        raise ServiceError(
-            422,
-            "validation_error",
-            f"generation_kwargs.max_new_tokens: {max_new} is above this service's limit of "
-            f"{settings.max_new_tokens_limit} (MAX_NEW_TOKENS_LIMIT)",
-            [{"field": "generation_kwargs.max_new_tokens", "message": "above the limit", "input": max_new}],
-        )
-    temperature = kwargs.temperature if kwargs.temperature is not None else settings.temperature
-    seed = kwargs.seed
-    if seed is None and temperature > 0:
-        # Sampling always runs from a known seed, echoed back, so any answer can be reproduced.
-        seed = secrets.randbelow(2**31)
-    return SamplingParams(
-        max_new_tokens=max_new,
-        temperature=temperature,
-        top_p=kwargs.top_p if kwargs.top_p is not None else settings.top_p,
-        top_k=kwargs.top_k if kwargs.top_k is not None else settings.top_k,
-        repetition_penalty=(
-            kwargs.repetition_penalty if kwargs.repetition_penalty is not None else settings.repetition_penalty
-        ),
-        seed=seed,
-        stop=tuple(kwargs.stop or ()),
-    )
-
-
-def check_limits(prompts: list[str], settings: Settings) -> None:
-    """Limits the Gateway enforces before any model replica is involved."""
-    if len(prompts) > settings.max_prompts_per_request:
-        raise ServiceError(
-            413,
-            "too_many_prompts",
-            f"{len(prompts)} prompts in one request; this service accepts at most "
-            f"{settings.max_prompts_per_request} (MAX_PROMPTS_PER_REQUEST). Split the list.",
-        )
-    for index, prompt in enumerate(prompts):
-        if len(prompt) > settings.max_prompt_chars:
-            which = f"prompt {index}" if len(prompts) > 1 else "the prompt"
-            raise ServiceError(
-                413,
-                "prompt_too_long",
-                f"{which} has {len(prompt)} characters; this service accepts at most "
-                f"{settings.max_prompt_chars} (MAX_PROMPT_CHARS).",
-            )
-
-
-class JSONBodyMiddleware:
-    """Reads every POST body as JSON, whatever its Content-Type says.
-
-    ``curl -d '{...}'`` labels its body application/x-www-form-urlencoded, and FastAPI would then
-    refuse to parse it; our API only ever takes JSON, so the label is corrected before routing.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            original = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
-            if b"json" not in original:
-                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)
-
-
-def create_app(backend: GeneratorBackend, settings: Settings) -> FastAPI:
-    """The FastAPI app: ``POST /generate``, ``GET /healthz`` and the OpenAPI docs at ``/docs``."""
+def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
+    """The FastAPI app: ``/v1/*`` (OpenAI), ``/generate``, ``/healthz`` and the docs at ``/docs``."""
     app = FastAPI(
         title="Scale-to-zero LLM service",
-        description=f"Text generation with `{settings.model_id}` on Ray Serve. The model scales to zero "
-        "when idle; `/healthz` never wakes it.",
-        version="1.0.0",
+        description="OpenAI-compatible and native text generation on Ray Serve. Every model scales to zero when "
+        "idle; `/healthz` and `/v1/models` never wake one. With API keys set, send `Authorization: Bearer <key>`.",
+        version="2.0.0",
     )
-    install_error_handlers(app, settings.retry_after_s)
-    app.add_middleware(JSONBodyMiddleware)
+    keys = KeyCheck(settings.api_keys)
+    checked = require(keys)
 
-    @app.get("/healthz", response_model=HealthResponse, summary="Liveness and model replica state")
+    async def api_key(request: Request, _: Annotated[Any, Security(BEARER)]) -> None:
+        await checked(request)
+
+    auth = [Depends(api_key)]
+    _install_error_handlers(app, settings.retry_after_s)
+    app.add_middleware(StrictJSONMiddleware, max_body_bytes=settings.max_body_bytes)
+    calls = Calls(backend, settings)
+
+    @app.get("/healthz", response_model=HealthResponse, summary="Liveness and every model's state")
     async def healthz() -> HealthResponse:
         """Answered by the Gateway alone: probes never start a model replica."""
+        statuses = await backend.statuses()
         return HealthResponse(
-            status="ok",
-            model=settings.model_id,
-            generator=await backend.status(),
-            last_cold_start=backend.last_cold_start(),
+            status="ok", auth="required" if keys.required else "none", models=[s.entry() for s in statuses]
         )
+
+    @app.get("/v1/models", response_model=ModelList, responses=OPENAI_ERRORS, dependencies=auth, summary="Models")
+    async def list_models() -> ModelList:
+        """Every served model with its state; never wakes one."""
+        return ModelList(data=[ModelCard(**s.entry()) for s in await backend.statuses()])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=OPENAI_ERRORS, dependencies=auth)
+    async def get_model(model: str) -> ModelCard:
+        config = await backend.resolve(model)
+        return ModelCard(**(await backend.status(config)).entry())
+
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses=OPENAI_ERRORS,
+        dependencies=auth,
+        summary="OpenAI completions (streams with stream: true)",
+    )
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        model = await backend.resolve(body.model)
+        call = openai.translate_completion(body, model, settings, request_id(request))
+        if body.stream:
+            render = lambda items: openai.stream_completion(body, model, call, items)  # noqa: E731
+            return await calls.streamed(model, call, render, openai.stream_error, "openai")
+        started, done, headers = await calls.unary(model, call, "openai")
+        return _json(openai.completion_response(body, model, call, started, done), headers)
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=OPENAI_ERRORS,
+        dependencies=auth,
+        summary="OpenAI chat completions (streams with stream: true)",
+    )
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        model = await backend.resolve(body.model)
+        call = openai.translate_chat(body, model, settings, request_id(request))
+        if body.stream:
+            render = lambda items: openai.stream_chat(body, model, call, items)  # noqa: E731
+            return await calls.streamed(model, call, render, openai.stream_error, "openai")
+        started, done, headers = await calls.unary(model, call, "openai")
+        return _json(openai.chat_response(body, model, call, started, done), headers)
 
     @app.post(
         "/generate",
         response_model=GenerateResponse,
-        responses=ERROR_RESPONSES,
-        summary="Generate a completion for each prompt",
+        responses=NATIVE_ERRORS,
+        dependencies=auth,
+        summary="Generate a completion for each prompt (streams with stream: true)",
     )
-    async def generate(request: GenerateRequest) -> GenerateResponse | JSONResponse:
-        """Completions for `prompt` or `prompts`. A cold model replica starts first (the call waits)."""
-        try:
-            prompts = request.prompt_list()
-            check_limits(prompts, settings)
-            params = resolve_params(request.generation_kwargs, settings)
-            completions = await asyncio.wait_for(backend.generate(prompts, params), settings.request_timeout_s)
-        except Exception as exc:
-            return error_response(from_exception(exc, settings.retry_after_s))
-        return _response(settings.model_id, prompts, params, completions)
+    async def generate(body: GenerateRequest, request: Request) -> Any:
+        """Completions for `prompt` or `prompts`. A model at zero replicas starts first (the call waits)."""
+        model = await backend.resolve(body.model)
+        call = native.translate(body, model, settings, request_id(request))
+        if body.stream:
+            render = lambda items: native.stream(model, call, items)  # noqa: E731
+            return await calls.streamed(model, call, render, native.stream_error, "native")
+        _, done, headers = await calls.unary(model, call, "native")
+        return _json(native.response(model, call, done), headers)
 
     return app
 
 
-def _response(model: str, prompts: list[str], params: SamplingParams, done: list[Completion]) -> GenerateResponse:
-    prompt_tokens = sum(c.prompt_tokens for c in done)
-    completion_tokens = sum(c.completion_tokens for c in done)
-    return GenerateResponse(
-        model=model,
-        prompts=prompts,
-        completions=[c.text for c in done],
-        finish_reasons=[c.finish_reason for c in done],  # type: ignore[misc]
-        generation_kwargs=params.as_dict(),
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
-    )
+def _json(body: Any, headers: dict[str, str]) -> JSONResponse:
+    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+
+
+class Calls:
+    """How a route reaches a model, streamed or not, within REQUEST_TIMEOUT_S."""
+
+    def __init__(self, backend: ModelBackend, settings: Settings) -> None:
+        self.backend = backend
+        self.settings = settings
+
+    async def unary(
+        self, model: ModelConfig, call: GenerationRequest, family: Family
+    ) -> tuple[Started, list[Completion], dict]:
+        """The whole answer; ``x-cold-start`` says how long it waited for a replica to start."""
+        cold = (await self.backend.status(model)).state != "running"
+        arrived = time.monotonic()
+        try:
+            started, done = await asyncio.wait_for(self.backend.generate(model, call), self.settings.request_timeout_s)
+        except Exception as exc:  # the model's failures become statuses here, not in Starlette's error path
+            raise from_exception(exc, family, self.settings.retry_after_s) from None
+        headers = {"x-cold-start": f"{time.monotonic() - arrived:.3f}"} if cold else {}
+        return started, done, headers
+
+    async def streamed(
+        self,
+        model: ModelConfig,
+        call: GenerationRequest,
+        render: Callable[[AsyncIterator[Any]], AsyncIterator[str]],
+        render_error: Callable[[ApiError], str],
+        family: Family,
+    ) -> StreamingResponse:
+        """SSE; errors before the model server takes the request still get their own status."""
+        settings = self.settings
+        try:
+            stream = await ModelCall.open(
+                self.backend.stream(model, call), settings.request_timeout_s, wait_s=settings.stream_heartbeat_s
+            )
+        except Exception as exc:
+            raise from_exception(exc, family, settings.retry_after_s) from None
+
+        async def waiting(elapsed: float) -> str:
+            status = await self.backend.status(model)
+            phase = (status.waking or {}).get("current") or status.state.replace("_", " ")
+            return f"waking {model.name}: {phase} ({elapsed:.0f} s)"
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for chunk in render(stream.items(settings.stream_heartbeat_s, waiting)):
+                    yield chunk
+            except Exception as exc:  # the status is sent already: the error becomes an event
+                yield render_error(from_exception(exc, family, settings.retry_after_s))
+
+        return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+
+
+def _install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+    """Every error a route can raise leaves in its family's shape (OpenAI's under /v1)."""
+
+    def family(request: Request) -> Family:
+        return family_of(request.url.path.removeprefix(request.scope.get("root_path", "")) or "/")
+
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return invalid(exc.errors(), family(request)).response(family(request))
+
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response(family(request))
+
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        error = ApiError(exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None))
+        return error.response(family(request))
+
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        return from_exception(exc, family(request), retry_after_s).response(family(request))
+
+    app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, on_error)
+
+
+__all__ = ["ModelStatus", "create_app"]

@@ -1,8 +1,9 @@
-"""The ingress deployment: the HTTP API, light enough to stay up while the model is at zero.
+"""The ingress deployment: the HTTP API, light enough to stay up while every model is at zero.
 
-It never imports torch or transformers. It answers ``/healthz`` itself and forwards generation to
-the Generator through a DeploymentHandle; while the Generator has no replica, Serve queues the
-call at the handle and starts one, and the Gateway waits for it.
+It never imports torch or transformers. It holds one Serve handle per model (``handle.options(
+stream=True)`` configured once) and forwards each request to the model it names; while a model has
+no replica, Serve queues the call at the handle and starts one, and the Gateway waits for it. It
+answers ``/healthz`` and ``/v1/models`` from Serve's status, never waking a model.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from engine.params import Completion, SamplingParams
+from engine.types import Completion, GenerationRequest, Started, StreamItem
 from serving.app import create_app
-from serving.generator import GeneratorReply
-from serving.schemas import GeneratorStatus
-from settings import Settings
+from serving.backend import ModelStatus, resolve_model
+from settings import ModelConfig, Settings
 
 logger = logging.getLogger("ray.serve")
 
@@ -27,55 +28,85 @@ STATUS_TTL_S = 1.0  # probes every few ms still cost the controller one status c
 
 
 class HandleBackend:
-    """Reaches the Generator deployment through a Serve handle; reads replica state from Serve."""
+    """Reaches each model's deployment through its Serve handle; reads replica states from Serve."""
 
-    def __init__(self, handle: DeploymentHandle, settings: Settings, app_name: str) -> None:
-        self._handle = handle
+    def __init__(self, handles: dict[str, DeploymentHandle], settings: Settings, app_name: str) -> None:
         self._settings = settings
         self._app_name = app_name
-        self._deployment = handle.deployment_name
-        self._cold_start: dict[str, Any] | None = None
-        self._status: GeneratorStatus | None = None
-        self._status_at = 0.0
-        self._status_lock = asyncio.Lock()
+        self._models = {m.name: m for m in settings.model_configs}
+        self._unary = dict(handles)
+        self._streams = {name: handle.options(stream=True) for name, handle in handles.items()}
+        self._cold_starts: dict[str, dict[str, Any]] = {}
+        self._states: dict[str, dict[str, int]] = {}
+        self._states_at = 0.0
+        self._lock = asyncio.Lock()
+        self._created = int(time.time())
 
-    async def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        reply: GeneratorReply = await self._handle.generate.remote(prompts, params)
-        if reply.cold_start is not None:
-            self._cold_start = reply.cold_start
-        return reply.completions
+    async def resolve(self, requested: str | None) -> ModelConfig:
+        return resolve_model(self._settings.model_configs, requested)
 
-    def last_cold_start(self) -> dict[str, Any] | None:
-        return self._cold_start
+    async def stream(self, model: ModelConfig, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        response = self._streams[model.name].stream.remote(request)
+        try:
+            async for item in response:
+                if isinstance(item, Started) and item.cold_start is not None:
+                    self._cold_starts[model.name] = item.cold_start
+                yield item
+        finally:
+            response.cancel()  # no-op once finished; frees the rows of a caller that went away
 
-    async def status(self) -> GeneratorStatus:
-        async with self._status_lock:  # one controller call at a time, however many probes
-            if self._status is None or time.monotonic() - self._status_at > STATUS_TTL_S:
-                self._status = await asyncio.to_thread(self._read_status)
-                self._status_at = time.monotonic()
-            return self._status
+    async def generate(self, model: ModelConfig, request: GenerationRequest) -> tuple[Started, list[Completion]]:
+        started, completions = await self._unary[model.name].generate.remote(request)
+        if started.cold_start is not None:
+            self._cold_starts[model.name] = started.cold_start
+        return started, completions
 
-    def _read_status(self) -> GeneratorStatus:
-        states: dict[str, int] = {}
+    async def statuses(self) -> list[ModelStatus]:
+        states = await self._replica_states()
+        return [self._status(model, states.get(model.deployment_name)) for model in self._models.values()]
+
+    async def status(self, model: ModelConfig) -> ModelStatus:
+        states = await self._replica_states()
+        return self._status(model, states.get(model.deployment_name))
+
+    async def _replica_states(self) -> dict[str, dict[str, int]]:
+        async with self._lock:  # one controller call at a time, however many probes
+            if time.monotonic() - self._states_at > STATUS_TTL_S:
+                self._states = await asyncio.to_thread(self._read_states)
+                self._states_at = time.monotonic()
+            return self._states
+
+    def _read_states(self) -> dict[str, dict[str, int]]:
         try:
             app = serve.status().applications.get(self._app_name)
-            if app is not None and self._deployment in app.deployments:
-                states = {str(k): v for k, v in app.deployments[self._deployment].replica_states.items()}
         except Exception:  # the controller being briefly unreachable must not fail a probe
-            logger.warning("could not read the Generator's replica states", exc_info=True)
-            return self._summary("unknown", 0, 0)
-        running = states.get("RUNNING", 0)
-        starting = sum(states.get(s, 0) for s in ("STARTING", "UPDATING", "RECOVERING"))
-        state = "running" if running else "starting" if starting else "scaled_to_zero"
-        return self._summary(state, running, starting)
+            logger.warning("could not read the models' replica states", exc_info=True)
+            return {}
+        if app is None:
+            return {}
+        return {
+            name: {str(k): v for k, v in deployment.replica_states.items()}
+            for name, deployment in app.deployments.items()
+        }
 
-    def _summary(self, state: str, running: int, starting: int) -> GeneratorStatus:
-        return GeneratorStatus(
+    def _status(self, model: ModelConfig, states: dict[str, int] | None) -> ModelStatus:
+        if states is None:
+            state, running, starting = "unknown", 0, 0
+        else:
+            running = states.get("RUNNING", 0)
+            starting = sum(states.get(s, 0) for s in ("STARTING", "UPDATING", "RECOVERING"))
+            state = "running" if running else "starting" if starting else "scaled_to_zero"
+        return ModelStatus(
+            name=model.name,
+            model_id=model.model_id,
             state=state,  # type: ignore[arg-type]
-            running_replicas=running,
-            starting_replicas=starting,
-            min_replicas=self._settings.min_replicas,
-            max_replicas=self._settings.max_replicas,
+            running=running,
+            starting=starting,
+            min_replicas=model.min_replicas,
+            max_replicas=model.max_replicas,
+            priority=model.priority,
+            created=self._created,
+            last_cold_start=self._cold_starts.get(model.name),
         )
 
 
@@ -86,13 +117,15 @@ class Gateway:
 
     Example::
 
-        Gateway.options(**settings.gateway_options()).bind(generator, settings)
+        Gateway.options(**settings.gateway_options()).bind({"my-model": model_app}, settings)
     """
 
-    def __init__(self, generator: DeploymentHandle, settings: Settings) -> None:
+    def __init__(self, models: dict[str, DeploymentHandle], settings: Settings) -> None:
         check_http_address(settings)
+        if not settings.api_keys:
+            logger.warning("no API_KEY or API_KEYS_FILE set: /generate and /v1 are open to anyone who can reach them")
         app_name = serve.get_replica_context().app_name
-        self._app = create_app(HandleBackend(generator, settings, app_name), settings)
+        self._app = create_app(HandleBackend(models, settings, app_name), settings)
 
     def __serve_build_asgi_app__(self):
         return self._app

@@ -17,8 +17,11 @@ from typing import Any
 from ray import serve
 
 from engine.batcher import Batcher
+from engine.errors import ChatTemplateError
 from engine.params import Completion, SamplingParams
-from settings import Settings
+from engine.types import Completion as Finished
+from engine.types import Delta, GenerationRequest, Started
+from settings import ModelConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,10 +52,10 @@ class Generator:
 
     Example (inside a Serve graph)::
 
-        generator = Generator.options(**settings.generator_options()).bind(settings)
+        generator = Generator.options(**model.deployment_options()).bind(model)
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ModelConfig) -> None:
         self._constructed_at = time.time()
         process_started = _process_start_time()
         from engine.timing import PhaseTimer
@@ -85,7 +88,7 @@ class Generator:
         self._first_reply_lock = asyncio.Lock()
         logger.info("Generator ready: %s", self._cold_start)
 
-    async def generate(self, prompts: list[str], params: SamplingParams) -> GeneratorReply:
+    async def generate_prompts(self, prompts: list[str], params: SamplingParams) -> GeneratorReply:
         from engine.model import WorkItem
 
         started = time.perf_counter()
@@ -99,6 +102,36 @@ class Generator:
             logger.info("cold start phases: %s", report)
             reply.cold_start = report
         return reply
+
+    async def _run(self, request: GenerationRequest) -> tuple[Started, list[Finished]]:
+        # Until the engine streams, a request's rows are generated whole and sent as one delta each.
+        if request.messages:
+            raise ChatTemplateError("chat is not available from this model server yet")
+        params = SamplingParams(
+            max_new_tokens=request.params.max_new_tokens,
+            temperature=request.params.temperature,
+            top_p=request.params.top_p,
+            top_k=request.params.top_k,
+            repetition_penalty=request.params.repetition_penalty,
+            seed=request.params.seed,
+            stop=request.params.stop,
+        )
+        reply = await self.generate_prompts(list(request.prompts), params)
+        started = Started(
+            replica=serve.get_replica_context().replica_id.unique_id,
+            prompt_tokens=tuple(c.prompt_tokens for c in reply.completions),
+            cold_start=reply.cold_start,
+        )
+        done = [Finished(c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in reply.completions]
+        return started, done
+
+    async def generate(self, request: GenerationRequest) -> tuple[Started, list[Finished]]:
+        return await self._run(request)
+
+    async def stream(self, request: GenerationRequest):
+        started, done = await self._run(request)
+        yield started
+        yield tuple(Delta(i, c.text, c.completion_tokens, finish_reason=c.finish_reason) for i, c in enumerate(done))
 
     async def stats(self) -> dict[str, Any]:
         """Batching counters of this replica (for benchmarks and debugging)."""

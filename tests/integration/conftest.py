@@ -37,8 +37,17 @@ def wait_for(condition: Callable[[], object], timeout: float, interval: float = 
         time.sleep(interval)
 
 
-def replica_states(app: str = APP, deployment: str = "Generator") -> dict[str, int]:
-    return benchmark_replica_states(app, deployment)
+def replica_states(app: str = APP, deployment: str | None = None) -> dict[str, int]:
+    """Replica count per state of ``deployment`` (default: the app's one model deployment)."""
+    return benchmark_replica_states(app, deployment or model_deployment(app))
+
+
+def model_deployment(app: str = APP) -> str:
+    """The name of the application's model deployment (every deployment but the Gateway), when there is one."""
+    status = serve.status().applications.get(app)
+    names = [name for name in (status.deployments if status else {}) if name != "Gateway"]
+    assert len(names) == 1, f"expected one model deployment in {app}, found {names}"
+    return names[0]
 
 
 def running_replicas(app: str = APP) -> int:
@@ -56,6 +65,11 @@ class Service:
 
     def health(self) -> dict:
         return self.client.get(f"{self.url}/healthz", timeout=10).json()
+
+    def model_status(self) -> dict:
+        """The one model's entry in /healthz (state, replicas, last_cold_start...)."""
+        (model,) = self.health()["models"]
+        return model
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +111,7 @@ __all__ = [
     "deploy",
     "free_port",
     "get_json",
+    "model_deployment",
     "replica_states",
     "running_replicas",
     "wait_for",

@@ -18,7 +18,14 @@ from ray_serve_app import build_graph
 from settings import build_settings
 from tests.integration.conftest import APP, free_port, replica_states, wait_for
 
-SETTINGS = {"MAX_REPLICAS": "2", "MAX_NEW_TOKENS": "6", "TEMPERATURE": "0", "MAX_PROMPT_TOKENS": "12"}
+MODEL = "tiny"
+SETTINGS = {
+    "SERVED_MODEL_NAME": MODEL,
+    "MAX_REPLICAS": "2",
+    "MAX_NEW_TOKENS": "6",
+    "TEMPERATURE": "0",
+    "MAX_PROMPT_TOKENS": "12",
+}
 # The second node's own environment disagrees with the graph's settings; replicas must ignore it.
 NODE_ENV = {"MODEL_ID": "/nonexistent/model", "MAX_NEW_TOKENS": "50", "MAX_PROMPT_TOKENS": "1000"}
 
@@ -83,7 +90,7 @@ def _generator_nodes() -> set[str]:
     return {
         a["Address"]["NodeID"]
         for a in actors.values()
-        if a["State"] == "ALIVE" and a["ActorClassName"].endswith(f"{APP}:Generator")
+        if a["State"] == "ALIVE" and a["ActorClassName"].endswith(f"{APP}:{MODEL}")
     }
 
 

@@ -40,8 +40,9 @@ def test_serve_deploy_runs_the_exported_settings(tmp_path: Path, tiny_causal: Pa
         url = f"http://127.0.0.1:{http_port}"
         health = wait_for(lambda: get_json(f"{url}/healthz"), timeout=120, what="the deployed Gateway")
         assert health["model"] == str(tiny_causal)
-        assert health["generator"]["max_replicas"] == 1
-        assert health["generator"]["state"] == "scaled_to_zero"
+        (model,) = health["models"]
+        assert model["replicas"]["max"] == 1
+        assert model["state"] == "scaled_to_zero"
 
         response = httpx.post(f"{url}/generate", json={"prompts": ["Return the", "Raise"]}, timeout=120)
         assert response.status_code == 200, response.text

@@ -36,7 +36,7 @@ def test_healthz_answers_without_waking_the_model(service: Service) -> None:
     for _ in range(20):
         body = service.health()
         assert body["status"] == "ok"
-        assert body["generator"]["state"] == "scaled_to_zero"
+        assert body["models"][0]["state"] == "scaled_to_zero"
     assert time.monotonic() - started < 10
     # Give the autoscaler time to react to anything the probes might have queued: it must not.
     deadline = time.monotonic() + 3
@@ -54,8 +54,8 @@ def test_first_generate_from_zero_replicas(service: Service) -> None:
     body = response.json()
     assert body["completions"][0] and body["usage"]["completion_tokens"] <= 8
     assert running_replicas() == 1
-    health = service.health()
-    assert health["generator"]["state"] == "running"
+    health = service.model_status()
+    assert health["state"] == "running"
     report = health["last_cold_start"]
     assert report is not None and report["weights_s"] >= 0 and report["first_generation_s"] > 0
     print(f"cold start to first answer: {elapsed:.2f}s; phases: {report}")
@@ -112,6 +112,6 @@ def test_model_scales_to_zero_after_idle_timeout(service: Service) -> None:
     idle = time.monotonic() - last_answer
     print(f"model replica gone {idle:.1f}s after the last answer (IDLE_TIMEOUT_S={IDLE_TIMEOUT_S})")
     assert idle >= IDLE_TIMEOUT_S * 0.7, "the replica stopped well before the idle timeout"
-    assert service.health()["generator"]["state"] == "scaled_to_zero"
+    assert service.model_status()["state"] == "scaled_to_zero"
     # and it wakes again
     assert service.generate({"prompt": "Raise"}).status_code == 200

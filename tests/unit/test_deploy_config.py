@@ -59,7 +59,7 @@ def test_the_generated_file_carries_the_exported_settings(tmp_path: Path) -> Non
     expected_env |= {"TARGET_ONGOING_REQUESTS": "4.0"}
     assert application["runtime_env"] == {"env_vars": expected_env}  # only what was exported, nothing else
 
-    generator, gateway = _deployments(config)["Generator"], _deployments(config)["Gateway"]
+    generator, gateway = _deployments(config)["pydoc-gpt-mini"], _deployments(config)["Gateway"]
     assert generator["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5}
     assert generator["max_ongoing_requests"] == 8 and generator["max_queued_requests"] == 20
     assert "num_replicas" not in generator
@@ -150,7 +150,7 @@ def test_the_rayservice_serve_config_is_generated_from_its_env_vars(rayservice: 
 
 def test_the_rayservice_pods_fit_the_replicas_and_autoscaling(rayservice: dict[str, Any]) -> None:
     cluster = rayservice["spec"]["rayClusterConfig"]
-    generator = _deployments(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))["Generator"]
+    generator = _deployments(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))["pydoc-gpt-mini"]
     cpus, gpus = generator["ray_actor_options"]["num_cpus"], generator["ray_actor_options"]["num_gpus"]
     autoscaling = generator["autoscaling_config"]
 

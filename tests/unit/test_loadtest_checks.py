@@ -8,7 +8,7 @@ import random
 import pytest
 
 from loadtest.checks import problems, request_mix
-from serving.schemas import GenerateRequest
+from serving.api.native_schemas import GenerateRequest
 from settings import DEFAULT_MODEL_DIR, REPO_ROOT
 from tests.docs import code_lines, section
 

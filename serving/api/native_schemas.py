@@ -1,4 +1,4 @@
-"""Request and response models of the HTTP API, declared once (validation and OpenAPI docs)."""
+"""Request and response models of the native API (``/generate``, ``/healthz``), declared once."""
 
 from __future__ import annotations
 
@@ -57,9 +57,17 @@ class GenerateRequest(BaseModel):
         },
     )
 
+    model: str | None = Field(
+        default=None, min_length=1, description="Which served model (see GET /v1/models); optional with one model."
+    )
     prompt: Prompt | None = Field(default=None, description="One prompt.")
     prompts: list[Prompt] | None = Field(default=None, min_length=1, description="Several prompts, batched.")
     generation_kwargs: GenerationKwargs = Field(default_factory=GenerationKwargs)
+    stream: bool = Field(
+        default=False,
+        description="Answer with server-sent events: `delta` events with each prompt's new text, then one `done` "
+        "event holding the same body as the non-streamed answer.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_prompt_field(self) -> GenerateRequest:
@@ -115,23 +123,12 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
-class GeneratorStatus(BaseModel):
-    state: Literal["running", "starting", "scaled_to_zero", "unknown"]
-    running_replicas: int
-    starting_replicas: int
-    min_replicas: int
-    max_replicas: int
-
-
 class HealthResponse(BaseModel):
     """The Gateway's own answer; asking never starts a model replica."""
 
     status: Literal["ok"]
-    model: str
-    generator: GeneratorStatus
-    last_cold_start: dict[str, Any] | None = Field(
-        default=None, description="Phase durations (s) of the most recent model replica start this Gateway saw."
-    )
+    auth: Literal["required", "none"] = Field(description="Whether /generate and /v1 need an API key.")
+    models: list[dict[str, Any]] = Field(description="Every served model with its state (as in GET /v1/models).")
 
 
 class ErrorDetail(BaseModel):

@@ -1,0 +1,1 @@
+"""The HTTP dialects (native ``/generate``, OpenAI ``/v1``): schemas, translation, rendering, errors, auth."""

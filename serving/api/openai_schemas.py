@@ -1,0 +1,222 @@
+"""Request and response models of the OpenAI-compatible routes, declared once.
+
+Types and ranges are checked here (a violation is a 400 naming the field). Fields the OpenAI API
+defines but this service does not implement are declared too, so that a request using them gets a
+400 that names them (see ``serving.api.openai``) rather than being silently ignored. Unknown fields
+are accepted and logged, as OpenAI and vLLM do.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from serving.api.native_schemas import MAX_SEED
+
+Text = Annotated[str, StringConstraints(min_length=1)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=8)] | None
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = Field(default=False, description="Send a last chunk with the token usage.")
+
+
+class _Sampling(_Request):
+    """Fields the two routes share."""
+
+    model: str = Field(min_length=1, description="A served model's id (see GET /v1/models) or its MODEL_ID.")
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 is greedy. Default: TEMPERATURE.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling. Default: TOP_P.")
+    n: int = Field(default=1, ge=1, le=64, description="Choices to generate for each prompt.")
+    stop: Stop = Field(default=None, description="Up to 8 strings; generation ends before the first one.")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Reproducible sampling; choice c of n samples with seed + c."
+    )
+    stream: bool = Field(default=False, description="Answer with server-sent events as tokens are generated.")
+    stream_options: StreamOptions | None = Field(default=None, description="Only with stream: true.")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (400 unless empty).")
+    user: str | None = Field(default=None, description="End-user id; metadata, not used.")
+    # Extensions beyond OpenAI's API (as vLLM accepts them).
+    top_k: int | None = Field(default=None, ge=0, description="Extension: top-k filter. Default: TOP_K.")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=10, description="Extension: CTRL-style repetition penalty. Default: REPETITION_PENALTY."
+    )
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "pydoc-gpt-mini", "prompt": "Return the", "max_tokens": 16, "temperature": 0}]
+        }
+    )
+
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | list[int] | list[list[int]] = Field(
+        description="A string or a list of strings (token-id prompts are not supported)."
+    )
+    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate. Default: MAX_NEW_TOKENS.")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=5, description="Log-probabilities of the chosen token and this many alternatives."
+    )
+    echo: bool = Field(default=False, description="Put the prompt before the completion.")
+    suffix: str | None = Field(default=None, description="Not supported (400).")
+    best_of: int | None = Field(default=None, ge=1, description="Only best_of == n is supported.")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: str = Field(description="Only 'text' parts are supported.")
+    text: str | None = None
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: str = Field(description="system, user or assistant (developer is read as system).")
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(default=None, description="Not supported (400).")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: str = Field(description="Only 'text' is supported.")
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "pydoc-gpt-mini",
+                    "messages": [{"role": "user", "content": "What does json.dumps do?"}],
+                    "max_tokens": 32,
+                    "stream": True,
+                }
+            ]
+        }
+    )
+
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, description="Deprecated name of max_completion_tokens.")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Default: MAX_NEW_TOKENS.")
+    logprobs: bool = Field(default=False, description="Return the chosen tokens' log-probabilities.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Alternatives per token (needs logprobs).")
+    response_format: ResponseFormat | None = Field(default=None, description="Only {'type': 'text'}.")
+    tools: list[Any] | None = Field(default=None, description="Not supported (400 unless empty).")
+    tool_choice: Any = Field(default=None, description="Not supported (400 unless 'none').")
+    functions: list[Any] | None = Field(default=None, description="Not supported (400 unless empty).")
+    function_call: Any = Field(default=None, description="Not supported (400 unless 'none').")
+    parallel_tool_calls: bool | None = None
+
+
+# --- responses -------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobOut]
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    """An OpenAI model object, with this service's state of the model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    state: Literal["running", "starting", "scaled_to_zero", "evicted", "unknown"]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
