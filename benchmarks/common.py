@@ -107,23 +107,36 @@ def local_serve(num_cpus: int = 2, num_gpus: int | None = None) -> Iterator[int]
 
 
 def plot_concurrency(results: dict[str, Any], path: Path, title: str) -> None:
-    """Requests/s and latency against concurrent clients, one line per system."""
+    """Requests/s, latency and (for streamed clients) time to first token, against concurrent clients."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for system, style in (("service", "o-"), ("baseline", "s--")):
-        levels = [int(c) for c in results[system]]
-        left.plot(levels, [results[system][str(c)]["requests_per_s"] for c in levels], style, label=system)
-        right.plot(levels, [results[system][str(c)]["p50_s"] for c in levels], style, label=f"{system} p50")
-        right.plot(levels, [results[system][str(c)]["p95_s"] for c in levels], style, alpha=0.4, label=f"{system} p95")
-    for ax in (left, right):
+    streamed = [s for s in results if any("ttft_p50_s" in r for r in results[s].values())]
+    fig, axes = plt.subplots(1, 3 if streamed else 2, figsize=(16 if streamed else 11, 4.2))
+    left, right = axes[0], axes[1]
+    styles = {"service": "o-", "service_stream": "^-", "baseline": "s--"}
+    for system, runs in results.items():
+        style = styles.get(system, "x-")
+        levels = [int(c) for c in runs]
+        left.plot(levels, [runs[str(c)]["requests_per_s"] for c in levels], style, label=system)
+        right.plot(levels, [runs[str(c)]["p50_s"] for c in levels], style, label=f"{system} p50 (whole answer)")
+        right.plot(levels, [runs[str(c)]["p95_s"] for c in levels], style, alpha=0.35, label=f"{system} p95")
+    for system in streamed:
+        runs = results[system]
+        levels = [int(c) for c in runs]
+        axes[2].plot(levels, [runs[str(c)]["ttft_p50_s"] for c in levels], "^-", label="TTFT p50")
+        axes[2].plot(levels, [runs[str(c)]["ttft_p95_s"] for c in levels], "^-", alpha=0.4, label="TTFT p95")
+        axes[2].plot(levels, [runs[str(c)]["itl_p50_s"] for c in levels], "v:", label="inter-token p50")
+        axes[2].plot(levels, [runs[str(c)]["itl_p95_s"] for c in levels], "v:", alpha=0.4, label="inter-token p95")
+        axes[2].set_ylabel("seconds (streamed clients)")
+        axes[2].set_yscale("log")
+    for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     left.set_ylabel("requests / s")
     right.set_ylabel("latency (s)")
     right.set_yscale("log")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,10 +22,13 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)
     tokens: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    # Streamed requests only: time to the first text, and the gaps between later pieces of text.
+    ttfts: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         n = len(self.latencies)
-        return {
+        out = {
             "concurrency": self.concurrency,
             "seconds": round(self.seconds, 3),
             "requests": n,
@@ -33,6 +38,69 @@ class LoadResult:
             "p50_s": percentile(self.latencies, 50),
             "p95_s": percentile(self.latencies, 95),
         }
+        if self.ttfts:
+            out |= {
+                "ttft_p50_s": percentile(self.ttfts, 50),
+                "ttft_p95_s": percentile(self.ttfts, 95),
+                "itl_p50_s": percentile(self.gaps, 50),
+                "itl_p95_s": percentile(self.gaps, 95),
+            }
+        return out
+
+
+@dataclass
+class Answer:
+    """One request's outcome as the client saw it."""
+
+    latency: float
+    ok: bool
+    kind: str
+    body: dict[str, Any] | None = None
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+
+
+async def post_json(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Answer:
+    start = time.perf_counter()
+    try:
+        response = await client.post(url, json=body)
+    except httpx.HTTPError as exc:
+        return Answer(time.perf_counter() - start, False, type(exc).__name__)
+    ok = response.status_code == 200
+    return Answer(
+        time.perf_counter() - start, ok, "ok" if ok else f"http_{response.status_code}", response.json() if ok else None
+    )
+
+
+async def post_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Answer:
+    """An OpenAI streamed request: TTFT is the first chunk with a token; the usage chunk is the body."""
+    start = time.perf_counter()
+    stamps: list[float] = []
+    usage: dict[str, Any] | None = None
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return Answer(time.perf_counter() - start, False, f"http_{response.status_code}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return Answer(time.perf_counter() - start, False, "stream_error")
+                if chunk.get("usage"):
+                    usage = chunk
+                elif any(
+                    choice.get("text") or choice.get("delta", {}).get("content") or choice.get("finish_reason")
+                    for choice in chunk["choices"]
+                ):  # a token arrived (a first token that ends the answer carries no text)
+                    stamps.append(time.perf_counter())
+    except httpx.HTTPError as exc:
+        return Answer(time.perf_counter() - start, False, type(exc).__name__)
+    if not stamps or usage is None:
+        return Answer(time.perf_counter() - start, False, "empty_stream")
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    return Answer(time.perf_counter() - start, True, "ok", usage, ttft=stamps[0] - start, gaps=gaps)
 
 
 async def closed_loop(
@@ -42,6 +110,7 @@ async def closed_loop(
     concurrency: int,
     rounds: int,
     timeout_s: float = 900,
+    stream: bool = False,
 ) -> LoadResult:
     """Each of ``concurrency`` clients sends one untimed request, then ``rounds`` timed ones.
 
@@ -57,19 +126,8 @@ async def closed_loop(
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
 
-        async def one(n: int) -> tuple[float, bool, str, dict[str, Any] | None]:
-            start = time.perf_counter()
-            try:
-                response = await client.post(url, json=make_body(n))
-                ok = response.status_code == 200
-                return (
-                    time.perf_counter() - start,
-                    ok,
-                    "ok" if ok else f"http_{response.status_code}",
-                    (response.json() if ok else None),
-                )
-            except httpx.HTTPError as exc:
-                return time.perf_counter() - start, False, type(exc).__name__, None
+        async def one(n: int) -> Answer:
+            return await (post_stream if stream else post_json)(client, url, make_body(n))
 
         async def client_loop(index: int) -> None:
             nonlocal warm
@@ -80,12 +138,15 @@ async def closed_loop(
                 everyone_warm.set()
             await everyone_warm.wait()
             for n in range(rounds):
-                latency, ok, kind, answer = await one(index * 1000 + n + 1)
-                if ok and answer is not None:
-                    result.latencies.append(latency)
-                    result.tokens += count_tokens(answer)
+                answer = await one(index * 1000 + n + 1)
+                if answer.ok and answer.body is not None:
+                    result.latencies.append(answer.latency)
+                    result.tokens += count_tokens(answer.body)
+                    if answer.ttft is not None:
+                        result.ttfts.append(answer.ttft)
+                        result.gaps.extend(answer.gaps)
                 else:
-                    result.errors[kind] = result.errors.get(kind, 0) + 1
+                    result.errors[answer.kind] = result.errors.get(answer.kind, 0) + 1
             marks["end"] = max(marks.get("end", 0.0), time.perf_counter())
 
         await asyncio.gather(*(client_loop(i) for i in range(concurrency)))

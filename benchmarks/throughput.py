@@ -1,11 +1,18 @@
-"""Throughput under concurrency: the service against the plain one-request-at-a-time pattern.
+"""Throughput and streaming latency under concurrency: the service against the plain one-at-a-time pattern.
 
     python -m benchmarks.throughput [--model PATH] [--concurrency 1 2 4 8 16 32] [--rounds 3]
 
-Both run side by side on one local Ray instance, on the same model, one replica each with the same
-CPUs (or GPU), driven by the same closed-loop client (each of C clients sends ``rounds`` requests
-back to back after a warm-up one): greedy requests of 32 new tokens, prompts of varied lengths.
-Writes benchmarks/results/throughput.json and throughput.png and prints the ratios.
+Three clients take turns at each concurrency level, side by side on one local Ray instance, on the
+same model, one replica each with the same CPUs (or GPU), each a closed loop (each of C clients
+sends ``rounds`` requests back to back after a warm-up one), greedy, 64 new tokens by default,
+prompts of varied lengths:
+
+- ``service``: ``POST /v1/completions``, the whole answer at once;
+- ``service_stream``: the same with ``stream: true``: time to first token (TTFT) and the gaps
+  between the pieces of text that follow (inter-token latency);
+- ``baseline``: the plain pattern's ``/generate`` (its latency is the time to its whole answer).
+
+Writes benchmarks/results/throughput.json and throughput.png and prints the table.
 """
 
 from __future__ import annotations
@@ -49,51 +56,69 @@ def deploy(model: Path, port: int, cpus: int, gpus: float, max_batch: int) -> di
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}}
     plain = baseline_app.PlainGenerator.options(**options).bind(str(model), cpus, "cuda" if gpus else "cpu")
     serve.run(plain, name="baseline", route_prefix="/baseline", blocking=False)
+    completions = f"http://127.0.0.1:{port}/service/v1/completions"
     urls = {
-        "service": f"http://127.0.0.1:{port}/service/generate",
+        "service": completions,
+        "service_stream": completions,
         "baseline": f"http://127.0.0.1:{port}/baseline/generate",
     }
-    for url in urls.values():  # both replicas up and answering before any timing
-        wait_for(lambda url=url: _answers(url), timeout=600, interval=0.5)
+    for system in ("service", "baseline"):  # both replicas up and answering before any timing
+        wait_for(lambda system=system: _answers(urls[system], body(system, 0, 2)), timeout=600, interval=0.5)
     return urls
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, payload: dict[str, Any]) -> bool:
     try:
-        return httpx.post(url, json=body(0, 2), timeout=300).status_code == 200
+        return httpx.post(url, json=payload, timeout=300).status_code == 200
     except httpx.HTTPError:
         return False
 
 
-def body(n: int, new_tokens: int) -> dict[str, Any]:
-    return {"prompt": PROMPTS[n % len(PROMPTS)], "generation_kwargs": {"max_new_tokens": new_tokens, "temperature": 0}}
+def body(system: str, n: int, new_tokens: int) -> dict[str, Any]:
+    prompt = PROMPTS[n % len(PROMPTS)]
+    if system == "baseline":
+        return {"prompt": prompt, "generation_kwargs": {"max_new_tokens": new_tokens, "temperature": 0}}
+    openai = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0}
+    if system == "service_stream":
+        openai |= {"stream": True, "stream_options": {"include_usage": True}}
+    return openai
 
 
 def tokens_of(system: str):
-    if system == "service":
-        return lambda answer: answer["usage"]["completion_tokens"]
-    return lambda answer: answer["tokens"]
+    if system == "baseline":
+        return lambda answer: answer["tokens"]
+    return lambda answer: answer["usage"]["completion_tokens"]
 
 
 def measure(urls: dict[str, str], levels: list[int], rounds: int, new_tokens: int) -> dict[str, Any]:
     out: dict[str, Any] = {name: {} for name in urls}
     for c in levels:
-        # Alternate which system goes first, so slow drift on a shared machine favours neither.
-        order = list(urls) if levels.index(c) % 2 == 0 else list(reversed(urls))
+        # Rotate which system goes first, so slow drift on a shared machine favours none.
+        order = list(urls)[levels.index(c) % 3 :] + list(urls)[: levels.index(c) % 3]
         for system in order:
-            result = asyncio.run(closed_loop(urls[system], lambda n: body(n, new_tokens), tokens_of(system), c, rounds))
+            result = asyncio.run(
+                closed_loop(
+                    urls[system],
+                    lambda n, system=system: body(system, n, new_tokens),
+                    tokens_of(system),
+                    c,
+                    rounds,
+                    stream=system == "service_stream",
+                )
+            )
             out[system][str(c)] = result.as_dict()
-            logger.info("%-8s c=%-3d %s", system, c, {k: v for k, v in result.as_dict().items() if k != "errors"})
+            logger.info("%-14s c=%-3d %s", system, c, {k: v for k, v in result.as_dict().items() if k != "errors"})
     return out
 
 
 def ratios(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     table = {}
     for c, svc in results["service"].items():
-        base = results["baseline"][c]
+        base, stream = results["baseline"][c], results["service_stream"][c]
         table[c] = {
             "requests_per_s": svc["requests_per_s"] / base["requests_per_s"],
             "p50_latency": svc["p50_s"] / base["p50_s"],
+            "stream_over_unary_requests_per_s": stream["requests_per_s"] / svc["requests_per_s"],
         }
     return table
 
@@ -103,7 +128,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="checkpoint (default: random GPT-2-small shape)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--rounds", type=int, default=3, help="timed requests per client per level")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs (torch threads) per replica")
     parser.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica (0: CPU)")
     parser.add_argument("--max-batch", type=int, default=32)
@@ -122,12 +147,18 @@ def main() -> None:
         results, RESULTS / f"{args.name}.png", f"Service vs one-at-a-time baseline: {model.name}, {device}"
     )
     print(f"wrote {path}")
-    print(f"{'clients':>7} {'service rps':>12} {'baseline rps':>13} {'ratio':>6} {'p50 svc':>8} {'p50 base':>9}")
+    print(
+        f"{'clients':>7} {'svc rps':>8} {'stream rps':>10} {'plain rps':>9} {'svc/plain':>9} {'stream/svc':>10}"
+        f" {'TTFT p50':>8} {'TTFT p95':>8} {'ITL p50':>7} {'ITL p95':>7} {'plain p50':>9}"
+    )
     for c, ratio in table.items():
-        svc, base = results["service"][c], results["baseline"][c]
+        svc, stream, base = results["service"][c], results["service_stream"][c], results["baseline"][c]
         print(
-            f"{c:>7} {svc['requests_per_s']:>12.2f} {base['requests_per_s']:>13.2f} {ratio['requests_per_s']:>6.2f}"
-            f" {svc['p50_s']:>8.3f} {base['p50_s']:>9.3f}"
+            f"{c:>7} {svc['requests_per_s']:>8.2f} {stream['requests_per_s']:>10.2f} {base['requests_per_s']:>9.2f}"
+            f" {ratio['requests_per_s']:>9.2f} {ratio['stream_over_unary_requests_per_s']:>10.3f}"
+            f" {stream.get('ttft_p50_s', float('nan')):>8.3f} {stream.get('ttft_p95_s', float('nan')):>8.3f}"
+            f" {stream.get('itl_p50_s', float('nan')):>7.3f} {stream.get('itl_p95_s', float('nan')):>7.3f}"
+            f" {base['p50_s']:>9.3f}"
         )
 
 
