@@ -1,0 +1,567 @@
+"""The playground page in a real browser (headless Chromium driven by Selenium).
+
+Every test runs against each target of the ``target`` fixture: ``stub`` (tests/page_stub.py, the API contract
+with a fake slow model, no Ray) and ``live`` (the real graph on Ray Serve with a tiny checkpoint). A target that
+cannot run says why and is skipped; a missing browser skips, or fails when ``CI=true``.
+
+``PAGE_SCREENSHOTS=DIR`` copies the screenshots the tests take into DIR (the README's come from there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from benchmarks.common import free_port
+from tests.browser import Browser, find_browser, network_events, save_screenshot, start_chromium, stop_chromium
+from tests.integration.conftest import wait_for
+from tests.page_stub import StubService, serve_stub
+
+API_KEY = "page-test-key"
+WRONG_KEY = "not-the-key"
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def browser() -> Browser:
+    found = find_browser()
+    if isinstance(found, str):
+        reason = f"page tests need a browser: {found}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}. CI must run them: .ci/run installs the browser.", pytrace=False)
+        pytest.skip(reason)
+    print(f"page tests run in {found.version} ({found.chromium}, driver {found.chromedriver})")
+    return found
+
+
+@dataclass
+class Target:
+    """A service the page can be tested against."""
+
+    name: str
+    url: str
+    model: str
+    api_key: str
+    make_cold: Callable[[], None]  # returns once /v1/models says the model is at zero
+    cancelled_streams: Callable[[], int] | None  # what the server saw; None where it cannot tell
+    stub: StubService | None = None
+
+    def models(self) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.url}/v1/models", headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10)
+        response.raise_for_status()
+        return response.json()["data"]
+
+    def state(self) -> str:
+        return next(m["state"] for m in self.models() if m["id"] == self.model)
+
+
+@pytest.fixture(scope="module", params=["stub", "live"])
+def target(request: pytest.FixtureRequest) -> Iterator[Target]:
+    if request.param == "stub":
+        yield from _stub_target()
+    else:
+        yield _live_target(request)
+
+
+def _stub_target() -> Iterator[Target]:
+    stub = StubService(api_key=API_KEY, token_delay_s=0.05, phase_s=0.7, comment_every_s=1.0)
+    with serve_stub(stub, free_port()) as url:
+        yield Target(
+            name="stub",
+            url=url,
+            model="stub-model",
+            api_key=API_KEY,
+            make_cold=lambda: stub.scale_to_zero("stub-model"),
+            cancelled_streams=lambda: stub.stats.streams_cancelled,
+            stub=stub,
+        )
+
+
+def _live_target(request: pytest.FixtureRequest) -> Target:
+    from tests.integration.conftest import deploy
+
+    port = request.getfixturevalue("serve_port")
+    checkpoint = request.getfixturevalue("tiny_causal")
+    service = deploy(
+        port,
+        {
+            "MODEL_ID": str(checkpoint),
+            "MIN_REPLICAS": "0",
+            "MAX_REPLICAS": "1",
+            "IDLE_TIMEOUT_S": "4",
+            "AUTOSCALING_LOOK_BACK_S": "1",
+            "METRICS_PUSH_INTERVAL_S": "0.5",
+            "REQUEST_TIMEOUT_S": "120",
+            "API_KEY": API_KEY,
+        },
+    )
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    models = service.client.get(f"{service.url}/v1/models", headers=headers, timeout=10)
+    page = service.client.get(f"{service.url}/", timeout=10)
+    if models.status_code == 404 or page.status_code == 404:
+        pytest.skip("the live Gateway does not serve /v1/models and the page yet")
+    models.raise_for_status()
+    model = models.json()["data"][0]["id"]
+
+    def make_cold() -> None:
+        def at_zero() -> bool:
+            data = service.client.get(f"{service.url}/v1/models", headers=headers, timeout=10).json()["data"]
+            return next(m["state"] for m in data if m["id"] == model) == "scaled_to_zero"
+
+        wait_for(at_zero, timeout=90, interval=0.5, what=f"{model} to scale to zero")
+
+    return Target(
+        name="live", url=service.url, model=model, api_key=API_KEY, make_cold=make_cold, cancelled_streams=None
+    )
+
+
+@pytest.fixture
+def driver(browser: Browser) -> Iterator[Any]:
+    web = start_chromium(browser)
+    try:
+        yield web
+    finally:
+        stop_chromium(web)
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    directory = tmp_path_factory.mktemp("screenshots")
+    yield directory
+    if destination := os.environ.get("PAGE_SCREENSHOTS"):
+        Path(destination).mkdir(parents=True, exist_ok=True)
+        for png in directory.glob("*.png"):
+            shutil.copy(png, Path(destination) / png.name)
+
+
+# ---------------------------------------------------------------------------------------------- page helpers
+
+
+class Page:
+    """What a person does on the page, and what they read there."""
+
+    def __init__(self, driver: Any, target: Target) -> None:
+        self.driver = driver
+        self.target = target
+
+    def open(self, key: str | None = API_KEY) -> None:
+        self.driver.get(f"{self.target.url}/")
+        if key is not None:
+            self.set_key(key)
+        self.wait(lambda: self.model_option() is not None, 20, f"{self.target.model} in the model picker")
+
+    def set_key(self, key: str) -> None:
+        self.wait(lambda: self.js("return !document.getElementById('key-panel').hidden"), 20, "the API key field")
+        field = self.by_id("api-key")
+        field.clear()
+        field.send_keys(key)
+
+    def by_id(self, element_id: str) -> Any:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.ID, element_id)
+
+    def js(self, script: str, *args: Any) -> Any:
+        return self.driver.execute_script(script, *args)
+
+    def wait(self, condition: Callable[[], Any], timeout: float, what: str) -> Any:
+        return wait_for(condition, timeout=timeout, interval=0.05, what=what)
+
+    def model_option(self) -> str | None:
+        return self.js(
+            "const o = [...document.getElementById('model').options].find(o => o.value === arguments[0]);"
+            "return o ? o.textContent : null;",
+            self.target.model,
+        )
+
+    def set_number(self, element_id: str, value: int | str) -> None:
+        self.js("document.getElementById('sampling').open = true")
+        field = self.by_id(element_id)
+        field.clear()
+        field.send_keys(str(value))
+
+    def send(self, text: str) -> None:
+        box = self.by_id("prompt")
+        box.send_keys(text)
+        self.by_id("send").click()
+
+    def answer(self) -> dict[str, Any]:
+        """The last answer: its text, classes, stats line, error and wake-up panel."""
+        return self.js(
+            """
+            const all = document.querySelectorAll('.transcript:not([hidden]) .bubble.assistant');
+            const a = all[all.length - 1];
+            if (!a) return null;
+            const body = a.querySelector('.answer');
+            const echo = body.querySelector('.echo');
+            const wake = a.querySelector('.wake');
+            return {
+              count: all.length,
+              text: body.textContent.slice(echo ? echo.textContent.length : 0),
+              pending: a.classList.contains('pending'),
+              classes: a.className,
+              stats: a.querySelector('.stats').textContent,
+              error: (a.querySelector('.error') || {}).textContent || null,
+              countdown: (a.querySelector('.countdown') || {}).textContent || null,
+              wakeShown: !wake.hidden,
+              wakeTitle: (wake.querySelector('h4') || {}).textContent || null,
+              wakeDone: wake.classList.contains('done'),
+              phasesDone: [...wake.querySelectorAll('li.done')].map(li => li.dataset.phase),
+              phaseCurrent: (wake.querySelector('li.current') || {dataset: {}}).dataset.phase || null,
+            };
+            """
+        )
+
+    def finished(self, timeout: float = 60) -> dict[str, Any]:
+        return self.wait(lambda: (a := self.answer()) and not a["pending"] and a, timeout, "the answer to finish")
+
+    def record_growth(self) -> None:
+        """Record (time, length) of the streaming answer each time its text changes, inside the page."""
+        self.js(
+            """
+            window.__growth = [];
+            const log = document.querySelector('.transcript:not([hidden])');
+            new MutationObserver(() => {
+              const all = log.querySelectorAll('.bubble.assistant .answer');
+              const last = all[all.length - 1];
+              if (last) window.__growth.push([performance.now(), last.textContent.length]);
+            }).observe(log, {subtree: true, childList: true, characterData: true});
+            """
+        )
+
+    def growth(self) -> list[tuple[float, int]]:
+        return [tuple(x) for x in self.js("return window.__growth")]
+
+    def status(self) -> str:
+        return self.by_id("status").text
+
+    def chat_posts(self) -> list[dict[str, Any]]:
+        """The page's POSTs to the chat and completion routes, from the browser's network log."""
+        posts = []
+        for event in network_events(self.driver):
+            params = event["params"]
+            if event["method"] == "Network.requestWillBeSent" and params["request"]["method"] == "POST":
+                posts.append(
+                    {
+                        "id": params["requestId"],
+                        "url": params["request"]["url"],
+                        "event": "sent",
+                        "body": params["request"].get("postData"),
+                    }
+                )
+            elif event["method"] == "Network.loadingFailed":
+                posts.append({"id": params["requestId"], "event": "failed", "canceled": params.get("canceled")})
+            elif event["method"] == "Network.loadingFinished":
+                posts.append({"id": params["requestId"], "event": "finished"})
+        return posts
+
+
+@pytest.fixture
+def page(driver: Any, target: Target) -> Page:
+    return Page(driver, target)
+
+
+def _warm(target: Target, page: Page) -> None:
+    """Make sure the model is up, so that a test about streaming is not a test about waking."""
+    if target.state() == "running":
+        return
+    page.set_number("max-tokens", 2)
+    page.send("wake up")
+    page.finished(timeout=120)
+    page.js("document.getElementById('clear').click()")
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_page_loads_and_lists_the_model_with_its_state(page: Page, target: Target) -> None:
+    page.open(key=None)
+    # Auth is required and no key was given: the key field asks for one, and the picker still lists the
+    # models (from /healthz) with their state.
+    assert "alert" in page.js("return document.getElementById('key-panel').className")
+    assert "needs an API key" in page.by_id("key-message").text
+    page.wait(lambda: page.model_option() is not None, 20, "the model in the picker")
+    state = target.state()
+    label = {"running": "running", "starting": "starting", "scaled_to_zero": "at zero", "evicted": "evicted"}[state]
+    assert page.model_option() == f"{target.model} ({label})"
+    assert label in page.by_id("model-state").text
+    assert page.js("return document.activeElement !== null && document.title") == "LLM playground"
+    # The key goes to sessionStorage, never into the address.
+    page.set_key(API_KEY)
+    assert page.js("return sessionStorage.getItem('playground.apiKey')") == API_KEY
+    assert API_KEY not in page.driver.current_url
+
+
+def test_chat_answer_streams_and_grows(page: Page, target: Target, screenshots: Path) -> None:
+    page.open()
+    _warm(target, page)
+    max_tokens = 40 if target.stub else 400
+    page.set_number("max-tokens", max_tokens)
+    page.set_number("temperature", 0)
+    page.record_growth()
+    page.send("Tell me about replicas")
+    # Read the answer's length from outside too, several times while it streams.
+    seen = []
+    deadline = time.monotonic() + 60
+    while (a := page.answer()) is None or a["pending"]:
+        if a is not None:
+            seen.append(len(a["text"]))
+        assert time.monotonic() < deadline, "the answer did not finish within 60 s"
+        time.sleep(0.05)
+    answer = page.finished()
+    growth = page.growth()
+    lengths = [n for _, n in growth]
+    assert answer["text"].strip(), answer
+    assert lengths == sorted(lengths), "the answer's text shrank while streaming"
+    assert len(set(lengths)) >= 5, f"the answer arrived in fewer than 5 steps: {growth}"
+    assert growth[-1][0] - growth[0][0] > 0, growth
+    if target.stub:  # 40 tokens 50 ms apart: slow enough to watch from outside
+        assert len({n for n in seen if n > 0}) >= 3, seen
+    assert "first token" in answer["stats"] and "tokens/s" in answer["stats"], answer["stats"]
+    assert "completion tokens" in answer["stats"], answer["stats"]
+    assert "finished" in answer["stats"] or "cut at max tokens" in answer["stats"]
+    save_screenshot(page.driver, screenshots, f"streamed-answer-{target.name}")
+
+    # A second turn carries the first one: the conversation is multi-turn.
+    page.chat_posts()  # drain the log
+    page.set_number("max-tokens", 4)
+    page.send("And then?")
+    page.finished()
+    sent = [p for p in page.chat_posts() if p["event"] == "sent" and p["url"].endswith("/v1/chat/completions")]
+    assert sent, "the second message was not posted"
+    body = json.loads(sent[-1]["body"])
+    roles = [m["role"] for m in body["messages"]]
+    assert roles == ["user", "assistant", "user"], body["messages"]
+    assert body["messages"][1]["content"] == answer["text"]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+def test_stop_ends_the_answer_early_and_cancels_the_request(page: Page, target: Target) -> None:
+    page.open()
+    _warm(target, page)
+    page.set_number("max-tokens", 1000 if target.stub else 1024)
+    cancelled_before = target.cancelled_streams() if target.cancelled_streams else 0
+    page.chat_posts()  # drain the log
+    page.send("Write at length")
+    page.wait(lambda: len(page.answer()["text"]) > 10, 60, "a few tokens of the answer")
+    page.by_id("stop-button").click()
+    answer = page.finished(timeout=10)
+    assert "stopped" in answer["classes"], answer
+    assert answer["stats"].startswith("Stopped"), answer["stats"]
+    assert "Stopped" in page.status()
+    length = len(answer["text"])
+    time.sleep(1.0)  # the condition here is an absence: the text must not grow during this second
+    assert len(page.answer()["text"]) == length, "the answer kept growing after Stop"
+    assert page.by_id("send").is_enabled() and not page.by_id("stop-button").is_enabled()
+    # The browser cancelled the request...
+    posts = page.chat_posts()
+    sent = [p["id"] for p in posts if p["event"] == "sent" and p["url"].endswith("/v1/chat/completions")]
+    assert any(p["event"] == "failed" and p["canceled"] and p["id"] in sent for p in posts), posts
+    # ...and the server saw the stream go away.
+    if target.cancelled_streams is not None:
+        page.wait(lambda: target.cancelled_streams() > cancelled_before, 10, "the server to see the cancel")
+
+
+def test_model_at_zero_shows_the_wake_up_and_its_phases(page: Page, target: Target, screenshots: Path) -> None:
+    target.make_cold()
+    page.open()
+    page.wait(lambda: not page.by_id("zero-notice").get_attribute("hidden"), 10, "the at-zero notice")
+    notice = page.by_id("zero-notice").text
+    assert "at zero" in notice and "wakes it" in notice, notice
+    assert page.model_option() == f"{target.model} (at zero)"
+    page.set_number("max-tokens", 8)
+    page.send("Wake up and answer")
+    waking = page.wait(lambda: (a := page.answer()) and a["wakeShown"] and a, 10, "the wake-up panel")
+    assert waking["wakeTitle"].startswith(f"Waking {target.model}"), waking
+    # Phases appear as they complete, before the first token.
+    during = page.wait(lambda: (a := page.answer()) and len(a["phasesDone"]) >= 2 and a, 120, "two completed phases")
+    assert during["text"] == "" and during["pending"], "phases were only shown after the answer"
+    assert during["phasesDone"][:2] == ["process_start", "imports"], during
+    save_screenshot(page.driver, screenshots, f"wake-up-{target.name}")
+    # Afterwards the breakdown stays on the answer.
+    answer = page.finished(timeout=120)
+    assert answer["text"].strip(), answer
+    summary = page.wait(lambda: (a := page.answer())["wakeDone"] and a, 15, "the wake-up summary")
+    assert "woke up" in summary["wakeTitle"], summary
+    assert summary["phasesDone"][:5] == ["process_start", "imports", "model_code", "weights", "warmup"], summary
+    assert "first_generation" in summary["phasesDone"], summary
+    assert target.state() == "running"
+    save_screenshot(page.driver, screenshots, f"woke-up-{target.name}")
+    time.sleep(2)  # the summary must stay: nothing polls it away
+    assert page.answer()["wakeDone"]
+
+
+def test_wrong_api_key_shows_what_to_do(page: Page, target: Target) -> None:
+    page.open(key=WRONG_KEY)
+    page.send("Hello")
+    answer = page.finished(timeout=20)
+    assert answer["error"] and "did not accept your API key" in answer["error"], answer
+    assert "alert" in page.js("return document.getElementById('key-panel').className")
+    assert "did not accept this API key" in page.by_id("key-message").text
+    # The message comes back to the box so that fixing the key and pressing Enter sends it again.
+    assert page.by_id("prompt").get_attribute("value") == "Hello"
+    page.set_key(API_KEY)
+    page.by_id("prompt").send_keys("\n")
+    page.wait(lambda: (a := page.answer())["count"] == 2 and not a["pending"] and a, 120, "the resent answer")
+    assert page.answer()["error"] is None
+
+
+def test_keyboard_enter_sends_and_shift_enter_adds_a_line(page: Page, target: Target) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    page.open()
+    page.set_number("max-tokens", 4)
+    box = page.by_id("prompt")
+    box.click()
+    box.send_keys("first line")
+    box.send_keys(Keys.SHIFT, Keys.ENTER)
+    box.send_keys("second line")
+    assert box.get_attribute("value") == "first line\nsecond line"
+    assert page.answer() is None, "Shift+Enter sent the message"
+    box.send_keys(Keys.ENTER)
+    answer = page.finished(timeout=120)
+    assert answer["text"].strip()
+    user = page.js("return document.querySelector('.bubble.user .text').textContent")
+    assert user == "first line\nsecond line"
+    assert box.get_attribute("value") == ""
+    assert page.js("return document.activeElement.id") == "prompt"
+
+
+def test_completion_view_streams_a_continuation(page: Page, target: Target) -> None:
+    page.open()
+    _warm(target, page)
+    page.by_id("prompt")  # the box exists before switching
+    page.js("document.querySelector('input[name=mode][value=completion]').click()")
+    page.set_number("max-tokens", 6)
+    page.chat_posts()
+    page.send("The socket module")
+    answer = page.finished(timeout=60)
+    assert answer["text"].strip(), answer
+    assert page.js("return document.querySelector('#transcript-completion .echo').textContent") == "The socket module"
+    sent = [p for p in page.chat_posts() if p["event"] == "sent"]
+    assert sent and sent[-1]["url"].endswith("/v1/completions"), sent
+
+
+def test_phone_width(page: Page, target: Target, screenshots: Path) -> None:
+    page.driver.set_window_size(390, 844)
+    page.open()
+    _warm(target, page)
+    page.set_number("max-tokens", 12)
+    page.js("document.getElementById('sampling').open = false")
+    page.send("Hello from a phone")
+    page.finished(timeout=60)
+    # Nothing is wider than the screen.
+    overflow = page.js("return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"the page is {overflow}px wider than a phone screen"
+    for element_id in ("prompt", "send", "stop-button", "model"):
+        rect = page.by_id(element_id).rect
+        assert rect["x"] >= 0 and rect["x"] + rect["width"] <= 390, (element_id, rect)
+    save_screenshot(page.driver, screenshots, f"phone-{target.name}")
+
+
+# ---------------------------------------------------------------------------------------------- stub only
+
+
+@pytest.fixture
+def stub(target: Target) -> StubService:
+    if target.stub is None:
+        pytest.skip("needs the stub's controls (failures on demand)")
+    return target.stub
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "retry_after", "expected"),
+    [
+        (404, "The model 'x' does not exist. Served: stub-model.", None, "does not serve this model"),
+        (503, "At capacity.", 3, "at capacity"),
+        (429, "Too many requests.", 2, "at capacity"),
+        (504, "No answer within 30 s (REQUEST_TIMEOUT_S).", None, "time limit"),
+        (500, "Internal error.", None, "The service failed (HTTP 500)"),
+    ],
+)
+def test_error_statuses_read_as_what_to_do(
+    page: Page, stub: StubService, status: int, message: str, retry_after: int | None, expected: str
+) -> None:
+    page.open()
+    stub.fail_next(status, message, retry_after=retry_after)
+    page.send("Hello")
+    answer = page.finished(timeout=20)
+    assert answer["error"] and expected in answer["error"] and message in answer["error"], answer
+    if retry_after:
+        assert f"Try again in {retry_after} s" in answer["error"], answer
+        assert answer["countdown"] and "send again in" in answer["countdown"], answer
+        page.wait(lambda: page.answer()["countdown"] == "You can send again now.", retry_after + 3, "the countdown")
+    assert page.by_id("prompt").get_attribute("value") == "Hello"
+
+
+def test_refusals_from_the_service_name_the_setting(page: Page, stub: StubService) -> None:
+    page.open()
+    page.set_number("max-tokens", 5000)
+    page.send("Hello")
+    answer = page.finished(timeout=20)
+    assert "refused the request" in answer["error"] and "max_tokens" in answer["error"], answer
+    page.set_number("max-tokens", 4)
+    page.js("document.getElementById('prompt').value = 'x'.repeat(5000)")
+    page.by_id("send").click()
+    answer = page.finished(timeout=20)
+    assert "Too large for this service" in answer["error"] and "5000 characters" in answer["error"], answer
+
+
+def test_network_error_says_the_service_is_unreachable(page: Page, stub: StubService) -> None:
+    page.open()
+    page.driver.execute_cdp_cmd("Network.enable", {})
+    page.driver.execute_cdp_cmd(
+        "Network.emulateNetworkConditions",
+        {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
+    page.send("Hello")
+    answer = page.finished(timeout=20)
+    assert "Could not reach the service" in answer["error"], answer
+
+
+def test_sse_parser_reassembles_events_split_anywhere(page: Page, stub: StubService) -> None:
+    page.open()
+    result = page.driver.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        import('./static/sse.js').then(({SSEParser}) => {
+          const stream = ': waking m: imports (2.0 s)\\r\\n\\r\\n' +
+            'data: {"a": "café → 🙂"}\\n\\n' +
+            'data: line one\\ndata: line two\\r\\n\\r\\n' +
+            'event: ignored\\ndata: [DONE]\\n\\n' +
+            'data: no blank line at the end';
+          const bytes = new TextEncoder().encode(stream);
+          const runs = [];
+          // Every cut point, and byte by byte: the events must come out the same.
+          for (const size of [1, 2, 3, 5, 7, bytes.length]) {
+            const got = [];
+            const p = new SSEParser({onData: d => got.push(['data', d]), onComment: c => got.push(['comment', c])});
+            for (let i = 0; i < bytes.length; i += size) p.push(bytes.slice(i, i + size));
+            p.end();
+            runs.push(got);
+          }
+          done(runs);
+        }).catch(e => done(String(e)));
+        """
+    )
+    expected = [
+        ["comment", "waking m: imports (2.0 s)"],
+        ["data", '{"a": "café → 🙂"}'],
+        ["data", "line one\nline two"],
+        ["data", "[DONE]"],
+        ["data", "no blank line at the end"],
+    ]
+    assert isinstance(result, list), result
+    for run in result:
+        assert run == expected
