@@ -37,6 +37,7 @@ from serving.api.openai_schemas import (
     OpenAIError,
 )
 from serving.backend import ModelBackend, ModelCall, ModelStatus
+from serving.page import mount_page
 from settings import ModelConfig, Settings
 
 logger = logging.getLogger("ray.serve")
@@ -164,6 +165,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         _, done, headers = await calls.unary(model, call, "native")
         return _json(native.response(model, call, done), headers)
 
+    mount_page(app)
     return app
 
 

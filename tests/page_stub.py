@@ -96,6 +96,7 @@ class StubService:
         self.comment_every_s = comment_every_s
         self.stats = Stats()
         self._failure: tuple[int, str, str | None, int | None] | None = None
+        self._break_after: tuple[int, str] | None = None
         self._wakes: dict[str, asyncio.Task] = {}
 
     # ------------------------------------------------------------------ controls
@@ -105,6 +106,10 @@ class StubService:
 
     def fail_next(self, status: int, message: str, code: str | None = None, retry_after: int | None = None) -> None:
         self._failure = (status, message, code, retry_after)
+
+    def break_next_stream(self, after_tokens: int, message: str) -> None:
+        """The next stream sends ``after_tokens`` tokens, then an error event and the end marker."""
+        self._break_after = (after_tokens, message)
 
     # ------------------------------------------------------------------ app
     def create_app(self) -> FastAPI:
@@ -200,7 +205,8 @@ class StubService:
         if not body.get("stream"):
             await self._wake(model)
             return JSONResponse(_whole(model.id, chat, "".join(tokens), finish, usage))
-        events = self._events(model, chat, tokens, finish, usage if include_usage else None)
+        events = self._events(model, chat, tokens, finish, usage if include_usage else None, self._break_after)
+        self._break_after = None
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def _answer(self, prompt: str, seed: Any, max_tokens: int, stop: list[str]) -> list[str]:
@@ -233,7 +239,13 @@ class StubService:
         model.state = "running"
 
     async def _events(
-        self, model: StubModel, chat: bool, tokens: list[str], finish: str, usage: dict[str, int] | None
+        self,
+        model: StubModel,
+        chat: bool,
+        tokens: list[str],
+        finish: str,
+        usage: dict[str, int] | None,
+        break_after: tuple[int, str] | None = None,
     ) -> AsyncIterator[bytes]:
         self.stats.streams_started += 1
         finished = False
@@ -252,6 +264,14 @@ class StubService:
                 async for piece in _split(_chunk(rid, model.id, chat, {"role": "assistant"}, None)):
                     yield piece
             for index, token in enumerate(tokens):
+                if break_after is not None and index == break_after[0]:
+                    # Once a stream has started its status is fixed: the failure travels as an event.
+                    yield _sse(
+                        {"error": {"message": break_after[1], "type": "server_error", "param": None, "code": "timeout"}}
+                    )
+                    yield b"data: [DONE]\n\n"
+                    finished = True
+                    return
                 await asyncio.sleep(self.token_delay_s)
                 if index == 0 and model.waking is not None:
                     self._finish_cold_start(model)
@@ -364,9 +384,10 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 
 
 @contextmanager
-def serve_stub(stub: StubService, port: int) -> Iterator[str]:
-    """Run the stub with uvicorn on 127.0.0.1:``port`` in a thread; yields its base URL."""
-    config = uvicorn.Config(stub.create_app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+def serve_stub(stub: StubService, port: int, app: FastAPI | None = None) -> Iterator[str]:
+    """Run the stub (or ``app``, which holds it) with uvicorn on 127.0.0.1:``port`` in a thread; yields its URL."""
+    app = app or stub.create_app()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="page-stub", daemon=True)
     thread.start()

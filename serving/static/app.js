@@ -16,6 +16,13 @@ const STATE_LABELS = {
   scaled_to_zero: "at zero",
   evicted: "evicted",
 };
+// Relative to the page, never to the host's root: the service may sit under a route prefix.
+const ROUTES = {
+  models: "v1/models",
+  health: "healthz",
+  chat: "v1/chat/completions",
+  completions: "v1/completions",
+};
 const KEY_STORAGE = "playground.apiKey";
 const MODEL_STORAGE = "playground.model";
 const WAKE_POLL_MS = 500;
@@ -94,7 +101,7 @@ async function fetchModels() {
   // /v1/models and /healthz never wake a model. /v1/models needs the key; /healthz is open and lists the
   // same entries, so the picker still fills before a key is given.
   try {
-    const response = await fetch(url("v1/models"), { headers: headers(), cache: "no-store" });
+    const response = await fetch(url(ROUTES.models), { headers: headers(), cache: "no-store" });
     if (response.ok) {
       state.keyRejected = false;
       return (await response.json()).data;
@@ -109,7 +116,7 @@ async function fetchModels() {
 
 async function fetchHealth() {
   try {
-    const response = await fetch(url("healthz"), { cache: "no-store" });
+    const response = await fetch(url(ROUTES.health), { cache: "no-store" });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const body = await response.json();
     state.auth = body.auth || "unknown";
@@ -641,7 +648,7 @@ async function send() {
   });
 
   try {
-    const response = await fetch(url(chat ? "v1/chat/completions" : "v1/completions"), {
+    const response = await fetch(url(chat ? ROUTES.chat : ROUTES.completions), {
       method: "POST",
       headers: headers(),
       body: JSON.stringify(body),

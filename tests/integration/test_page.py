@@ -518,6 +518,36 @@ def test_refusals_from_the_service_name_the_setting(page: Page, stub: StubServic
     assert "Too large for this service" in answer["error"] and "5000 characters" in answer["error"], answer
 
 
+def test_error_event_mid_stream_keeps_the_partial_answer(page: Page, stub: StubService) -> None:
+    page.open()
+    stub.break_next_stream(after_tokens=5, message="No answer within 30 s (REQUEST_TIMEOUT_S).")
+    page.set_number("max-tokens", 20)
+    page.send("Hello")
+    answer = page.finished(timeout=20)
+    assert len(answer["text"].split()) == 5, answer
+    assert "error" in answer["classes"], answer
+    assert "The answer broke off: No answer within 30 s" in answer["error"], answer
+
+
+def test_page_under_a_route_prefix(driver: Any, browser: Browser) -> None:
+    from fastapi import FastAPI
+
+    stub = StubService(api_key=None, token_delay_s=0.01)
+    parent = FastAPI()
+    parent.mount("/team/llm", stub.create_app())
+    with serve_stub(stub, free_port(), app=parent) as url:
+        target = Target("prefixed", f"{url}/team/llm", "stub-model", "", lambda: None, None, stub)
+        page = Page(driver, target)
+        page.driver.get(f"{url}/team/llm")  # no trailing slash: the page redirects to add it
+        page.wait(lambda: page.model_option() is not None, 20, "the model in the picker")
+        assert page.driver.current_url == f"{url}/team/llm/"
+        assert page.js("return document.getElementById('key-panel').hidden"), "auth is off: no key field"
+        page.set_number("max-tokens", 4)
+        page.send("Hello")
+        answer = page.finished(timeout=20)
+        assert answer["text"].strip() and answer["error"] is None, answer
+
+
 def test_network_error_says_the_service_is_unreachable(page: Page, stub: StubService) -> None:
     page.open()
     page.driver.execute_cdp_cmd("Network.enable", {})
