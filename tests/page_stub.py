@@ -41,7 +41,7 @@ MAX_PROMPT_CHARS = 4000
 # Words with characters of 2, 3 and 4 bytes in UTF-8, so that splitting events mid-character is exercised.
 TEXT = (
     "The replica loads its weights, warms up, and answers token by token; a café → a naïve "
-    "docstring returns the value 🙂 and the socket module provides access to the interface."
+    "docstring returns the value 𝑥 and the socket module provides access to the interface."
 )
 WORDS = TEXT.split()
 

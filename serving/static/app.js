@@ -106,7 +106,11 @@ async function fetchModels() {
       state.keyRejected = false;
       return (await response.json()).data;
     }
-    if (response.status === 401) state.keyRejected = Boolean(apiKey()) || state.auth !== "none";
+    if (response.status === 401) {
+      // With a key, the key is wrong; without one, the service evidently wants one.
+      state.keyRejected = Boolean(apiKey());
+      if (!apiKey()) state.auth = "required";
+    }
   } catch {
     // Unreachable: /healthz below says so.
   }
@@ -297,6 +301,18 @@ class AnswerView {
     this.wake.replaceChildren(...parts);
   }
 
+  showWakeAbandoned(model, phases, waitedS) {
+    this.wake.classList.add("done");
+    const title = document.createElement("h4");
+    title.textContent = `Stopped waiting for ${model} after ${seconds(waitedS)}; it may still be waking`;
+    this.wake.replaceChildren(title, phaseList(phases, null, false));
+  }
+
+  hideWake() {
+    this.wake.hidden = true;
+    this.root.classList.remove("has-wake");
+  }
+
   showWakeSummary(model, report, waitedS) {
     this.wake.hidden = false;
     this.root.classList.add("has-wake");
@@ -410,6 +426,13 @@ class WakeWatcher {
     this.stopped = true;
     clearInterval(this.timer);
     clearInterval(this.clock);
+  }
+
+  /** The request ended before any token: say how far the wake-up got, or drop a panel that showed nothing. */
+  abandon(waitedS) {
+    this.halt();
+    if (this.seen) this.view.showWakeAbandoned(this.model, (this.waking && this.waking.phases) || {}, waitedS);
+    else this.view.hideWake();
   }
 
   /** The first token came: stop watching and, if this request woke the model, show how the wake-up went. */
@@ -683,7 +706,8 @@ async function send() {
       showError(view, "Could not reach the service (network error). Check that it is running and that this page's address is right, then send again.");
     }
   } finally {
-    watcher.halt();
+    if (firstAt === null) watcher.abandon((performance.now() - started) / 1000);
+    else watcher.halt();
     state.active = null;
     setBusy(false);
   }
@@ -761,6 +785,11 @@ function wire() {
     renderKeyPanel();
   });
   ui.key.addEventListener("change", refreshModels);
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault(); // never a navigation: the key must not reach the address bar
+    refreshModels();
+    ui.prompt.focus();
+  });
   ui.keyForget.addEventListener("click", () => {
     sessionStorage.removeItem(KEY_STORAGE);
     ui.key.value = "";

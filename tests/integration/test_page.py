@@ -126,13 +126,27 @@ def _live_target(request: pytest.FixtureRequest) -> Target:
     )
 
 
-@pytest.fixture
-def driver(browser: Browser) -> Iterator[Any]:
+@pytest.fixture(scope="session")
+def chromium(browser: Browser) -> Iterator[Any]:
     web = start_chromium(browser)
     try:
         yield web
     finally:
         stop_chromium(web)
+
+
+@pytest.fixture
+def driver(chromium: Any) -> Any:
+    """A fresh tab (its own sessionStorage, no network emulation) in the session's browser, at laptop size."""
+    previous = chromium.current_window_handle
+    chromium.switch_to.new_window("tab")
+    fresh = chromium.current_window_handle
+    chromium.switch_to.window(previous)
+    chromium.close()
+    chromium.switch_to.window(fresh)
+    chromium.set_window_size(1280, 900)
+    network_events(chromium)  # drain what earlier tests left in the log
+    return chromium
 
 
 @pytest.fixture(scope="module")
@@ -400,6 +414,21 @@ def test_model_at_zero_shows_the_wake_up_and_its_phases(page: Page, target: Targ
     save_screenshot(page.driver, screenshots, f"woke-up-{target.name}")
     time.sleep(2)  # the summary must stay: nothing polls it away
     assert page.answer()["wakeDone"]
+
+
+def test_stop_while_the_model_wakes_says_how_far_it_got(page: Page, target: Target) -> None:
+    target.make_cold()
+    page.open()
+    page.send("Wake up")
+    page.wait(lambda: len(page.answer()["phasesDone"]) >= 1, 120, "a completed phase")
+    page.by_id("stop-button").click()
+    answer = page.finished(timeout=10)
+    assert "stopped" in answer["classes"] and answer["text"] == "", answer
+    assert answer["stats"].startswith("Stopped · before the first token"), answer["stats"]
+    assert answer["wakeTitle"].startswith(f"Stopped waiting for {target.model} after"), answer
+    assert "process_start" in answer["phasesDone"], answer
+    # The text comes back to the box, ready to send again.
+    assert page.by_id("prompt").get_attribute("value") == "Wake up"
 
 
 def test_wrong_api_key_shows_what_to_do(page: Page, target: Target) -> None:
