@@ -185,11 +185,12 @@ function renderModelState() {
   const r = model.replicas;
   if (r) ui.modelState.append(` ${r.running} running, ${r.starting} starting (min ${r.min}, max ${r.max})`);
   const last = model.last_cold_start;
-  if (last) ui.modelState.append(document.createElement("br"), `Last wake-up: ${seconds(last.total_s)}`);
+  const lastS = last && (typeof last.total_s === "number" ? last.total_s : sumPhases(reportPhases(last)));
+  if (last) ui.modelState.append(document.createElement("br"), `Last wake-up: ${seconds(lastS)}`);
 
   // While a request is in flight its answer shows the wake-up itself.
   if (state.active) return;
-  const wait = last ? ` Its last wake-up took ${seconds(last.total_s)}.` : "";
+  const wait = last ? ` Its last wake-up took ${seconds(lastS)}.` : "";
   if (model.state === "scaled_to_zero") {
     showNotice(`${model.id} is at zero: no replica is running. Your next message wakes it, so the first answer waits
       for the model to load.${wait}`);
@@ -317,12 +318,28 @@ class AnswerView {
     this.wake.hidden = false;
     this.root.classList.add("has-wake");
     this.wake.classList.add("done");
+    const phases = reportPhases(report);
+    const total = typeof report.total_s === "number" ? report.total_s : sumPhases(phases);
     const title = document.createElement("h4");
-    title.textContent = report.total_s
-      ? `${model} woke up in ${seconds(report.total_s)} (you waited ${seconds(waitedS)} for the first token)`
+    title.textContent = total
+      ? `${model} woke up in ${seconds(total)} (you waited ${seconds(waitedS)} for the first token)`
       : `${model} woke up: you waited ${seconds(waitedS)} for the first token`;
-    this.wake.replaceChildren(title, phaseList(report.phases || {}, null, false));
+    this.wake.replaceChildren(title, phaseList(phases, null, false));
   }
+}
+
+/** A cold-start report's phases: `phases` as the API documents it, or `<phase>_s` keys at its top level. */
+function reportPhases(report) {
+  if (report.phases) return report.phases;
+  const phases = {};
+  for (const [name] of PHASES) {
+    if (typeof report[`${name}_s`] === "number") phases[`${name}_s`] = report[`${name}_s`];
+  }
+  return phases;
+}
+
+function sumPhases(phases) {
+  return Object.values(phases).reduce((sum, value) => sum + value, 0);
 }
 
 function phaseList(phases, current, live) {
@@ -374,7 +391,7 @@ class WakeWatcher {
     this.startedAt = startedAt;
     const entry = state.models.find((m) => m.id === model);
     this.expectCold = Boolean(entry && entry.state !== "running");
-    this.previousReport = entry && entry.last_cold_start ? entry.last_cold_start.finished_at : null;
+    this.previousReport = JSON.stringify(entry ? entry.last_cold_start : null);
     this.waking = null;
     this.comment = null;
     this.seen = false;
@@ -431,7 +448,9 @@ class WakeWatcher {
   /** The request ended before any token: say how far the wake-up got, or drop a panel that showed nothing. */
   abandon(waitedS) {
     this.halt();
-    if (this.seen) this.view.showWakeAbandoned(this.model, (this.waking && this.waking.phases) || {}, waitedS);
+    if (this.seen || this.expectCold) {
+      this.view.showWakeAbandoned(this.model, (this.waking && this.waking.phases) || {}, waitedS);
+    }
     else this.view.hideWake();
   }
 
@@ -446,7 +465,7 @@ class WakeWatcher {
       const entry = models && models.find((m) => m.id === this.model);
       if (entry) updateModel(entry);
       const last = entry && entry.last_cold_start;
-      if (last && last.finished_at !== this.previousReport) {
+      if (last && JSON.stringify(last) !== this.previousReport) {
         report = last;
         break;
       }
@@ -737,7 +756,8 @@ function statsLine({ started, firstAt, ended, chunks, usage, finishReason, outco
     parts.push(`first token ${seconds((firstAt - started) / 1000)}`);
     const tokens = usage ? usage.completion_tokens : chunks;
     const decodeS = (ended - firstAt) / 1000;
-    if (tokens > 1 && decodeS > 0) parts.push(`${((tokens - 1) / decodeS).toFixed(1)} tokens/s`);
+    // A rate needs the answer to arrive in pieces; one piece says nothing about the model's speed.
+    if (chunks > 1 && tokens > 1 && decodeS > 0) parts.push(`${((tokens - 1) / decodeS).toFixed(1)} tokens/s`);
     if (usage) parts.push(`${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion tokens`);
     else parts.push(`${chunks} tokens received`);
   } else if (outcome === "stopped") {

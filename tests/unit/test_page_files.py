@@ -48,23 +48,22 @@ def test_page_under_a_prefix_redirects_to_the_slash() -> None:
     assert client.get("/llm/static/app.js").status_code == 200
 
 
-def test_the_gateway_app_serves_the_page_without_calling_the_model() -> None:
+def test_the_gateway_app_serves_the_page_without_touching_a_model() -> None:
     from serving.app import create_app
     from settings import build_settings
 
     class NoModel:
-        async def generate(self, *args):  # pragma: no cover - must not be reached
-            raise AssertionError("loading the page reached the model")
+        """A backend that fails the test if anything reaches for a model, its state included."""
 
-        async def status(self):  # pragma: no cover - must not be reached
-            raise AssertionError("loading the page asked for the model's state")
+        def __getattr__(self, name: str):
+            raise AssertionError(f"loading the page reached the model backend ({name})")
 
-        def last_cold_start(self):
-            return None
-
-    client = TestClient(create_app(NoModel(), build_settings({})))
-    assert client.get("/").status_code == 200
-    assert client.get("/static/app.js").status_code == 200
+    client = TestClient(create_app(NoModel(), build_settings({"API_KEY": "page-key-1234"})))  # type: ignore[arg-type]
+    # Open with API keys set: the page must load before a person can type one in.
+    for path in ("/", "/static/app.js", "/static/sse.js", "/static/style.css"):
+        assert client.get(path).status_code == 200, path
+    missing = client.get("/static/nothing.js")
+    assert missing.status_code == 404 and "error" in missing.json()
 
 
 @pytest.mark.parametrize("name", PAGE_FILES)
