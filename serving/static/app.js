@@ -747,6 +747,10 @@ async function send() {
   }
   ui.prompt.focus();
   document.querySelector(".composer").scrollIntoView({ block: "nearest" });
+  // The answer may have changed the model's state (woken, or stopped while waking); the service caches
+  // replica states for about a second, so look again once that has passed.
+  refreshModels();
+  setTimeout(() => state.active || refreshModels(), 1500);
 }
 
 function statsLine({ started, firstAt, ended, chunks, usage, finishReason, outcome }) {

@@ -271,8 +271,10 @@ def test_model_at_zero_says_so_and_keeps_the_wake_up_breakdown(page: Page, targe
     assert "woke up" in summary["wakeTitle"], summary
     assert summary["phasesDone"][:5] == ["process_start", "imports", "model_code", "weights", "warmup"], summary
     assert "first_generation" in summary["phasesDone"], summary
-    assert target.state() == "running"
+    # The picker follows: the model is running now, and its last wake-up is listed.
+    page.wait(lambda: page.model_option() == f"{target.model} (running)", 10, "the picker to say running")
     assert "Last wake-up" in page.by_id("model-state").text
+    assert page.by_id("zero-notice").get_attribute("hidden")
     save_screenshot(page.driver, screenshots, f"woke-up-{target.name}")
     time.sleep(2)  # the summary must stay: nothing polls it away
     assert page.answer()["wakeDone"]
@@ -366,6 +368,7 @@ def test_phone_width(page: Page, target: Target, screenshots: Path) -> None:
     page.js("document.getElementById('sampling').open = false")
     page.send("Hello from a phone")
     page.finished(timeout=60)
+    page.wait(lambda: page.model_option() == f"{target.model} (running)", 10, "the picker to say running")
     # Nothing is wider than the screen.
     overflow = page.js("return document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0, f"the page is {overflow}px wider than a phone screen"
