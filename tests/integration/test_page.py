@@ -381,13 +381,17 @@ def test_phone_width(page: Page, target: Target, screenshots: Path) -> None:
 # ---------------------------------------------------------------------------------------------- stub only
 
 
+# Only the stub can fail on demand: these tests take the stub target alone.
+stub_only = pytest.mark.parametrize("target", ["stub"], indirect=True)
+
+
 @pytest.fixture
 def stub(target: Target) -> StubService:
-    if target.stub is None:
-        pytest.skip("needs the stub's controls (failures on demand)")
+    assert target.stub is not None
     return target.stub
 
 
+@stub_only
 @pytest.mark.parametrize(
     ("status", "message", "retry_after", "expected"),
     [
@@ -413,6 +417,7 @@ def test_error_statuses_read_as_what_to_do(
     assert page.by_id("prompt").get_attribute("value") == "Hello"
 
 
+@stub_only
 def test_refusals_from_the_service_name_the_setting(page: Page, stub: StubService) -> None:
     page.open()
     page.set_number("max-tokens", 5000)
@@ -426,6 +431,7 @@ def test_refusals_from_the_service_name_the_setting(page: Page, stub: StubServic
     assert "Too large for this service" in answer["error"] and "5000 characters" in answer["error"], answer
 
 
+@stub_only
 def test_error_event_mid_stream_keeps_the_partial_answer(page: Page, stub: StubService) -> None:
     page.open()
     stub.break_next_stream(after_tokens=5, message="No answer within 30 s (REQUEST_TIMEOUT_S).")
@@ -456,6 +462,7 @@ def test_page_under_a_route_prefix(driver: Any, browser: Browser) -> None:
         assert answer["text"].strip() and answer["error"] is None, answer
 
 
+@stub_only
 def test_network_error_says_the_service_is_unreachable(page: Page, stub: StubService) -> None:
     page.open()
     page.driver.execute_cdp_cmd("Network.enable", {})
@@ -468,6 +475,7 @@ def test_network_error_says_the_service_is_unreachable(page: Page, stub: StubSer
     assert "Could not reach the service" in answer["error"], answer
 
 
+@stub_only
 def test_sse_parser_reassembles_events_split_anywhere(page: Page, stub: StubService) -> None:
     page.open()
     result = page.driver.execute_async_script(
