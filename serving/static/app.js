@@ -1,15 +1,10 @@
 // The playground: pick a model, chat or complete with streaming answers, and watch a model wake from zero.
 // Talks to the service's OpenAI routes with relative URLs, so it works under any route prefix.
+import { AnswerView } from "./answer.js";
+import { explain, readError, sentence } from "./errors.js";
 import { SSEParser } from "./sse.js";
+import { WakeWatcher, reportPhases, seconds, sumPhases } from "./wake.js";
 
-const PHASES = [
-  ["process_start", "Process start"],
-  ["imports", "Imports"],
-  ["model_code", "Model code"],
-  ["weights", "Weights"],
-  ["warmup", "Warm-up"],
-  ["first_generation", "First generation"],
-];
 const STATE_LABELS = {
   running: "running",
   starting: "starting",
@@ -25,7 +20,6 @@ const ROUTES = {
 };
 const KEY_STORAGE = "playground.apiKey";
 const MODEL_STORAGE = "playground.model";
-const WAKE_POLL_MS = 500;
 const IDLE_REFRESH_MS = 5000;
 
 const $ = (id) => document.getElementById(id);
@@ -236,246 +230,6 @@ function addBubble(role, text) {
   return bubble;
 }
 
-/** The view of one answer: its growing text, its wake-up panel, its stats line. */
-class AnswerView {
-  constructor(model, promptText) {
-    this.root = document.createElement("article");
-    this.root.className = "bubble assistant pending";
-    this.root.dataset.model = model;
-    const who = document.createElement("h3");
-    who.className = "who";
-    who.textContent = model;
-    this.wake = document.createElement("section");
-    this.wake.className = "wake";
-    this.wake.hidden = true;
-    // Not a live region: it redraws ten times a second. Completed phases are announced in the status line.
-    this.wake.setAttribute("aria-label", "Wake-up of the model");
-    this.body = document.createElement("div");
-    this.body.className = "text answer";
-    this.body.setAttribute("aria-live", "polite");
-    this.body.setAttribute("aria-busy", "true");
-    if (promptText !== undefined) {
-      const echo = document.createElement("span");
-      echo.className = "echo";
-      echo.textContent = promptText;
-      this.body.append(echo);
-    }
-    this.textNode = document.createTextNode("");
-    this.body.append(this.textNode);
-    this.stats = document.createElement("p");
-    this.stats.className = "stats";
-    this.stats.textContent = "Waiting for the first token…";
-    this.root.append(who, this.wake, this.body, this.stats);
-    transcript().append(this.root);
-    scrollToEnd(true);
-  }
-
-  get text() {
-    return this.textNode.data;
-  }
-
-  append(text) {
-    this.root.classList.add("started");
-    this.textNode.appendData(text);
-    scrollToEnd();
-  }
-
-  finish(kind) {
-    this.root.classList.remove("pending");
-    this.root.classList.add(kind);
-    this.body.setAttribute("aria-busy", "false");
-  }
-
-  showWaking(model, elapsedS, phases, current, comment) {
-    this.wake.hidden = false;
-    this.root.classList.add("has-wake");
-    const title = document.createElement("h4");
-    title.textContent = `Waking ${model}: ${seconds(elapsedS)} so far`;
-    const list = phaseList(phases, current, true);
-    const parts = [title, list];
-    if (comment) {
-      const line = document.createElement("p");
-      line.className = "comment";
-      line.textContent = comment;
-      parts.push(line);
-    }
-    this.wake.replaceChildren(...parts);
-  }
-
-  showWakeAbandoned(model, phases, waitedS) {
-    this.wake.classList.add("done");
-    const title = document.createElement("h4");
-    title.textContent = `Stopped waiting for ${model} after ${seconds(waitedS)}; it may still be waking`;
-    this.wake.replaceChildren(title, phaseList(phases, null, false));
-  }
-
-  hideWake() {
-    this.wake.hidden = true;
-    this.root.classList.remove("has-wake");
-  }
-
-  showWakeSummary(model, report, waitedS) {
-    this.wake.hidden = false;
-    this.root.classList.add("has-wake");
-    this.wake.classList.add("done");
-    const phases = reportPhases(report);
-    const total = typeof report.total_s === "number" ? report.total_s : sumPhases(phases);
-    const title = document.createElement("h4");
-    title.textContent = total
-      ? `${model} woke up in ${seconds(total)} (you waited ${seconds(waitedS)} for the first token)`
-      : `${model} woke up: you waited ${seconds(waitedS)} for the first token`;
-    this.wake.replaceChildren(title, phaseList(phases, null, false));
-  }
-}
-
-/** A cold-start report's phases: `phases` as the API documents it, or `<phase>_s` keys at its top level. */
-function reportPhases(report) {
-  if (report.phases) return report.phases;
-  const phases = {};
-  for (const [name] of PHASES) {
-    if (typeof report[`${name}_s`] === "number") phases[`${name}_s`] = report[`${name}_s`];
-  }
-  return phases;
-}
-
-function sumPhases(phases) {
-  return Object.values(phases).reduce((sum, value) => sum + value, 0);
-}
-
-function phaseList(phases, current, live) {
-  const list = document.createElement("ol");
-  list.className = "phases";
-  const values = PHASES.map(([name]) => phases[`${name}_s`]).filter((v) => typeof v === "number");
-  const longest = Math.max(0.001, ...values);
-  for (const [name, label] of PHASES) {
-    const value = phases[`${name}_s`];
-    const done = typeof value === "number";
-    const isCurrent = !done && name === current;
-    if (!done && !live) continue;
-    const item = document.createElement("li");
-    item.className = done ? "done" : isCurrent ? "current" : "pending";
-    item.dataset.phase = name;
-    const labelEl = document.createElement("span");
-    labelEl.className = "phase-name";
-    labelEl.textContent = label;
-    const bar = document.createElement("span");
-    bar.className = "bar";
-    const fill = document.createElement("span");
-    fill.className = "fill";
-    fill.style.width = done ? `${Math.max(2, (100 * value) / longest)}%` : "0";
-    bar.append(fill);
-    const time = document.createElement("span");
-    time.className = "phase-time";
-    time.textContent = done ? seconds(value) : isCurrent ? "in progress…" : "";
-    item.append(labelEl, bar, time);
-    list.append(item);
-  }
-  return list;
-}
-
-function seconds(value) {
-  if (typeof value !== "number" || !Number.isFinite(value)) return "?";
-  return value < 10 ? `${value.toFixed(2)} s` : `${value.toFixed(1)} s`;
-}
-
-// ---------------------------------------------------------------- wake-up watcher
-
-/**
- * While a request waits for its first token, poll /v1/models for the model's `waking` progress and show it.
- * After the first token, read the finished cold-start report and leave its phase breakdown on the answer.
- */
-class WakeWatcher {
-  constructor(model, view, startedAt) {
-    this.model = model;
-    this.view = view;
-    this.startedAt = startedAt;
-    const entry = state.models.find((m) => m.id === model);
-    this.expectCold = Boolean(entry && entry.state !== "running");
-    this.previousReport = JSON.stringify(entry ? entry.last_cold_start : null);
-    this.waking = null;
-    this.comment = null;
-    this.seen = false;
-    this.stopped = false;
-    this.announced = new Set();
-    this.poll();
-    this.timer = setInterval(() => this.poll(), WAKE_POLL_MS);
-    this.clock = setInterval(() => this.render(), 100);
-  }
-
-  async poll() {
-    const models = await fetchModels();
-    if (this.stopped || !models) return;
-    const entry = models.find((m) => m.id === this.model);
-    if (!entry) return;
-    updateModel(entry);
-    if (entry.waking) {
-      this.waking = entry.waking;
-      this.seen = true;
-      this.announce(entry.waking.phases || {});
-    }
-    this.render();
-  }
-
-  announce(phases) {
-    for (const [name, label] of PHASES) {
-      const value = phases[`${name}_s`];
-      if (typeof value !== "number" || this.announced.has(name)) continue;
-      this.announced.add(name);
-      setStatus(`Waking ${this.model}: ${label.toLowerCase()} done in ${seconds(value)}.`);
-    }
-  }
-
-  onComment(text) {
-    if (!text.startsWith("waking")) return;
-    this.comment = text;
-    this.seen = true;
-    this.render();
-  }
-
-  render() {
-    if (this.stopped || !(this.seen || this.expectCold)) return;
-    const elapsed = (performance.now() - this.startedAt) / 1000;
-    const waking = this.waking || { phases: {}, current: null };
-    this.view.showWaking(this.model, elapsed, waking.phases || {}, waking.current, this.comment);
-  }
-
-  halt() {
-    this.stopped = true;
-    clearInterval(this.timer);
-    clearInterval(this.clock);
-  }
-
-  /** The request ended before any token: say how far the wake-up got, or drop a panel that showed nothing. */
-  abandon(waitedS) {
-    this.halt();
-    if (this.seen || this.expectCold) {
-      this.view.showWakeAbandoned(this.model, (this.waking && this.waking.phases) || {}, waitedS);
-    }
-    else this.view.hideWake();
-  }
-
-  /** The first token came: stop watching and, if this request woke the model, show how the wake-up went. */
-  async firstToken(waitedS) {
-    this.halt();
-    if (!(this.seen || this.expectCold)) return;
-    const deadline = performance.now() + 10000;
-    let report = null;
-    while (performance.now() < deadline) {
-      const models = await fetchModels();
-      const entry = models && models.find((m) => m.id === this.model);
-      if (entry) updateModel(entry);
-      const last = entry && entry.last_cold_start;
-      if (last && JSON.stringify(last) !== this.previousReport) {
-        report = last;
-        break;
-      }
-      await new Promise((resolve) => setTimeout(resolve, WAKE_POLL_MS));
-    }
-    // Without a fresh report, keep what was seen while waiting: the phases that had completed.
-    this.view.showWakeSummary(this.model, report || { phases: (this.waking && this.waking.phases) || {} }, waitedS);
-  }
-}
-
 // ---------------------------------------------------------------- sampling
 
 function readParams() {
@@ -511,61 +265,6 @@ function invalid(field, message) {
 }
 
 // ---------------------------------------------------------------- errors
-
-async function readError(response) {
-  let message = "";
-  let param = null;
-  try {
-    const body = await response.json();
-    const error = body.error || body;
-    message = typeof error === "string" ? error : error.message || body.detail || "";
-    param = error.param || null;
-  } catch {
-    message = "";
-  }
-  return {
-    status: response.status,
-    message,
-    param,
-    retryAfter: response.headers.get("Retry-After"),
-    requestId: response.headers.get("x-request-id"),
-  };
-}
-
-function sentence(text) {
-  const t = (text || "").trim();
-  return t === "" ? "" : /[.!?]$/.test(t) ? `${t} ` : `${t}. `;
-}
-
-/** What went wrong, in words that say what to do next. */
-function explain(error) {
-  const said = sentence(error.message);
-  const ref = error.requestId ? ` (request id ${error.requestId})` : "";
-  switch (error.status) {
-    case 401:
-      return apiKey()
-        ? "The service did not accept your API key. Check the key in the API key field at the top and send again."
-        : "This service needs an API key. Paste it in the API key field at the top and send again.";
-    case 404:
-      return `The service does not serve this model. ${said}Pick a model from the list (it has just been refreshed).`;
-    case 413:
-      return `Too large for this service. ${said}Shorten the message, clear the conversation, or ask for fewer tokens.`;
-    case 400:
-    case 422:
-      return `The service refused the request. ${said}${error.param ? `Check “${error.param}”, ` : "Change the setting it names, "}then send again.`;
-    case 429:
-    case 503: {
-      const wait = Number(error.retryAfter);
-      const when = Number.isFinite(wait) && wait > 0 ? `Try again in ${wait} s` : "Try again in a moment";
-      return `The service is at capacity. ${said}${when} (the service asked for that wait).`;
-    }
-    case 504:
-      return `No answer within the service's time limit. ${said}A model waking from zero may be ready now: send again, or ask for fewer tokens.`;
-    default:
-      if (error.status >= 500) return `The service failed (HTTP ${error.status}). ${said}Send again; if it keeps failing, its log has the details${ref}.`;
-      return `The request failed (HTTP ${error.status}). ${said}`;
-  }
-}
 
 function showError(view, text, retryAfter) {
   const box = document.createElement("p");
@@ -638,7 +337,7 @@ async function send() {
     body.prompt = text;
   }
   ui.prompt.value = "";
-  const view = new AnswerView(model, chat ? undefined : text);
+  const view = new AnswerView(transcript(), scrollToEnd, model, chat ? undefined : text);
   const controller = new AbortController();
   const active = { controller, stopped: false };
   state.active = active;
@@ -646,7 +345,15 @@ async function send() {
   setStatus(`Sent to ${model}. Waiting for the first token…`);
 
   const started = performance.now();
-  const watcher = new WakeWatcher(model, view, started);
+  const watcher = new WakeWatcher({
+    model,
+    entry: state.models.find((m) => m.id === model),
+    view,
+    startedAt: started,
+    fetchModels,
+    onModel: updateModel,
+    announce: setStatus,
+  });
   let firstAt = null;
   let chunks = 0;
   let usage = null;
@@ -719,7 +426,7 @@ async function send() {
     if (active.stopped || err.name === "AbortError") outcome = "stopped";
     else if (err.failure) {
       outcome = "refused";
-      showError(view, explain(err.failure), err.failure.retryAfter);
+      showError(view, explain(err.failure, Boolean(apiKey())), err.failure.retryAfter);
     } else {
       outcome = "network";
       showError(view, "Could not reach the service (network error). Check that it is running and that this page's address is right, then send again.");

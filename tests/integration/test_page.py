@@ -123,7 +123,7 @@ def chromium(browser: Browser) -> Iterator[Any]:
 
 
 @pytest.fixture
-def driver(chromium: Any) -> Any:
+def driver(chromium: Any) -> Iterator[Any]:
     """A fresh tab (its own sessionStorage, no network emulation) in the session's browser, at laptop size."""
     previous = chromium.current_window_handle
     chromium.switch_to.new_window("tab")
@@ -133,7 +133,11 @@ def driver(chromium: Any) -> Any:
     chromium.switch_to.window(fresh)
     chromium.set_window_size(1280, 900)
     network_events(chromium)  # drain what earlier tests left in the log
-    return chromium
+    chromium.get_log("browser")
+    yield chromium
+    # An uncaught exception in the page's scripts fails the test that caused it.
+    errors = [e["message"] for e in chromium.get_log("browser") if e.get("source") == "javascript"]
+    assert not errors, f"the page's scripts failed: {errors}"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from serving.page import STATIC_DIR, mount_page
 
-PAGE_FILES = ("index.html", "app.js", "sse.js", "style.css")
+PAGE_FILES = ("index.html", "app.js", "answer.js", "errors.js", "sse.js", "wake.js", "style.css")
 
 
 @pytest.fixture
