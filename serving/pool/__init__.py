@@ -1,0 +1,14 @@
+"""The model pool: many models behind one endpoint, each its own Serve application scaling to zero.
+
+- ``spec``: ``ModelSpec`` (one model as the pool sees it), ``PoolSettings``.
+- ``logic``: priorities, keep-hot floors, eviction, admission, states (plain Python).
+- ``schedule``: SCALE_TO_ZERO_AT as a daily time in a time zone; injectable clocks.
+- ``progress``: the cold-start board behind ``waking`` and ``last_cold_start``.
+- ``policy``: the Serve autoscaling policy every pool model runs under (inside Serve's controller).
+- ``store``: the pool's records in Ray's GCS store.
+- ``controller``: the ``PoolController`` deployment; ``admin``: its admin operations.
+- ``client``: ``PoolClient``, the Gateway's view; ``reporter``: a model replica's progress reports.
+- ``apps``: today's ``Generator`` as a pool model (entry validation, app factory).
+
+Modules that import Ray Serve or torch are not imported here, so ``serving.pool`` stays light.
+"""

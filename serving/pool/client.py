@@ -1,0 +1,82 @@
+"""The Gateway's side of the pool: a cached view of the models and the way to a model's handle.
+
+Every Gateway replica holds one ``PoolClient`` over the pool controller's handle. Listings
+(/v1/models, /healthz) read a snapshot at most ``refresh_s`` old, one controller call however many
+probes. A request takes ``await client.acquire(name, timeout_s)``: for a model that is admitted (the
+usual case) it returns the model's handle at once; for an evicted one it waits at the pool controller
+for room and raises ``ModelUnavailableError`` (503 + Retry-After) when ``timeout_s`` passes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.pool.errors import ModelUnavailableError, UnknownModelError
+
+
+class PoolClient:
+    """Example (inside the Gateway)::
+
+    client = PoolClient(pool_handle, retry_after_s=settings.retry_after_s)
+    models = await client.snapshot()                     # for /v1/models and /healthz
+    handle = await client.acquire("mini", timeout_s=300)  # UnknownModelError -> 404, ModelUnavailableError -> 503
+    stream = handle.options(stream=True).generate.remote(...)
+    """
+
+    def __init__(self, controller: DeploymentHandle, refresh_s: float = 0.5, retry_after_s: int = 5) -> None:
+        self._controller = controller
+        self._refresh_s = refresh_s
+        self._retry_after_s = retry_after_s
+        self._snapshot: list[dict[str, Any]] = []
+        self._at = float("-inf")
+        self._lock = asyncio.Lock()
+        self._handles: dict[tuple[str, str], DeploymentHandle] = {}
+
+    async def snapshot(self, max_age_s: float | None = None) -> list[dict[str, Any]]:
+        """The models as /v1/models lists them (plus ``admitted``, ``waiting_for_room``, ``app``, ``deployment``)."""
+        max_age = self._refresh_s if max_age_s is None else max_age_s
+        async with self._lock:  # one controller call at a time, however many callers
+            if time.monotonic() - self._at > max_age:
+                self._snapshot = await self._controller.snapshot.remote()
+                self._at = time.monotonic()
+            return self._snapshot
+
+    async def entry(self, name: str, max_age_s: float | None = None) -> dict[str, Any]:
+        models = await self.snapshot(max_age_s)
+        for model in models:
+            if model["id"] == name:
+                return model
+        raise UnknownModelError(name, [model["id"] for model in models])
+
+    async def acquire(self, name: str, timeout_s: float) -> DeploymentHandle:
+        """The handle of ``name`` once it may take requests; waits for room up to ``timeout_s``."""
+        started = time.monotonic()
+        entry = await self.entry(name)
+        if not entry["admitted"]:
+            admitted = await self._controller.acquire.remote(name, timeout_s)
+            if not admitted:
+                raise ModelUnavailableError(name, time.monotonic() - started, self._retry_after_s)
+            entry = await self.entry(name, max_age_s=0)
+        return await self._handle(entry["app"], entry["deployment"])
+
+    async def waiting_for_room(self, name: str) -> bool:
+        """Whether ``name`` waits for room now: a request for it that timed out gets 503, not 504."""
+        try:
+            return bool((await self.entry(name, max_age_s=0))["waiting_for_room"])
+        except UnknownModelError:
+            return False
+
+    async def _handle(self, app: str, deployment: str | None) -> DeploymentHandle:
+        key = (app, deployment or "")
+        if key not in self._handles:
+            if deployment is None:  # not seen by the pool yet (just loaded): ask Serve for the ingress
+                handle = await asyncio.to_thread(serve.get_app_handle, app)
+            else:
+                handle = await asyncio.to_thread(serve.get_deployment_handle, deployment, app)
+            self._handles[key] = handle
+        return self._handles[key]

@@ -1,0 +1,245 @@
+"""The pool controller: a light Serve deployment (0 CPU, no torch) that runs the model pool.
+
+One replica in the main application. Every ``loop_interval_s`` it reads Serve's replica states, the
+autoscaling policy's stats and the cluster's free resources, lets ``PoolLogic`` decide, and writes
+each model's directive for the policy. Each model is a Serve application of its own, named after
+it, which this controller deploys (``serve.run_many``) and deletes (``serve.delete``).
+
+State lives in Ray's GCS store (``serving.pool.store``): a new replica of this controller (after a
+crash, an upgrade) rebuilds the pool from it and from Serve's applications, and every Gateway
+replica asks this one replica. Requests for an evicted model wait here (``acquire``) for room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from typing import Any
+
+from ray import serve
+
+from serving.pool.admin import AdminMixin
+from serving.pool.logic import ModelState, PoolLogic, Seen
+from serving.pool.progress import ColdStartBoard
+from serving.pool.reporter import CONTROLLER
+from serving.pool.schedule import Clock, system_clock
+from serving.pool.spec import ModelSpec, PoolSettings
+from serving.pool.store import PoolStore
+
+logger = logging.getLogger("ray.serve")
+
+
+def import_attr(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@serve.deployment(
+    name=CONTROLLER,
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=10_000,  # mostly requests waiting for room, each an idle coroutine
+    graceful_shutdown_timeout_s=10,
+)
+class PoolController(AdminMixin):
+    """Runs the pool; the Gateway calls it through ``serving.pool.client.PoolClient``.
+
+    Example (the graph, with the settings' per-model configs turned into specs)::
+
+        pool = PoolController.bind(PoolSettings(pool="llm"), [spec_from_entry({"name": "mini"})], {})
+        gateway = Gateway.bind(pool, settings)
+    """
+
+    async def __init__(
+        self, settings: PoolSettings, models: list[ModelSpec], defaults: dict[str, Any], clock: Clock | None = None
+    ) -> None:
+        self._settings = settings
+        self._pool = settings.pool
+        self._clock = clock or system_clock
+        self._store = PoolStore(self._pool)
+        self._logic = PoolLogic(settings.keep_hot_priority, settings.eviction_grace_s)
+        self._board = ColdStartBoard()
+        self._factory = import_attr(settings.app_factory)
+        self._parse = import_attr(settings.entry_parser)
+        self._defaults = defaults
+        self._written: dict[str, Any] = {}  # what the store holds, to write changes only
+        self._deployments: dict[str, str] = {}  # model -> its deployment's name, as Serve reports it
+        self._changed = asyncio.Condition()
+        self._lock = asyncio.Lock()  # one writer of the pool's state at a time: the loop or an admin call
+        async with self._lock:
+            await self._restore(models)
+        self._daily_since = await asyncio.to_thread(self._store.daily_done_at)
+        if self._daily_since is None:
+            self._daily_since = self._clock().timestamp()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _restore(self, static: list[ModelSpec]) -> None:
+        """The pool from the store's records and the configured models; deploy what is missing or changed."""
+        records = await asyncio.to_thread(self._store.records)
+        live = set(await asyncio.to_thread(lambda: serve.status().applications))
+        wanted = {spec.name: spec for spec in static}
+        for name, record in records.items():
+            state = ModelState.from_record(record)
+            if state.source == "static" and name not in wanted:
+                self._logic.add(state)
+                self._logic.begin_unload(name)  # no longer configured: drained, then deleted
+                logger.info("pool: %s is no longer configured; unloading it", name)
+            elif state.source == "static" and state.base != wanted[name].to_json():
+                continue  # configured differently now: deployed afresh below
+            else:
+                self._logic.add(state)
+                if name not in live:
+                    await self._deploy(state)
+        for name, spec in wanted.items():
+            if name not in self._logic.models:
+                state = ModelState(spec, source="static", base=spec.to_json(), created=time.time())
+                self._logic.add(state)
+                await self._deploy(state)
+        await self._publish()
+
+    async def _deploy(self, state: ModelState) -> None:
+        spec = state.spec
+        app = self._factory(spec, self._pool)
+        target = serve.RunTarget(app, name=spec.name, route_prefix=None)
+        # Written before the app exists, so that its policy reads the right floor from its first tick.
+        await asyncio.to_thread(self._store.put_directive, spec.name, self._logic.directive(spec.name))
+        await asyncio.to_thread(serve.run_many, [target], wait_for_applications_running=False)
+        state.deployed_max = spec.max_replicas
+        logger.info("pool: deployed %s (priority %d, %s replicas)", spec.name, spec.priority, spec.max_replicas)
+
+    # --- the loop --------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._tick()
+            except Exception:
+                logger.exception("pool: a round of the pool loop failed; retrying")
+            await asyncio.sleep(self._settings.loop_interval_s)
+
+    def _observe(self) -> tuple[dict[str, dict[str, int]], dict[str, bool], dict[str, float]]:
+        import ray
+
+        states: dict[str, dict[str, int]] = {}
+        for app_name, app in serve.status().applications.items():
+            for deployment, status in app.deployments.items():
+                states[app_name] = {str(k): v for k, v in status.replica_states.items()}
+                self._deployments[app_name] = deployment
+        busy = {name: bool((self._store.stats(name) or {}).get("busy")) for name in list(self._logic.models)}
+        return states, busy, ray.available_resources()
+
+    async def _tick(self) -> None:
+        states, busy, free = await asyncio.to_thread(self._observe)
+        now = time.time()
+        today = self._clock().timestamp()
+        daily = self._settings.daily
+        async with self._lock:
+            for name in list(self._logic.models):
+                constructing = self._board.constructing(name, now)
+                seen = Seen.from_replica_states(states.get(name, {}), constructing, busy.get(name, False))
+                self._board.observe(name, seen.starting, seen.running, now)
+                self._logic.observe(name, seen)
+            due = daily is not None and self._clock_crossed(daily, today)
+            step = self._logic.step(now, free, daily_due=due)
+            for event in step.events:
+                logger.info("pool: %s", event)
+            for name in step.unloaded:
+                await asyncio.to_thread(serve.delete, name, _blocking=False)
+                await asyncio.to_thread(self._store.delete_model, name)
+                self._board.forget(name)
+                self._written = {key: v for key, v in self._written.items() if key[1] != name}
+                logger.info("pool: unloaded %s", name)
+            if due:
+                await asyncio.to_thread(self._store.put_daily_done_at, today)
+            await self._publish()
+
+    def _clock_crossed(self, daily, today: float) -> bool:
+        from datetime import UTC, datetime
+
+        since, self._daily_since = self._daily_since, today
+        return daily.crossed(datetime.fromtimestamp(since, UTC), datetime.fromtimestamp(today, UTC))
+
+    async def _publish(self) -> None:
+        """Write changed directives and records to the store; wake requests waiting at the gate."""
+        writes = []
+        for name, state in self._logic.models.items():
+            for kind, value in (("directive", self._logic.directive(name)), ("record", state.record())):
+                if self._written.get((kind, name)) != value:
+                    writes.append((kind, name, value))
+        if writes:
+            await asyncio.to_thread(self._write, writes)
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _write(self, writes: list[tuple[str, str, Any]]) -> None:
+        for kind, name, value in writes:
+            if kind == "directive":
+                self._store.put_directive(name, value)
+            else:
+                self._store.put_record(name, value)
+            self._written[(kind, name)] = value
+
+    # --- what the Gateway and the model replicas call ---------------------------------------------
+    async def snapshot(self) -> list[dict[str, Any]]:
+        """Every served model as /v1/models shows it, plus ``admitted`` and ``waiting_for_room``."""
+        now = time.time()
+        return [self._entry(name, now) for name, s in sorted(self._logic.models.items()) if s.drain != "unload"]
+
+    def _entry(self, name: str, now: float) -> dict[str, Any]:
+        state, seen = self._logic.models[name], self._logic.models[name].seen
+        spec = state.spec
+        return {
+            "id": name,
+            "root": spec.model_id,
+            "created": int(state.created),
+            "state": self._logic.state(name),
+            "replicas": {"running": seen.running, "starting": seen.starting, "min": spec.min_replicas,
+                         "max": spec.max_replicas},
+            "priority": spec.priority,
+            "last_cold_start": self._board.last_cold_start(name),
+            "waking": self._board.waking(name, seen.starting, seen.running, now),
+            "admitted": self._logic.gate_open(name),
+            "waiting_for_room": self._logic.waiting_for_room(name),
+            "app": name,
+            "deployment": self._deployments.get(name),
+        }  # fmt: skip
+
+    async def acquire(self, name: str, timeout_s: float) -> bool:
+        """Wait until requests for ``name`` may go to its handle; False when ``timeout_s`` passes first."""
+        self._require(name)
+        state = self._logic.models[name]
+        if self._logic.gate_open(name):
+            return True
+        state.waiters += 1
+        try:
+            async with self._changed:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: name not in self._logic.models or self._logic.gate_open(name)),
+                    timeout_s,
+                )
+        except TimeoutError:
+            return False
+        finally:
+            state.waiters -= 1
+        self._require(name)
+        return True
+
+    async def report_phase(self, model: str, replica: str, phase: str, seconds: float | None, at: float) -> None:
+        """A model replica finished a start-up phase (``serving.pool.reporter.PhaseReporter``)."""
+        self._board.report(model, replica, phase, seconds, at)
+
+    def __del__(self) -> None:
+        """When the main application is deleted (not redeployed), its models go with it."""
+        try:
+            app = serve.status().applications.get(self._pool)
+            if app is not None and app.status != "DELETING":
+                return  # an upgrade or a restart of this replica: the pool carries on
+        except Exception:
+            pass  # Serve is shutting down: its applications go anyway; forget the records
+        for name in list(self._logic.models):
+            try:
+                serve.delete(name, _blocking=False)
+            except Exception:
+                logger.warning("pool: could not delete %s", name, exc_info=True)
+        self._store.clear()

@@ -1,0 +1,59 @@
+"""What the pool's admin operations and admission refuse, as exceptions the Gateway maps to statuses.
+
+They carry no HTTP codes (the Gateway owns those); each names what a person can change. Raised in the
+pool controller's replica, they reach the caller through the Serve handle as the same type.
+"""
+
+from __future__ import annotations
+
+
+class PoolError(Exception):
+    """Base of the pool's refusals."""
+
+
+class ModelValidationError(PoolError):
+    """A model entry has a bad field (-> 422 naming ``field``).
+
+    >>> str(ModelValidationError("max_replicas", "must be at least min_replicas (2), got 1"))
+    'max_replicas: must be at least min_replicas (2), got 1'
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def __reduce__(self):  # keep both arguments across Ray's pickling
+        return (type(self), (self.field, self.message))
+
+
+class ModelExistsError(PoolError):
+    """A model of that name is already served (-> 409)."""
+
+
+class UnknownModelError(PoolError):
+    """No model of that name is served (-> 404 listing ``served``)."""
+
+    def __init__(self, name: str, served: list[str]) -> None:
+        super().__init__(f"model {name!r} is not served; served models: {', '.join(served) or 'none'}")
+        self.name = name
+        self.served = served
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.served))
+
+
+class ModelUnavailableError(PoolError):
+    """No room for the model within the request's time (-> 503 with ``Retry-After: retry_after_s``)."""
+
+    def __init__(self, name: str, waited_s: float, retry_after_s: int) -> None:
+        super().__init__(
+            f"model {name!r} is waiting for room on the cluster (models of higher priority hold it); "
+            f"waited {waited_s:.1f}s, retry in {retry_after_s}s"
+        )
+        self.name = name
+        self.waited_s = waited_s
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.waited_s, self.retry_after_s))

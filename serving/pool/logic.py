@@ -1,0 +1,250 @@
+"""The pool's decisions, as plain Python: priorities, keep-hot floors, eviction, admission, states.
+
+Nothing here talks to Ray. The controller feeds in what it observed (replica counts per model, busy
+or idle, the cluster's free resources, whether SCALE_TO_ZERO_AT has passed) and applies what comes
+out: each model's *directive* for the autoscaling policy, and the models to delete.
+
+Rules (issue 10):
+- priority >= keep_hot_priority keeps >= 1 replica and is never evicted; MIN_REPLICAS is a floor too.
+- A model whose replica has waited ``eviction_grace_s`` for room (not placed, and the cluster's free
+  resources do not hold one) evicts models of *lower* priority, lowest first, idle before busy, until
+  one replica fits. A victim drains: what it has in flight or queued finishes, then it goes to zero.
+- An evicted model's requests wait at the pool's gate; it is let back in once no model of higher
+  priority waits for room, and it may then evict only models below its own priority.
+- At SCALE_TO_ZERO_AT every model drains to zero; a keep-hot one keeps its floor again once a request
+  has woken it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from serving.pool.spec import ModelSpec, Resources, add, check_bounds, fits
+
+Drain = Literal["evict", "daily", "unload"]
+
+
+@dataclass
+class Seen:
+    """What the controller observed of one model's replicas this round."""
+
+    running: int = 0
+    starting: int = 0
+    stopping: int = 0
+    constructing: int = 0  # starting replicas that reported from their constructor: placed on a node
+    busy: bool = False  # requests in flight or queued (the policy's view over its look-back window)
+
+    @classmethod
+    def from_replica_states(cls, states: dict[str, int], constructing: int = 0, busy: bool = False) -> Seen:
+        return cls(
+            running=states.get("RUNNING", 0) + states.get("UPDATING", 0),
+            starting=states.get("STARTING", 0) + states.get("RECOVERING", 0),
+            stopping=states.get("STOPPING", 0) + states.get("PENDING_MIGRATION", 0),
+            constructing=constructing,
+            busy=busy,
+        )
+
+
+@dataclass
+class ModelState:
+    spec: ModelSpec
+    source: Literal["static", "admin"] = "static"
+    base: dict[str, Any] | None = None  # a static model's spec as configured, to tell a new configuration
+    deployed_max: int = 1  # max_replicas Serve was given: the directive's ceiling can only lower it
+    created: float = 0.0
+    evicted: bool = False
+    suspended: bool = False  # SCALE_TO_ZERO_AT passed; the floor returns with the next wake
+    drain: Drain | None = None
+    seen: Seen = field(default_factory=Seen)
+    pending_since: float | None = None  # a replica has been waiting for room since
+    waiters: int = 0  # requests waiting at the gate
+
+    @property
+    def placed(self) -> int:
+        """Replicas that hold resources on a node."""
+        return self.seen.running + min(self.seen.starting, self.seen.constructing) + self.seen.stopping
+
+    def record(self) -> dict[str, Any]:
+        """What survives a restart of the pool controller (kept in Ray's GCS store)."""
+        keys = ("source", "base", "deployed_max", "created", "evicted", "suspended", "drain")
+        return {"spec": self.spec.to_json(), **{key: getattr(self, key) for key in keys}}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ModelState:
+        return cls(spec=ModelSpec.from_json(record["spec"]), **{k: v for k, v in record.items() if k != "spec"})
+
+
+@dataclass
+class Step:
+    """What one round decided; the controller applies it."""
+
+    evicted: list[tuple[str, str]] = field(default_factory=list)  # (victim, for model)
+    readmitted: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)  # drained: delete their applications
+    events: list[str] = field(default_factory=list)
+
+
+class PoolLogic:
+    """The models and the rules.
+
+    >>> from serving.pool.spec import ModelSpec
+    >>> pool = PoolLogic(keep_hot_priority=2, eviction_grace_s=10)
+    >>> for name, priority in (("small", 0), ("big", 1)):
+    ...     pool.add(ModelState(ModelSpec(name, "id", priority=priority, resources={"CPU": 1})))
+    >>> pool.observe("small", Seen(running=1))
+    >>> pool.observe("big", Seen(starting=1))  # requested, not placed
+    >>> pool.step(now=0.0, free={"CPU": 0}).evicted
+    []
+    >>> pool.step(now=10.0, free={"CPU": 0}).evicted
+    [('small', 'big')]
+    >>> pool.directive("small"), pool.gate_open("small")
+    ({'floor': 0, 'ceiling': None, 'drain': True}, False)
+    """
+
+    def __init__(self, keep_hot_priority: int = 2, eviction_grace_s: float = 30.0) -> None:
+        self.keep_hot_priority = keep_hot_priority
+        self.eviction_grace_s = eviction_grace_s
+        self.models: dict[str, ModelState] = {}
+
+    # --- membership --------------------------------------------------------------------------
+    def add(self, state: ModelState) -> None:
+        self.models[state.spec.name] = state
+
+    def keep_hot(self, name: str) -> bool:
+        return self.models[name].spec.priority >= self.keep_hot_priority
+
+    def begin_unload(self, name: str) -> None:
+        self.models[name].drain = "unload"
+
+    def update(
+        self, name: str, priority: int | None = None, min_replicas: int | None = None, max_replicas: int | None = None
+    ) -> bool:
+        """Change priority or replica bounds; True when Serve's max_replicas must grow (a redeploy)."""
+        state = self.models[name]
+        spec = state.spec.with_overrides(priority=priority, min_replicas=min_replicas, max_replicas=max_replicas)
+        check_bounds(spec.priority, spec.min_replicas, spec.max_replicas)
+        state.spec = spec
+        if spec.priority >= self.keep_hot_priority:
+            state.evicted = False
+            if state.drain == "evict":
+                state.drain = None
+        return spec.max_replicas > state.deployed_max
+
+    # --- observation and decision ------------------------------------------------------------
+    def observe(self, name: str, seen: Seen) -> None:
+        self.models[name].seen = seen
+
+    def step(self, now: float, free: Resources, daily_due: bool = False) -> Step:
+        step = Step()
+        if daily_due:
+            for state in self.models.values():
+                state.suspended = True
+                state.drain = state.drain or "daily"
+            step.events.append("SCALE_TO_ZERO_AT: every model drains to zero")
+        for name, state in list(self.models.items()):
+            self._settle(name, state, step)
+        for state in self.models.values():
+            self._track_pending(state, free, now)
+        for state in sorted(self.models.values(), key=lambda s: -s.spec.priority):
+            if state.pending_since is not None and now - state.pending_since >= self.eviction_grace_s:
+                victims = self.choose_victims(state.spec.name, free)
+                for victim in victims or ():
+                    self.models[victim].evicted = True
+                    self.models[victim].drain = "evict"
+                    step.evicted.append((victim, state.spec.name))
+                    step.events.append(
+                        f"evicting {victim} (priority {self.models[victim].spec.priority}) "
+                        f"for {state.spec.name} (priority {state.spec.priority})"
+                    )
+                state.pending_since = now  # the next round of evictions, if any, after another grace
+        for name, state in self.models.items():
+            wanted = state.waiters > 0 or self._base_floor(state) > 0
+            if state.evicted and state.drain is None and wanted and not self._higher_waits_for_room(state):
+                state.evicted = False
+                step.readmitted.append(name)
+        return step
+
+    def _settle(self, name: str, state: ModelState, step: Step) -> None:
+        seen = state.seen
+        at_zero = seen.running == seen.starting == seen.stopping == 0
+        if state.drain is not None and at_zero:
+            if state.drain == "unload":
+                del self.models[name]
+                step.unloaded.append(name)
+                return
+            state.drain = None
+        if state.suspended and state.drain is None and seen.running > 0:
+            state.suspended = False  # woken on demand after SCALE_TO_ZERO_AT: the floor holds again
+
+    def _track_pending(self, state: ModelState, free: Resources, now: float) -> None:
+        unplaced = state.seen.starting - min(state.seen.starting, state.seen.constructing)
+        if unplaced > 0 and not fits(state.spec.resources, free) and state.drain is None:
+            if state.pending_since is None:
+                state.pending_since = now
+        else:
+            state.pending_since = None
+
+    def choose_victims(self, name: str, free: Resources) -> list[str] | None:
+        """Models to evict so that one replica of ``name`` fits; [] if it will fit, None if it cannot."""
+        wanting = self.models[name]
+        need = wanting.spec.resources
+        # Victims already draining will free what they hold: count it before choosing more.
+        available = dict(free)
+        for state in self.models.values():
+            if state.drain == "evict":
+                available = add(available, state.spec.resources, state.placed)
+        if fits(need, available):
+            return []
+        candidates = [
+            state
+            for state in self.models.values()
+            if state.spec.name != name
+            and state.spec.priority < wanting.spec.priority
+            and state.spec.priority < self.keep_hot_priority
+            and state.drain is None
+            and state.placed > 0
+            and any(state.spec.resources.get(kind, 0) > 0 for kind, amount in need.items() if amount > 0)
+        ]
+        candidates.sort(key=lambda s: (s.spec.priority, s.seen.busy, s.spec.name))
+        chosen = []
+        for state in candidates:
+            chosen.append(state.spec.name)
+            available = add(available, state.spec.resources, state.placed)
+            if fits(need, available):
+                return chosen
+        return None
+
+    def _higher_waits_for_room(self, state: ModelState) -> bool:
+        return any(
+            other.pending_since is not None and other.spec.priority > state.spec.priority
+            for other in self.models.values()
+        )
+
+    # --- what the policy, the gate and /v1/models see -------------------------------------------
+    def _base_floor(self, state: ModelState) -> int:
+        return max(state.spec.min_replicas, 1 if state.spec.priority >= self.keep_hot_priority else 0)
+
+    def directive(self, name: str) -> dict[str, Any]:
+        """The autoscaling policy's input for ``name`` (see ``serving.pool.policy``)."""
+        state = self.models[name]
+        floor = 0 if (state.evicted or state.suspended or state.drain) else self._base_floor(state)
+        ceiling = state.spec.max_replicas if state.spec.max_replicas < state.deployed_max else None
+        return {"floor": floor, "ceiling": ceiling, "drain": state.drain is not None}
+
+    def gate_open(self, name: str) -> bool:
+        """Whether requests for ``name`` may go to its Serve handle now (else they wait for room)."""
+        state = self.models[name]
+        return not state.evicted and state.drain not in ("evict", "unload")
+
+    def waiting_for_room(self, name: str) -> bool:
+        state = self.models[name]
+        return state.pending_since is not None or (state.evicted and state.waiters > 0)
+
+    def state(self, name: str) -> str:
+        seen = self.models[name].seen
+        if seen.running > 0:
+            return "running"
+        if seen.starting > 0:
+            return "starting"
+        return "evicted" if self.models[name].evicted else "scaled_to_zero"

@@ -1,0 +1,151 @@
+"""What the pool knows of a model (``ModelSpec``) and of itself (``PoolSettings``); plain data, no Ray.
+
+``ModelSpec`` is the pool's view of a per-model configuration: the few fields it decides with, plus
+the whole configuration as JSON (``config``), which it stores and hands back to the app factory that
+builds the model's Serve application. It is JSON all the way, so that it can live in Ray's GCS store.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from serving.pool.errors import ModelValidationError
+from serving.pool.schedule import DailyTime
+
+POLICY_PATH = "serving.pool.policy:PoolAutoscalingPolicy"
+# A model's Serve application is named after it; Serve forbids '#' (replica ids) and needs a name.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+
+Resources = Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the pool.
+
+    >>> spec = ModelSpec("mini", model_id="/models/mini", priority=2, resources={"CPU": 1.0})
+    >>> ModelSpec.from_json(spec.to_json()) == spec
+    True
+    """
+
+    name: str
+    model_id: str
+    priority: int = 0
+    min_replicas: int = 0
+    max_replicas: int = 1
+    resources: Mapping[str, float] = field(default_factory=dict)  # one replica's Ray resources
+    config: Mapping[str, Any] = field(default_factory=dict)  # the full per-model configuration (JSON)
+
+    def __post_init__(self) -> None:
+        check_bounds(self.priority, self.min_replicas, self.max_replicas)
+        check_name(self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"resources": dict(self.resources), "config": dict(self.config)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelSpec:
+        return cls(**data)
+
+    def with_overrides(self, **changes: Any) -> ModelSpec:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Service-level settings of the pool (from the environment, via the service settings).
+
+    >>> PoolSettings(scale_to_zero_at="21:00 America/Chicago").daily
+    DailyTime('21:00 America/Chicago')
+    """
+
+    pool: str = "llm"  # the main application's name: prefixes the pool's keys in the GCS store
+    keep_hot_priority: int = 2  # KEEP_HOT_PRIORITY
+    eviction_grace_s: float = 30.0  # EVICTION_GRACE_S
+    scale_to_zero_at: str | None = None  # SCALE_TO_ZERO_AT
+    request_timeout_s: float = 300.0  # REQUEST_TIMEOUT_S: the longest wait for room
+    retry_after_s: int = 5  # Retry-After when no room came in time
+    loop_interval_s: float = 0.5  # how often the controller observes Serve and decides
+    app_factory: str = "serving.pool.apps:generator_app"  # (spec, pool) -> serve.Application
+    entry_parser: str = "serving.pool.apps:spec_from_entry"  # (entry, defaults) -> ModelSpec
+
+    def __post_init__(self) -> None:
+        if self.keep_hot_priority < 1:
+            raise ValueError(f"KEEP_HOT_PRIORITY must be at least 1, got {self.keep_hot_priority}")
+        if not self.eviction_grace_s >= 0:
+            raise ValueError(f"EVICTION_GRACE_S must be >= 0, got {self.eviction_grace_s}")
+        if self.scale_to_zero_at is not None:
+            try:
+                DailyTime.parse(self.scale_to_zero_at)
+            except ValueError as exc:
+                raise ValueError(f"SCALE_TO_ZERO_AT: {exc}") from None
+
+    @property
+    def daily(self) -> DailyTime | None:
+        return None if self.scale_to_zero_at is None else DailyTime.parse(self.scale_to_zero_at)
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ModelValidationError(
+            "name", f"must be 1-128 characters of letters, digits and . _ : / @ + - (no '#'), got {name!r}"
+        )
+
+
+def check_bounds(priority: int, min_replicas: int, max_replicas: int) -> None:
+    lows = (("priority", priority, 0), ("min_replicas", min_replicas, 0), ("max_replicas", max_replicas, 1))
+    for name, value, low in lows:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ModelValidationError(name, f"must be an integer >= {low}, got {value!r}")
+    if max_replicas < min_replicas:
+        message = f"must be at least min_replicas ({min_replicas}), got {max_replicas}"
+        raise ModelValidationError("max_replicas", message)
+
+
+def fits(need: Resources, available: Resources) -> bool:
+    """Whether ``available`` covers ``need`` (resource names as Ray spells them: CPU, GPU, memory, ...).
+
+    >>> fits({"CPU": 1, "GPU": 0}, {"CPU": 1.0}), fits({"GPU": 1}, {"CPU": 8})
+    (True, False)
+    """
+    return all(available.get(name, 0.0) + 1e-9 >= amount for name, amount in need.items() if amount > 0)
+
+
+def add(a: Resources, b: Resources, times: float = 1) -> dict[str, float]:
+    out = dict(a)
+    for name, amount in b.items():
+        out[name] = out.get(name, 0.0) + amount * times
+    return out
+
+
+def pooled_autoscaling_config(base: Mapping[str, Any], pool: str, model: str) -> dict[str, Any]:
+    """A model's Serve ``autoscaling_config`` handed to the pool's policy.
+
+    The floor (MIN_REPLICAS, keep-hot) moves into the policy's directive, so that an eviction or
+    SCALE_TO_ZERO_AT can take the model to zero; the idle timeout moves into the policy, so that
+    Serve's 1 -> 0 delay (now 0) never holds up an eviction.
+
+    >>> base = {"min_replicas": 1, "max_replicas": 2, "downscale_to_zero_delay_s": 54}
+    >>> cfg = pooled_autoscaling_config(base, "llm", "m")
+    >>> cfg["min_replicas"], cfg["downscale_to_zero_delay_s"], cfg["policy"]["policy_kwargs"]["idle_hold_s"]
+    (0, 0.0, 54.0)
+    """
+    config = {key: value for key, value in base.items() if key not in ("initial_replicas", "policy")}
+    idle_hold = base.get("downscale_to_zero_delay_s")
+    if idle_hold is None:
+        idle_hold = base.get("downscale_delay_s", 600.0)
+    if not math.isfinite(float(idle_hold)):
+        raise ValueError(f"idle hold of {model} must be finite, got {idle_hold}")
+    config.update(
+        min_replicas=0,
+        downscale_to_zero_delay_s=0.0,
+        policy={
+            "policy_function": POLICY_PATH,
+            "policy_kwargs": {"pool": pool, "model": model, "idle_hold_s": float(idle_hold)},
+        },
+    )
+    return config
