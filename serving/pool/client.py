@@ -5,6 +5,12 @@ Every Gateway replica holds one ``PoolClient`` over the pool controller's handle
 probes. A request takes ``await client.acquire(name, timeout_s)``: for a model that is admitted (the
 usual case) it returns the model's handle at once; for an evicted one it waits at the pool controller
 for room and raises ``ModelUnavailableError`` (503 + Retry-After) when ``timeout_s`` passes first.
+
+A request whose model was admitted but has no room yet waits in Serve's handle queue (its replica is
+requested, so the cluster autoscaler may add a node). When the Gateway gives up on it, it must call
+``response.cancel()``: only that takes it out of the queue (a cancelled ``await`` does not), and the
+model's unplaced replica goes with the last queued request. ``waiting_for_room(name)`` then tells a
+503 (no room) from a 504 (slow generation).
 """
 
 from __future__ import annotations

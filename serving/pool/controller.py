@@ -90,6 +90,7 @@ class PoolController(AdminMixin):
                 continue  # configured differently now: deployed afresh below
             else:
                 self._logic.add(state)
+                self._board.restore(name, state.last_cold_start)
                 if name not in live:
                     await self._deploy(state)
         for name, spec in wanted.items():
@@ -140,6 +141,7 @@ class PoolController(AdminMixin):
                 seen = Seen.from_replica_states(states.get(name, {}), constructing, busy.get(name, False))
                 self._board.observe(name, seen.starting, seen.running, now)
                 self._logic.observe(name, seen)
+                self._logic.models[name].last_cold_start = self._board.last_cold_start(name)
             due = daily is not None and self._clock_crossed(daily, today)
             step = self._logic.step(now, free, daily_due=due)
             for event in step.events:

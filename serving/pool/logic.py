@@ -56,6 +56,7 @@ class ModelState:
     evicted: bool = False
     suspended: bool = False  # SCALE_TO_ZERO_AT passed; the floor returns with the next wake
     drain: Drain | None = None
+    last_cold_start: dict[str, Any] | None = None  # kept with the record, so a restart does not lose it
     seen: Seen = field(default_factory=Seen)
     pending_since: float | None = None  # a replica has been waiting for room since
     waiters: int = 0  # requests waiting at the gate
@@ -67,7 +68,7 @@ class ModelState:
 
     def record(self) -> dict[str, Any]:
         """What survives a restart of the pool controller (kept in Ray's GCS store)."""
-        keys = ("source", "base", "deployed_max", "created", "evicted", "suspended", "drain")
+        keys = ("source", "base", "deployed_max", "created", "evicted", "suspended", "drain", "last_cold_start")
         return {"spec": self.spec.to_json(), **{key: getattr(self, key) for key in keys}}
 
     @classmethod

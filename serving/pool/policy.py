@@ -59,11 +59,17 @@ def decide(
     1
     >>> decide({"floor": 1}, desired=0, running=0, busy=False, idle_s=999, idle_hold_s=60)  # keep-hot
     1
+    >>> decide({}, desired=1, running=0, busy=False, idle_s=0, idle_hold_s=60)  # its request went away
+    0
     """
     if directive.get("drain"):
         # Keep what runs while anything is in flight or queued; then straight to zero.
         return running if busy else 0
-    if running >= 1 and idle_s < idle_hold_s:
+    if running == 0 and not busy:
+        # Serve's own policy keeps a replica that has yet to start; with nothing to serve, that replica
+        # would still ask the cluster for room (and the cluster autoscaler for a node): drop it.
+        desired = 0
+    elif running >= 1 and idle_s < idle_hold_s:
         desired = max(desired, 1)  # the idle timeout
     desired = max(desired, int(directive.get("floor") or 0))
     if directive.get("ceiling") is not None:

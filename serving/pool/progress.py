@@ -114,6 +114,11 @@ class ColdStartBoard:
         last = self._last.get(model)
         return None if last is None else {key: value for key, value in last.items() if key != "replica"}
 
+    def restore(self, model: str, last_cold_start: dict[str, Any] | None) -> None:
+        """The last cold start as a previous pool controller recorded it."""
+        if last_cold_start is not None and model not in self._last:
+            self._last[model] = {"replica": None, **last_cold_start}
+
     def forget(self, model: str) -> None:
         self._starting.pop(model, None)
         self._last.pop(model, None)

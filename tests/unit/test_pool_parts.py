@@ -135,6 +135,8 @@ def test_the_pooled_autoscaling_config_is_valid_for_serve() -> None:
         ({"floor": 1}, 0.0, 1, False, 999.0, 1),
         ({"floor": 1, "drain": True}, 0.0, 1, False, 0.0, 0),  # drain wins over the floor
         ({"drain": True}, 2.0, 2, True, 0.0, 2),  # drain keeps what runs while busy
+        ({}, 1.0, 0, False, 0.0, 0),  # a replica still starting whose request was cancelled
+        ({"floor": 1}, 1.0, 0, False, 0.0, 1),
     ],
 )
 def test_the_policy_decision(directive: dict, desired: float, running: int, busy: bool, idle_s: float, expected):
