@@ -16,13 +16,16 @@ model's unplaced replica goes with the last queued request. ``waiting_for_room(n
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.pool.errors import ModelUnavailableError, UnknownModelError
+from serving.pool.errors import ModelUnavailableError, PoolError, UnknownModelError
+
+logger = logging.getLogger("ray.serve")
 
 
 class PoolClient:
@@ -48,9 +51,18 @@ class PoolClient:
         max_age = self._refresh_s if max_age_s is None else max_age_s
         async with self._lock:  # one controller call at a time, however many callers
             if time.monotonic() - self._at > max_age:
-                self._snapshot = await self._controller.snapshot.remote()
-                self._at = time.monotonic()
+                try:
+                    self._snapshot = await self._controller.snapshot.remote()
+                    self._at = time.monotonic()
+                except Exception:
+                    if self._at == float("-inf"):
+                        raise
+                    # The pool controller is restarting: probes and listings get the last view meanwhile.
+                    logger.warning("pool controller unreachable; serving a snapshot %.1fs old", self.age_s())
             return self._snapshot
+
+    def age_s(self) -> float:
+        return time.monotonic() - self._at
 
     async def entry(self, name: str, max_age_s: float | None = None) -> dict[str, Any]:
         models = await self.snapshot(max_age_s)
@@ -62,11 +74,19 @@ class PoolClient:
     async def acquire(self, name: str, timeout_s: float) -> DeploymentHandle:
         """The handle of ``name`` once it may take requests; waits for room up to ``timeout_s``."""
         started = time.monotonic()
+        deadline = started + timeout_s
         entry = await self.entry(name)
-        if not entry["admitted"]:
-            admitted = await self._controller.acquire.remote(name, timeout_s)
-            if not admitted:
-                raise ModelUnavailableError(name, time.monotonic() - started, self._retry_after_s)
+        while not entry["admitted"]:
+            try:
+                if not await self._controller.acquire.remote(name, max(0.0, deadline - time.monotonic())):
+                    raise ModelUnavailableError(name, time.monotonic() - started, self._retry_after_s)
+            except PoolError:
+                raise
+            except Exception:  # the pool controller restarted under the wait: wait again on the new one
+                if time.monotonic() >= deadline:
+                    raise ModelUnavailableError(name, time.monotonic() - started, self._retry_after_s) from None
+                logger.warning("pool controller unreachable while %s waits for room; retrying", name)
+                await asyncio.sleep(0.5)
             entry = await self.entry(name, max_age_s=0)
         return await self._handle(entry["app"], entry["deployment"])
 

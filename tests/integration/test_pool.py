@@ -22,7 +22,7 @@ from engine.params import SamplingParams
 from serving.pool.apps import spec_from_entry
 from serving.pool.client import PoolClient
 from serving.pool.controller import PoolController
-from serving.pool.errors import ModelExistsError, ModelValidationError, UnknownModelError
+from serving.pool.errors import ModelExistsError, ModelUnavailableError, ModelValidationError, UnknownModelError
 from serving.pool.spec import PoolSettings
 from serving.pool.store import PoolStore
 from tests.checkpoints import build_tiny_causal
@@ -114,6 +114,12 @@ async def test_priority_1_evicts_priority_0_after_its_request_and_priority_0_nev
     await until(lambda: busy(client, "low"), 30, "low to be busy with the long request")
 
     high = asyncio.ensure_future(generate(client, "high", ["Write"]))
+    await until(lambda: not_admitted(client, "low"), 60, "low to be evicted for high")
+    # While high waits for the room low is giving up, a request for low waits and gets no room.
+    with pytest.raises(ModelUnavailableError) as unavailable:
+        await client.acquire("low", timeout_s=1)
+    assert unavailable.value.retry_after_s > 0 and unavailable.value.waited_s >= 1
+    assert not in_flight.done() and not high.done()
     seen: list[tuple[str, str, bool]] = []
     while not high.done():
         seen.append((await state(client, "low"), await state(client, "high"), in_flight.done()))
@@ -140,6 +146,10 @@ async def test_priority_1_evicts_priority_0_after_its_request_and_priority_0_nev
     # Its replica waited for room without taking any; cancelled, the request leaves nothing behind.
     await until(lambda: no_replicas(client, "low"), 30, "low's unplaced replica to go")
     assert await state(client, "high") == "running"
+
+
+async def not_admitted(client: PoolClient, name: str) -> bool:
+    return not (await client.entry(name, max_age_s=0))["admitted"]
 
 
 async def answer_of(response):
