@@ -30,7 +30,8 @@ class AdminMixin:
         out = []
         for name, state in sorted(self._logic.models.items()):
             entry = self._entry(name, now)
-            entry.update(source=state.source, config=dict(state.spec.config), unloading=state.drain == "unload")
+            config = self._config_view(state.spec.config)
+            entry.update(source=state.source, config=config, unloading=state.drain == "unload")
             out.append(entry)
         return out
 
@@ -40,8 +41,8 @@ class AdminMixin:
         async with self._lock:
             if spec.name in self._logic.models:
                 raise ModelExistsError(f"model {spec.name!r} is already served; unload it first")
-            if spec.name == self._pool:
-                raise ModelExistsError(f"{spec.name!r} is the service's own application name; choose another")
+            if spec.app == self._pool or any(s.spec.app == spec.app for s in self._logic.models.values()):
+                raise ModelExistsError(f"{spec.name!r} would be Serve application {spec.app!r}, which is taken")
             state = ModelState(spec, source="admin", created=time.time())
             self._logic.add(state)
             try:

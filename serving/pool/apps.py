@@ -1,13 +1,12 @@
-"""Today's model deployment (``serving.generator.Generator``) as a pool model, until ModelServer lands.
+"""The service's models as pool models: ``ModelConfig`` in, ``ModelSpec`` and Serve applications out.
 
-Two functions the pool controller reaches by import path (``PoolSettings.app_factory`` and
-``entry_parser``): one validates a model entry into a ``ModelSpec``, the other builds the model's
-Serve application. Both read per-model settings with today's ``settings.Settings``; with the
-per-model ``ModelConfig`` they become a few lines over it.
+The pool controller reaches these by import path (``PoolSettings.entry_parser``, ``app_factory`` and
+``config_view``), so that it knows nothing of the settings or of the model server. ``pool_graph``
+builds the controller from the service settings, for ``ray_serve_app``.
 
-The wrapper deployment adds what the pool needs from a model replica and Generator does not do
-yet: it reports its cold-start phases to the pool controller as they complete (read from the
-Generator's own phase timer by a watcher thread) and its first generation.
+The model server is today's ``Generator``, wrapped to report what the pool needs from a model
+replica and Generator does not report yet: its cold-start phases as they complete (read from its
+phase timer by a watcher thread) and its first generation.
 """
 
 from __future__ import annotations
@@ -21,68 +20,88 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from serving.generator import Generator, _process_start_time
+from serving.generator import Generator, GeneratorReply, _process_start_time
+from serving.pool.controller import PoolController
 from serving.pool.errors import ModelValidationError
 from serving.pool.reporter import PhaseReporter
-from serving.pool.spec import ModelSpec, check_name, pooled_autoscaling_config
-from settings import Settings
+from serving.pool.spec import ModelSpec, PoolSettings, pooled_autoscaling_config
+from settings import MODEL_FIELDS, ModelConfig, Settings
 
 # The engine times config and tokenizer loading apart; the API's phase list folds them into model_code.
 _PHASES = {"imports": ("imports",), "model_code": ("config", "tokenizer", "model_code"), "weights": ("weights",)}
 _PHASES |= {"warmup": ("warmup",)}
 
 
+def model_defaults(settings: Settings) -> dict[str, Any]:
+    """The per-model values of the environment: what an admin-loaded entry starts from (JSON)."""
+    return settings.model_dump(mode="json", include=set(MODEL_FIELDS))
+
+
+def spec_of(config: ModelConfig) -> ModelSpec:
+    return ModelSpec(
+        name=config.name,
+        model_id=config.model_id,
+        app=config.deployment_name,
+        priority=config.priority,
+        min_replicas=config.min_replicas,
+        max_replicas=config.max_replicas,
+        resources={"CPU": config.num_cpus_per_replica, "GPU": config.num_gpus_per_replica},
+        config=config.model_dump(mode="json"),
+    )
+
+
 def spec_from_entry(entry: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> ModelSpec:
     """A ``MODELS_FILE`` entry or admin load body, over the per-model defaults, validated.
 
-    >>> spec = spec_from_entry({"name": "mini", "priority": 1, "max_replicas": 3})
-    >>> spec.name, spec.priority, spec.max_replicas, spec.resources
-    ('mini', 1, 3, {'CPU': 1.0, 'GPU': 0.0})
+    >>> spec = spec_from_entry({"name": "org/mini", "priority": 1, "max_replicas": 3})
+    >>> spec.name, spec.app, spec.priority, spec.max_replicas, spec.resources
+    ('org/mini', 'org--mini', 1, 3, {'CPU': 1.0, 'GPU': 0.0})
     >>> try:
     ...     spec_from_entry({"name": "mini", "max_replicas": "lots"})
     ... except ModelValidationError as exc:
     ...     print(exc.field)
     max_replicas
     """
-    values = dict(entry)
-    name = values.pop("name", None)
-    if name is None:
-        raise ModelValidationError("name", "is required")
-    check_name(name)
-    priority = values.pop("priority", 0)
-    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
-        raise ModelValidationError("priority", f"must be an integer >= 0, got {priority!r}")
-    for key in values:
-        if key not in Settings.model_fields:
-            raise ModelValidationError(key, "unknown field")
     try:
-        settings = Settings.model_validate({**(defaults or {}), **values})
+        config = ModelConfig.model_validate({**(defaults or {}), **entry})
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
-        field = str(error["loc"][0]) if error.get("loc") else "config"
-        raise ModelValidationError(field, str(error["msg"]).removeprefix("Value error, ")) from None
-    return ModelSpec(
-        name=name,
-        model_id=settings.model_id,
-        priority=priority,
-        min_replicas=settings.min_replicas,
-        max_replicas=settings.max_replicas,
-        resources={"CPU": settings.num_cpus_per_replica, "GPU": settings.num_gpus_per_replica},
-        config=settings.model_dump(mode="json", exclude_none=True),
+        field = str(error["loc"][0]) if error.get("loc") else "entry"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ModelValidationError(field, message[:1].lower() + message[1:]) from None
+    return spec_of(config)
+
+
+def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's configuration as /admin shows it."""
+    return ModelConfig.model_validate(config).public()
+
+
+def pool_graph(settings: Settings, pool: str = "llm") -> Application:
+    """The pool controller for the service's settings (bind it to the Gateway in the graph)."""
+    pool_settings = PoolSettings(
+        pool=pool,
+        keep_hot_priority=settings.keep_hot_priority,
+        eviction_grace_s=settings.eviction_grace_s,
+        scale_to_zero_at=settings.scale_to_zero_at,
+        request_timeout_s=settings.request_timeout_s,
+        retry_after_s=settings.retry_after_s,
     )
+    specs = [spec_of(config) for config in settings.model_configs]
+    return PoolController.bind(pool_settings, specs, model_defaults(settings))
 
 
 def generator_app(spec: ModelSpec, pool: str) -> Application:
     """The model's Serve application: the Generator under the pool's autoscaling policy."""
-    settings = Settings.model_validate(spec.config)
-    options = settings.generator_options()
-    autoscaling = pooled_autoscaling_config(options["autoscaling_config"], pool, spec.name)
+    config = ModelConfig.model_validate(spec.config)
+    options = config.deployment_options()
+    autoscaling = pooled_autoscaling_config(options["autoscaling_config"], pool, spec.app)
     options["autoscaling_config"] = autoscaling | {"max_replicas": spec.max_replicas}
-    return ReportingGenerator.options(**options).bind(settings, pool, spec.name)
+    return ReportingGenerator.options(**options).bind(config, pool, spec.name)
 
 
 class _ReportingGenerator(Generator.func_or_class):
-    def __init__(self, settings: Settings, pool: str, model: str) -> None:
+    def __init__(self, config: ModelConfig, pool: str, model: str) -> None:
         self._reporter = PhaseReporter(pool, model)
         started = _process_start_time()
         self._reporter.phase("process_start", round(time.time() - started, 4) if started else None)
@@ -90,7 +109,7 @@ class _ReportingGenerator(Generator.func_or_class):
         watcher = threading.Thread(target=self._watch, args=(done,), name="report-phases", daemon=True)
         watcher.start()
         try:
-            super().__init__(settings)
+            super().__init__(config)
         finally:
             done.set()
             watcher.join()
@@ -108,8 +127,8 @@ class _ReportingGenerator(Generator.func_or_class):
             if finished:
                 return
 
-    async def generate(self, prompts, params):
-        reply = await super().generate(prompts, params)
+    async def generate_prompts(self, prompts, params) -> GeneratorReply:
+        reply = await super().generate_prompts(prompts, params)
         if reply.cold_start is not None:
             self._reporter.phase("first_generation", reply.cold_start.get("first_generation_s"))
         return reply

@@ -16,6 +16,7 @@ import asyncio
 import importlib
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from ray import serve
@@ -24,7 +25,7 @@ from serving.pool.admin import AdminMixin
 from serving.pool.logic import ModelState, PoolLogic, Seen
 from serving.pool.progress import ColdStartBoard
 from serving.pool.reporter import CONTROLLER
-from serving.pool.schedule import Clock, system_clock
+from serving.pool.schedule import Clock, crossed, system_clock
 from serving.pool.spec import ModelSpec, PoolSettings
 from serving.pool.store import PoolStore
 
@@ -63,6 +64,7 @@ class PoolController(AdminMixin):
         self._board = ColdStartBoard()
         self._factory = import_attr(settings.app_factory)
         self._parse = import_attr(settings.entry_parser)
+        self._config_view = import_attr(settings.config_view)
         self._defaults = defaults
         self._written: dict[str, Any] = {}  # what the store holds, to write changes only
         self._deployments: dict[str, str] = {}  # model -> its deployment's name, as Serve reports it
@@ -78,7 +80,7 @@ class PoolController(AdminMixin):
     async def _restore(self, static: list[ModelSpec]) -> None:
         """The pool from the store's records and the configured models; deploy what is missing or changed."""
         records = await asyncio.to_thread(self._store.records)
-        live = set(await asyncio.to_thread(lambda: serve.status().applications))
+        live = set(await asyncio.to_thread(lambda: serve.status().applications))  # application names
         wanted = {spec.name: spec for spec in static}
         for name, record in records.items():
             state = ModelState.from_record(record)
@@ -91,7 +93,7 @@ class PoolController(AdminMixin):
             else:
                 self._logic.add(state)
                 self._board.restore(name, state.last_cold_start)
-                if name not in live:
+                if state.spec.app not in live:
                     await self._deploy(state)
         for name, spec in wanted.items():
             if name not in self._logic.models:
@@ -103,9 +105,9 @@ class PoolController(AdminMixin):
     async def _deploy(self, state: ModelState) -> None:
         spec = state.spec
         app = self._factory(spec, self._pool)
-        target = serve.RunTarget(app, name=spec.name, route_prefix=None)
+        target = serve.RunTarget(app, name=spec.app, route_prefix=None)
         # Written before the app exists, so that its policy reads the right floor from its first tick.
-        await asyncio.to_thread(self._store.put_directive, spec.name, self._logic.directive(spec.name))
+        await asyncio.to_thread(self._store.put_directive, spec.app, self._logic.directive(spec.name))
         await asyncio.to_thread(serve.run_many, [target], wait_for_applications_running=False)
         state.deployed_max = spec.max_replicas
         logger.info("pool: deployed %s (priority %d, %s replicas)", spec.name, spec.priority, spec.max_replicas)
@@ -122,12 +124,15 @@ class PoolController(AdminMixin):
     def _observe(self) -> tuple[dict[str, dict[str, int]], dict[str, bool], dict[str, float]]:
         import ray
 
+        apps = {state.spec.app: name for name, state in list(self._logic.models.items())}
         states: dict[str, dict[str, int]] = {}
         for app_name, app in serve.status().applications.items():
+            if app_name not in apps:
+                continue
             for deployment, status in app.deployments.items():
-                states[app_name] = {str(k): v for k, v in status.replica_states.items()}
-                self._deployments[app_name] = deployment
-        busy = {name: bool((self._store.stats(name) or {}).get("busy")) for name in list(self._logic.models)}
+                states[apps[app_name]] = {str(k): v for k, v in status.replica_states.items()}
+                self._deployments[apps[app_name]] = deployment
+        busy = {name: bool((self._store.stats(app) or {}).get("busy")) for app, name in apps.items()}
         return states, busy, ray.available_resources()
 
     async def _tick(self) -> None:
@@ -146,9 +151,9 @@ class PoolController(AdminMixin):
             step = self._logic.step(now, free, daily_due=due)
             for event in step.events:
                 logger.info("pool: %s", event)
-            for name in step.unloaded:
-                await asyncio.to_thread(serve.delete, name, _blocking=False)
-                await asyncio.to_thread(self._store.delete_model, name)
+            for name, app in step.unloaded:
+                await asyncio.to_thread(serve.delete, app, _blocking=False)
+                await asyncio.to_thread(self._store.delete_model, name, app)
                 self._board.forget(name)
                 self._written = {key: v for key, v in self._written.items() if key[1] != name}
                 logger.info("pool: unloaded %s", name)
@@ -157,10 +162,8 @@ class PoolController(AdminMixin):
             await self._publish()
 
     def _clock_crossed(self, daily, today: float) -> bool:
-        from datetime import UTC, datetime
-
         since, self._daily_since = self._daily_since, today
-        return daily.crossed(datetime.fromtimestamp(since, UTC), datetime.fromtimestamp(today, UTC))
+        return crossed(daily, datetime.fromtimestamp(since, UTC), datetime.fromtimestamp(today, UTC))
 
     async def _publish(self) -> None:
         """Write changed directives and records to the store; wake requests waiting at the gate."""
@@ -177,7 +180,7 @@ class PoolController(AdminMixin):
     def _write(self, writes: list[tuple[str, str, Any]]) -> None:
         for kind, name, value in writes:
             if kind == "directive":
-                self._store.put_directive(name, value)
+                self._store.put_directive(self._logic.models[name].spec.app, value)
             else:
                 self._store.put_record(name, value)
             self._written[(kind, name)] = value
@@ -203,7 +206,7 @@ class PoolController(AdminMixin):
             "waking": self._board.waking(name, seen.starting, seen.running, now),
             "admitted": self._logic.gate_open(name),
             "waiting_for_room": self._logic.waiting_for_room(name),
-            "app": name,
+            "app": spec.app,
             "deployment": self._deployments.get(name),
         }  # fmt: skip
 
@@ -239,9 +242,9 @@ class PoolController(AdminMixin):
                 return  # an upgrade or a restart of this replica: the pool carries on
         except Exception:
             pass  # Serve is shutting down: its applications go anyway; forget the records
-        for name in list(self._logic.models):
+        for state in list(self._logic.models.values()):
             try:
-                serve.delete(name, _blocking=False)
+                serve.delete(state.spec.app, _blocking=False)
             except Exception:
-                logger.warning("pool: could not delete %s", name, exc_info=True)
+                logger.warning("pool: could not delete %s", state.spec.app, exc_info=True)
         self._store.clear()

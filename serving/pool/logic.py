@@ -82,7 +82,7 @@ class Step:
 
     evicted: list[tuple[str, str]] = field(default_factory=list)  # (victim, for model)
     readmitted: list[str] = field(default_factory=list)
-    unloaded: list[str] = field(default_factory=list)  # drained: delete their applications
+    unloaded: list[tuple[str, str]] = field(default_factory=list)  # drained: (model, application) to delete
     events: list[str] = field(default_factory=list)
 
 
@@ -172,7 +172,7 @@ class PoolLogic:
         if state.drain is not None and at_zero:
             if state.drain == "unload":
                 del self.models[name]
-                step.unloaded.append(name)
+                step.unloaded.append((name, state.spec.app))
                 return
             state.drain = None
         if state.suspended and state.drain is None and seen.running > 0:

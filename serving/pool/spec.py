@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from serving.pool.errors import ModelValidationError
-from serving.pool.schedule import DailyTime
+from settings import NAME_PATTERN, DailyTime
 
 POLICY_PATH = "serving.pool.policy:PoolAutoscalingPolicy"
-# A model's Serve application is named after it; Serve forbids '#' (replica ids) and needs a name.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+_NAME = re.compile(NAME_PATTERN)
 
 Resources = Mapping[str, float]
 
@@ -32,8 +31,9 @@ class ModelSpec:
     True
     """
 
-    name: str
+    name: str  # the id clients send as `model`
     model_id: str
+    app: str = ""  # its Serve application (and deployment) name; "" means the model's name
     priority: int = 0
     min_replicas: int = 0
     max_replicas: int = 1
@@ -43,6 +43,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         check_bounds(self.priority, self.min_replicas, self.max_replicas)
         check_name(self.name)
+        if not self.app:
+            object.__setattr__(self, "app", self.name)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"resources": dict(self.resources), "config": dict(self.config)}
@@ -59,8 +61,8 @@ class ModelSpec:
 class PoolSettings:
     """Service-level settings of the pool (from the environment, via the service settings).
 
-    >>> PoolSettings(scale_to_zero_at="21:00 America/Chicago").daily
-    DailyTime('21:00 America/Chicago')
+    >>> str(PoolSettings(scale_to_zero_at="21:00 America/Chicago").daily)
+    '21:00 America/Chicago'
     """
 
     pool: str = "llm"  # the main application's name: prefixes the pool's keys in the GCS store
@@ -72,10 +74,11 @@ class PoolSettings:
     loop_interval_s: float = 0.5  # how often the controller observes Serve and decides
     app_factory: str = "serving.pool.apps:generator_app"  # (spec, pool) -> serve.Application
     entry_parser: str = "serving.pool.apps:spec_from_entry"  # (entry, defaults) -> ModelSpec
+    config_view: str = "serving.pool.apps:public_config"  # spec.config -> what /admin shows
 
     def __post_init__(self) -> None:
-        if self.keep_hot_priority < 1:
-            raise ValueError(f"KEEP_HOT_PRIORITY must be at least 1, got {self.keep_hot_priority}")
+        if self.keep_hot_priority < 0:
+            raise ValueError(f"KEEP_HOT_PRIORITY must be at least 0, got {self.keep_hot_priority}")
         if not self.eviction_grace_s >= 0:
             raise ValueError(f"EVICTION_GRACE_S must be >= 0, got {self.eviction_grace_s}")
         if self.scale_to_zero_at is not None:
@@ -92,7 +95,9 @@ class PoolSettings:
 def check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ModelValidationError(
-            "name", f"must be 1-128 characters of letters, digits and . _ : / @ + - (no '#'), got {name!r}"
+            "name",
+            f"must be 1-128 characters of letters, digits and . _ : / - (starting with one of the first two), "
+            f"got {name!r}",
         )
 
 

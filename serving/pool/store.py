@@ -5,8 +5,8 @@ Serve's: it survives a restart of the Gateway or of the pool controller, and is 
 Gateway replica. Keys, in namespace ``llm_pool``, start with the main application's name:
 
 - ``<pool>/model/<name>``: a model's record (its ModelSpec, source, eviction flags).
-- ``<pool>/directive/<name>``: the autoscaling policy's input (written here, read by the policy).
-- ``<pool>/stats/<name>``: what the policy last saw (busy or idle, Serve's target).
+- ``<pool>/directive/<app>``: the autoscaling policy's input (written here, read by the policy).
+- ``<pool>/stats/<app>``: what the policy last saw (busy or idle, Serve's target).
 - ``<pool>/daily``: when SCALE_TO_ZERO_AT last took effect.
 
 Ray exposes this store as ``ray.experimental.internal_kv`` (not a public API); this module is the
@@ -65,16 +65,16 @@ class PoolStore:
     def put_record(self, name: str, record: dict[str, Any]) -> None:
         self._put(f"{self.pool}/model/{name}", record)
 
-    def delete_model(self, name: str) -> None:
-        for key in (f"{self.pool}/model/{name}", directive_key(self.pool, name), stats_key(self.pool, name)):
+    def delete_model(self, name: str, app: str) -> None:
+        for key in (f"{self.pool}/model/{name}", directive_key(self.pool, app), stats_key(self.pool, app)):
             self._delete(key)
 
-    # --- the policy's input and output -------------------------------------------------------------
-    def put_directive(self, name: str, directive: dict[str, Any]) -> None:
-        self._put(directive_key(self.pool, name), directive)
+    # --- the policy's input and output (keyed by the model's application name) ---------------------------
+    def put_directive(self, app: str, directive: dict[str, Any]) -> None:
+        self._put(directive_key(self.pool, app), directive)
 
-    def stats(self, name: str) -> dict[str, Any] | None:
-        return self._get(stats_key(self.pool, name))
+    def stats(self, app: str) -> dict[str, Any] | None:
+        return self._get(stats_key(self.pool, app))
 
     # --- SCALE_TO_ZERO_AT ----------------------------------------------------------------------
     def daily_done_at(self) -> float | None:

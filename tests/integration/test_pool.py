@@ -100,7 +100,7 @@ async def state(client: PoolClient, name: str) -> str:
 
 async def generate(client: PoolClient, name: str, prompts: list[str], params: SamplingParams = SHORT):
     handle = await client.acquire(name, timeout_s=120)
-    return await handle.generate.remote(prompts, params)
+    return await handle.generate_prompts.remote(prompts, params)
 
 
 async def test_priority_1_evicts_priority_0_after_its_request_and_priority_0_never_evicts_priority_1(
@@ -136,7 +136,7 @@ async def test_priority_1_evicts_priority_0_after_its_request_and_priority_0_nev
     # A request for low now waits for room; high (priority 1) is never evicted for it.
     started = time.monotonic()
     handle = await client.acquire("low", timeout_s=10)
-    response = handle.generate.remote(["Write"], SHORT)
+    response = handle.generate_prompts.remote(["Write"], SHORT)
     done, _ = await asyncio.wait({asyncio.ensure_future(answer_of(response))}, timeout=8)
     assert not done and time.monotonic() - started >= 8
     response.cancel()  # what the Gateway does past REQUEST_TIMEOUT_S (then answers 503 + Retry-After)

@@ -148,7 +148,7 @@ def test_unload_drains_then_reports_the_model_for_deletion() -> None:
     logic.begin_unload("gone")
     assert logic.step(now=0.0, free={}).unloaded == []
     logic.observe("gone", Seen())
-    assert logic.step(now=1.0, free={}).unloaded == ["gone"]
+    assert logic.step(now=1.0, free={}).unloaded == [("gone", "gone")]
     assert "gone" not in logic.models
 
 

@@ -13,8 +13,9 @@ from ray.serve.config import AutoscalingConfig
 from serving.pool.errors import ModelValidationError
 from serving.pool.policy import decide
 from serving.pool.progress import ColdStartBoard
-from serving.pool.schedule import DailyTime, ShiftedClock
+from serving.pool.schedule import ShiftedClock, crossed
 from serving.pool.spec import ModelSpec, PoolSettings, pooled_autoscaling_config
+from settings import DailyTime
 
 CHICAGO = ZoneInfo("America/Chicago")
 
@@ -25,18 +26,8 @@ def test_examples_in_docstrings_run(module: str) -> None:
     assert result.failed == 0 and result.attempted > 0
 
 
-@pytest.mark.parametrize(
-    ("text", "problem"),
-    [
-        ("21:00", "expected 'HH:MM <time zone>'"),
-        ("25:00 UTC", "not a time of day"),
-        ("21:00 Mars/Olympus", "unknown time zone 'Mars/Olympus'"),
-        ("nine pm UTC", "expected"),
-    ],
-)
-def test_a_bad_daily_time_says_what_is_expected(text: str, problem: str) -> None:
-    with pytest.raises(ValueError, match=problem):
-        DailyTime.parse(text)
+@pytest.mark.parametrize("text", ["21:00", "25:00 UTC", "21:00 Mars/Olympus", "nine pm UTC"])
+def test_a_bad_daily_time_names_the_variable(text: str) -> None:
     with pytest.raises(ValueError, match="SCALE_TO_ZERO_AT"):
         PoolSettings(scale_to_zero_at=text)
 
@@ -45,23 +36,22 @@ def test_the_daily_time_is_crossed_once_a_day_in_its_own_zone() -> None:
     daily = DailyTime.parse("21:00 America/Chicago")
     before = datetime(2026, 1, 5, 20, 59, 59, tzinfo=CHICAGO)
     at = datetime(2026, 1, 5, 21, 0, 0, tzinfo=CHICAGO)
-    assert not daily.crossed(before - timedelta(minutes=5), before)
-    assert daily.crossed(before, at)
-    assert not daily.crossed(at, at + timedelta(hours=23))
-    assert daily.crossed(at, at + timedelta(hours=24))
-    # The same instant in UTC is the same crossing.
-    assert daily.crossed(before.astimezone(UTC), at.astimezone(UTC))
+    assert not crossed(daily, before - timedelta(minutes=5), before)
+    assert crossed(daily, before, at)
+    assert not crossed(daily, at, at + timedelta(hours=23))
+    assert crossed(daily, at, at + timedelta(hours=24))
+    assert crossed(daily, before.astimezone(UTC), at.astimezone(UTC))  # the same instants in UTC
 
 
 def test_the_daily_time_follows_daylight_saving_time() -> None:
     daily = DailyTime.parse("21:00 America/Chicago")
-    winter = daily.last_at_or_before(datetime(2026, 1, 6, tzinfo=UTC))
-    summer = daily.last_at_or_before(datetime(2026, 7, 6, tzinfo=UTC))
+    winter = daily.next_after(datetime(2026, 1, 5, tzinfo=UTC))
+    summer = daily.next_after(datetime(2026, 7, 5, tzinfo=UTC))
     assert winter.astimezone(UTC).hour == 3 and summer.astimezone(UTC).hour == 2
-    # A day whose 02:30 does not exist (spring forward) still gets its occurrence.
+    # A day whose 02:30 does not exist (spring forward) still has its occurrence.
     early = DailyTime.parse("02:30 America/Chicago")
     day = datetime(2026, 3, 8, 12, 0, tzinfo=CHICAGO)
-    assert early.crossed(day - timedelta(hours=12), day)
+    assert crossed(early, day - timedelta(hours=12), day)
 
 
 def test_a_shifted_clock_runs_at_the_system_clocks_pace() -> None:
