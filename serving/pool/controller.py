@@ -230,6 +230,10 @@ class PoolController(AdminMixin):
         self._require(name)
         return True
 
+    async def configs(self) -> dict[str, dict[str, Any]]:
+        """Every served model's full configuration (for the Gateway's request defaults and limits)."""
+        return {name: dict(s.spec.config) for name, s in self._logic.models.items() if s.drain != "unload"}
+
     async def report_phase(self, model: str, replica: str, phase: str, seconds: float | None, at: float) -> None:
         """A model replica finished a start-up phase (``serving.pool.reporter.PhaseReporter``)."""
         self._board.report(model, replica, phase, seconds, at)

@@ -19,12 +19,17 @@ from ray import serve
 
 from benchmarks.common import local_serve
 from engine.params import SamplingParams
+from engine.types import GenerationRequest, Started
+from engine.types import SamplingParams as TypesParams
+from serving.api.errors import ApiError
 from serving.pool.apps import spec_from_entry
+from serving.pool.backend import PoolBackend
 from serving.pool.client import PoolClient
 from serving.pool.controller import PoolController
 from serving.pool.errors import ModelExistsError, ModelUnavailableError, ModelValidationError, UnknownModelError
 from serving.pool.spec import PoolSettings
 from serving.pool.store import PoolStore
+from settings import build_settings
 from tests.checkpoints import build_tiny_causal
 from tests.integration.pool_support import FileClock
 
@@ -184,6 +189,10 @@ async def test_a_keep_hot_model_starts_by_itself_and_stays_up_past_its_idle_time
     assert set(hot_states) == {"running"}
 
 
+async def backend_state(backend: PoolBackend, name: str, wanted: str) -> bool:
+    return {status.name: status.state for status in await backend.statuses()}[name] == wanted
+
+
 async def is_running(client: PoolClient, name: str) -> bool:
     return await state(client, name) == "running"
 
@@ -225,29 +234,48 @@ async def test_admin_load_use_update_unload_and_the_pool_survives_its_controller
     client = pools("admin", [{"name": "base"}], base)
     controller = serve.get_deployment_handle("PoolController", "admin")
 
-    entry = await controller.load.remote({"name": "extra", "priority": 1, "max_replicas": 2})
-    assert (entry["id"], entry["priority"], entry["replicas"]["max"]) == ("extra", 1, 2)
+    entry = await controller.load.remote({"name": "team/extra", "priority": 1, "max_replicas": 2})
+    assert (entry["id"], entry["app"], entry["priority"], entry["replicas"]["max"]) == (
+        "team/extra",
+        "team--extra",
+        1,
+        2,
+    )
     with pytest.raises(ModelValidationError) as error:
         await controller.load.remote({"name": "bad", "max_replicas": "many"})
     assert error.value.field == "max_replicas"
     with pytest.raises(ModelExistsError):
-        await controller.load.remote({"name": "extra"})
-    answer = await generate(client, "extra", ["Write"])
-    assert len(answer.completions) == 1
+        await controller.load.remote({"name": "team/extra"})
+    listed = {m["id"]: m for m in await controller.list_models.remote()}
+    assert listed["team/extra"]["source"] == "admin" and listed["team/extra"]["config"]["max_replicas"] == 2
 
-    await controller.update.remote("extra", priority=3, max_replicas=1)
-    await until(lambda: is_running(client, "extra"), 30, "extra to stay up as a keep-hot model")
+    # The Gateway's backend over the pool: the loaded model is resolved, listed and answers.
+    backend = PoolBackend(controller, build_settings({"MODEL_ID": str(tiny_causal)}), refresh_s=0.1)
+    model = await backend.resolve("team/extra")
+    assert model.name == "team/extra" and model.max_replicas == 2
+    request = GenerationRequest(request_id="r1", params=TypesParams(max_new_tokens=2), prompts=("Write",))
+    started, completions = await backend.generate(model, request)
+    assert started.cold_start is not None and len(completions) == 1
+    items = [item async for item in backend.stream(model, request)]
+    assert isinstance(items[0], Started) and items[0].cold_start is None and len(items) == 2
+    await until(lambda: backend_state(backend, "team/extra", "running"), 5, "the backend to list extra running")
+    with pytest.raises(ApiError) as unknown:
+        await backend.resolve("nope")
+    assert unknown.value.status == 404 and "base, team/extra" in unknown.value.message
+
+    await controller.update.remote("team/extra", priority=3, max_replicas=1)
+    await until(lambda: is_running(client, "team/extra"), 30, "extra to stay up as a keep-hot model")
     # A new controller replica (an upgrade, a crash) finds the same pool in Ray's GCS store.
     serve.run(PoolController.bind(PoolSettings(pool="admin"), [spec_from_entry({"name": "base"}, base)], base),
               name="admin", route_prefix=None)  # fmt: skip
     restored = {m["id"]: m for m in await client.snapshot(max_age_s=0)}
-    assert set(restored) == {"base", "extra"}
-    assert (restored["extra"]["priority"], restored["extra"]["replicas"]["max"]) == (3, 1)
-    assert restored["extra"]["last_cold_start"] is not None
+    assert set(restored) == {"base", "team/extra"}
+    assert (restored["team/extra"]["priority"], restored["team/extra"]["replicas"]["max"]) == (3, 1)
+    assert restored["team/extra"]["last_cold_start"] is not None
 
-    result = await controller.unload.remote("extra", wait_s=60)
-    assert result == {"id": "extra", "unloaded": True}
-    wait_until(lambda: "extra" not in serve.status().applications, 30, "extra's application to be deleted")
+    result = await controller.unload.remote("team/extra", wait_s=60)
+    assert result == {"id": "team/extra", "unloaded": True}
+    wait_until(lambda: "team--extra" not in serve.status().applications, 30, "extra's application to be deleted")
     assert [m["id"] for m in await client.snapshot(max_age_s=0)] == ["base"]
     with pytest.raises(UnknownModelError, match="served models: base"):
-        await client.acquire("extra", timeout_s=1)
+        await client.acquire("team/extra", timeout_s=1)
