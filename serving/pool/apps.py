@@ -86,18 +86,19 @@ def pool_graph(settings: Settings, pool: str = "llm") -> Application:
         scale_to_zero_at=settings.scale_to_zero_at,
         request_timeout_s=settings.request_timeout_s,
         retry_after_s=settings.retry_after_s,
+        log_level=settings.log_level,
     )
     specs = [spec_of(config) for config in settings.model_configs]
     return PoolController.bind(pool_settings, specs, model_defaults(settings))
 
 
-def generator_app(spec: ModelSpec, pool: str) -> Application:
+def generator_app(spec: ModelSpec, pool: PoolSettings) -> Application:
     """The model's Serve application: the Generator under the pool's autoscaling policy."""
     config = ModelConfig.model_validate(spec.config)
-    options = config.deployment_options()
-    autoscaling = pooled_autoscaling_config(options["autoscaling_config"], pool, spec.app)
+    options = config.deployment_options(pool.log_level)
+    autoscaling = pooled_autoscaling_config(options["autoscaling_config"], pool.pool, spec.app)
     options["autoscaling_config"] = autoscaling | {"max_replicas": spec.max_replicas}
-    return ReportingGenerator.options(**options).bind(config, pool, spec.name)
+    return ReportingGenerator.options(**options).bind(config, pool.pool, spec.name)
 
 
 class _ReportingGenerator(Generator.func_or_class):

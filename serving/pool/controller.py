@@ -104,7 +104,7 @@ class PoolController(AdminMixin):
 
     async def _deploy(self, state: ModelState) -> None:
         spec = state.spec
-        app = self._factory(spec, self._pool)
+        app = self._factory(spec, self._settings)
         target = serve.RunTarget(app, name=spec.app, route_prefix=None)
         # Written before the app exists, so that its policy reads the right floor from its first tick.
         await asyncio.to_thread(self._store.put_directive, spec.app, self._logic.directive(spec.name))

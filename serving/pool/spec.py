@@ -72,7 +72,8 @@ class PoolSettings:
     request_timeout_s: float = 300.0  # REQUEST_TIMEOUT_S: the longest wait for room
     retry_after_s: int = 5  # Retry-After when no room came in time
     loop_interval_s: float = 0.5  # how often the controller observes Serve and decides
-    app_factory: str = "serving.pool.apps:generator_app"  # (spec, pool) -> serve.Application
+    log_level: str = "INFO"  # LOG_LEVEL, for the model deployments the pool deploys
+    app_factory: str = "serving.pool.apps:generator_app"  # (spec, PoolSettings) -> serve.Application
     entry_parser: str = "serving.pool.apps:spec_from_entry"  # (entry, defaults) -> ModelSpec
     config_view: str = "serving.pool.apps:public_config"  # spec.config -> what /admin shows
 
