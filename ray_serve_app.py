@@ -12,14 +12,14 @@ from typing import Any
 from ray.serve import Application
 
 from serving.gateway import Gateway
-from serving.generator import Generator
+from serving.model_server import ModelServer
 from settings import Settings, load_settings
 
 
 def build_graph(settings: Settings) -> Application:
     """The application for ``settings``: a light Gateway bound to one autoscaled deployment per model."""
     models = {
-        model.name: Generator.options(**model.deployment_options(settings.log_level)).bind(model)
+        model.name: ModelServer.options(**model.deployment_options(settings.log_level)).bind(model)
         for model in settings.model_configs
     }
     return Gateway.options(**settings.gateway_options()).bind(models, settings)

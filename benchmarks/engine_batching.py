@@ -22,8 +22,8 @@ import torch
 
 from benchmarks.checkpoints import random_checkpoint
 from benchmarks.common import PROMPTS, RESULTS, write_results
-from engine.model import EngineConfig, TextGenerator, WorkItem
-from engine.params import SamplingParams
+from engine.model import EngineConfig, TextGenerator
+from engine.types import SamplingParams
 
 logger = logging.getLogger("engine_batching")
 
@@ -36,14 +36,13 @@ def time_once(fn: Callable[[], Any]) -> float:
 
 def strategies(engine: TextGenerator, ids: list[list[int]], new_tokens: int) -> dict[str, Callable[[], Any]]:
     params = SamplingParams(max_new_tokens=new_tokens)
-    items = [WorkItem(i, params) for i in ids]
 
     def one_at_a_time() -> None:
-        for item in items:
-            engine.generate([item])
+        for prompt_ids in ids:
+            engine.generate([prompt_ids], params)
 
     def padded_batch() -> None:
-        engine.generate(items)
+        engine.generate(ids, params)
 
     from transformers import GenerationConfig
 

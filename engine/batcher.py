@@ -1,97 +1,194 @@
-"""Feed concurrent prompts to the engine in batches, off the event loop.
+"""Feed concurrent requests to the engine in batches, off the event loop, and stream their deltas back.
 
 Plain asyncio and threads: no torch, no Ray. One worker thread runs the engine. When it is idle,
-the first prompt to arrive starts a batch after a short wait for company (``wait_timeout_s``);
-while a batch runs, the engine polls for newly arrived prompts between decoding steps, so they
-join it at once (continuous batching) rather than wait for it to end. Each prompt is answered the
-moment it ends.
+the first request to arrive starts a batch after a short wait for company (``wait_timeout_s``);
+while a batch runs, the engine polls for newly arrived rows between decoding steps, so they join
+it at once (continuous batching) rather than wait for it to end.
+
+Every request is a stream. After each decoding step the engine thread hands over that step's
+deltas in one ``call_soon_threadsafe`` call, and each request's reader receives its rows' deltas.
+A reader slower than the engine is not sent a backlog: consecutive deltas of a row it has not
+read yet are joined into one (:meth:`Delta.then`). A reader that stops (``aclose()``, its task
+cancelled, the generator dropped) cancels its rows, and the engine drops them at its next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
+import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any
 
-from engine.params import Completion, SamplingParams
+from engine.types import Delta, SamplingParams
+from engine.work import RunBatch, WorkItem
 
 logger = logging.getLogger(__name__)
 
 
-class BatchItem(Protocol):
-    prompt_ids: list[int]
-    params: SamplingParams
-    cancelled: bool
+class RequestStream:
+    """The deltas of one request's rows, as an async iterator of ``tuple[Delta, ...]``.
 
+    Iteration ends when every row has finished. :meth:`close` (also on ``aclose()``) cancels the
+    rows still running; call it when the reader stops early. Made by :meth:`Batcher.open`.
+    """
 
-OnDone = Callable[[Any, Completion], None]
-Poll = Callable[[int], Sequence[Any]]
-# run_batch(items, on_done, poll, max_batch_size): the engine's generate().
-RunBatch = Callable[[Sequence[Any], OnDone, Poll, int], Any]
+    def __init__(self, batcher: Batcher, key: int, items: list[WorkItem]) -> None:
+        self.key = key
+        self.items = items
+        self._batcher = batcher
+        self._pending: dict[int, Delta] = {}  # row -> its deltas not yet read, joined
+        self._open_rows = len(items)
+        self._wake = asyncio.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def admitted_at(self) -> float | None:
+        """When the engine took this request's first row (``time.monotonic()``), None before."""
+        times = [item.admitted_at for item in self.items if item.admitted_at is not None]
+        return min(times, default=None)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> tuple[Delta, ...]:
+        while not self._pending:
+            if self._error is not None:
+                self.close()
+                raise self._error
+            if self._open_rows == 0:
+                self.close()
+                raise StopAsyncIteration
+            self._wake.clear()
+            await self._wake.wait()
+        deltas = tuple(self._pending.values())
+        self._pending.clear()
+        return deltas
+
+    def close(self) -> None:
+        """Stop reading: rows still queued or running are cancelled (idempotent)."""
+        self._batcher._close(self)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    # --- called on the event loop by the batcher ---------------------------------------------
+    def _deliver(self, delta: Delta) -> None:
+        earlier = self._pending.get(delta.index)
+        self._pending[delta.index] = delta if earlier is None else earlier.then(delta)
+        if delta.finish_reason is not None:
+            self._open_rows -= 1
+        self._wake.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._wake.set()
 
 
 class Batcher:
-    """Runs ``run_batch`` in one worker thread; ``submit`` waits for one item's completion.
+    """Runs ``run_batch`` (the engine's ``run``) in one worker thread for every open stream.
 
     Example::
 
-        batcher = Batcher(engine.generate, max_batch_size=16, wait_timeout_s=0.005)
-        completion = await batcher.submit(WorkItem(prompt_ids, params))
+        batcher = Batcher(engine.run, max_batch_size=16, wait_timeout_s=0.005)
+        async for deltas in batcher.stream([prompt_ids], [params]):
+            ...  # tuple of Delta, one per row that advanced
     """
 
     def __init__(self, run_batch: RunBatch, max_batch_size: int, wait_timeout_s: float) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.wait_timeout_s = wait_timeout_s
-        self._queue: deque[Any] = deque()  # items not yet taken by the engine
-        self._lock = threading.Lock()  # the engine thread pops from the queue too
-        self._futures: dict[int, asyncio.Future] = {}
+        self._queue: deque[WorkItem] = deque()  # items not yet taken by the engine
+        self._lock = threading.Lock()  # the engine thread takes items and counts too
+        self._streams: dict[int, RequestStream] = {}
+        self._keys = itertools.count(1)
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self.batch_sizes: Counter[int] = Counter()  # prompts per batch -> how many batches
+        # Counters (read by stats()).
+        self.batch_sizes: Counter[int] = Counter()  # rows per engine call -> how many calls
         self.busy_s = 0.0  # time spent generating
+        self.rows_running = 0  # taken by the engine, not finished
+        self.rows_cancelled = 0  # rows whose reader went away before they finished (total)
+        self.tokens_generated = 0  # total
 
-    async def submit(self, item: BatchItem) -> Completion:
-        """Queue ``item`` and wait for its completion; cancelling the wait cancels the item."""
+    # --- requests --------------------------------------------------------------------------
+    def open(self, prompt_ids: Sequence[list[int]], params: Sequence[SamplingParams]) -> RequestStream:
+        """Queue one request's rows (row ``i``: ``prompt_ids[i]`` with ``params[i]``); read the stream."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._arrived = asyncio.Event()
             self._task = loop.create_task(self._loop(), name="batcher")
-        future = loop.create_future()
-        self._futures[id(item)] = future
+        key = next(self._keys)
+        items = [
+            WorkItem(stream=key, row=row, prompt_ids=ids, params=p)
+            for row, (ids, p) in enumerate(zip(prompt_ids, params, strict=True))
+        ]
+        stream = RequestStream(self, key, items)
+        self._streams[key] = stream
         with self._lock:
-            self._queue.append(item)
+            self._queue.extend(items)
         assert self._arrived is not None
         self._arrived.set()
+        return stream
+
+    async def stream(
+        self, prompt_ids: Sequence[list[int]], params: Sequence[SamplingParams]
+    ) -> AsyncIterator[tuple[Delta, ...]]:
+        """:meth:`open` as an async generator: stopping it early (aclose, cancel) cancels the rows."""
+        stream = self.open(prompt_ids, params)
         try:
-            return await future
-        except asyncio.CancelledError:
-            item.cancelled = True  # the engine drops the row at its next step
-            raise
+            async for deltas in stream:
+                yield deltas
         finally:
-            self._futures.pop(id(item), None)
+            stream.close()
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
+    def stats(self) -> dict[str, Any]:
+        sizes = self.batch_sizes
+        return {
+            "batches": sum(sizes.values()),
+            "rows": sum(size * n for size, n in sizes.items()),
+            "batch_sizes": dict(sorted(sizes.items())),
+            "busy_s": round(self.busy_s, 3),
+            "rows_running": self.rows_running,
+            "items_queued": len(self._queue),
+            "streams_open": len(self._streams),
+            "rows_cancelled": self.rows_cancelled,
+            "tokens_generated": self.tokens_generated,
+        }
 
-    def _take(self, n: int) -> list[Any]:
+    def _close(self, stream: RequestStream) -> None:
+        if self._streams.pop(stream.key, None) is None:
+            return
+        with self._lock:
+            unfinished = [item for item in stream.items if not item.finished]
+            for item in unfinished:
+                item.cancelled = True
+            self.rows_cancelled += len(unfinished)
+            if any(item.admitted_at is None for item in unfinished):  # still queued: out of the queue now
+                self._queue = deque(item for item in self._queue if item.stream != stream.key)
+
+    # --- the engine side ----------------------------------------------------------------------
+    def _take(self, n: int) -> list[WorkItem]:
         """Up to ``n`` queued items that are still wanted (called from either thread)."""
-        taken: list[Any] = []
+        taken: list[WorkItem] = []
+        now = time.monotonic()
         with self._lock:
             while self._queue and len(taken) < n:
                 item = self._queue.popleft()
                 if not item.cancelled:
+                    item.admitted_at = now
                     taken.append(item)
+            self.rows_running += len(taken)
         return taken
 
-    async def _gather(self) -> list[Any]:
+    async def _gather(self) -> list[WorkItem]:
         """Wait for a first item, then briefly for company, when the engine is idle."""
         assert self._arrived is not None
         while not self._queue:
@@ -107,42 +204,49 @@ class Batcher:
             batch = await self._gather()
             if not batch:
                 continue
-            ran: list[Any] = []
+            ran: list[WorkItem] = list(batch)
 
-            def poll(free: int, ran: list[Any] = ran) -> list[Any]:
+            def poll(free: int, ran: list[WorkItem] = ran) -> list[WorkItem]:
                 more = self._take(free)
                 ran.extend(more)
                 return more
 
-            def on_done(item: Any, completion: Completion) -> None:
-                loop.call_soon_threadsafe(self._resolve, item, completion)
+            def on_step(events: list[tuple[WorkItem, Delta]]) -> None:
+                with self._lock:
+                    for item, delta in events:
+                        self.tokens_generated += delta.tokens
+                        if delta.finish_reason is not None and not item.finished:
+                            item.finished = True
+                            self.rows_running -= 1
+                loop.call_soon_threadsafe(self._dispatch, events)  # once per step, whatever the rows
 
-            ran.extend(batch)
             started = loop.time()
+            error: BaseException | None = None
             try:
-                await loop.run_in_executor(self._executor, self._run_batch, batch, on_done, poll, self.max_batch_size)
-            except Exception as exc:  # every waiter of a failed batch hears of it
-                logger.exception("batch of %d failed", len(ran))
-                for item in ran:
-                    self._fail(item, exc)
-            else:
-                # on_done callbacks were queued on the loop before this await resumed, so a
-                # future still open here was never answered: fail it rather than hang its caller.
-                for item in ran:
-                    self._fail(item, RuntimeError("the batch ended without a result for this prompt"))
+                await loop.run_in_executor(self._executor, self._run_batch, batch, on_step, poll, self.max_batch_size)
+            except Exception as exc:  # every reader of a failed batch hears of it
+                logger.exception("batch of %d rows failed", len(ran))
+                error = exc
+            # Dispatches were queued on the loop before this await resumed, so a row not finished
+            # here never will be: fail its reader rather than leave it waiting.
+            with self._lock:
+                orphans = [item for item in ran if not item.finished]
+                for item in orphans:
+                    item.finished = True
+                self.rows_running -= len(orphans)
+            for item in orphans:
+                stream = self._streams.get(item.stream)
+                if stream is not None:
+                    stream._fail(error or RuntimeError("the batch ended without finishing this row"))
             self.batch_sizes[len(ran)] += 1
             self.busy_s += loop.time() - started
-            logger.debug("batch of %d ran in %.3fs", len(ran), loop.time() - started)
+            logger.debug("batch of %d rows ran in %.3fs", len(ran), loop.time() - started)
 
-    def _resolve(self, item: Any, completion: Completion) -> None:
-        future = self._futures.get(id(item))
-        if future is not None and not future.done():
-            future.set_result(completion)
-
-    def _fail(self, item: Any, exc: BaseException) -> None:
-        future = self._futures.get(id(item))
-        if future is not None and not future.done():
-            future.set_exception(exc)
+    def _dispatch(self, events: list[tuple[WorkItem, Delta]]) -> None:
+        for item, delta in events:
+            stream = self._streams.get(item.stream)
+            if stream is not None:  # a closed stream's rows may still report their last step
+                stream._deliver(delta)
 
     async def close(self) -> None:
         if self._task is not None:

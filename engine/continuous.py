@@ -14,17 +14,19 @@ static batches through ``generate`` for anything else (encoder-decoder, sliding-
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from engine.params import FinishReason
-from engine.sampling import Row, finish_reason, pick_tokens
+from engine.logprobs import TokenTexts
+from engine.sampling import Row, choose
+from engine.types import Delta
+from engine.work import WorkItem
 
-Finished = Callable[[Row, FinishReason], None]
+Events = list[tuple[WorkItem, Delta]]
 
 
 def supports(model: Any) -> bool:
@@ -40,28 +42,23 @@ def supports(model: Any) -> bool:
 class ContinuousBatch:
     """The rows decoding together and their key/value cache.
 
+    Each call that decodes returns the step's events: one delta per row that advanced; rows that
+    ended (their delta carries the finish reason) have left the batch when it returns.
+
     Example::
 
-        batch = ContinuousBatch(model, pad_id, eos_ids, decode, on_finish)
-        batch.admit(rows)          # prefill; each row gets its first token
+        batch = ContinuousBatch(model, pad_id, eos_ids, texts)
+        events = batch.admit(rows)   # prefill; each row gets its first token
         while batch.rows:
-            batch.step()           # one token per row; ended rows leave through on_finish
+            events = batch.step()    # one token per row; ended rows leave
     """
 
-    def __init__(
-        self,
-        model: Any,
-        pad_id: int,
-        eos_ids: Collection[int],
-        decode: Callable[[list[int]], str],
-        on_finish: Finished,
-    ) -> None:
+    def __init__(self, model: Any, pad_id: int, eos_ids: Collection[int], texts: TokenTexts) -> None:
         self.model = model
         self.device = model.device
         self.pad_id = pad_id
         self.eos = frozenset(eos_ids)
-        self.decode = decode
-        self.on_finish = on_finish
+        self.texts = texts
         # Prefill needs logits at each row's last position only, not vocab x prompt length.
         self._prefill_kwargs = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
         self.rows: list[Row] = []
@@ -71,10 +68,10 @@ class ContinuousBatch:
         self.last = torch.zeros(0, dtype=torch.long, device=self.device)  # token each row feeds next
 
     # --- joining ---------------------------------------------------------------------------
-    def admit(self, rows: Sequence[Row]) -> None:
+    def admit(self, rows: Sequence[Row]) -> Events:
         """Prefill ``rows`` together, pick their first tokens, and merge them into the batch."""
         if not rows:
-            return
+            return []
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -94,9 +91,10 @@ class ContinuousBatch:
         )
         logits = out.logits[:, -1].float()
         seen = [torch.tensor(r.prompt_ids) for r in rows]
-        first = pick_tokens(logits, rows, seen)
-        self._merge(list(rows), out.past_key_values, mask, positions[:, -1] + 1, first)
-        self._record(first.tolist(), range(len(self.rows) - len(rows), len(self.rows)))
+        first, logprobs = choose(logits, rows, seen, self.texts)
+        last = torch.tensor(first, dtype=torch.long, device=self.device)
+        self._merge(list(rows), out.past_key_values, mask, positions[:, -1] + 1, last)
+        return self._record(first, logprobs, range(len(self.rows) - len(rows), len(self.rows)))
 
     def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, positions, last) -> None:
         if self.cache is None or not self.rows:
@@ -113,7 +111,7 @@ class ContinuousBatch:
         self.rows = self.rows + rows
 
     # --- decoding ----------------------------------------------------------------------------
-    def step(self) -> None:
+    def step(self) -> Events:
         """Feed every row its last token, pick the next one, and let ended rows go."""
         assert self.cache is not None
         ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)
@@ -127,37 +125,35 @@ class ContinuousBatch:
         )
         logits = out.logits[:, -1].float()
         seen = [self._seen(r) for r in self.rows]
-        self.last = pick_tokens(logits, self.rows, seen)
+        tokens, logprobs = choose(logits, self.rows, seen, self.texts)
+        self.last = torch.tensor(tokens, dtype=torch.long, device=self.device)
         self.positions = self.positions + 1
-        self._record(self.last.tolist(), range(len(self.rows)))
+        return self._record(tokens, logprobs, range(len(self.rows)))
 
     def _seen(self, row: Row) -> torch.Tensor | None:
         if row.params.repetition_penalty == 1.0:
             return None
         return torch.tensor(row.prompt_ids + row.generated)
 
-    def _record(self, tokens: list[int], indices: Sequence[int]) -> None:
-        """Append each row's new token, end the rows that are done, and drop them from the batch."""
+    def _record(self, tokens: list[int], logprobs: list, indices: Sequence[int]) -> Events:
+        """Advance each row by its new token, and drop the rows that ended from the batch."""
+        events: Events = []
         ended = False
-        for index, token in zip(indices, tokens, strict=True):
+        for index, token, logprob in zip(indices, tokens, logprobs, strict=True):
             row = self.rows[index]
-            row.generated.append(token)
-            reason = finish_reason(row, self.eos, self.decode)
-            if reason is not None:
-                row.finish_reason = reason
-                self.on_finish(row, reason)
-                ended = True
+            delta = row.advance(token, self.eos, logprob)
+            events.append((row.item, delta))
+            ended = ended or delta.finish_reason is not None
         if ended:
             self._keep([i for i, row in enumerate(self.rows) if row.finish_reason is None])
+        return events
 
-    def drop_cancelled(self) -> None:
+    def drop_cancelled(self) -> Events:
         """End rows whose caller went away, without spending another step on them."""
-        cancelled = [row for row in self.rows if row.cancelled()]
-        for row in cancelled:
-            row.finish_reason = "cancelled"
-            self.on_finish(row, "cancelled")
-        if cancelled:
+        events = [(row.item, row.cancel()) for row in self.rows if row.cancelled()]
+        if events:
             self._keep([i for i, row in enumerate(self.rows) if row.finish_reason is None])
+        return events
 
     def _keep(self, indices: list[int]) -> None:
         index = torch.tensor(indices, dtype=torch.long, device=self.device)

@@ -1,11 +1,10 @@
-"""Load a Hugging Face model and generate for a batch of prompts with per-prompt parameters."""
+"""Load a Hugging Face model and generate for batches of rows, streaming each step's deltas."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -20,11 +19,15 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from engine.chat import encode_chat, render_chat
 from engine.continuous import ContinuousBatch, supports
+from engine.detokenize import IncrementalDetokenizer
 from engine.errors import PromptTooLongError
-from engine.params import Completion, FinishReason, SamplingParams
+from engine.logprobs import TokenTexts
 from engine.sampling import BatchState, Row, RowSampler, RowStopper
 from engine.timing import PhaseTimer
+from engine.types import ChatMessage, Completion, Delta, SamplingParams, collect
+from engine.work import OnStep, Poll, WorkItem
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +79,6 @@ class EngineConfig:
         return torch.float32
 
 
-@dataclass
-class WorkItem:
-    """One prompt queued for generation; ``cancelled`` may be set from another thread."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    cancelled: bool = False
-
-
 def _model_class(model_config: Any, trust_remote_code: bool) -> Any:
     """The concrete class for ``model_config`` (importing its module), or the Auto class for remote code."""
     auto = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
@@ -131,13 +125,17 @@ def _weights_facts(model: Any, seconds: float) -> dict[str, Any]:
 
 
 class TextGenerator:
-    """A loaded model and tokenizer that generate for batches of prompts.
+    """A loaded model and tokenizer that generate for batches of rows.
+
+    :meth:`run` is the primitive: it decodes work items in batches and reports each step's
+    deltas as they are made; :meth:`generate` collects them for callers that want whole answers.
 
     Example::
 
         gen = TextGenerator.load(EngineConfig(model_id="models/pydoc-gpt-mini"))
-        ids = gen.encode(["Return the"], SamplingParams(max_new_tokens=8))
-        [completion] = gen.generate([WorkItem(ids[0], SamplingParams(max_new_tokens=8))])
+        params = SamplingParams(max_new_tokens=8)
+        [ids] = gen.encode(["Return the"], params)
+        [completion] = gen.generate([ids], params)
     """
 
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig) -> None:
@@ -153,6 +151,7 @@ class TextGenerator:
         self._generation_config = _base_generation_config(model, self.pad_id)
         eos = self._generation_config.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.texts = TokenTexts(tokenizer)
         # Iteration-level batching where our own loop can drive the model; static batches
         # through generate() otherwise (see engine.continuous).
         self.continuous = config.continuous_batching and supports(model)
@@ -205,7 +204,7 @@ class TextGenerator:
     def warm_up(self) -> None:
         """One tiny generation, so the first request does not pay for lazy initialisation."""
         ids = self.tokenizer("Hello", add_special_tokens=True)["input_ids"] or [self.pad_id]
-        self.generate([WorkItem(ids, SamplingParams(max_new_tokens=2))])
+        self.generate([ids], SamplingParams(max_new_tokens=2))
 
     # --- requests ------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], params: SamplingParams) -> list[list[int]]:
@@ -214,6 +213,18 @@ class TextGenerator:
         for index, ids in enumerate(encoded):
             self._check_fits(index, len(ids), params.max_new_tokens, len(prompts) > 1)
         return encoded
+
+    def encode_chat(
+        self, messages: Sequence[ChatMessage], params: SamplingParams, template: str | None = None
+    ) -> list[int]:
+        """Token ids of a chat rendered with the model's chat template (or ``template``).
+
+        Raises ChatTemplateError when there is no template or it refuses the messages, and
+        PromptTooLongError when the rendered chat cannot fit.
+        """
+        ids = encode_chat(self.tokenizer, render_chat(self.tokenizer, messages, template))
+        self._check_fits(0, len(ids), params.max_new_tokens, False)
+        return ids
 
     def _check_fits(self, index: int, n_prompt: int, max_new: int, many: bool) -> None:
         which = f"prompt {index}" if many else "the prompt"
@@ -241,65 +252,62 @@ class TextGenerator:
             )
 
     @torch.inference_mode()
-    def generate(
+    def run(
         self,
         items: Sequence[WorkItem],
-        on_done: Callable[[WorkItem, Completion], None] | None = None,
-        poll: Callable[[int], Sequence[WorkItem]] | None = None,
+        on_step: OnStep,
+        poll: Poll | None = None,
         max_batch_size: int | None = None,
-    ) -> list[Completion]:
-        """Generate for ``items``; ``on_done`` hears of each item the moment it ends.
+    ) -> None:
+        """Generate for ``items``; ``on_step(events)`` hears of every step's deltas the moment it ends.
 
         With continuous batching, ``poll(free_slots)`` is asked between steps for more items to
-        join (at most ``max_batch_size`` rows decode together). Returns the completions of every
-        item that ran, in the order they were admitted.
+        join (at most ``max_batch_size`` rows decode together), and cancelled items leave at the
+        next step. Each row's last delta carries its finish reason.
         """
-        done: list[tuple[WorkItem, Completion]] = []
-
-        def finish(item: WorkItem, row: Row, reason: FinishReason) -> None:
-            completion = self._completion(item, row.generated, reason)
-            done.append((item, completion))
-            if on_done is not None:
-                on_done(item, completion)
-
         if self.continuous:
-            admitted = self._generate_continuous(list(items), finish, poll, max_batch_size or len(items))
+            self._run_continuous(list(items), on_step, poll, max_batch_size or len(items))
         else:
-            admitted = list(items)
-            self._generate_static(admitted, finish)
-        by_item = {id(item): completion for item, completion in done}
-        return [by_item[id(item)] for item in admitted if id(item) in by_item]
+            self._run_static(list(items), on_step)
 
-    def _rows(self, items: Sequence[WorkItem]) -> list[Row]:
-        return [Row(item.params, item.prompt_ids, cancelled=lambda item=item: item.cancelled) for item in items]
+    def generate(
+        self, prompt_ids: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
+        """Whole completions, one per prompt (in order), collected from :meth:`run`'s deltas."""
+        per_row = [params] * len(prompt_ids) if isinstance(params, SamplingParams) else list(params)
+        items = [
+            WorkItem(stream=0, row=i, prompt_ids=list(ids), params=p)
+            for i, (ids, p) in enumerate(zip(prompt_ids, per_row, strict=True))
+        ]
+        events: list[tuple[WorkItem, Delta]] = []
+        self.run(items, events.extend)
+        return collect((delta for _, delta in events), len(items), [len(ids) for ids in prompt_ids])
 
-    def _generate_continuous(self, items, finish, poll, max_batch_size: int) -> list[WorkItem]:
-        owner: dict[int, WorkItem] = {}
-        batch = ContinuousBatch(
-            self.model, self.pad_id, self.eos_ids, self._decode, lambda row, why: finish(owner[id(row)], row, why)
-        )
-        admitted: list[WorkItem] = []
+    def _row(self, item: WorkItem) -> Row:
+        return Row(item, IncrementalDetokenizer(self.tokenizer, item.params.stop))
+
+    def _run_continuous(self, items: list[WorkItem], on_step: OnStep, poll: Poll | None, max_batch_size: int) -> None:
+        batch = ContinuousBatch(self.model, self.pad_id, self.eos_ids, self.texts)
         pending = items
         while True:
             if pending:
-                rows = self._rows(pending)
-                owner.update({id(row): item for row, item in zip(rows, pending, strict=True)})
-                admitted.extend(pending)
-                batch.admit(rows)
-            batch.drop_cancelled()
+                _emit(on_step, batch.admit([self._row(item) for item in pending]))
+            dropped = batch.drop_cancelled()
             free = max_batch_size - len(batch.rows)
             pending = list(poll(free)) if poll is not None and free > 0 else []
-            if not batch.rows and not pending:
-                return admitted
             if batch.rows:
-                batch.step()
+                _emit(on_step, dropped + batch.step())
+            else:
+                _emit(on_step, dropped)
+                if not pending:
+                    return
 
-    def _generate_static(self, items: list[WorkItem], finish) -> None:
+    def _run_static(self, items: list[WorkItem], on_step: OnStep) -> None:
         input_ids, attention_mask = self._pad([item.prompt_ids for item in items])
-        rows = self._rows(items)
+        rows = [self._row(item) for item in items]
         width = input_ids.shape[1]
         seen_from = [0 if self.is_encoder_decoder else width - len(item.prompt_ids) for item in items]
-        state = BatchState(rows, seen_from, self.eos_ids, self._decode, lambda i, why: finish(items[i], rows[i], why))
+        state = BatchState(rows, seen_from, self.eos_ids, self.texts, on_step)
         config = GenerationConfig(**self._generation_config.to_dict())
         config.max_new_tokens = max(item.params.max_new_tokens for item in items)
         self.model.generate(
@@ -309,10 +317,9 @@ class TextGenerator:
             logits_processor=LogitsProcessorList([RowSampler(state)]),
             stopping_criteria=StoppingCriteriaList([RowStopper(state)]),
         )
-        for item, row in zip(items, rows, strict=True):  # rows still open when generate() ended ran out
-            if row.finish_reason is None:
-                row.finish_reason = "length"
-                finish(item, row, "length")
+        # Rows still open when generate() ended ran out of room (the model's own length limit).
+        leftover = [(row.item, _end(row)) for row in rows if row.finish_reason is None]
+        _emit(on_step, leftover)
 
     def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         # Decoder-only models continue from the last position, so pad on the left; an encoder
@@ -328,24 +335,6 @@ class TextGenerator:
                 ids[row, width - len(seq) :] = torch.tensor(seq)
                 mask[row, width - len(seq) :] = 1
         return ids.to(self.device), mask.to(self.device)
-
-    def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def _completion(self, item: WorkItem, token_ids: list[int], reason: FinishReason) -> Completion:
-        # The completion is decoded from the generated tokens alone (never by cutting the prompt
-        # off a decoded string, which breaks when decoding does not round-trip).
-        text = self._decode(token_ids)
-        if reason == "stop" and item.params.stop:
-            cut = min((text.find(s) for s in item.params.stop if s in text), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-        return Completion(
-            text=text,
-            prompt_tokens=len(item.prompt_ids),
-            completion_tokens=len(token_ids),
-            finish_reason=reason,
-        )
 
 
 def _context_length(model_config: Any, tokenizer: Any) -> int | None:
@@ -367,9 +356,13 @@ def _base_generation_config(model: Any, pad_id: int) -> GenerationConfig:
     return config
 
 
-def checkpoint_bytes(model_id: str) -> int:
-    """Size of the weight files of a local checkpoint (0 for a hub ID not cached locally)."""
-    path = Path(model_id)
-    if not path.is_dir():
-        return 0
-    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in {".safetensors", ".bin"})
+def _emit(on_step: OnStep, events: list[tuple[WorkItem, Delta]]) -> None:
+    if events:
+        on_step(events)
+
+
+def _end(row: Row) -> Delta:
+    """The last delta of a row that generate() stopped without our say (its held text, "length")."""
+    row.finish_reason = "length"
+    text = row.detokenizer.flush() if row.detokenizer is not None else ""
+    return Delta(row.item.row, text, 0, finish_reason="length")

@@ -1,49 +1,108 @@
-"""Per-row decoding rules for a batch: repetition penalty, sampling, and when a row ends.
+"""Per-row decoding rules for a batch: penalties, sampling, log-probabilities, and when a row ends.
 
-Every prompt in a batch keeps its own temperature, top-p, top-k, repetition penalty, seed, stop
-strings and token budget. :func:`pick_tokens` and :func:`finish_reason` implement them for one
-decoding step; both decoding loops use them: our own continuous loop (``engine.continuous``) and,
-for models it cannot drive, Hugging Face ``generate`` through :class:`RowSampler` and
-:class:`RowStopper`.
+Every row in a batch keeps its own temperature, top-p, top-k, repetition/presence/frequency
+penalties, seed, stop strings, token budget and log-probability request. :func:`choose` picks one
+step's tokens and :meth:`Row.advance` turns a token into the row's :class:`~engine.types.Delta`;
+both decoding loops use them: our own continuous loop (``engine.continuous``) and, for models it
+cannot drive, Hugging Face ``generate`` through :class:`RowSampler` and :class:`RowStopper`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from engine.params import FinishReason, SamplingParams
+from engine.detokenize import IncrementalDetokenizer
+from engine.logprobs import TokenTexts, token_logprob
+from engine.types import Delta, FinishReason, SamplingParams, TokenLogprob
+from engine.work import OnStep, WorkItem
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
-    """One prompt's decoding state."""
+    """One work item's decoding state (engine thread only)."""
 
-    params: SamplingParams
-    prompt_ids: list[int]
-    cancelled: Callable[[], bool] = lambda: False
+    item: WorkItem
+    detokenizer: IncrementalDetokenizer | None = None
     generated: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = field(default=None, repr=False)
+    # The static path computes a step's log-probabilities before it knows the chosen token.
+    raw_logprobs: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.params.greedy:
             seed = self.params.seed if self.params.seed is not None else torch.seed()
             self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
+    @property
+    def params(self) -> SamplingParams:
+        return self.item.params
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.item.prompt_ids
+
+    def cancelled(self) -> bool:
+        return self.item.cancelled
+
+    def advance(self, token: int, eos: Collection[int], logprob: TokenLogprob | None = None) -> Delta:
+        """Append ``token``; the row's delta for it, ending the row when it is done."""
+        assert self.detokenizer is not None
+        self.generated.append(token)
+        text = self.detokenizer.add(token)
+        reason: FinishReason | None = None
+        if self.detokenizer.stopped or token in eos:
+            reason = "stop"
+        elif len(self.generated) >= self.params.max_new_tokens:
+            reason = "length"
+        if reason is not None and not self.detokenizer.stopped:
+            text += self.detokenizer.flush()
+            if self.detokenizer.stopped:  # the flushed tail completed a stop string
+                reason = "stop"
+        self.finish_reason = reason
+        return Delta(self.item.row, text, 1, (logprob,) if logprob is not None else (), reason)
+
+    def cancel(self) -> Delta:
+        """End the row because its caller went away (no token, no text)."""
+        self.finish_reason = "cancelled"
+        return Delta(self.item.row, "", 0, finish_reason="cancelled")
+
+
+def choose(
+    logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torch.Tensor | None], texts: TokenTexts
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One step's token per row, and its log-probability entry for the rows that asked.
+
+    Log-probabilities come from the raw ``logits`` (before penalties and temperature), taken
+    before :func:`pick_tokens` changes them in place; rows that did not ask cost nothing.
+    """
+    asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    raw = logits[asking].log_softmax(dim=-1) if asking else None
+    tokens = pick_tokens(logits, rows, seen).tolist()
+    entries: list[TokenLogprob | None] = [None] * len(rows)
+    for j, i in enumerate(asking):
+        assert raw is not None
+        entries[i] = token_logprob(raw[j], tokens[i], rows[i].params.logprobs or 0, texts)
+    return tokens, entries
+
 
 def pick_tokens(logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """The next token of each row: greedy rows take the argmax, sampling rows sample with their settings.
 
     ``seen[i]`` holds the tokens row ``i`` has seen (prompt and output), needed only for rows with a
-    repetition penalty. ``logits`` (rows x vocab, float32) may be modified in place.
+    repetition penalty; presence and frequency penalties count the row's own output only (as
+    OpenAI defines them). ``logits`` (rows x vocab, float32) may be modified in place.
     """
     for i, row in enumerate(rows):
-        if row.params.repetition_penalty != 1.0 and seen[i] is not None:
-            _apply_repetition_penalty(logits[i], seen[i], row.params.repetition_penalty)
+        params = row.params
+        if params.repetition_penalty != 1.0 and seen[i] is not None:
+            _apply_repetition_penalty(logits[i], seen[i], params.repetition_penalty)
+        if (params.presence_penalty or params.frequency_penalty) and row.generated:
+            _apply_presence_frequency(logits[i], row.generated, params.presence_penalty, params.frequency_penalty)
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled:
@@ -51,23 +110,10 @@ def pick_tokens(logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torch.
     return chosen
 
 
-def finish_reason(row: Row, eos: Collection[int], decode: Callable[[list[int]], str]) -> FinishReason | None:
-    """Why ``row`` ends after its latest token, or None if it goes on."""
-    if row.cancelled():
-        return "cancelled"
-    if row.generated and row.generated[-1] in eos:
-        return "stop"
-    if row.params.stop and any(stop in decode(row.generated) for stop in row.params.stop):
-        return "stop"
-    if len(row.generated) >= row.params.max_new_tokens:
-        return "length"
-    return None
-
-
 class BatchState:
-    """The rows of one Hugging Face ``generate`` call and what to do when one ends.
+    """The rows of one Hugging Face ``generate`` call and where their deltas go.
 
-    ``on_finish(index, reason)`` is called from the generating thread as soon as row ``index`` ends.
+    ``on_step(events)`` is called from the generating thread once per step with the rows that advanced.
     """
 
     def __init__(
@@ -75,14 +121,14 @@ class BatchState:
         rows: Sequence[Row],
         seen_from: Sequence[int],
         eos_token_ids: Collection[int],
-        decode: Callable[[list[int]], str],
-        on_finish: Callable[[int, FinishReason], None],
+        texts: TokenTexts,
+        on_step: OnStep,
     ) -> None:
         self.rows = list(rows)
         self.seen_from = list(seen_from)  # where each row's own tokens begin in generate()'s input_ids
         self.eos = frozenset(eos_token_ids)
-        self.decode = decode
-        self.on_finish = on_finish
+        self.texts = texts
+        self.on_step = on_step
 
 
 class RowSampler(LogitsProcessor):
@@ -90,12 +136,17 @@ class RowSampler(LogitsProcessor):
 
     def __init__(self, state: BatchState) -> None:
         self.state = state
-        self._custom = any(r.params.repetition_penalty != 1.0 or not r.params.greedy for r in state.rows)
+        self._custom = any(_needs_sampler(r.params) for r in state.rows)
+        self._logprobs = any(r.params.logprobs is not None for r in state.rows)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        state = self.state
+        if self._logprobs:  # raw, before our penalties; RowStopper completes them with the chosen token
+            for i, row in enumerate(state.rows):
+                if row.finish_reason is None and row.params.logprobs is not None:
+                    row.raw_logprobs = scores[i].float().log_softmax(dim=-1)
         if not self._custom:  # all greedy, no penalty: generate()'s own argmax is the answer
             return scores
-        state = self.state
         active = [i for i, row in enumerate(state.rows) if row.finish_reason is None]
         if active:
             seen = [input_ids[i, state.seen_from[i] :] for i in active]
@@ -107,7 +158,7 @@ class RowSampler(LogitsProcessor):
 
 
 class RowStopper(StoppingCriteria):
-    """Ends each row on its own terms (:func:`finish_reason`) and reports it at once."""
+    """Ends each row on its own terms (:meth:`Row.advance`) and reports every step's deltas at once."""
 
     def __init__(self, state: BatchState) -> None:
         self.state = state
@@ -117,16 +168,30 @@ class RowStopper(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         state = self.state
         last = input_ids[:, -1].tolist()
-        done = []
+        done, events = [], []
         for i, row in enumerate(state.rows):
             if row.finish_reason is None:
-                row.generated.append(last[i])
-                reason = finish_reason(row, state.eos, state.decode)
-                if reason is not None:
-                    row.finish_reason = reason
-                    state.on_finish(i, reason)
+                if row.cancelled():
+                    events.append((row.item, row.cancel()))
+                else:
+                    entry = None
+                    if row.raw_logprobs is not None:
+                        entry = token_logprob(row.raw_logprobs, last[i], row.params.logprobs or 0, state.texts)
+                        row.raw_logprobs = None
+                    events.append((row.item, row.advance(last[i], state.eos, entry)))
             done.append(row.finish_reason is not None)
+        if events:
+            state.on_step(events)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _needs_sampler(params: SamplingParams) -> bool:
+    return (
+        not params.greedy
+        or params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
 
 
 def _apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
@@ -134,6 +199,12 @@ def _apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty:
     seen = seen.to(scores.device).unique()
     picked = scores.gather(0, seen)
     scores.scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+
+
+def _apply_presence_frequency(scores: torch.Tensor, generated: list[int], presence: float, frequency: float) -> None:
+    """OpenAI's penalties, in place: ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]``."""
+    ids, counts = torch.tensor(generated, device=scores.device).unique(return_counts=True)
+    scores.index_add_(0, ids, -(presence + frequency * counts.to(scores.dtype)))
 
 
 def _sample_rows(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 # stop: end of text or a stop string; length: max_new_tokens or the context; cancelled: the
 # caller went away (never sent to a client).
 FinishReason = Literal["stop", "length", "cancelled"]
 Role = Literal["system", "user", "assistant"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,17 @@ class GenerationRequest:
             return self.params
         return replace(self.params, seed=self.params.seed + choice)
 
+    def row_inputs(self, per_prompt: Sequence[T]) -> list[tuple[T, SamplingParams]]:
+        """Each row's prompt (``per_prompt`` holds one per prompt, e.g. its token ids) and parameters.
+
+        >>> request = GenerationRequest("r", SamplingParams(4, temperature=1.0, seed=7), prompts=("a", "b"), n=2)
+        >>> [(prompt, params.seed) for prompt, params in request.row_inputs(["A", "B"])]
+        [('A', 7), ('A', 8), ('B', 7), ('B', 8)]
+        """
+        if len(per_prompt) != self.num_prompts:
+            raise ValueError(f"{len(per_prompt)} prompt inputs for a request of {self.num_prompts} prompts")
+        return [(per_prompt[row // self.n], self.row_params(row)) for row in range(self.rows)]
+
 
 @dataclass(frozen=True)
 class TopLogprob:
@@ -135,6 +147,22 @@ class Delta:
     tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
+
+    def then(self, later: Delta) -> Delta:
+        """This delta followed by ``later`` of the same row, as one (what a slow reader receives).
+
+        >>> Delta(0, "Hel", 1).then(Delta(0, "lo", 2, finish_reason="length"))
+        Delta(index=0, text='Hello', tokens=3, logprobs=(), finish_reason='length')
+        """
+        if later.index != self.index:
+            raise ValueError(f"cannot join deltas of rows {self.index} and {later.index}")
+        return Delta(
+            self.index,
+            self.text + later.text,
+            self.tokens + later.tokens,
+            self.logprobs + later.logprobs,
+            later.finish_reason if later.finish_reason is not None else self.finish_reason,
+        )
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""The two Ray Serve deployments (Gateway and Generator) and the HTTP API they serve."""
+"""The two Ray Serve deployments (Gateway and ModelServer) and the HTTP API they serve."""

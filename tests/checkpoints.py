@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 CORPUS = [
@@ -13,10 +14,34 @@ CORPUS = [
     "Write a haiku about autumn leaves falling on a quiet river.",
 ] * 20
 
+# A chat template in the usual shape: BOS first, one block per message, the assistant's turn open
+# at the end; it refuses conversations whose roles do not alternate after the system message.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set offset = 1 if messages[0]['role'] == 'system' else 0 %}"
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' and (message['role'] == 'user') != ((loop.index0 - offset) % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate user/assistant') }}"
+    "{% endif %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
-def build_tokenizer(path: Path, vocab_size: int = 400):
-    """A byte-level BPE tokenizer trained on CORPUS, saved in Hugging Face format at ``path``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+def build_tokenizer(
+    path: Path,
+    vocab_size: int = 400,
+    corpus: Sequence[str] = CORPUS,
+    chat_template: str | None = None,
+    add_bos: bool = False,
+):
+    """A byte-level BPE tokenizer trained on ``corpus``, saved in Hugging Face format at ``path``.
+
+    ``chat_template`` ships a chat template with it; ``add_bos`` makes encoding add the BOS token
+    ``<s>`` in front (as Llama's tokenizers do).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -27,21 +52,37 @@ def build_tokenizer(path: Path, vocab_size: int = 400):
         special_tokens=["<|endoftext|>", "<pad>", "<s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(corpus, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=128)
     fast.eos_token = "<|endoftext|>"
     fast.bos_token = "<s>"
     fast.pad_token = "<pad>"
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(path)
     return fast
 
 
-def build_tiny_causal(path: Path, seed: int = 0, n_positions: int = 128, n_layer: int = 2) -> Path:
-    """A small GPT-2 with random weights (2 layers and a context of 128 tokens by default)."""
+def build_tiny_causal(
+    path: Path,
+    seed: int = 0,
+    n_positions: int = 128,
+    n_layer: int = 2,
+    chat_template: str | None = None,
+    add_bos: bool = False,
+) -> Path:
+    """A small GPT-2 with random weights (2 layers and a context of 128 tokens by default).
+
+    ``chat_template`` and ``add_bos`` are passed to its tokenizer (:func:`build_tokenizer`).
+    """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tok = build_tokenizer(path)
+    tok = build_tokenizer(path, chat_template=chat_template, add_bos=add_bos)
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=len(tok),

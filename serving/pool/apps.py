@@ -4,8 +4,8 @@ The pool controller reaches these by import path (``PoolSettings.entry_parser``,
 ``config_view``), so that it knows nothing of the settings or of the model server. ``pool_graph``
 builds the controller from the service settings, for ``ray_serve_app``.
 
-The model server is today's ``Generator``, wrapped to report what the pool needs from a model
-replica and Generator does not report yet: its cold-start phases as they complete (read from its
+The model server is ``ModelServer``, wrapped to report what the pool needs from a model replica
+and ModelServer does not report by itself: its cold-start phases as they complete (read from its
 phase timer by a watcher thread) and its first generation.
 """
 
@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from serving.generator import Generator, GeneratorReply, _process_start_time
+from serving.model_server import ModelServer, _process_start_time
 from serving.pool.controller import PoolController
 from serving.pool.errors import ModelValidationError
 from serving.pool.reporter import PhaseReporter
@@ -93,7 +93,7 @@ def pool_graph(settings: Settings, pool: str = "llm") -> Application:
 
 
 def generator_app(spec: ModelSpec, pool: PoolSettings) -> Application:
-    """The model's Serve application: the Generator under the pool's autoscaling policy."""
+    """The model's Serve application: the ModelServer under the pool's autoscaling policy."""
     config = ModelConfig.model_validate(spec.config)
     options = config.deployment_options(pool.log_level)
     autoscaling = pooled_autoscaling_config(options["autoscaling_config"], pool.pool, spec.app)
@@ -101,7 +101,7 @@ def generator_app(spec: ModelSpec, pool: PoolSettings) -> Application:
     return ReportingGenerator.options(**options).bind(config, pool.pool, spec.name)
 
 
-class _ReportingGenerator(Generator.func_or_class):
+class _ReportingGenerator(ModelServer.func_or_class):
     def __init__(self, config: ModelConfig, pool: str, model: str) -> None:
         self._reporter = PhaseReporter(pool, model)
         started = _process_start_time()
@@ -128,11 +128,8 @@ class _ReportingGenerator(Generator.func_or_class):
             if finished:
                 return
 
-    async def generate_prompts(self, prompts, params) -> GeneratorReply:
-        reply = await super().generate_prompts(prompts, params)
-        if reply.cold_start is not None:
-            self._reporter.phase("first_generation", reply.cold_start.get("first_generation_s"))
-        return reply
+    def _first_generation_done(self, report: dict[str, Any]) -> None:
+        self._reporter.phase("first_generation", report.get("first_generation_s"))
 
 
-ReportingGenerator = serve.deployment(_ReportingGenerator, name="Generator")
+ReportingGenerator = serve.deployment(_ReportingGenerator, name="ModelServer")

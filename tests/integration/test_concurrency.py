@@ -70,7 +70,7 @@ def test_concurrent_requests_share_batches_and_match_their_solo_answers(service:
         assert response.status_code == 200, response.text
         assert response.json()["completions"][0] == expected[prompt], f"batched answer differs for {prompt!r}"
     after = stats()
-    assert after["prompts"] - before["prompts"] == len(PROMPTS)
+    assert after["rows"] - before["rows"] == len(PROMPTS)
     batches = after["batches"] - before["batches"]
     assert batches < len(PROMPTS), f"{len(PROMPTS)} concurrent requests ran in {batches} batches: none were shared"
 

@@ -12,8 +12,8 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from engine.model import EngineConfig, TextGenerator, WorkItem
-from engine.params import SamplingParams
+from engine.model import EngineConfig, TextGenerator
+from engine.types import SamplingParams
 from ray_serve_app import build_graph
 from settings import build_settings
 from tests.integration.conftest import APP, free_port, replica_states, wait_for
@@ -68,8 +68,8 @@ def test_replicas_on_the_second_node_use_the_graph_settings(two_nodes, tiny_caus
         too_long = client.post(f"{url}/generate", json={"prompt": "Return the number " * 10})
 
     assert replica_states().get("RUNNING", 0) >= 1
-    nodes = _generator_nodes()
-    assert nodes and nodes <= {worker_node}, f"Generator replicas on {nodes}, expected only {worker_node}"
+    nodes = _model_server_nodes()
+    assert nodes and nodes <= {worker_node}, f"ModelServer replicas on {nodes}, expected only {worker_node}"
 
     body = response.json()
     assert body["model"] == str(tiny_causal)
@@ -77,14 +77,14 @@ def test_replicas_on_the_second_node_use_the_graph_settings(two_nodes, tiny_caus
     # Greedy decoding: the same completions as the engine gives in this process with the same settings.
     engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), device="cpu", dtype="auto", num_threads=1))
     params = SamplingParams(max_new_tokens=6, temperature=0.0, top_p=settings.top_p)
-    expected = engine.generate([WorkItem(ids, params) for ids in engine.encode(prompts, params)])
+    expected = engine.generate(engine.encode(prompts, params), params)
     assert body["completions"] == [c.text for c in expected]
     # MAX_PROMPT_TOKENS is checked inside the replica: 12 from the graph, not 1000 from the node.
     assert too_long.status_code == 413, too_long.text
     assert "at most 12 (MAX_PROMPT_TOKENS)" in too_long.json()["error"]["message"]
 
 
-def _generator_nodes() -> set[str]:
+def _model_server_nodes() -> set[str]:
     # The GCS actor table needs no dashboard (the state API would).
     actors = ray._private.state.actors()
     return {

@@ -51,7 +51,7 @@ def test_serve_deploy_runs_the_exported_settings(tmp_path: Path, tiny_causal: Pa
         assert body["generation_kwargs"]["max_new_tokens"] == 5 and body["generation_kwargs"]["top_k"] == 7
         assert body["generation_kwargs"]["temperature"] == 0.0
         assert body["usage"]["completion_tokens"] <= 10
-        # MAX_PROMPT_TOKENS is enforced inside the model replica: the Generator got the settings too.
+        # MAX_PROMPT_TOKENS is enforced inside the model replica: the ModelServer got the settings too.
         long_prompt = httpx.post(f"{url}/generate", json={"prompt": "Return the number " * 10}, timeout=120)
         assert long_prompt.status_code == 413, long_prompt.text
         assert "at most 12 (MAX_PROMPT_TOKENS)" in long_prompt.json()["error"]["message"]

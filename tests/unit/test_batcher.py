@@ -1,94 +1,171 @@
-"""The asyncio batcher with a fake batch runner (no model)."""
+"""The streaming batcher with a fake engine (no model): batching, streams, coalescing, cancellation, counters."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import pytest
 
 from engine.batcher import Batcher
-from engine.params import Completion, SamplingParams
+from engine.types import Delta, SamplingParams, collect
+from engine.work import OnStep, Poll, WorkItem
 
 
-@dataclass
-class Item:
-    prompt_ids: list[int]
-    params: SamplingParams
-    cancelled: bool = False
+def params(max_new: int = 4) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new)
 
 
-def item(n: int, max_new: int = 4) -> Item:
-    return Item([n], SamplingParams(max_new_tokens=max_new))
+class FakeEngine:
+    """Each step takes ``step_s``; every running row gets the token ``<prompt>`` per step, as text.
 
-
-class FakeRunner:
-    """A fake engine: each step takes 10 ms; an item ends after max_new_tokens steps.
-
-    With ``join`` it admits polled items between steps, like the continuous engine.
+    With ``join`` it admits polled items between steps and drops cancelled rows, like the
+    continuous engine.
     """
 
-    def __init__(self, join: bool = False) -> None:
+    def __init__(self, join: bool = False, step_s: float = 0.01) -> None:
         self.batches: list[list[int]] = []
         self.joined: list[int] = []
         self.threads: set[str] = set()
+        self.steps = 0
         self.join = join
+        self.step_s = step_s
 
-    def __call__(self, items, on_done, poll, max_batch_size) -> None:
+    def __call__(self, items: Sequence[WorkItem], on_step: OnStep, poll: Poll | None, max_batch_size: int) -> None:
         self.batches.append([i.prompt_ids[0] for i in items])
         self.threads.add(threading.current_thread().name)
-        active = {id(it): [it, 0] for it in items}
+        active = {item.key: [item, 0] for item in items}
         while active:
-            time.sleep(0.01)
+            events = []
             for key, entry in list(active.items()):
-                it, steps = entry
-                entry[1] = steps = steps + 1
-                if it.cancelled or steps >= it.params.max_new_tokens:
+                item, made = entry
+                if item.cancelled and self.join:
                     del active[key]
-                    on_done(it, Completion(str(it.prompt_ids[0]), 1, steps, "cancelled" if it.cancelled else "length"))
-            if self.join:
-                for it in poll(max_batch_size - len(active)):
-                    self.joined.append(it.prompt_ids[0])
-                    active[id(it)] = [it, 0]
+                    events.append((item, Delta(item.row, "", 0, finish_reason="cancelled")))
+                    continue
+                entry[1] = made = made + 1
+                done = made >= item.params.max_new_tokens
+                if done:
+                    del active[key]
+                events.append(
+                    (item, Delta(item.row, str(item.prompt_ids[0]), 1, finish_reason="length" if done else None))
+                )
+            time.sleep(self.step_s)
+            self.steps += 1
+            on_step(events)
+            if self.join and poll is not None:
+                for item in poll(max_batch_size - len(active)):
+                    self.joined.append(item.prompt_ids[0])
+                    active[item.key] = [item, 0]
 
 
-async def test_concurrent_submissions_share_a_batch() -> None:
-    runner = FakeRunner()
-    batcher = Batcher(runner, max_batch_size=8, wait_timeout_s=0.05)
-    results = await asyncio.gather(*(batcher.submit(item(n)) for n in range(5)))
-    assert [r.text for r in results] == ["0", "1", "2", "3", "4"]
-    assert runner.batches == [[0, 1, 2, 3, 4]]
-    assert all(name.startswith("generate") for name in runner.threads)
+async def answer(batcher: Batcher, prompts: list[int], max_new: int = 4) -> list[str]:
+    deltas = [
+        d
+        for ds in [x async for x in batcher.stream([[p] for p in prompts], [params(max_new)] * len(prompts))]
+        for d in ds
+    ]
+    return [c.text for c in collect(deltas, len(prompts), [1] * len(prompts))]
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.002)
+
+
+async def test_concurrent_streams_share_a_batch() -> None:
+    engine = FakeEngine()
+    batcher = Batcher(engine, max_batch_size=8, wait_timeout_s=0.05)
+    results = await asyncio.gather(*(answer(batcher, [n]) for n in range(5)))
+    assert results == [[str(n) * 4] for n in range(5)]
+    assert engine.batches == [[0, 1, 2, 3, 4]]
+    assert all(name.startswith("generate") for name in engine.threads)
     await batcher.close()
 
 
 async def test_batches_never_exceed_the_maximum() -> None:
-    runner = FakeRunner()
-    batcher = Batcher(runner, max_batch_size=3, wait_timeout_s=0.02)
-    await asyncio.gather(*(batcher.submit(item(n)) for n in range(7)))
-    assert max(len(b) for b in runner.batches) == 3
-    assert sorted(n for b in runner.batches for n in b) == list(range(7))
+    engine = FakeEngine()
+    batcher = Batcher(engine, max_batch_size=3, wait_timeout_s=0.02)
+    await asyncio.gather(*(answer(batcher, [n]) for n in range(7)))
+    assert max(len(b) for b in engine.batches) == 3
+    assert sorted(n for b in engine.batches for n in b) == list(range(7))
     await batcher.close()
 
 
-async def test_short_item_is_answered_before_the_batch_ends() -> None:
-    batcher = Batcher(FakeRunner(), max_batch_size=8, wait_timeout_s=0.02)
-    done_at: dict[str, float] = {}
+async def test_a_request_of_several_rows_is_one_stream() -> None:
+    engine = FakeEngine()
+    batcher = Batcher(engine, max_batch_size=8, wait_timeout_s=0.0)
+    assert await answer(batcher, [1, 2, 3], max_new=3) == ["111", "222", "333"]
+    assert engine.batches == [[1, 2, 3]]
+    await batcher.close()
 
-    async def timed(it: Item) -> None:
-        result = await batcher.submit(it)
-        done_at[result.text] = time.perf_counter()
 
-    await asyncio.gather(timed(item(1, max_new=1)), timed(item(2, max_new=30)))
-    assert done_at["2"] - done_at["1"] > 0.2
+async def test_deltas_arrive_as_the_engine_makes_them() -> None:
+    engine = FakeEngine(step_s=0.02)
+    batcher = Batcher(engine, max_batch_size=8, wait_timeout_s=0.0)
+    arrivals = []
+    async for deltas in batcher.stream([[7]], [params(20)]):
+        arrivals.append((engine.steps, deltas))
+    assert len(arrivals) >= 10, "the reader was not woken step by step"
+    assert arrivals[0][0] <= 2, "the first delta waited for later steps"
+    assert all(len(deltas) == 1 for _, deltas in arrivals)
+    await batcher.close()
+
+
+async def test_a_slow_reader_gets_joined_deltas_not_a_backlog() -> None:
+    engine = FakeEngine(step_s=0.005)
+    batcher = Batcher(engine, max_batch_size=8, wait_timeout_s=0.0)
+    received: list[tuple[Delta, ...]] = []
+    async for deltas in batcher.stream([[3], [4]], [params(40), params(30)]):
+        received.append(deltas)
+        await asyncio.sleep(0.05)  # ten engine steps per read
+    assert len(received) < 15, f"{len(received)} reads for 40 steps: deltas were not joined"
+    assert all(len({d.index for d in deltas}) == len(deltas) for deltas in received)  # one entry per row
+    completions = collect([d for ds in received for d in ds], 2, [1, 1])
+    assert [c.text for c in completions] == ["3" * 40, "4" * 30]
+    assert [c.completion_tokens for c in completions] == [40, 30]
+    assert any(d.tokens > 1 for ds in received for d in ds)
+    await batcher.close()
+
+
+async def test_one_loop_callback_per_engine_step() -> None:
+    engine = FakeEngine(join=True)
+    batcher = Batcher(engine, max_batch_size=8, wait_timeout_s=0.02)
+    calls = 0
+    dispatch = batcher._dispatch
+
+    def counting(events):
+        nonlocal calls
+        calls += 1
+        dispatch(events)
+
+    batcher._dispatch = counting  # type: ignore[method-assign]
+    await asyncio.gather(*(answer(batcher, [n, n + 10], max_new=6) for n in range(4)))
+    assert calls == engine.steps == 6
+    await batcher.close()
+
+
+async def test_short_stream_ends_before_the_batch_does() -> None:
+    batcher = Batcher(FakeEngine(), max_batch_size=8, wait_timeout_s=0.02)
+    done_at: dict[int, float] = {}
+
+    async def timed(n: int, max_new: int) -> None:
+        await answer(batcher, [n], max_new)
+        done_at[n] = time.perf_counter()
+
+    await asyncio.gather(timed(1, 1), timed(2, 30))
+    assert done_at[2] - done_at[1] > 0.2
     await batcher.close()
 
 
 async def test_event_loop_stays_free_while_a_batch_runs() -> None:
-    batcher = Batcher(FakeRunner(), max_batch_size=8, wait_timeout_s=0.0)
-    task = asyncio.create_task(batcher.submit(item(1, max_new=30)))
+    batcher = Batcher(FakeEngine(), max_batch_size=8, wait_timeout_s=0.0)
+    task = asyncio.create_task(answer(batcher, [1], max_new=30))
     ticks = 0
     while not task.done():
         await asyncio.sleep(0.005)
@@ -97,70 +174,109 @@ async def test_event_loop_stays_free_while_a_batch_runs() -> None:
     await batcher.close()
 
 
-async def test_failed_batch_fails_every_waiter_and_recovers() -> None:
+async def test_failed_batch_fails_every_reader_and_recovers() -> None:
     calls = 0
 
-    def flaky(items, on_done, poll, max_batch_size) -> None:
+    def flaky(items, on_step, poll, max_batch_size) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("boom")
-        for it in items:
-            on_done(it, Completion("ok", 1, 1, "length"))
+        on_step([(it, Delta(it.row, "ok", 1, finish_reason="length")) for it in items])
 
     batcher = Batcher(flaky, max_batch_size=4, wait_timeout_s=0.02)
-    results = await asyncio.gather(batcher.submit(item(1)), batcher.submit(item(2)), return_exceptions=True)
+    results = await asyncio.gather(answer(batcher, [1]), answer(batcher, [2]), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
-    assert (await batcher.submit(item(3))).text == "ok"
+    assert await answer(batcher, [3]) == ["ok"]
+    assert batcher.stats()["rows_running"] == 0 and batcher.stats()["streams_open"] == 0
     await batcher.close()
 
 
-async def test_unanswered_item_fails_instead_of_hanging() -> None:
-    batcher = Batcher(lambda items, on_done, poll, n: None, max_batch_size=4, wait_timeout_s=0.0)
-    with pytest.raises(RuntimeError, match="without a result"):
-        await asyncio.wait_for(batcher.submit(item(1)), 2)
+async def test_unfinished_row_fails_instead_of_hanging() -> None:
+    batcher = Batcher(lambda items, on_step, poll, n: None, max_batch_size=4, wait_timeout_s=0.0)
+    with pytest.raises(RuntimeError, match="without finishing"):
+        await asyncio.wait_for(answer(batcher, [1]), 2)
     await batcher.close()
 
 
-async def test_cancelling_a_waiter_marks_its_item() -> None:
-    runner = FakeRunner()
-    batcher = Batcher(runner, max_batch_size=4, wait_timeout_s=0.0)
-    it = item(1, max_new=50)
-    task = asyncio.create_task(batcher.submit(it))
-    while not runner.batches:  # the engine has taken the item
-        await asyncio.sleep(0.001)
+async def test_closing_a_stream_cancels_its_rows_and_the_engine_stops_them() -> None:
+    engine = FakeEngine(join=True)
+    batcher = Batcher(engine, max_batch_size=4, wait_timeout_s=0.0)
+    stream = batcher.stream([[1], [2]], [params(500), params(500)])
+    first = await anext(stream)
+    assert first and batcher.stats()["rows_running"] == 2
+    await stream.aclose()
+    await until(lambda: batcher.stats()["rows_running"] == 0)
+    stats = batcher.stats()
+    assert stats["rows_cancelled"] == 2 and stats["streams_open"] == 0
+    assert stats["tokens_generated"] < 20
+    await batcher.close()
+
+
+async def test_a_cancelled_reader_task_cancels_its_rows() -> None:
+    engine = FakeEngine(join=True)
+    batcher = Batcher(engine, max_batch_size=4, wait_timeout_s=0.0)
+    task = asyncio.create_task(answer(batcher, [1], max_new=500))
+    await until(lambda: batcher.stats()["tokens_generated"] > 0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert it.cancelled
+    await until(lambda: batcher.stats()["rows_running"] == 0)
+    assert batcher.stats()["rows_cancelled"] == 1 and batcher.stats()["tokens_generated"] < 20
+    await batcher.close()
+
+
+async def test_after_a_flood_of_disconnecting_readers_the_counters_return_to_zero() -> None:
+    engine = FakeEngine(join=True)
+    batcher = Batcher(engine, max_batch_size=4, wait_timeout_s=0.0)
+
+    async def impatient(n: int) -> None:
+        stream = batcher.open([[n], [n + 100]], [params(200), params(200)])
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with asyncio.timeout(0.01 * (n % 5)):  # some leave while still queued
+                await anext(stream)
+        stream.close()
+
+    await asyncio.gather(*(impatient(n) for n in range(30)))
+    assert await answer(batcher, [9], max_new=3) == ["999"]  # still serving
+    await until(lambda: batcher.stats()["rows_running"] == 0)
+    stats = batcher.stats()
+    assert (stats["rows_running"], stats["items_queued"], stats["streams_open"]) == (0, 0, 0)
+    assert stats["rows_cancelled"] == 60
     await batcher.close()
 
 
 async def test_arrivals_join_a_running_batch() -> None:
-    runner = FakeRunner(join=True)
-    batcher = Batcher(runner, max_batch_size=4, wait_timeout_s=0.0)
-    first = asyncio.create_task(batcher.submit(item(1, max_new=40)))
-    while not runner.batches:
+    engine = FakeEngine(join=True)
+    batcher = Batcher(engine, max_batch_size=4, wait_timeout_s=0.0)
+    first = asyncio.create_task(answer(batcher, [1], max_new=40))
+    while not engine.batches:
         await asyncio.sleep(0.005)
-    late = await asyncio.wait_for(batcher.submit(item(2, max_new=3)), 1.0)
-    assert late.text == "2" and not first.done(), "the late item finished inside the running batch"
-    assert runner.batches == [[1]] and runner.joined == [2]
+    late = await asyncio.wait_for(answer(batcher, [2], max_new=3), 1.0)
+    assert late == ["222"] and not first.done(), "the late request finished inside the running batch"
+    assert engine.batches == [[1]] and engine.joined == [2]
     await first
-    # the batch is counted when the engine call returns, just after its last answer went out
-    await asyncio.wait_for(_counted(batcher), 1.0)
+    await until(lambda: bool(batcher.batch_sizes))  # counted when the engine call returns
     assert batcher.batch_sizes == {2: 1}
+    assert batcher.stats()["tokens_generated"] == 43
     await batcher.close()
 
 
 async def test_joining_respects_the_batch_limit() -> None:
-    runner = FakeRunner(join=True)
-    batcher = Batcher(runner, max_batch_size=2, wait_timeout_s=0.0)
-    results = await asyncio.gather(*(batcher.submit(item(n, max_new=5)) for n in range(6)))
-    assert sorted(r.text for r in results) == [str(n) for n in range(6)]
-    assert max(len(b) for b in runner.batches) <= 2
+    engine = FakeEngine(join=True)
+    batcher = Batcher(engine, max_batch_size=2, wait_timeout_s=0.0)
+    results = await asyncio.gather(*(answer(batcher, [n], max_new=5) for n in range(6)))
+    assert sorted(r[0] for r in results) == [str(n) * 5 for n in range(6)]
+    assert max(len(b) for b in engine.batches) <= 2
     await batcher.close()
 
 
-async def _counted(batcher: Batcher) -> None:
-    while not batcher.batch_sizes:
-        await asyncio.sleep(0.001)
+async def test_admission_time_is_recorded_when_the_engine_takes_the_first_row() -> None:
+    batcher = Batcher(FakeEngine(), max_batch_size=4, wait_timeout_s=0.05)
+    opened = time.monotonic()
+    stream = batcher.open([[1]], [params(2)])
+    assert stream.admitted_at is None
+    async for _ in stream:
+        pass
+    assert stream.admitted_at is not None and stream.admitted_at - opened >= 0.04  # waited for company
+    await batcher.close()

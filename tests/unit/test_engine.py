@@ -1,4 +1,4 @@
-"""The engine on tiny random checkpoints: batching correctness, per-row parameters, limits."""
+"""The engine on tiny random checkpoints: batching correctness, per-row parameters, streaming, limits."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from engine.errors import PromptTooLongError
-from engine.model import CpuHead, EngineConfig, TextGenerator, WorkItem
-from engine.params import SamplingParams
+from engine.model import CpuHead, EngineConfig, TextGenerator
+from engine.types import Delta, GenerationRequest, SamplingParams, collect
+from engine.work import WorkItem
 
 PROMPTS = [
     "Return the number",
@@ -34,7 +35,18 @@ def seq2seq(tiny_seq2seq: Path) -> TextGenerator:
 
 def run(engine: TextGenerator, prompts: list[str], params: list[SamplingParams]):
     ids = [engine.encode([p], q)[0] for p, q in zip(prompts, params, strict=True)]
-    return engine.generate([WorkItem(i, q) for i, q in zip(ids, params, strict=True)])
+    return engine.generate(ids, params)
+
+
+def items_for(ids: list[list[int]], params: SamplingParams, stream: int = 0) -> list[WorkItem]:
+    return [WorkItem(stream=stream, row=i, prompt_ids=p, params=params) for i, p in enumerate(ids)]
+
+
+def completions(events: list[tuple[WorkItem, Delta]], items: list[WorkItem]):
+    """The completions of ``items`` from the engine's events (items told apart by their key)."""
+    order = {item.key: i for i, item in enumerate(items)}
+    deltas = [Delta(order[item.key], d.text, d.tokens, d.logprobs, d.finish_reason) for item, d in events]
+    return collect(deltas, len(items), [len(item.prompt_ids) for item in items])
 
 
 def test_loads_causal_model_on_cpu_in_float32(causal: TextGenerator) -> None:
@@ -71,13 +83,33 @@ def test_different_seeds_sample_differently(causal: TextGenerator) -> None:
 def test_per_row_max_new_tokens_and_early_release(causal: TextGenerator) -> None:
     short, long = SamplingParams(max_new_tokens=2), SamplingParams(max_new_tokens=10)
     ids = [causal.encode([p], long)[0] for p in PROMPTS[:2]]
-    items = [WorkItem(ids[0], long), WorkItem(ids[1], short)]
-    order: list[tuple[int, int]] = []
-    results = causal.generate(items, on_done=lambda item, c: order.append((items.index(item), c.completion_tokens)))
-    by_row = dict(order)
-    assert order[0][0] == 1, "the short row is reported before the long one ends"
-    assert by_row[1] <= 2 and results[1].finish_reason in {"length", "stop"}
+    items = [WorkItem(0, 0, ids[0], long), WorkItem(0, 1, ids[1], short)]
+    ended: list[int] = []
+    events: list[tuple[WorkItem, Delta]] = []
+
+    def on_step(step: list[tuple[WorkItem, Delta]]) -> None:
+        events.extend(step)
+        ended.extend(item.row for item, delta in step if delta.finish_reason is not None)
+
+    causal.run(items, on_step)
+    results = completions(events, items)
+    assert ended[0] == 1, "the short row is reported before the long one ends"
+    assert results[1].completion_tokens <= 2 and results[1].finish_reason in {"length", "stop"}
     assert results[0].completion_tokens <= 10
+
+
+def test_every_step_reports_one_delta_per_running_row_in_one_call(causal: TextGenerator) -> None:
+    params = SamplingParams(max_new_tokens=6)
+    items = items_for(causal.encode(PROMPTS[:3], params), params)
+    steps: list[list[tuple[WorkItem, Delta]]] = []
+    causal.run(items, steps.append)
+    assert len(steps) == 6  # prefill, then one decode step per further token
+    for step in steps:
+        rows = [item.row for item, _ in step]
+        assert len(rows) == len(set(rows)) and all(delta.tokens == 1 for _, delta in step)
+    assert completions([e for step in steps for e in step], items) == causal.generate(
+        [i.prompt_ids for i in items], params
+    )
 
 
 def test_completion_is_the_generated_text_only(causal: TextGenerator) -> None:
@@ -112,10 +144,31 @@ def test_repetition_penalty_is_per_row_and_batch_independent(causal: TextGenerat
 
 def test_cancelled_row_stops(causal: TextGenerator) -> None:
     ids = causal.encode([PROMPTS[0]], GREEDY)[0]
-    item = WorkItem(ids, SamplingParams(max_new_tokens=50))
+    [item] = items_for([ids], SamplingParams(max_new_tokens=50))
     item.cancelled = True
-    [result] = causal.generate([item])
+    events: list[tuple[WorkItem, Delta]] = []
+    causal.run([item], events.extend)
+    [result] = completions(events, [item])
     assert result.finish_reason == "cancelled" and result.completion_tokens <= 1
+
+
+def test_a_row_cancelled_mid_generation_leaves_at_the_next_step(causal: TextGenerator) -> None:
+    params = SamplingParams(max_new_tokens=60)
+    items = items_for(causal.encode(PROMPTS[:2], params), params)
+    tokens = {0: 0, 1: 0}
+    after_cancel = 0
+
+    def on_step(step: list[tuple[WorkItem, Delta]]) -> None:
+        nonlocal after_cancel
+        for item, delta in step:
+            tokens[item.row] += delta.tokens
+            after_cancel += delta.tokens if item.cancelled else 0
+        if tokens[0] == 5:
+            items[0].cancelled = True  # as the batcher does when a reader goes away
+
+    causal.run(items, on_step)
+    assert tokens[0] == 5 and after_cancel == 0, "the engine kept generating for a cancelled row"
+    assert tokens[1] > 5 and items[1].cancelled is False  # the other row ran on by itself
 
 
 def test_prompt_plus_new_tokens_beyond_context_is_rejected(causal: TextGenerator) -> None:
@@ -158,8 +211,9 @@ def test_decoder_only_uses_continuous_batching_seq2seq_static(causal: TextGenera
 def test_prompts_joining_mid_generation_match_their_solo_output(causal: TextGenerator) -> None:
     long = SamplingParams(max_new_tokens=20)
     ids = [causal.encode([p], long)[0] for p in PROMPTS]
-    solo = [causal.generate([WorkItem(i, long)])[0] for i in ids]
-    joins = {3: WorkItem(ids[1], long), 6: WorkItem(ids[2], long), 7: WorkItem(ids[3], long)}  # poll -> item
+    solo = [causal.generate([i], long)[0] for i in ids]
+    items = items_for(ids, long)
+    joins = {3: items[1], 6: items[2], 7: items[3]}  # poll -> item
     polls = 0
 
     def poll(free: int) -> list[WorkItem]:
@@ -167,14 +221,15 @@ def test_prompts_joining_mid_generation_match_their_solo_output(causal: TextGene
         polls += 1
         return [joins[polls]] if polls in joins else []
 
-    results = causal.generate([WorkItem(ids[0], long)], poll=poll, max_batch_size=4)
-    assert results == solo
+    events: list[tuple[WorkItem, Delta]] = []
+    causal.run(items[:1], events.extend, poll=poll, max_batch_size=4)
+    assert completions(events, items) == solo
 
 
 def test_joining_respects_max_batch_size(causal: TextGenerator) -> None:
     params = SamplingParams(max_new_tokens=6)
-    ids = causal.encode(PROMPTS, params)
-    queue = [WorkItem(i, params) for i in ids[1:]]
+    items = items_for(causal.encode(PROMPTS, params), params)
+    queue = items[1:]
     asked: list[int] = []
 
     def poll(free: int) -> list[WorkItem]:
@@ -182,8 +237,82 @@ def test_joining_respects_max_batch_size(causal: TextGenerator) -> None:
         taken, queue[:] = queue[:free], queue[free:]
         return taken
 
-    results = causal.generate([WorkItem(ids[0], params)], poll=poll, max_batch_size=2)
-    assert len(results) == 4 and asked and max(asked) <= 2 and asked[0] == 1
+    events: list[tuple[WorkItem, Delta]] = []
+    causal.run(items[:1], events.extend, poll=poll, max_batch_size=2)
+    assert len(completions(events, items)) == 4 and asked and max(asked) <= 2 and asked[0] == 1
+
+
+def test_n_choices_with_a_seed_differ_and_each_reproduces_alone(causal: TextGenerator) -> None:
+    params = SamplingParams(max_new_tokens=12, temperature=1.5, seed=21)
+    request = GenerationRequest("r", params, prompts=(PROMPTS[0], PROMPTS[2]), n=3)
+    rows = request.row_inputs(causal.encode(list(request.prompts), params))
+    together = causal.generate([ids for ids, _ in rows], [p for _, p in rows])
+    assert [p.seed for _, p in rows] == [21, 22, 23, 21, 22, 23]
+    assert len({c.text for c in together[:3]}) > 1, "the n choices of a prompt are all the same"
+    for (ids, row_params), completion in zip(rows, together, strict=True):
+        assert causal.generate([ids], row_params)[0] == completion
+
+
+def test_presence_and_frequency_penalties_change_the_output_per_row(causal: TextGenerator) -> None:
+    plain = run(causal, [PROMPTS[0]], [GREEDY])[0]
+    for penalty in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
+        penalised = replace(GREEDY, **penalty)
+        alone = run(causal, [PROMPTS[0]], [penalised])[0]
+        batched = run(causal, [PROMPTS[0], PROMPTS[1]], [penalised, GREEDY])
+        assert batched[0] == alone and alone.text != plain.text
+        assert batched[1] == run(causal, [PROMPTS[1]], [GREEDY])[0]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_logprobs_are_the_raw_distribution_of_a_direct_forward_pass(causal: TextGenerator, sampled: bool) -> None:
+    # Sampling, temperature and penalties change the choice, never the reported log-probabilities.
+    params = SamplingParams(max_new_tokens=8, logprobs=3)
+    if sampled:
+        params = replace(params, temperature=1.3, top_k=20, seed=5, presence_penalty=0.5, repetition_penalty=1.3)
+    ids = causal.encode([PROMPTS[1]], params)[0]
+    [completion] = causal.generate([ids], params)
+    steps = completion.logprobs
+    assert len(steps) == completion.completion_tokens
+    with torch.no_grad():
+        chosen_ids = _chosen_ids(causal, steps)
+        full = torch.tensor([ids + chosen_ids])
+        expected = causal.model(full).logits[0, len(ids) - 1 : -1].float().log_softmax(-1)
+    for position, entry in enumerate(steps):
+        row = expected[position]
+        assert entry.logprob == pytest.approx(float(row[chosen_ids[position]]), abs=1e-4)
+        values, top_ids = row.topk(3)
+        assert [t.logprob for t in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+        assert [t.token for t in entry.top] == [causal.texts.get(i)[0] for i in top_ids.tolist()]
+        if not sampled:
+            assert entry.top[0].token == entry.token  # greedy takes the most likely token
+    text_bytes = b"".join(bytes(entry.bytes) for entry in steps)
+    assert text_bytes.decode("utf-8", errors="replace") == completion.text or completion.finish_reason == "stop"
+
+
+def _chosen_ids(engine: TextGenerator, steps) -> list[int]:
+    """Token ids from the logprob entries' bytes (each entry's bytes are one token of the vocabulary)."""
+    vocabulary = range(len(engine.tokenizer))
+    ids = []
+    for entry in steps:
+        [token] = [i for i in vocabulary if engine.texts.get(i)[1] == entry.bytes]
+        ids.append(token)
+    return ids
+
+
+def test_only_rows_that_ask_get_logprobs(causal: TextGenerator) -> None:
+    asked = replace(GREEDY, logprobs=0)
+    results = run(causal, PROMPTS[:2], [asked, GREEDY])
+    assert len(results[0].logprobs) == results[0].completion_tokens and results[1].logprobs == ()
+    assert all(entry.top == () for entry in results[0].logprobs)
+    assert [replace(r, logprobs=()) for r in results] == run(causal, PROMPTS[:2], [GREEDY, GREEDY])
+
+
+def test_seq2seq_static_batches_stream_logprobs_and_honour_penalties(seq2seq: TextGenerator) -> None:
+    params = replace(GREEDY, logprobs=2, presence_penalty=1.0)
+    alone = run(seq2seq, [PROMPTS[0]], [params])[0]
+    batched = run(seq2seq, PROMPTS[:2], [params, GREEDY])
+    assert batched[0] == alone and len(alone.logprobs) == alone.completion_tokens
+    assert batched[1].logprobs == ()
 
 
 @pytest.mark.parametrize("shape", [(1, 48), (5, 48), (3, 4, 48), (2, 1, 48)])

@@ -1,0 +1,67 @@
+"""Chat prompts: messages rendered with the model's chat template (or an override) into token ids.
+
+The template is the tokenizer's own (``chat_template`` in its files), unless the service gives
+one (its CHAT_TEMPLATE setting, resolved to the template's text before it reaches the engine),
+which then replaces it. The rendered chat ends with the generation prompt (the assistant's turn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from engine.errors import ChatTemplateError
+from engine.types import ChatMessage
+
+NO_TEMPLATE = (
+    "this model has no chat template, so it cannot serve chat messages. Set CHAT_TEMPLATE to a Jinja chat "
+    "template (the template text, or the path of a file holding it), or send a plain prompt instead."
+)
+
+
+def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], template: str | None = None) -> str:
+    """The chat as the model reads it, ending with the generation prompt.
+
+    Raises ChatTemplateError when there is no template, or when the template refuses the messages
+    (``raise_exception('...')`` in the template; its message is passed on).
+
+    Example::
+
+        render_chat(tokenizer, [ChatMessage("user", "Hi")])   # '<|user|>Hi<|assistant|>' for some template
+    """
+    import jinja2
+
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(NO_TEMPLATE)
+    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"the chat template rejected these messages: {exc}") from None
+    if not isinstance(text, str):  # a batch or dict answer would mean a template we do not understand
+        raise ChatTemplateError("the chat template did not render to text")
+    return text
+
+
+def encode_chat(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a rendered chat, without a second BOS when the template already wrote one.
+
+    Templates usually begin with the BOS token themselves; the tokenizer would add another, which
+    changes what the model sees (vLLM drops the tokenizer's one the same way).
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = not (bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+
+def check_template(template: str) -> None:
+    """Fail early (at replica start) on a template that is not valid Jinja; ValueError names the problem."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"CHAT_TEMPLATE is not a valid Jinja template: {exc.message} (line {exc.lineno})") from None

@@ -1,0 +1,195 @@
+"""The model deployment: loads the engine once per replica, streams each request's tokens.
+
+torch and transformers are imported inside the constructor, not at module level, so that the
+Gateway (which imports this module for its types) and ``serve run`` stay light; no request
+imports them either (the batcher and the work items are plain Python).
+
+Called through a Serve DeploymentHandle::
+
+    async for item in handle.options(stream=True).stream.remote(request):
+        ...  # first a Started, then tuples of Delta as the engine makes them
+    started, completions = await handle.generate.remote(request)   # the same stream, collected here
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal, Protocol
+
+from ray import serve
+
+from engine.batcher import Batcher, RequestStream
+from engine.types import Completion, Delta, GenerationRequest, Started, StreamItem, collect
+
+logger = logging.getLogger("ray.serve")
+
+
+class ModelServerConfig(Protocol):
+    """The per-model settings a replica reads (``settings.ModelConfig`` has them)."""
+
+    model_id: str
+    trust_remote_code: bool
+    dtype: Literal["auto", "float32", "float16", "bfloat16"]
+    model_load_timeout_s: float
+    max_prompt_tokens: int | None
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    chat_template: str | None  # the template's text (CHAT_TEMPLATE resolved), or None
+
+    @property
+    def resolved_device(self) -> Literal["cpu", "cuda"]: ...
+
+    @property
+    def torch_threads(self) -> int: ...
+
+
+def _process_start_time() -> float | None:
+    """Epoch time this process started (Linux), to time the replica process start-up."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+@serve.deployment(name="ModelServer")
+class ModelServer:
+    """Holds one model; concurrent requests share its batches, and every request is a stream.
+
+    ``config.chat_template`` (the text of a Jinja chat template), when set, replaces the tokenizer's
+    own for chat requests. Example (inside a Serve graph; one deployment per model)::
+
+        server = ModelServer.options(**model.deployment_options()).bind(model)
+    """
+
+    def __init__(self, config: ModelServerConfig) -> None:
+        self._constructed_at = time.time()
+        process_started = _process_start_time()
+        from engine.timing import PhaseTimer
+
+        self._timer = PhaseTimer()
+        with self._timer.phase("imports"):  # torch, transformers and the engine: the first import in this process
+            from engine.chat import check_template
+            from engine.model import EngineConfig, TextGenerator
+
+        chat_template = getattr(config, "chat_template", None)
+        if chat_template is not None:
+            check_template(chat_template)
+        self._chat_template = chat_template
+        engine_config = EngineConfig(
+            model_id=config.model_id,
+            device=config.resolved_device,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            num_threads=config.torch_threads,
+            max_prompt_tokens=config.max_prompt_tokens,
+        )
+        self._engine = _load_with_timeout(
+            lambda: TextGenerator.load(engine_config, self._timer), config.model_load_timeout_s, config.model_id
+        )
+        self._batcher = Batcher(self._engine.run, config.max_batch_size, config.batch_wait_timeout_s)
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        ready = time.time()
+        self._cold_start: dict[str, Any] | None = {
+            "replica": self._replica,
+            "process_start_s": round(self._constructed_at - process_started, 4) if process_started else None,
+            **self._timer.report(),
+            "constructor_s": round(ready - self._constructed_at, 4),
+            "process_started_at": process_started,
+            "ready_at": ready,
+        }
+        logger.info("ModelServer ready: %s", self._cold_start)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        """A :class:`Started`, then tuples of :class:`Delta` as the engine makes them, until every row ends.
+
+        The request is validated and encoded first: PromptTooLongError and ChatTemplateError are
+        raised before anything is yielded. Stopping the stream early cancels the request's rows.
+        """
+        arrived = time.monotonic()
+        prompt_ids = self._encode(request)
+        rows = request.row_inputs(prompt_ids)  # row p * n + c: choice c of prompt p
+        stream = self._batcher.open([ids for ids, _ in rows], [params for _, params in rows])
+        started: Started | None = None
+        try:
+            async for deltas in stream:
+                if started is None:
+                    started = self._started(prompt_ids, stream, arrived)
+                    yield started
+                yield deltas
+        finally:
+            stream.close()  # a reader that went away (disconnect, cancel) frees its rows
+        if started is not None and started.cold_start is not None:
+            # The replica's first request has run to its end: its generation completes the report.
+            report = {**started.cold_start, "first_generation_s": round(time.monotonic() - arrived, 4)}
+            logger.info("cold start phases: %s", report)
+            self._first_generation_done(report)
+
+    async def generate(self, request: GenerationRequest) -> tuple[Started, list[Completion]]:
+        """The whole answer: the same stream, collected in the replica (no per-token traffic).
+
+        The replica's first answer carries its cold-start report completed with
+        ``first_generation_s`` (a stream's ``Started`` goes out before that is known).
+        """
+        begun = time.monotonic()
+        started: Started | None = None
+        deltas: list[Delta] = []
+        async for item in self.stream(request):
+            if isinstance(item, Started):
+                started = item
+            else:
+                deltas.extend(item)
+        assert started is not None
+        if started.cold_start is not None:
+            report = {**started.cold_start, "first_generation_s": round(time.monotonic() - begun, 4)}
+            started = Started(started.replica, started.prompt_tokens, started.queue_s, report)
+        return started, collect(deltas, request.rows, started.prompt_tokens, request.n)
+
+    async def stats(self) -> dict[str, Any]:
+        """This replica's counters: batches, rows running and cancelled, queue, open streams, tokens."""
+        return self._batcher.stats()
+
+    def _encode(self, request: GenerationRequest) -> list[list[int]]:
+        if request.messages:
+            return [self._engine.encode_chat(request.messages, request.params, self._chat_template)]
+        return self._engine.encode(list(request.prompts), request.params)
+
+    def _started(self, prompt_ids: list[list[int]], stream: RequestStream, arrived: float) -> Started:
+        admitted = stream.admitted_at
+        cold_start, self._cold_start = self._cold_start, None  # the first request served carries it
+        return Started(
+            replica=self._replica,
+            prompt_tokens=tuple(len(ids) for ids in prompt_ids),
+            queue_s=round(max(0.0, (admitted or arrived) - arrived), 6),
+            cold_start=cold_start,
+        )
+
+    def _first_generation_done(self, report: dict[str, Any]) -> None:
+        """Hook: the replica's first request has finished (``report`` is its complete cold-start report)."""
+
+
+def _load_with_timeout(load: Any, timeout_s: float, model_id: str) -> Any:
+    """Run ``load`` with a time limit; a replica stuck loading fails and Serve retries it."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["engine"] = load()
+        except BaseException as exc:  # re-raised in the constructor's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, name="load-model", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"loading {model_id} took longer than MODEL_LOAD_TIMEOUT_S={timeout_s:g}s")
+    if "error" in result:
+        raise result["error"]
+    return result["engine"]
