@@ -40,9 +40,7 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
-        self._decode: Callable[[list[int]], str] = lambda ids: tokenizer.decode(
-            ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
-        )
+        self._decode = _decoder(tokenizer, skip_special_tokens)
         self.stop = tuple(s for s in stop if s)
         self.ids: list[int] = []
         self.stopped = False  # a stop string appeared: nothing more is released
@@ -93,6 +91,22 @@ class IncrementalDetokenizer:
         keep = 0 if final else _longest_stop_prefix(text, self.stop)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
+
+
+def _decoder(tokenizer: Any, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+    """``tokenizer.decode`` without clean-up, straight from the Rust tokenizer where that is all it does.
+
+    transformers' fast tokenizers decode with ``backend_tokenizer.decode`` plus an optional clean-up
+    we never want; calling the backend directly saves two thirds of the time of each of the
+    two decodes per token and row.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    implementation = getattr(type(tokenizer), "_decode", None)
+    if backend is not None and getattr(implementation, "__qualname__", "") == "TokenizersBackend._decode":
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(
+        ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+    )
 
 
 def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
