@@ -23,10 +23,12 @@ LONG = 400  # tokens: long enough that a stream is visibly under way while the e
 @pytest.fixture(scope="module")
 def handle(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeploymentHandle]:
     # A context of 512 tokens, so one request can generate for a while; no chat template of its
-    # own: the deployment gets one as its chat_template argument (what CHAT_TEMPLATE resolves to).
+    # own: CHAT_TEMPLATE gives it one (the model's config carries the template's text).
     model = build_tiny_causal(tmp_path_factory.mktemp("tiny-long"), n_positions=512)
-    settings = build_settings({"MODEL_ID": str(model), "MIN_REPLICAS": "1", "MAX_REPLICAS": "1", "MAX_BATCH_SIZE": "8"})
-    app = ModelServer.options(**settings.generator_options()).bind(settings, CHAT_TEMPLATE)
+    env = {"MODEL_ID": str(model), "MIN_REPLICAS": "1", "MAX_REPLICAS": "1", "MAX_BATCH_SIZE": "8"}
+    [config] = build_settings({**env, "CHAT_TEMPLATE": CHAT_TEMPLATE}).model_configs
+    assert config.chat_template == CHAT_TEMPLATE
+    app = ModelServer.options(**config.deployment_options()).bind(config)
     yield serve.run(app, name=APP, route_prefix=None)
     serve.delete(APP)
 
