@@ -1,6 +1,9 @@
-"""The Serve graph: HTTP -> Gateway (FastAPI ingress) -> one model deployment per model. Nothing else lives here.
+"""The Serve graph: HTTP -> Gateway (FastAPI ingress) -> the model pool. Nothing else lives here.
 
     serve run ray_serve_app:deployment_graph
+
+The application holds the Gateway and the pool controller; the pool controller deploys every model
+as its own Serve application, named after the model, each scaling to zero on its own.
 
 Settings are read from the environment once, in the process that builds the graph, and reach the
 replicas only through deployment options and bind arguments. ``deployment_graph`` is built on
@@ -12,17 +15,13 @@ from typing import Any
 from ray.serve import Application
 
 from serving.gateway import Gateway
-from serving.model_server import ModelServer
+from serving.pool.apps import pool_graph
 from settings import Settings, load_settings
 
 
 def build_graph(settings: Settings) -> Application:
-    """The application for ``settings``: a light Gateway bound to one autoscaled deployment per model."""
-    models = {
-        model.name: ModelServer.options(**model.deployment_options(settings.log_level)).bind(model)
-        for model in settings.model_configs
-    }
-    return Gateway.options(**settings.gateway_options()).bind(models, settings)
+    """The application for ``settings``: a light Gateway bound to the pool controller of every model."""
+    return Gateway.options(**settings.gateway_options()).bind(pool_graph(settings), settings)
 
 
 def __getattr__(name: str) -> Any:

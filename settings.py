@@ -20,6 +20,7 @@ their options and bind arguments, so replicas never read the environment themsel
 from __future__ import annotations
 
 import contextvars
+import json
 import math
 import os
 import re
@@ -353,6 +354,7 @@ class _MappingEnvSource(EnvSettingsSource):
 
 _ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("environ", default=None)
 SECRET_FIELDS = frozenset({"api_key", "admin_api_key"})
+ADMIN_HEADROOM = 256
 
 
 class Settings(BaseSettings, ModelFields):
@@ -384,8 +386,8 @@ class Settings(BaseSettings, ModelFields):
     models: str | None = Field(
         default=None,
         min_length=1,
-        description="Several models: name=model_id pairs separated by commas; the other model variables are "
-        "their defaults.",
+        description="Several models: name=model_id pairs separated by commas (or a JSON list of MODELS_FILE "
+        "entries); the other model variables are their defaults.",
     )
     models_file: Path | None = Field(
         default=None,
@@ -541,7 +543,8 @@ class Settings(BaseSettings, ModelFields):
         )
         return {
             "num_replicas": 1,
-            "max_ongoing_requests": capacity + 16,
+            # Plus room for models loaded through /admin and for requests waiting at the pool for room.
+            "max_ongoing_requests": capacity + ADMIN_HEADROOM,
             "ray_actor_options": {"num_cpus": 0},
             "graceful_shutdown_timeout_s": max(m.graceful_shutdown_timeout_s for m in self._model_configs),
             "logging_config": {"log_level": self.log_level},
@@ -586,6 +589,12 @@ def _model_from_entry(settings: Settings, entry: Mapping[str, Any], where: str) 
 
 
 def _models_from_pairs(settings: Settings, text: str) -> tuple[ModelConfig, ...]:
+    if text.lstrip().startswith("["):  # entries as a MODELS_FILE holds them (deploy.build_config writes this)
+        try:
+            entries = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"MODELS: not a valid JSON list of model entries ({exc})") from None
+        return _models_from_entries(settings, entries, "MODELS")
     configs = []
     for pair in filter(None, (p.strip() for p in text.split(","))):
         name, sep, model_id = pair.partition("=")
@@ -608,8 +617,14 @@ def _models_from_file(settings: Settings, path: Path) -> tuple[ModelConfig, ...]
         raise ValueError(f"{where}: cannot read it as YAML or JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("models"), list) or not data["models"]:
         raise ValueError(f"{where}: expected a mapping with a non-empty `models:` list")
+    return _models_from_entries(settings, data["models"], where)
+
+
+def _models_from_entries(settings: Settings, entries: Any, where: str) -> tuple[ModelConfig, ...]:
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{where}: expected a non-empty list of model entries")
     configs = []
-    for index, entry in enumerate(data["models"]):
+    for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: entry {index} is not a mapping")
         label = f"{where}: model {entry.get('name', f'#{index}')!r}"

@@ -11,11 +11,18 @@ Only the variables you set are carried (validated and normalised, the alias
 RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S under its primary name IDLE_TIMEOUT_S). Defaults are left to the
 cluster's own copy of the code, so an unset MODEL_ID means the embedded model at the path where the
 cluster has it, not the absolute path of this checkout. HOST and PORT also become ``http_options``.
+A MODELS_FILE on this machine does not exist on the cluster: its entries travel inline, as MODELS
+(a JSON list), and so does a CHAT_TEMPLATE file, as the template's text.
+
+The application holds the Gateway and the pool controller; the pool controller deploys every model
+as its own application from the settings, so the models' replicas, resources and autoscaling
+follow from the carried variables, not from options in this file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,7 +32,15 @@ from typing import Any
 
 import yaml
 
-from settings import IDLE_TIMEOUT_ALIAS, Settings, SettingsError, build_settings, env_name
+from settings import (
+    DEFAULT_MODEL_DIR,
+    IDLE_TIMEOUT_ALIAS,
+    Settings,
+    SettingsError,
+    build_settings,
+    env_name,
+    is_local_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +70,19 @@ def exported_env(environ: Mapping[str, str], settings: Settings | None = None) -
     if IDLE_TIMEOUT_ALIAS in present:
         present.add(env_name("idle_timeout_s"))
     values = settings.env_vars()  # normalised: every value reads back to the same setting
-    return {name: values[name] for name in map(env_name, Settings.model_fields) if name in present and name in values}
+    out = {name: values[name] for name in map(env_name, Settings.model_fields) if name in present and name in values}
+    if "MODELS_FILE" in out:  # a path on this machine: carry its entries instead
+        del out["MODELS_FILE"]
+        out["MODELS"] = json.dumps(_inline_entries(settings), separators=(",", ":"))
+    return out
+
+
+def _inline_entries(settings: Settings) -> list[dict[str, Any]]:
+    """The MODELS_FILE entries, validated, with only the fields each entry set (a template as its text)."""
+    assert settings.models_file is not None
+    entries = yaml.safe_load(settings.models_file.expanduser().read_text())["models"]
+    configs = {config.name: config for config in settings.model_configs}
+    return [{key: getattr(configs[entry["name"]], key) for key in entry} for entry in entries]
 
 
 def build_serve_config(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -72,10 +99,11 @@ def build_serve_config(environ: Mapping[str, str]) -> dict[str, Any]:
 
     settings = build_settings(environ)
     env_vars = exported_env(environ, settings)
-    if "MODEL_ID" in env_vars and _is_local_path(env_vars["MODEL_ID"]):
-        logger.warning(
-            "MODEL_ID=%s is a local path: it must exist at that path on every Ray node", env_vars["MODEL_ID"]
-        )
+    for model in settings.model_configs:
+        if is_local_path(model.model_id) and (model.model_id != str(DEFAULT_MODEL_DIR) or "MODEL_ID" in env_vars):
+            logger.warning(
+                "model %s: %s is a local path: it must exist at that path on every Ray node", model.name, model.model_id
+            )
     built = build_app(build_graph(settings), name=APP_NAME)
     application = ServeApplicationSchema(
         name=APP_NAME,
@@ -103,10 +131,6 @@ def render(config: Mapping[str, Any]) -> str:
 
     body = yaml.dump(dict(config), Dumper=ServeDeploySchemaDumper, default_flow_style=False, sort_keys=False, indent=2)
     return HEADER.format(ray_version=ray.__version__) + "\n" + body.rstrip("\n") + "\n"
-
-
-def _is_local_path(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,9 +20,10 @@ class PhaseTimer:
         (['imports'], True)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_phase: Callable[[str, float], None] | None = None) -> None:
         self.phases: dict[str, float] = {}
         self.facts: dict[str, Any] = {}
+        self._on_phase = on_phase  # told of each phase as it ends (progress while a replica starts)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -31,6 +32,8 @@ class PhaseTimer:
             yield
         finally:
             self.phases[name] = round(time.perf_counter() - start, 4)
+            if self._on_phase is not None:
+                self._on_phase(name, self.phases[name])
 
     def report(self) -> dict[str, Any]:
         """``{"<phase>_s": seconds, ...facts}``, as the replica logs and /healthz shows it."""

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.types import Completion, GenerationRequest, Started
 from serving.api import native, openai, sse
+from serving.api.admin import admin_router
 from serving.api.auth import BEARER, KeyCheck, require
 from serving.api.body import StrictJSONMiddleware
 from serving.api.errors import ApiError, Family, family_of, from_exception, invalid
@@ -95,6 +96,8 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
 
     auth = [Depends(api_key)]
     _install_error_handlers(app, settings.retry_after_s)
+    if settings.admin_api_key is not None:  # without the key the admin API does not exist (404)
+        app.include_router(admin_router(backend, KeyCheck([settings.admin_api_key])))  # type: ignore[arg-type]
     app.add_middleware(StrictJSONMiddleware, max_body_bytes=settings.max_body_bytes)
     calls = Calls(backend, settings)
 
@@ -188,6 +191,8 @@ class Calls:
         arrived = time.monotonic()
         try:
             started, done = await asyncio.wait_for(self.backend.generate(model, call), self.settings.request_timeout_s)
+        except TimeoutError:
+            raise await self.timed_out(model, family) from None
         except Exception as exc:  # the model's failures become statuses here, not in Starlette's error path
             raise from_exception(exc, family, self.settings.retry_after_s) from None
         headers = {"x-cold-start": f"{time.monotonic() - arrived:.3f}"} if cold else {}
@@ -207,6 +212,8 @@ class Calls:
             stream = await ModelCall.open(
                 self.backend.stream(model, call), settings.request_timeout_s, wait_s=settings.stream_heartbeat_s
             )
+        except TimeoutError:
+            raise await self.timed_out(model, family) from None
         except Exception as exc:
             raise from_exception(exc, family, settings.retry_after_s) from None
 
@@ -219,10 +226,25 @@ class Calls:
             try:
                 async for chunk in render(stream.items(settings.stream_heartbeat_s, waiting)):
                     yield chunk
+            except TimeoutError:
+                yield render_error(await self.timed_out(model, family))
             except Exception as exc:  # the status is sent already: the error becomes an event
                 yield render_error(from_exception(exc, family, settings.retry_after_s))
 
         return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+
+    async def timed_out(self, model: ModelConfig, family: Family) -> ApiError:
+        """504 for a slow answer; 503 with Retry-After when the model was still waiting for room."""
+        if await self.backend.waiting_for_room(model):
+            retry = self.settings.retry_after_s
+            return ApiError(
+                503,
+                "no_room",
+                f"model {model.name!r} found no room on the cluster within REQUEST_TIMEOUT_S "
+                f"(models of higher priority hold it); retry in {retry} s",
+                headers={"Retry-After": str(retry)},
+            )
+        return from_exception(TimeoutError(), family, self.settings.retry_after_s)
 
 
 def _install_error_handlers(app: FastAPI, retry_after_s: int) -> None:

@@ -75,6 +75,10 @@ class ModelBackend(Protocol):
 
     async def status(self, model: ModelConfig) -> ModelStatus: ...
 
+    async def waiting_for_room(self, model: ModelConfig) -> bool:
+        """Whether requests for ``model`` wait for room on the cluster (a timeout is then 503, not 504)."""
+        ...
+
 
 def resolve_model(models: Sequence[ModelConfig], requested: str | None) -> ModelConfig:
     """The model a request names by its served name or MODEL_ID (None: the only one), else a 4xx."""

@@ -24,13 +24,18 @@ from ray import serve
 
 from engine.batcher import Batcher, RequestStream
 from engine.types import Completion, Delta, GenerationRequest, Started, StreamItem, collect
+from serving.pool.reporter import PhaseReporter
 
 logger = logging.getLogger("ray.serve")
+
+# The start-up phases a replica reports as they end (process_start first, first_generation last).
+REPORTED_PHASES = ("imports", "model_code", "weights", "warmup")
 
 
 class ModelServerConfig(Protocol):
     """The per-model settings a replica reads (``settings.ModelConfig`` has them)."""
 
+    name: str
     model_id: str
     trust_remote_code: bool
     dtype: Literal["auto", "float32", "float16", "bfloat16"]
@@ -64,17 +69,21 @@ class ModelServer:
     """Holds one model; concurrent requests share its batches, and every request is a stream.
 
     ``config.chat_template`` (the text of a Jinja chat template), when set, replaces the tokenizer's
-    own for chat requests. Example (inside a Serve graph; one deployment per model)::
+    own for chat requests. With ``pool`` (the application of the pool controller), the replica
+    reports each start-up phase to it as the phase ends, so that listings show a wake-up as it
+    happens. Example (inside a Serve graph; one deployment per model)::
 
-        server = ModelServer.options(**model.deployment_options()).bind(model)
+        server = ModelServer.options(**model.deployment_options()).bind(model, "llm")
     """
 
-    def __init__(self, config: ModelServerConfig) -> None:
+    def __init__(self, config: ModelServerConfig, pool: str | None = None) -> None:
         self._constructed_at = time.time()
         process_started = _process_start_time()
         from engine.timing import PhaseTimer
 
-        self._timer = PhaseTimer()
+        self._reporter = PhaseReporter(pool, config.name) if pool else None
+        self._report("process_start", round(self._constructed_at - process_started, 4) if process_started else None)
+        self._timer = PhaseTimer(on_phase=self._phase_ended)
         with self._timer.phase("imports"):  # torch, transformers and the engine: the first import in this process
             from engine.chat import check_template
             from engine.model import EngineConfig, TextGenerator
@@ -172,7 +181,19 @@ class ModelServer:
         )
 
     def _first_generation_done(self, report: dict[str, Any]) -> None:
-        """Hook: the replica's first request has finished (``report`` is its complete cold-start report)."""
+        """The replica's first request has finished (``report`` is its complete cold-start report)."""
+        self._report("first_generation", report.get("first_generation_s"), report)
+
+    def _phase_ended(self, name: str, seconds: float) -> None:
+        # The API's phases fold the engine's config and tokenizer loading into model_code.
+        if name == "model_code":
+            seconds = round(sum(self._timer.phases.get(part, 0.0) for part in ("config", "tokenizer", name)), 4)
+        if name in REPORTED_PHASES:
+            self._report(name, seconds)
+
+    def _report(self, name: str, seconds: float | None, details: dict[str, Any] | None = None) -> None:
+        if self._reporter is not None:
+            self._reporter.phase(name, seconds, details)
 
 
 def _load_with_timeout(load: Any, timeout_s: float, model_id: str) -> Any:

@@ -100,6 +100,9 @@ class FakeBackend:
         assert started is not None
         return started, collect(deltas, request.rows, started.prompt_tokens, request.n)
 
+    async def waiting_for_room(self, model: ModelConfig) -> bool:
+        return self.state == "evicted"
+
     async def statuses(self) -> list[ModelStatus]:
         return [await self.status(m) for m in self.settings.model_configs]
 

@@ -21,6 +21,13 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from engine.errors import ChatTemplateError, PromptTooLongError, RequestError
+from serving.pool.errors import (
+    ModelExistsError,
+    ModelUnavailableError,
+    ModelValidationError,
+    PoolError,
+    UnknownModelError,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -127,6 +134,9 @@ def from_exception(exc: BaseException, family: Family, retry_after_s: int) -> Ap
         if isinstance(err, ChatTemplateError):
             return ApiError(400, "chat_template", text, param="messages")
         return ApiError(400 if family == "openai" else 422, "invalid_request", text)
+    pool_error = _pool_error(exc if isinstance(exc, PoolError) else cause)
+    if pool_error is not None:
+        return pool_error
     if isinstance(exc, BackPressureError):
         return overloaded(retry_after_s)
     if isinstance(exc, TimeoutError):
@@ -140,3 +150,17 @@ def from_exception(exc: BaseException, family: Family, retry_after_s: int) -> Ap
         )
     logger.error("unhandled error", exc_info=exc)
     return ApiError(500, "internal_error", "internal error; the server log has the details")
+
+
+def _pool_error(exc: BaseException) -> ApiError | None:
+    """The pool's refusals (raised in the pool controller, they cross the handle as their own types)."""
+    if isinstance(exc, ModelValidationError):
+        detail = {"field": exc.field, "message": exc.message}
+        return ApiError(422, "validation_error", str(exc), param=exc.field, details=[detail])
+    if isinstance(exc, ModelExistsError):
+        return ApiError(409, "model_exists", str(exc))
+    if isinstance(exc, UnknownModelError):
+        return ApiError(404, "model_not_found", str(exc), param="model")
+    if isinstance(exc, ModelUnavailableError):
+        return ApiError(503, "no_room", str(exc), headers=retry_headers(exc.retry_after_s))
+    return None

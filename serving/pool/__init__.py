@@ -8,7 +8,7 @@
 - ``store``: the pool's records in Ray's GCS store.
 - ``controller``: the ``PoolController`` deployment; ``admin``: its admin operations.
 - ``client``: ``PoolClient``, the Gateway's view; ``reporter``: a model replica's progress reports.
-- ``apps``: today's ``Generator`` as a pool model (entry validation, app factory).
+- ``apps``: the service's models as pool models (entry validation, the ModelServer's app factory).
 
 Modules that import Ray Serve or torch are not imported here, so ``serving.pool`` stays light.
 """

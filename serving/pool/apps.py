@@ -4,32 +4,23 @@ The pool controller reaches these by import path (``PoolSettings.entry_parser``,
 ``config_view``), so that it knows nothing of the settings or of the model server. ``pool_graph``
 builds the controller from the service settings, for ``ray_serve_app``.
 
-The model server is ``ModelServer``, wrapped to report what the pool needs from a model replica
-and ModelServer does not report by itself: its cold-start phases as they complete (read from its
-phase timer by a watcher thread) and its first generation.
+The model server is ``ModelServer``, which reports its start-up phases to the pool controller as
+they end.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
-from ray import serve
 from ray.serve import Application
 
-from serving.model_server import ModelServer, _process_start_time
+from serving.model_server import ModelServer
 from serving.pool.controller import PoolController
 from serving.pool.errors import ModelValidationError
-from serving.pool.reporter import PhaseReporter
 from serving.pool.spec import ModelSpec, PoolSettings, pooled_autoscaling_config
 from settings import MODEL_FIELDS, ModelConfig, Settings
-
-# The engine times config and tokenizer loading apart; the API's phase list folds them into model_code.
-_PHASES = {"imports": ("imports",), "model_code": ("config", "tokenizer", "model_code"), "weights": ("weights",)}
-_PHASES |= {"warmup": ("warmup",)}
 
 
 def model_defaults(settings: Settings) -> dict[str, Any]:
@@ -77,10 +68,9 @@ def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return ModelConfig.model_validate(config).public()
 
 
-def pool_graph(settings: Settings, pool: str = "llm") -> Application:
+def pool_graph(settings: Settings) -> Application:
     """The pool controller for the service's settings (bind it to the Gateway in the graph)."""
     pool_settings = PoolSettings(
-        pool=pool,
         keep_hot_priority=settings.keep_hot_priority,
         eviction_grace_s=settings.eviction_grace_s,
         scale_to_zero_at=settings.scale_to_zero_at,
@@ -92,44 +82,10 @@ def pool_graph(settings: Settings, pool: str = "llm") -> Application:
     return PoolController.bind(pool_settings, specs, model_defaults(settings))
 
 
-def generator_app(spec: ModelSpec, pool: PoolSettings) -> Application:
+def model_app(spec: ModelSpec, pool: PoolSettings) -> Application:
     """The model's Serve application: the ModelServer under the pool's autoscaling policy."""
     config = ModelConfig.model_validate(spec.config)
     options = config.deployment_options(pool.log_level)
     autoscaling = pooled_autoscaling_config(options["autoscaling_config"], pool.pool, spec.app)
     options["autoscaling_config"] = autoscaling | {"max_replicas": spec.max_replicas}
-    return ReportingGenerator.options(**options).bind(config, pool.pool, spec.name)
-
-
-class _ReportingGenerator(ModelServer.func_or_class):
-    def __init__(self, config: ModelConfig, pool: str, model: str) -> None:
-        self._reporter = PhaseReporter(pool, model)
-        started = _process_start_time()
-        self._reporter.phase("process_start", round(time.time() - started, 4) if started else None)
-        done = threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(done,), name="report-phases", daemon=True)
-        watcher.start()
-        try:
-            super().__init__(config)
-        finally:
-            done.set()
-            watcher.join()
-
-    def _watch(self, done: threading.Event) -> None:
-        sent: set[str] = set()
-        while True:
-            finished = done.wait(0.1)
-            timer = getattr(self, "_timer", None)
-            phases = dict(timer.phases) if timer is not None else {}
-            for name, parts in _PHASES.items():
-                if name not in sent and parts[-1] in phases:
-                    sent.add(name)
-                    self._reporter.phase(name, round(sum(phases.get(part, 0.0) for part in parts), 4))
-            if finished:
-                return
-
-    def _first_generation_done(self, report: dict[str, Any]) -> None:
-        self._reporter.phase("first_generation", report.get("first_generation_s"))
-
-
-ReportingGenerator = serve.deployment(_ReportingGenerator, name="ModelServer")
+    return ModelServer.options(**options).bind(config, pool.pool)

@@ -75,6 +75,21 @@ class PoolBackend:
             response.cancel()
             raise
 
+    # --- /admin ------------------------------------------------------------------------------------
+    async def list_models(self) -> list[dict]:
+        return await self._controller.list_models.remote()
+
+    async def load(self, entry: dict) -> dict:
+        return await self._controller.load.remote(entry)
+
+    async def unload(self, name: str, wait_s: float) -> dict:
+        return await self._controller.unload.remote(name, wait_s)
+
+    async def update(self, name: str, priority: int | None, min_replicas: int | None, max_replicas: int | None) -> dict:
+        return await self._controller.update.remote(
+            name, priority=priority, min_replicas=min_replicas, max_replicas=max_replicas
+        )
+
     async def waiting_for_room(self, model: ModelConfig) -> bool:
         """Whether a request for ``model`` that timed out waited for room (503) rather than for tokens (504)."""
         return await self._client.waiting_for_room(model.name)

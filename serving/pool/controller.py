@@ -13,6 +13,7 @@ replica asks this one replica. Requests for an evicted model wait here (``acquir
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import time
@@ -56,6 +57,9 @@ class PoolController(AdminMixin):
     async def __init__(
         self, settings: PoolSettings, models: list[ModelSpec], defaults: dict[str, Any], clock: Clock | None = None
     ) -> None:
+        # The pool is named after the application it runs in (`serve run` names it "default" unless
+        # told otherwise): the model replicas report to it there, and its store keys carry the name.
+        settings = dataclasses.replace(settings, pool=serve.get_replica_context().app_name)
         self._settings = settings
         self._pool = settings.pool
         self._clock = clock or system_clock
@@ -234,9 +238,11 @@ class PoolController(AdminMixin):
         """Every served model's full configuration (for the Gateway's request defaults and limits)."""
         return {name: dict(s.spec.config) for name, s in self._logic.models.items() if s.drain != "unload"}
 
-    async def report_phase(self, model: str, replica: str, phase: str, seconds: float | None, at: float) -> None:
+    async def report_phase(
+        self, model: str, replica: str, phase: str, seconds: float | None, at: float, details: dict | None = None
+    ) -> None:
         """A model replica finished a start-up phase (``serving.pool.reporter.PhaseReporter``)."""
-        self._board.report(model, replica, phase, seconds, at)
+        self._board.report(model, replica, phase, seconds, at, details)
 
     def __del__(self) -> None:
         """When the main application is deleted (not redeployed), its models go with it."""

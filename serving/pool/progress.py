@@ -41,12 +41,14 @@ class ColdStartBoard:
         self._last: dict[str, dict[str, Any]] = {}
         self._seen_starting: dict[str, float] = {}
 
-    def report(self, model: str, replica: str, phase: str, seconds: float | None, at: float) -> None:
+    def report(
+        self, model: str, replica: str, phase: str, seconds: float | None, at: float, details: dict | None = None
+    ) -> None:
         if phase not in PHASES:
             raise ValueError(f"unknown cold-start phase {phase!r}; phases are {', '.join(PHASES)}")
         seconds = None if seconds is None else round(float(seconds), 4)
         if phase == "first_generation":
-            self._finish_first_generation(model, replica, seconds, at)
+            self._finish_first_generation(model, replica, seconds, at, details)
             return
         replicas = self._starting.setdefault(model, {})
         record = replicas.get(replica)
@@ -58,7 +60,9 @@ class ColdStartBoard:
             record.ready_at = at
             self._last[model] = self._summary(replica, record, at)
 
-    def _finish_first_generation(self, model: str, replica: str, seconds: float | None, at: float) -> None:
+    def _finish_first_generation(
+        self, model: str, replica: str, seconds: float | None, at: float, details: dict | None
+    ) -> None:
         self._starting.get(model, {}).pop(replica, None)
         last = self._last.get(model)
         if last is None or last.get("replica") != replica or seconds is None:
@@ -66,6 +70,8 @@ class ColdStartBoard:
         last["phases"]["first_generation_s"] = seconds
         last["total_s"] = round(last["total_s"] + seconds, 4)
         last["finished_at"] = at
+        if details:  # the replica's whole report: the engine's finer phases, weights bytes and rate, device
+            last["details"] = details
 
     @staticmethod
     def _summary(replica: str, record: _Replica, at: float) -> dict[str, Any]:

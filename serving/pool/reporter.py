@@ -35,13 +35,14 @@ class PhaseReporter:
         except Exception:  # outside a replica (a test, a script): reports are dropped
             self.replica = None
 
-    def phase(self, name: str, seconds: float | None) -> None:
+    def phase(self, name: str, seconds: float | None, details: dict | None = None) -> None:
+        """``details``: facts of the start (weights bytes, device...), sent with ``first_generation``."""
         if self.replica is None:
             return
         try:
             if self._handle is None:
                 self._handle = serve.get_deployment_handle(CONTROLLER, self._pool)
             # Not awaited: the model's start must not wait for (or fail with) the pool controller.
-            self._handle.report_phase.remote(self.model, self.replica, name, seconds, time.time())
+            self._handle.report_phase.remote(self.model, self.replica, name, seconds, time.time(), details)
         except Exception:
             logger.warning("could not report cold-start phase %s of %s to the pool", name, self.model, exc_info=True)

@@ -65,7 +65,7 @@ class PoolSettings:
     '21:00 America/Chicago'
     """
 
-    pool: str = "llm"  # the main application's name: prefixes the pool's keys in the GCS store
+    pool: str = "llm"  # the main application's name (the controller sets it): prefixes the pool's keys
     keep_hot_priority: int = 2  # KEEP_HOT_PRIORITY
     eviction_grace_s: float = 30.0  # EVICTION_GRACE_S
     scale_to_zero_at: str | None = None  # SCALE_TO_ZERO_AT
@@ -73,7 +73,7 @@ class PoolSettings:
     retry_after_s: int = 5  # Retry-After when no room came in time
     loop_interval_s: float = 0.5  # how often the controller observes Serve and decides
     log_level: str = "INFO"  # LOG_LEVEL, for the model deployments the pool deploys
-    app_factory: str = "serving.pool.apps:generator_app"  # (spec, PoolSettings) -> serve.Application
+    app_factory: str = "serving.pool.apps:model_app"  # (spec, PoolSettings) -> serve.Application
     entry_parser: str = "serving.pool.apps:spec_from_entry"  # (entry, defaults) -> ModelSpec
     config_view: str = "serving.pool.apps:public_config"  # spec.config -> what /admin shows
 

@@ -37,21 +37,21 @@ def wait_for(condition: Callable[[], object], timeout: float, interval: float = 
         time.sleep(interval)
 
 
-def replica_states(app: str = APP, deployment: str | None = None) -> dict[str, int]:
-    """Replica count per state of ``deployment`` (default: the app's one model deployment)."""
-    return benchmark_replica_states(app, deployment or model_deployment(app))
+def replica_states(model: str | None = None) -> dict[str, int]:
+    """Replica count per state of a model's deployment ({} at zero; default: the one model served)."""
+    name = model or model_deployment()
+    return benchmark_replica_states(name, name)
 
 
-def model_deployment(app: str = APP) -> str:
-    """The name of the application's model deployment (every deployment but the Gateway), when there is one."""
-    status = serve.status().applications.get(app)
-    names = [name for name in (status.deployments if status else {}) if name != "Gateway"]
-    assert len(names) == 1, f"expected one model deployment in {app}, found {names}"
+def model_deployment() -> str:
+    """The one model's Serve application, which is also its deployment's name (the pool names both)."""
+    names = [name for name in serve.status().applications if name != APP]
+    assert len(names) == 1, f"expected one model application beside {APP}, found {names}"
     return names[0]
 
 
-def running_replicas(app: str = APP) -> int:
-    return replica_states(app).get("RUNNING", 0)
+def running_replicas(model: str | None = None) -> int:
+    return replica_states(model).get("RUNNING", 0)
 
 
 @dataclass

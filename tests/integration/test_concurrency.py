@@ -10,7 +10,7 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.integration.conftest import APP, Service, deploy, model_deployment, running_replicas, wait_for
+from tests.integration.conftest import Service, deploy, model_deployment, running_replicas, wait_for
 
 # The batching test's requests fit in the replica at once, and in the queue: Ray counts every
 # request not yet assigned to a replica as queued, so simultaneous arrivals fill the queue for a
@@ -48,7 +48,8 @@ def body(prompt: str, max_new_tokens: int = 48) -> dict:
 
 
 def stats() -> dict:
-    return serve.get_deployment_handle(model_deployment(), APP).stats.remote().result(timeout_s=30)
+    name = model_deployment()
+    return serve.get_deployment_handle(name, name).stats.remote().result(timeout_s=30)
 
 
 def alone(service: Service) -> dict[str, str]:

@@ -16,7 +16,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from deploy.build_config import build_serve_config, exported_env, render
-from settings import REPO_ROOT, SettingsError
+from settings import ADMIN_HEADROOM, REPO_ROOT, SettingsError, build_settings
 from tests.docs import code_lines, section
 from tests.raycluster import clean_env
 
@@ -59,19 +59,43 @@ def test_the_generated_file_carries_the_exported_settings(tmp_path: Path) -> Non
     expected_env |= {"TARGET_ONGOING_REQUESTS": "4.0"}
     assert application["runtime_env"] == {"env_vars": expected_env}  # only what was exported, nothing else
 
-    generator, gateway = _deployments(config)["pydoc-gpt-mini"], _deployments(config)["Gateway"]
-    assert generator["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5}
-    assert generator["max_ongoing_requests"] == 8 and generator["max_queued_requests"] == 20
-    assert "num_replicas" not in generator
-    autoscaling = generator["autoscaling_config"]
+    # The application holds the Gateway and the pool controller; the pool deploys the model from the
+    # carried settings, so the model's options are what those variables give on the cluster.
+    deployments = _deployments(config)
+    assert set(deployments) == {"Gateway", "PoolController"}
+    (model,) = build_settings(application["runtime_env"]["env_vars"]).model_configs
+    options = model.deployment_options("DEBUG")
+    assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5}
+    assert options["max_ongoing_requests"] == 8 and options["max_queued_requests"] == 20
+    autoscaling = options["autoscaling_config"]
     assert (autoscaling["min_replicas"], autoscaling["initial_replicas"], autoscaling["max_replicas"]) == (1, 1, 4)
     assert autoscaling["target_ongoing_requests"] == 4.0
     # IDLE_TIMEOUT_S less the look-back window (5 s) and the metrics push period (1 s)
     assert autoscaling["downscale_to_zero_delay_s"] == 114.0
-    assert generator["logging_config"]["log_level"] == "DEBUG"
+    gateway, pool = deployments["Gateway"], deployments["PoolController"]
+    assert gateway["logging_config"]["log_level"] == "DEBUG"
     assert gateway["num_replicas"] == 1 and gateway["ray_actor_options"] == {"num_cpus": 0.0}
-    assert gateway["max_ongoing_requests"] == 4 * 8 + 20 + 16  # all the Generators can hold, plus queue
+    assert pool["num_replicas"] == 1 and pool["ray_actor_options"] == {"num_cpus": 0.0}
+    # all the model can hold or queue, plus room for admin-loaded models and requests waiting for room
+    assert gateway["max_ongoing_requests"] == 4 * 8 + 20 + ADMIN_HEADROOM
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+
+
+def test_a_models_file_travels_inline(tmp_path: Path, tiny_causal: Path) -> None:
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        f"models:\n  - {{name: a, model_id: org/a, priority: 2}}\n"
+        f"  - {{name: b, model_id: org/b, max_replicas: 3, chat_template: {template}}}\n"
+    )
+    env_vars = build_serve_config({"MODELS_FILE": str(path), "MAX_REPLICAS": "1"})["applications"][0]["runtime_env"][
+        "env_vars"
+    ]
+    assert "MODELS_FILE" not in env_vars and str(tmp_path) not in env_vars["MODELS"]
+    a, b = build_settings(env_vars).model_configs
+    assert (a.name, a.priority, a.max_replicas, b.name, b.max_replicas) == ("a", 2, 1, "b", 3)
+    assert b.chat_template == template.read_text()
 
 
 def test_only_exported_variables_travel_and_host_port_become_http_options() -> None:
@@ -150,22 +174,24 @@ def test_the_rayservice_serve_config_is_generated_from_its_env_vars(rayservice: 
 
 def test_the_rayservice_pods_fit_the_replicas_and_autoscaling(rayservice: dict[str, Any]) -> None:
     cluster = rayservice["spec"]["rayClusterConfig"]
-    generator = _deployments(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))["pydoc-gpt-mini"]
-    cpus, gpus = generator["ray_actor_options"]["num_cpus"], generator["ray_actor_options"]["num_gpus"]
-    autoscaling = generator["autoscaling_config"]
+    serve_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    models = build_settings(serve_config["applications"][0]["runtime_env"]["env_vars"]).model_configs
+    assert len(models) >= 2, "the manifest shows a pool of models"
 
-    # Model replicas never land on the head: it offers Ray no CPU; the Gateway needs none.
+    # Model replicas never land on the head: it offers Ray no CPU; the Gateway and the pool need none.
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    assert _deployments(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))["Gateway"]["ray_actor_options"] == {
-        "num_cpus": 0.0
-    }
+    for name in ("Gateway", "PoolController"):
+        assert _deployments(serve_config)[name]["ray_actor_options"] == {"num_cpus": 0.0}
     (group,) = cluster["workerGroupSpecs"]
     pod_cpus = float(group["rayStartParams"]["num-cpus"])
     pod_gpus = float(group["rayStartParams"].get("num-gpus", "0"))
-    per_pod = math.floor(pod_cpus / cpus) if not gpus else min(math.floor(pod_cpus / cpus), math.floor(pod_gpus / gpus))
-    assert per_pod >= 1, "a worker pod cannot hold one model replica"
-    assert group["maxReplicas"] * per_pod >= autoscaling["max_replicas"], "too few pods for MAX_REPLICAS"
-    assert group["minReplicas"] == math.ceil(autoscaling["min_replicas"] / per_pod), "idle pods beyond MIN_REPLICAS"
+    assert all(m.num_gpus_per_replica <= pod_gpus for m in models), "a GPU model needs a GPU group"
+    assert all(m.num_cpus_per_replica <= pod_cpus for m in models), "a worker pod cannot hold a model's replica"
+    # Every model at its max_replicas at once fits the group at its maxReplicas.
+    needed = sum(m.max_replicas * m.num_cpus_per_replica for m in models)
+    assert group["maxReplicas"] * pod_cpus >= needed, "too few pods for the models' max_replicas"
+    floor = sum(m.min_replicas * m.num_cpus_per_replica for m in models)
+    assert group["minReplicas"] == math.ceil(floor / pod_cpus), "idle pods beyond the models' min_replicas"
     container = group["template"]["spec"]["containers"][0]
     assert _cpu(container["resources"]["requests"]["cpu"]) >= pod_cpus  # Ray's CPUs are backed by the pod's
     assert int(container["resources"].get("limits", {}).get("nvidia.com/gpu", 0)) == pod_gpus
