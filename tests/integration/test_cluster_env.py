@@ -27,11 +27,11 @@ def test_settings_exported_after_ray_start_take_effect(ray_head: RayHead, tiny_c
 
     url = f"http://127.0.0.1:{http_port}"
     health = wait_for(lambda: get_json(f"{url}/healthz"), timeout=60, what="the Gateway")
-    assert health["model"] == str(tiny_causal)
+    assert [m["root"] for m in health["models"]] == [str(tiny_causal)]
     response = httpx.post(f"{url}/generate", json={"prompt": "Return the"}, timeout=120)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["model"] == str(tiny_causal)
+    assert body["model"] == tiny_causal.name
     assert body["generation_kwargs"]["max_new_tokens"] == 5
     assert body["generation_kwargs"]["temperature"] == 0.0 and body["generation_kwargs"]["top_k"] == 7
     assert body["usage"]["completion_tokens"] <= 5

@@ -72,7 +72,7 @@ def test_replicas_on_the_second_node_use_the_graph_settings(two_nodes, tiny_caus
     assert nodes and nodes <= {worker_node}, f"ModelServer replicas on {nodes}, expected only {worker_node}"
 
     body = response.json()
-    assert body["model"] == str(tiny_causal)
+    assert body["model"] == MODEL
     assert body["generation_kwargs"]["max_new_tokens"] == 6
     # Greedy decoding: the same completions as the engine gives in this process with the same settings.
     engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), device="cpu", dtype="auto", num_threads=1))
@@ -90,7 +90,7 @@ def _model_server_nodes() -> set[str]:
     return {
         a["Address"]["NodeID"]
         for a in actors.values()
-        if a["State"] == "ALIVE" and a["ActorClassName"].endswith(f"{APP}:{MODEL}")
+        if a["State"] == "ALIVE" and a["ActorClassName"].endswith(f"{MODEL}:{MODEL}")  # the model's own app
     }
 
 

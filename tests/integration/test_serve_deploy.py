@@ -39,15 +39,15 @@ def test_serve_deploy_runs_the_exported_settings(tmp_path: Path, tiny_causal: Pa
 
         url = f"http://127.0.0.1:{http_port}"
         health = wait_for(lambda: get_json(f"{url}/healthz"), timeout=120, what="the deployed Gateway")
-        assert health["model"] == str(tiny_causal)
         (model,) = health["models"]
+        assert model["root"] == str(tiny_causal)
         assert model["replicas"]["max"] == 1
         assert model["state"] == "scaled_to_zero"
 
         response = httpx.post(f"{url}/generate", json={"prompts": ["Return the", "Raise"]}, timeout=120)
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["model"] == str(tiny_causal) and len(body["completions"]) == 2
+        assert body["model"] == tiny_causal.name and len(body["completions"]) == 2
         assert body["generation_kwargs"]["max_new_tokens"] == 5 and body["generation_kwargs"]["top_k"] == 7
         assert body["generation_kwargs"]["temperature"] == 0.0
         assert body["usage"]["completion_tokens"] <= 10

@@ -1,0 +1,264 @@
+"""The official `openai` client against the live service on real Ray Serve: models, completions, chat,
+streaming (from zero replicas too), sixteen concurrent streams, a disconnect that frees its rows, and
+the error statuses as the SDK's exception classes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from ray_serve_app import build_graph
+from settings import build_settings
+from tests.checkpoints import CHAT_TEMPLATE, build_tiny_causal
+from tests.integration.conftest import APP, wait_for
+
+MODEL = "tiny-chat"
+KEY = "sk-sdk-test-key-0123"
+IDLE_TIMEOUT_S = 4.0
+# A second application in the same Ray instance, with limits small enough to reach 503 and 504.
+STRICT, STRICT_MODEL = "strict", "tiny-strict"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_causal(tmp_path_factory.mktemp("tiny-chat"), chat_template=CHAT_TEMPLATE, n_positions=512)
+
+
+@pytest.fixture(scope="module")
+def url(serve_port: int, checkpoint: Path) -> str:
+    common = {
+        "MODEL_ID": str(checkpoint),
+        "API_KEY": KEY,
+        "MIN_REPLICAS": "0",
+        "MAX_REPLICAS": "1",
+        "AUTOSCALING_LOOK_BACK_S": "1",
+        "METRICS_PUSH_INTERVAL_S": "0.5",
+        "MAX_NEW_TOKENS": "16",
+        "MAX_PROMPTS_PER_REQUEST": "8",
+        "STREAM_HEARTBEAT_S": "0.5",
+    }
+    main = build_settings({**common, "SERVED_MODEL_NAME": MODEL, "IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S)})
+    serve.run(build_graph(main), name=APP, route_prefix="/", blocking=False)
+    strict = build_settings(
+        {
+            **common,
+            "SERVED_MODEL_NAME": STRICT_MODEL,
+            "MIN_REPLICAS": "1",
+            "MAX_ONGOING_REQUESTS": "1",
+            "MAX_QUEUED_REQUESTS": "1",
+            "REQUEST_TIMEOUT_S": "0.5",
+            "RETRY_AFTER_S": "2",
+        }
+    )
+    serve.run(build_graph(strict), name=STRICT, route_prefix=f"/{STRICT}", blocking=False)
+    base = f"http://127.0.0.1:{serve_port}"
+    wait_for(lambda: _health(base) is not None and _health(f"{base}/{STRICT}") is not None, 120, what="both gateways")
+    return base
+
+
+def _health(base: str) -> dict | None:
+    try:
+        response = httpx.get(f"{base}/healthz", timeout=5)
+    except httpx.HTTPError:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+def _state(base: str, model: str = MODEL) -> str | None:
+    health = _health(base)
+    return next((m["state"] for m in health["models"] if m["id"] == model), None) if health else None
+
+
+def client(url: str, key: str = KEY, **options) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120, **options)
+
+
+def aclient(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def model_stats(model: str = MODEL) -> dict:
+    name = model
+    return serve.get_deployment_handle(name, name).stats.remote().result(timeout_s=30)
+
+
+def test_a_stream_that_starts_at_zero_replicas(url: str) -> None:
+    assert _state(url) == "scaled_to_zero"
+    chunks, comments = [], []
+    started = time.monotonic()
+    body = {"model": MODEL, "prompt": "Return the", "max_tokens": 8, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=300) as response:  # fmt: skip
+        assert response.status_code == 200
+        headers_after = time.monotonic() - started
+        for line in response.iter_lines():
+            if line.startswith(":"):
+                comments.append(line)
+            elif line.startswith("data: "):
+                chunks.append(line)
+    assert chunks[-1] == "data: [DONE]"
+    # The headers came at once, and comments kept the connection busy while the model woke.
+    assert headers_after < 5, f"headers took {headers_after:.1f}s"
+    assert comments and all(c.startswith(f": waking {MODEL}") for c in comments), comments
+    print(f"woke in {time.monotonic() - started:.1f}s; comments: {comments}")
+
+
+def test_models_list(url: str) -> None:
+    models = client(url).models.list()
+    [card] = models.data
+    assert card.id == MODEL and card.object == "model" and card.owned_by
+    assert card.model_extra["state"] in ("running", "starting", "scaled_to_zero")
+
+
+def test_completions_plain_n_stop_and_logprobs(url: str) -> None:
+    sdk = client(url)
+    plain = sdk.completions.create(model=MODEL, prompt="Return the", max_tokens=12, temperature=0)
+    [choice] = plain.choices
+    assert choice.finish_reason in ("stop", "length") and plain.usage.completion_tokens <= 12
+    two = sdk.completions.create(model=MODEL, prompt="Return the", max_tokens=12, temperature=1.0, n=2, seed=5)
+    assert [c.index for c in two.choices] == [0, 1]
+    again = sdk.completions.create(model=MODEL, prompt="Return the", max_tokens=12, temperature=1.0, n=2, seed=5)
+    assert [c.text for c in again.choices] == [c.text for c in two.choices], "seeded choices reproduce"
+    if choice.text:
+        stop = choice.text[len(choice.text) // 2 :][:2]
+        stopped = sdk.completions.create(model=MODEL, prompt="Return the", max_tokens=12, temperature=0, stop=[stop])
+        assert stop not in stopped.choices[0].text and choice.text.startswith(stopped.choices[0].text)
+    scored = sdk.completions.create(model=MODEL, prompt="Return the", max_tokens=6, temperature=0, logprobs=2)
+    logprobs = scored.choices[0].logprobs
+    assert len(logprobs.tokens) == scored.usage.completion_tokens == len(logprobs.token_logprobs)
+    assert all(lp <= 0 for lp in logprobs.token_logprobs) and all(len(top) == 2 for top in logprobs.top_logprobs)
+
+
+def test_streamed_completion_equals_the_plain_one(url: str) -> None:
+    sdk = client(url)
+    plain = sdk.completions.create(model=MODEL, prompt="The socket", max_tokens=16, temperature=0)
+    stream = sdk.completions.create(model=MODEL, prompt="The socket", max_tokens=16, temperature=0, stream=True)
+    pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
+    assert "".join(pieces) == plain.choices[0].text
+
+
+def test_chat_plain_and_streamed_with_usage(url: str) -> None:
+    sdk = client(url)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does json do?"}]
+    plain = sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    assert plain.choices[0].message.role == "assistant"
+    stream = sdk.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == plain.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == plain.usage.total_tokens
+
+
+def test_sixteen_concurrent_async_streams(url: str) -> None:
+    words = ["number", "list", "socket", "file", "value", "item", "line", "name"]
+    prompts = [f"Return the {word}" for word in words] * 2
+
+    async def one(sdk: openai.AsyncOpenAI, prompt: str) -> tuple[str, int]:
+        stream = await sdk.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, pieces = "", 0
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+                pieces += 1
+        return text, pieces
+
+    async def run() -> list[tuple[str, int]]:
+        async with aclient(url) as sdk:
+            return await asyncio.gather(*(one(sdk, p) for p in prompts))
+
+    before = model_stats()["batches"]
+    results = asyncio.run(run())
+    batches = model_stats()["batches"] - before
+    assert batches < len(prompts), f"sixteen concurrent streams ran in {batches} batches: they never shared one"
+    sdk = client(url)
+    for prompt, (text, _) in zip(prompts, results, strict=True):
+        solo = sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+        assert text == solo.choices[0].text, f"a batched stream differs from its solo answer for {prompt!r}"
+
+
+def test_a_client_that_disconnects_frees_its_rows(url: str) -> None:
+    sdk = client(url)
+    before = model_stats()
+    stream = sdk.completions.create(
+        model=MODEL, prompt=["Return the", "The socket"], max_tokens=400, temperature=0, stream=True
+    )
+    for _, chunk in zip(range(3), stream, strict=False):
+        assert chunk.choices
+    stream.close()
+    after = wait_for(
+        lambda: (s := model_stats())["rows_running"] == 0 and s["streams_open"] == 0 and s["items_queued"] == 0 and s,
+        timeout=30,
+        what="the model server to let the rows go",
+    )
+    assert after["rows_cancelled"] - before["rows_cancelled"] == 2
+    generated = after["tokens_generated"] - before["tokens_generated"]
+    assert generated < 2 * 400, f"{generated} tokens: the rows ran to their end"
+
+
+def test_errors_are_the_sdk_exception_classes(url: str) -> None:
+    sdk = client(url)
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk.completions.create(model="gpt-4", prompt="x")
+    assert info.value.body["code"] == "model_not_found" and MODEL in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.completions.create(model=MODEL, prompt="x", temperature=3)
+    assert info.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError, match="tool calling"):
+        sdk.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "function", "function": {"name": "f"}}],
+        )
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="sk-wrong-key-000").models.list()
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk.completions.create(model=MODEL, prompt=["a"] * 9)
+    assert info.value.status_code == 413
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk.completions.create(model=MODEL, prompt="word " * 600, max_tokens=4)
+    assert info.value.status_code == 413 and "context" in info.value.body["message"]
+
+
+def test_overload_and_timeout_are_503_and_504(url: str) -> None:
+    strict = client(f"{url}/{STRICT}")
+    wait_for(lambda: _state(f"{url}/{STRICT}", STRICT_MODEL) == "running", 120, what="the strict model")
+
+    async def flood() -> list[BaseException | object]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/{STRICT}/v1", api_key=KEY, max_retries=0) as sdk:
+            calls = [
+                sdk.completions.create(model=STRICT_MODEL, prompt="Return the", max_tokens=200, temperature=0)
+                for _ in range(6)
+            ]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(flood())
+    refused = [o for o in outcomes if isinstance(o, openai.InternalServerError) and o.status_code == 503]
+    assert refused, f"six requests against room for two were all accepted: {outcomes}"
+    # The others were taken: answered, or out of time (REQUEST_TIMEOUT_S is half a second here).
+    assert all(not isinstance(o, BaseException) or o in refused or o.status_code == 504 for o in outcomes)
+    assert all(o.response.headers["Retry-After"] == "2" for o in refused)
+    # Eight rows of 400 tokens are 400 decoding steps: far more than half a second.
+    with pytest.raises(openai.InternalServerError) as info:
+        strict.completions.create(model=STRICT_MODEL, prompt=["Return the"] * 8, max_tokens=400, temperature=0)
+    assert info.value.status_code == 504 and "REQUEST_TIMEOUT_S" in info.value.body["message"]
