@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -22,7 +21,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.types import Completion, GenerationRequest, Started
-from serving.api import native, openai, sse
+from observability import metrics
+from serving.api import access, native, openai, sse
 from serving.api.admin import admin_router
 from serving.api.auth import BEARER, KeyCheck, require
 from serving.api.body import StrictJSONMiddleware
@@ -77,7 +77,7 @@ OPENAI_ERRORS = _responses(
 
 def request_id(request: Request) -> str:
     """Serve's proxy gives every request an x-request-id (the client's own, or a new one)."""
-    return request.headers.get("x-request-id") or uuid.uuid4().hex
+    return access.of(request).request_id
 
 
 def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
@@ -99,6 +99,8 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
     if settings.admin_api_key is not None:  # without the key the admin API does not exist (404)
         app.include_router(admin_router(backend, KeyCheck([settings.admin_api_key])))  # type: ignore[arg-type]
     app.add_middleware(StrictJSONMiddleware, max_body_bytes=settings.max_body_bytes)
+    # Outermost of ours: it sees every answer, the body checks' refusals included.
+    app.add_middleware(access.AccessLog, routes=app.router.routes, retry_after_s=settings.retry_after_s)
     calls = Calls(backend, settings)
 
     @app.get("/healthz", response_model=HealthResponse, summary="Liveness and every model's state")
@@ -131,8 +133,8 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         call = openai.translate_completion(body, model, settings, request_id(request))
         if body.stream:
             render = lambda items: openai.stream_completion(body, model, call, items)  # noqa: E731
-            return await calls.streamed(model, call, render, openai.stream_error, "openai")
-        started, done, headers = await calls.unary(model, call, "openai")
+            return await calls.streamed(request, model, call, render, openai.stream_error, "openai")
+        started, done, headers = await calls.unary(request, model, call, "openai")
         return _json(openai.completion_response(body, model, call, started, done), headers)
 
     @app.post(
@@ -147,8 +149,8 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         call = openai.translate_chat(body, model, settings, request_id(request))
         if body.stream:
             render = lambda items: openai.stream_chat(body, model, call, items)  # noqa: E731
-            return await calls.streamed(model, call, render, openai.stream_error, "openai")
-        started, done, headers = await calls.unary(model, call, "openai")
+            return await calls.streamed(request, model, call, render, openai.stream_error, "openai")
+        started, done, headers = await calls.unary(request, model, call, "openai")
         return _json(openai.chat_response(body, model, call, started, done), headers)
 
     @app.post(
@@ -164,8 +166,8 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         call = native.translate(body, model, settings, request_id(request))
         if body.stream:
             render = lambda items: native.stream(model, call, items)  # noqa: E731
-            return await calls.streamed(model, call, render, native.stream_error, "native")
-        _, done, headers = await calls.unary(model, call, "native")
+            return await calls.streamed(request, model, call, render, native.stream_error, "native")
+        _, done, headers = await calls.unary(request, model, call, "native")
         return _json(native.response(model, call, done), headers)
 
     mount_page(app)
@@ -177,29 +179,64 @@ def _json(body: Any, headers: dict[str, str]) -> JSONResponse:
 
 
 class Calls:
-    """How a route reaches a model, streamed or not, within REQUEST_TIMEOUT_S."""
+    """How a route reaches a model, streamed or not, within REQUEST_TIMEOUT_S.
+
+    What a call learns (the model, its tokens, queue time, first token) goes to the request's
+    access record (``serving.api.access``); a request that finds its model at zero counts a wake.
+    """
 
     def __init__(self, backend: ModelBackend, settings: Settings) -> None:
         self.backend = backend
         self.settings = settings
+        self._waking: set[str] = set()  # models whose current wake a request has counted already
+
+    async def _begin(self, request: Request, model: ModelConfig, stream: bool) -> tuple[access.Access, bool]:
+        """The request's access record, and whether its model was not running when it arrived."""
+        record = access.of(request)
+        record.model, record.stream = model.name, stream
+        state = (await self.backend.status(model)).state
+        if state in ("scaled_to_zero", "evicted") and model.name not in self._waking:
+            self._waking.add(model.name)
+            metrics.model_woke(model.name, "request")
+        return record, state != "running"
+
+    def _failure(self, record: access.Access, exc: Exception, family: Family) -> ApiError:
+        return self._counted(record, from_exception(exc, family, self.settings.retry_after_s), exc)
+
+    @staticmethod
+    def _counted(record: access.Access, error: ApiError, exc: BaseException | None = None) -> ApiError:
+        """``error``, counted as a rejection when it turns the request away at capacity."""
+        from ray.serve.exceptions import BackPressureError
+
+        if isinstance(exc, BackPressureError):
+            metrics.rejected(record.route, record.model, "queue_full")
+        elif error.kind in ("overloaded", "no_room"):  # the pool found the model no room in time
+            metrics.rejected(record.route, record.model, "no_room")
+        return error
 
     async def unary(
-        self, model: ModelConfig, call: GenerationRequest, family: Family
+        self, request: Request, model: ModelConfig, call: GenerationRequest, family: Family
     ) -> tuple[Started, list[Completion], dict]:
         """The whole answer; ``x-cold-start`` says how long it waited for a replica to start."""
-        cold = (await self.backend.status(model)).state != "running"
-        arrived = time.monotonic()
+        record, cold = await self._begin(request, model, stream=False)
         try:
             started, done = await asyncio.wait_for(self.backend.generate(model, call), self.settings.request_timeout_s)
         except TimeoutError:
-            raise await self.timed_out(model, family) from None
+            raise self._counted(record, await self.timed_out(model, family)) from None
         except Exception as exc:  # the model's failures become statuses here, not in Starlette's error path
-            raise from_exception(exc, family, self.settings.retry_after_s) from None
-        headers = {"x-cold-start": f"{time.monotonic() - arrived:.3f}"} if cold else {}
-        return started, done, headers
+            raise self._failure(record, exc, family) from None
+        finally:
+            self._waking.discard(model.name)  # the model is up, or this wake failed
+        record.started(started)
+        record.finished(done)
+        if not cold:
+            return started, done, {}
+        record.cold_start_s = time.monotonic() - record.arrived
+        return started, done, {"x-cold-start": f"{record.cold_start_s:.3f}"}
 
     async def streamed(
         self,
+        request: Request,
         model: ModelConfig,
         call: GenerationRequest,
         render: Callable[[AsyncIterator[Any]], AsyncIterator[str]],
@@ -208,28 +245,45 @@ class Calls:
     ) -> StreamingResponse:
         """SSE; errors before the model server takes the request still get their own status."""
         settings = self.settings
+        record, cold = await self._begin(request, model, stream=True)
         try:
             stream = await ModelCall.open(
                 self.backend.stream(model, call), settings.request_timeout_s, wait_s=settings.stream_heartbeat_s
             )
         except TimeoutError:
-            raise await self.timed_out(model, family) from None
+            self._waking.discard(model.name)
+            raise self._counted(record, await self.timed_out(model, family)) from None
         except Exception as exc:
-            raise from_exception(exc, family, settings.retry_after_s) from None
+            self._waking.discard(model.name)
+            raise self._failure(record, exc, family) from None
 
         async def waiting(elapsed: float) -> str:
             status = await self.backend.status(model)
             phase = (status.waking or {}).get("current") or status.state.replace("_", " ")
             return f"waking {model.name}: {phase} ({elapsed:.0f} s)"
 
+        async def watched(items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for item in record.meter(items):
+                if isinstance(item, Started):
+                    self._waking.discard(model.name)
+                    if cold:
+                        record.cold_start_s = time.monotonic() - record.arrived
+                yield item
+
         async def body() -> AsyncIterator[str]:
             try:
-                async for chunk in render(stream.items(settings.stream_heartbeat_s, waiting)):
+                async for chunk in render(watched(stream.items(settings.stream_heartbeat_s, waiting))):
                     yield chunk
             except TimeoutError:
-                yield render_error(await self.timed_out(model, family))
+                error = self._counted(record, await self.timed_out(model, family))
+                record.error = error.kind
+                yield render_error(error)
             except Exception as exc:  # the status is sent already: the error becomes an event
-                yield render_error(from_exception(exc, family, settings.retry_after_s))
+                error = self._failure(record, exc, family)
+                record.error = error.kind
+                yield render_error(error)
+            finally:
+                self._waking.discard(model.name)
 
         return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 

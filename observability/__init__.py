@@ -1,0 +1,1 @@
+"""What the service tells its operators: metrics through Ray's metrics (``observability.metrics``)."""

@@ -1,0 +1,318 @@
+"""Every metric of the service, defined once and recorded through Ray Serve's metrics.
+
+Each process (the Gateway replica, each model replica) records into Ray's metrics, and every Ray
+node's metrics agent exports them at its Prometheus endpoint beside Serve's own ``ray_serve_*``
+series, so whatever already scrapes the cluster sees them; there is no second exporter. Ray adds
+the ``ray_`` prefix (and ``_total`` to counters), and ``ray.serve.metrics`` adds the labels
+``application``, ``deployment`` and ``replica``. Names and buckets are vLLM's where the meaning is
+the same (``vllm:time_to_first_token_seconds`` here is ``ray_llm_serve_time_to_first_token_seconds``:
+Ray's names may not hold a colon).
+
+Where each is recorded, at the edge of its layer:
+
+- the Gateway (``serving.api.access``, ``serving.app``): requests by route, model and status, their
+  end-to-end latency, time to first token and inter-token latency of streamed requests, requests
+  rejected at capacity, and model wakes caused by a request;
+- the model replica: time queued before the engine took a request, prompt and generated tokens,
+  rows running and waiting, finished rows by reason, and its cold-start phases.
+
+Call sites stay one line (``metrics.request_done(...)``). Recording never raises: a metric that
+cannot be recorded is logged once and skipped, and the request goes on. Tests swap the sink::
+
+    >>> sink = MemorySink()
+    >>> with use_sink(sink):
+    ...     model_woke("tiny", "request")
+    >>> sink.values[("llm_serve_model_wakes", (("cause", "request"), ("model", "tiny")))]
+    1.0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+logger = logging.getLogger("ray.serve")
+
+PREFIX = "llm_serve_"
+NO_MODEL = "-"  # the model label of a request refused before it named a served model (401, 404, bad body)
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+# vLLM's build_1_2_5_buckets, up to the longest context a served model is likely to have.
+TOKEN_BUCKETS = tuple(float(m * 10**e) for e in range(6) for m in (1, 2, 5) if m * 10**e <= 200_000)
+# Start-up phases last from milliseconds (warm-up) to many minutes (a large model's weights).
+PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0,
+                 300.0, 600.0, 1200.0)  # fmt: skip
+COLD_START_PHASES = ("process_start", "imports", "model_code", "weights", "warmup")
+WAKE_CAUSES = ("request",)  # a request arrived for a model at zero replicas
+REJECT_REASONS = ("queue_full", "no_room")  # Serve's max_queued_requests reached; the pool found no room
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One series family: its name (without Ray's ``ray_`` prefix), kind, labels and buckets."""
+
+    name: str
+    kind: Literal["counter", "gauge", "histogram"]
+    description: str
+    tags: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def exported(self) -> str:
+        """The name at the Prometheus endpoint (histograms add ``_bucket``, ``_sum``, ``_count``)."""
+        return f"ray_{self.name}" + ("_total" if self.kind == "counter" else "")
+
+
+def _counter(name: str, description: str, tags: tuple[str, ...]) -> Metric:
+    return Metric(PREFIX + name, "counter", description, tags)
+
+
+def _gauge(name: str, description: str, tags: tuple[str, ...]) -> Metric:
+    return Metric(PREFIX + name, "gauge", description, tags)
+
+
+def _histogram(name: str, description: str, tags: tuple[str, ...], buckets: tuple[float, ...]) -> Metric:
+    return Metric(PREFIX + name, "histogram", description, tags, buckets)
+
+
+# --- the Gateway ------------------------------------------------------------------------------------
+REQUESTS = _counter(
+    "requests",
+    "HTTP requests answered, by route, served model ('-' when refused before naming one) and status "
+    "(499: the client went away before the answer began).",
+    ("route", "model", "status"),
+)
+E2E_LATENCY = _histogram(
+    "e2e_request_latency_seconds",
+    "Time from a request's arrival at the Gateway to the end of its answer (a stream: its last byte).",
+    ("route", "model"),
+    REQUEST_LATENCY_BUCKETS,
+)
+TTFT = _histogram(
+    "time_to_first_token_seconds",
+    "Streamed requests: time from arrival at the Gateway to the first generated text (a cold start included).",
+    ("route", "model"),
+    TTFT_BUCKETS,
+)
+ITL = _histogram(
+    "inter_token_latency_seconds",
+    "Streamed requests: time between generated tokens as the Gateway passes them on.",
+    ("model",),
+    ITL_BUCKETS,
+)
+REJECTED = _counter(
+    "requests_rejected",
+    "Requests turned away at capacity with 503 and Retry-After: queue_full (MAX_QUEUED_REQUESTS reached), "
+    "no_room (the pool found no room for the model in time).",
+    ("route", "model", "reason"),
+)
+WAKES = _counter("model_wakes", "Model wake-ups from zero replicas, by cause.", ("model", "cause"))
+
+# --- the model replica --------------------------------------------------------------------------------
+QUEUE_TIME = _histogram(
+    "request_queue_time_seconds",
+    "Time a request waited in the model replica before the engine took it.",
+    ("model",),
+    REQUEST_LATENCY_BUCKETS,
+)
+PROMPT_TOKENS = _counter("prompt_tokens", "Prompt tokens of the requests the engine took.", ("model",))
+GENERATION_TOKENS = _counter("generation_tokens", "Tokens generated, cancelled rows included.", ("model",))
+REQUEST_PROMPT_TOKENS = _histogram("request_prompt_tokens", "Prompt tokens per request.", ("model",), TOKEN_BUCKETS)
+REQUEST_GENERATION_TOKENS = _histogram(
+    "request_generation_tokens", "Tokens generated per request (all its rows).", ("model",), TOKEN_BUCKETS
+)
+ROWS_FINISHED = _counter(
+    "request_success",
+    "Rows (one per prompt and choice) that ended, by finished_reason: stop, length, or abort (the caller left).",
+    ("model", "finished_reason"),
+)
+RUNNING = _gauge(
+    "num_requests_running",
+    "Rows (one per prompt and choice) in the replica's running batch.",
+    ("model",),
+)
+WAITING = _gauge("num_requests_waiting", "Rows waiting in the replica for the engine.", ("model",))
+COLD_START = {
+    phase: _histogram(
+        f"cold_start_{phase}_seconds",
+        f"Model replica start-up: the {phase.replace('_', ' ')} phase.",
+        ("model",),
+        PHASE_BUCKETS,
+    )
+    for phase in COLD_START_PHASES
+}
+
+ALL: tuple[Metric, ...] = (
+    REQUESTS, E2E_LATENCY, TTFT, ITL, REJECTED, WAKES, QUEUE_TIME, PROMPT_TOKENS, GENERATION_TOKENS,
+    REQUEST_PROMPT_TOKENS, REQUEST_GENERATION_TOKENS, ROWS_FINISHED, RUNNING, WAITING, *COLD_START.values(),
+)  # fmt: skip
+
+
+# --- recording ----------------------------------------------------------------------------------------
+class Sink(Protocol):
+    def record(self, metric: Metric, value: float, tags: Mapping[str, str]) -> None: ...
+
+
+class RaySink:
+    """Records into ``ray.serve.metrics``: one instrument per metric, made on first use in this process.
+
+    Made lazily so that the instrument is created inside the replica (where Serve's labels are known)
+    and a process that imports this module without recording (the graph builder) creates none.
+    """
+
+    def __init__(self) -> None:
+        self._instruments: dict[str, Any] = {}
+
+    def _instrument(self, metric: Metric) -> Any:
+        instrument = self._instruments.get(metric.name)
+        if instrument is None:
+            from ray.serve import metrics as serve_metrics
+
+            if metric.kind == "histogram":
+                instrument = serve_metrics.Histogram(
+                    metric.name, metric.description, boundaries=list(metric.buckets), tag_keys=metric.tags
+                )
+            elif metric.kind == "counter":
+                instrument = serve_metrics.Counter(metric.name, metric.description, tag_keys=metric.tags)
+            else:
+                instrument = serve_metrics.Gauge(metric.name, metric.description, tag_keys=metric.tags)
+            self._instruments[metric.name] = instrument
+        return instrument
+
+    def record(self, metric: Metric, value: float, tags: Mapping[str, str]) -> None:
+        instrument = self._instrument(metric)
+        if metric.kind == "histogram":
+            instrument.observe(value, dict(tags))
+        elif metric.kind == "counter":
+            instrument.inc(value, dict(tags))
+        else:
+            instrument.set(value, dict(tags))
+
+
+@dataclass
+class MemorySink:
+    """Keeps what was recorded (tests): counter totals and gauge values, histogram observations."""
+
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=lambda: defaultdict(float))
+    observed: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+
+    def record(self, metric: Metric, value: float, tags: Mapping[str, str]) -> None:
+        key = (metric.name, tuple(sorted(tags.items())))
+        if metric.kind == "histogram":
+            self.observed[key].append(value)
+        elif metric.kind == "counter":
+            self.values[key] += value
+        else:
+            self.values[key] = value
+
+    def total(self, metric: Metric, **tags: str) -> float:
+        """Sum of a counter (or gauge) over the series whose labels include ``tags``."""
+        return sum(v for (name, labels), v in self.values.items() if name == metric.name and _has(labels, tags))
+
+    def observations(self, metric: Metric, **tags: str) -> list[float]:
+        return [
+            v for (name, labels), vs in self.observed.items() if name == metric.name and _has(labels, tags) for v in vs
+        ]
+
+
+def _has(labels: tuple[tuple[str, str], ...], tags: Mapping[str, str]) -> bool:
+    return set(tags.items()) <= set(labels)
+
+
+_sink: Sink = RaySink()
+_failed: set[str] = set()
+
+
+@contextlib.contextmanager
+def use_sink(sink: Sink) -> Iterator[Sink]:
+    """Record into ``sink`` inside the block (tests)."""
+    global _sink
+    previous, _sink = _sink, sink
+    try:
+        yield sink
+    finally:
+        _sink = previous
+
+
+def _record(metric: Metric, value: float, **tags: str) -> None:
+    try:
+        _sink.record(metric, float(value), tags)
+    except Exception:  # a metric must never fail a request
+        if metric.name not in _failed:
+            _failed.add(metric.name)
+            logger.warning("could not record metric %s", metric.name, exc_info=True)
+
+
+# --- the Gateway's recorders --------------------------------------------------------------------------
+def request_done(route: str, model: str, status: int, seconds: float) -> None:
+    """One answered HTTP request (status 499: the client left before the answer began)."""
+    _record(REQUESTS, 1, route=route, model=model, status=str(status))
+    _record(E2E_LATENCY, seconds, route=route, model=model)
+
+
+def first_token(route: str, model: str, seconds: float) -> None:
+    _record(TTFT, seconds, route=route, model=model)
+
+
+def inter_token(model: str, seconds: float, tokens: int = 1) -> None:
+    """``seconds`` since the previous chunk, which carried ``tokens`` tokens (each gets an equal share)."""
+    for _ in range(max(1, tokens)):
+        _record(ITL, seconds / max(1, tokens), model=model)
+
+
+def rejected(route: str, model: str, reason: str) -> None:
+    _record(REJECTED, 1, route=route, model=model, reason=reason)
+
+
+def model_woke(model: str, cause: str) -> None:
+    _record(WAKES, 1, model=model, cause=cause)
+
+
+# --- the model replica's recorders --------------------------------------------------------------------
+def queued(model: str, seconds: float) -> None:
+    _record(QUEUE_TIME, seconds, model=model)
+
+
+def prompt_tokens(model: str, tokens: int) -> None:
+    if tokens > 0:
+        _record(PROMPT_TOKENS, tokens, model=model)
+        _record(REQUEST_PROMPT_TOKENS, tokens, model=model)
+
+
+def generated_tokens(model: str, tokens: int) -> None:
+    """Tokens as the engine makes them (counted even if the caller leaves before reading them)."""
+    if tokens > 0:
+        _record(GENERATION_TOKENS, tokens, model=model)
+
+
+def request_finished(model: str, generated: int, reasons: Mapping[str, int]) -> None:
+    """A request's stream ended: its tokens, and its rows by finished reason (``cancelled`` is vLLM's abort)."""
+    _record(REQUEST_GENERATION_TOKENS, generated, model=model)
+    for reason, rows in reasons.items():
+        if rows > 0:
+            _record(ROWS_FINISHED, rows, model=model, finished_reason="abort" if reason == "cancelled" else reason)
+
+
+def batch(model: str, running: int, waiting: int) -> None:
+    _record(RUNNING, running, model=model)
+    _record(WAITING, waiting, model=model)
+
+
+def cold_start(model: str, phases: Mapping[str, float | None]) -> None:
+    """A replica finished starting: ``phases`` maps ``<phase>_s`` (or ``<phase>``) to seconds."""
+    for phase, metric in COLD_START.items():
+        seconds = phases.get(f"{phase}_s", phases.get(phase))
+        if seconds is not None:
+            _record(metric, seconds, model=model)
