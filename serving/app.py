@@ -95,6 +95,12 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         await checked(request)
 
     auth = [Depends(api_key)]
+
+    async def resolve(request: Request, requested: str | None) -> ModelConfig:
+        model = await backend.resolve(requested)
+        access.of(request).model = model.name  # the access line names it even if the request fails later
+        return model
+
     _install_error_handlers(app, settings.retry_after_s)
     if settings.admin_api_key is not None:  # without the key the admin API does not exist (404)
         app.include_router(admin_router(backend, KeyCheck([settings.admin_api_key])))  # type: ignore[arg-type]
@@ -117,8 +123,8 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         return ModelList(data=[ModelCard(**s.entry()) for s in await backend.statuses()])
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=OPENAI_ERRORS, dependencies=auth)
-    async def get_model(model: str) -> ModelCard:
-        config = await backend.resolve(model)
+    async def get_model(model: str, request: Request) -> ModelCard:
+        config = await resolve(request, model)
         return ModelCard(**(await backend.status(config)).entry())
 
     @app.post(
@@ -129,7 +135,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         summary="OpenAI completions (streams with stream: true)",
     )
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        model = await backend.resolve(body.model)
+        model = await resolve(request, body.model)
         call = openai.translate_completion(body, model, settings, request_id(request))
         if body.stream:
             render = lambda items: openai.stream_completion(body, model, call, items)  # noqa: E731
@@ -145,7 +151,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         summary="OpenAI chat completions (streams with stream: true)",
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        model = await backend.resolve(body.model)
+        model = await resolve(request, body.model)
         call = openai.translate_chat(body, model, settings, request_id(request))
         if body.stream:
             render = lambda items: openai.stream_chat(body, model, call, items)  # noqa: E731
@@ -162,7 +168,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
     )
     async def generate(body: GenerateRequest, request: Request) -> Any:
         """Completions for `prompt` or `prompts`. A model at zero replicas starts first (the call waits)."""
-        model = await backend.resolve(body.model)
+        model = await resolve(request, body.model)
         call = native.translate(body, model, settings, request_id(request))
         if body.stream:
             render = lambda items: native.stream(model, call, items)  # noqa: E731

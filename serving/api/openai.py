@@ -35,6 +35,7 @@ from settings import ModelConfig, Settings
 
 logger = logging.getLogger("ray.serve")
 
+MAX_LOGGED_FIELDS = 10
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -44,7 +45,10 @@ def _unsupported(param: str, what: str) -> ApiError:
 
 def _log_unknown(body: CompletionRequest | ChatCompletionRequest, request_id: str) -> None:
     if unknown := body.unknown_fields():
-        logger.info("request %s: ignoring fields this API does not define: %s", request_id, ", ".join(unknown))
+        # The names are the client's text: quoted (no line breaks or control characters reach the log), a few.
+        names = ", ".join(ascii(name)[:80] for name in unknown[:MAX_LOGGED_FIELDS])
+        more = f" and {len(unknown) - MAX_LOGGED_FIELDS} more" if len(unknown) > MAX_LOGGED_FIELDS else ""
+        logger.info("request %s: ignoring fields this API does not define: %s%s", request_id, names, more)
 
 
 def _common_checks(body: CompletionRequest | ChatCompletionRequest) -> None:
@@ -65,6 +69,8 @@ def translate_completion(
     _log_unknown(body, request_id)
     _common_checks(body)
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    if not prompts:  # [] passes the schema as an empty list of token ids
+        raise ApiError(400, "invalid_request_error", "prompt: send a prompt (the list is empty)", param="prompt")
     if any(not isinstance(p, str) for p in prompts):
         raise _unsupported("prompt", "token-id prompts are not supported; send the prompt as text")
     if body.suffix is not None:
