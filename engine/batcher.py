@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import threading
@@ -38,9 +39,10 @@ class RequestStream:
     rows still running; call it when the reader stops early. Made by :meth:`Batcher.open`.
     """
 
-    def __init__(self, batcher: Batcher, key: int, items: list[WorkItem]) -> None:
+    def __init__(self, batcher: Batcher, key: int, items: list[WorkItem], request_id: str = "") -> None:
         self.key = key
         self.items = items
+        self.request_id = request_id  # for log lines written outside the request's own context
         self._batcher = batcher
         self._pending: dict[int, Delta] = {}  # row -> its deltas not yet read, joined
         self._open_rows = len(items)
@@ -119,18 +121,21 @@ class Batcher:
         self.tokens_generated = 0  # total
 
     # --- requests --------------------------------------------------------------------------
-    def open(self, prompt_ids: Sequence[list[int]], params: Sequence[SamplingParams]) -> RequestStream:
+    def open(
+        self, prompt_ids: Sequence[list[int]], params: Sequence[SamplingParams], request_id: str = ""
+    ) -> RequestStream:
         """Queue one request's rows (row ``i``: ``prompt_ids[i]`` with ``params[i]``); read the stream."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._arrived = asyncio.Event()
-            self._task = loop.create_task(self._loop(), name="batcher")
+            # A context of its own: the loop serves every request, so it must not log as the first one.
+            self._task = loop.create_task(self._loop(), name="batcher", context=contextvars.Context())
         key = next(self._keys)
         items = [
             WorkItem(stream=key, row=row, prompt_ids=ids, params=p)
             for row, (ids, p) in enumerate(zip(prompt_ids, params, strict=True))
         ]
-        stream = RequestStream(self, key, items)
+        stream = RequestStream(self, key, items, request_id)
         self._streams[key] = stream
         with self._lock:
             self._queue.extend(items)
@@ -225,7 +230,7 @@ class Batcher:
             try:
                 await loop.run_in_executor(self._executor, self._run_batch, batch, on_step, poll, self.max_batch_size)
             except Exception as exc:  # every reader of a failed batch hears of it
-                logger.exception("batch of %d rows failed", len(ran))
+                logger.exception("batch of %d rows failed (requests %s)", len(ran), self._request_ids(ran))
                 error = exc
             # Dispatches were queued on the loop before this await resumed, so a row not finished
             # here never will be: fail its reader rather than leave it waiting.
@@ -241,6 +246,10 @@ class Batcher:
             self.batch_sizes[len(ran)] += 1
             self.busy_s += loop.time() - started
             logger.debug("batch of %d rows ran in %.3fs", len(ran), loop.time() - started)
+
+    def _request_ids(self, items: Sequence[WorkItem]) -> str:
+        streams = (self._streams.get(key) for key in dict.fromkeys(item.stream for item in items))
+        return ", ".join(stream.request_id or "?" for stream in streams if stream is not None)
 
     def _dispatch(self, events: list[tuple[WorkItem, Delta]]) -> None:
         for item, delta in events:

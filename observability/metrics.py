@@ -17,7 +17,8 @@ Where each is recorded, at the edge of its layer:
   rows running and waiting, finished rows by reason, and its cold-start phases.
 
 Call sites stay one line (``metrics.request_done(...)``). Recording never raises: a metric that
-cannot be recorded is logged once and skipped, and the request goes on. Tests swap the sink::
+cannot be recorded is logged once and skipped, and the request goes on (``observability.sinks``).
+Tests swap the sink::
 
     >>> sink = MemorySink()
     >>> with use_sink(sink):
@@ -28,12 +29,12 @@ cannot be recorded is logged once and skipped, and the request goes on. Tests sw
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import contextvars
 import logging
-from collections import defaultdict
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Mapping
+
+from observability.sinks import MemorySink, Metric, RaySink, Sink, record, use_sink
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,22 +56,6 @@ PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0
 COLD_START_PHASES = ("process_start", "imports", "model_code", "weights", "warmup")
 WAKE_CAUSES = ("request",)  # a request arrived for a model at zero replicas
 REJECT_REASONS = ("queue_full", "no_room")  # Serve's max_queued_requests reached; the pool found no room
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One series family: its name (without Ray's ``ray_`` prefix), kind, labels and buckets."""
-
-    name: str
-    kind: Literal["counter", "gauge", "histogram"]
-    description: str
-    tags: tuple[str, ...]
-    buckets: tuple[float, ...] = ()
-
-    @property
-    def exported(self) -> str:
-        """The name at the Prometheus endpoint (histograms add ``_bucket``, ``_sum``, ``_count``)."""
-        return f"ray_{self.name}" + ("_total" if self.kind == "counter" else "")
 
 
 def _counter(name: str, description: str, tags: tuple[str, ...]) -> Metric:
@@ -158,156 +143,62 @@ ALL: tuple[Metric, ...] = (
 )  # fmt: skip
 
 
-# --- recording ----------------------------------------------------------------------------------------
-class Sink(Protocol):
-    def record(self, metric: Metric, value: float, tags: Mapping[str, str]) -> None: ...
-
-
-class RaySink:
-    """Records into ``ray.serve.metrics``: one instrument per metric, made on first use in this process.
-
-    Made lazily so that the instrument is created inside the replica (where Serve's labels are known)
-    and a process that imports this module without recording (the graph builder) creates none.
-    """
-
-    def __init__(self) -> None:
-        self._instruments: dict[str, Any] = {}
-
-    def _instrument(self, metric: Metric) -> Any:
-        instrument = self._instruments.get(metric.name)
-        if instrument is None:
-            from ray.serve import metrics as serve_metrics
-
-            if metric.kind == "histogram":
-                instrument = serve_metrics.Histogram(
-                    metric.name, metric.description, boundaries=list(metric.buckets), tag_keys=metric.tags
-                )
-            elif metric.kind == "counter":
-                instrument = serve_metrics.Counter(metric.name, metric.description, tag_keys=metric.tags)
-            else:
-                instrument = serve_metrics.Gauge(metric.name, metric.description, tag_keys=metric.tags)
-            self._instruments[metric.name] = instrument
-        return instrument
-
-    def record(self, metric: Metric, value: float, tags: Mapping[str, str]) -> None:
-        instrument = self._instrument(metric)
-        if metric.kind == "histogram":
-            instrument.observe(value, dict(tags))
-        elif metric.kind == "counter":
-            instrument.inc(value, dict(tags))
-        else:
-            instrument.set(value, dict(tags))
-
-
-@dataclass
-class MemorySink:
-    """Keeps what was recorded (tests): counter totals and gauge values, histogram observations."""
-
-    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=lambda: defaultdict(float))
-    observed: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-
-    def record(self, metric: Metric, value: float, tags: Mapping[str, str]) -> None:
-        key = (metric.name, tuple(sorted(tags.items())))
-        if metric.kind == "histogram":
-            self.observed[key].append(value)
-        elif metric.kind == "counter":
-            self.values[key] += value
-        else:
-            self.values[key] = value
-
-    def total(self, metric: Metric, **tags: str) -> float:
-        """Sum of a counter (or gauge) over the series whose labels include ``tags``."""
-        return sum(v for (name, labels), v in self.values.items() if name == metric.name and _has(labels, tags))
-
-    def observations(self, metric: Metric, **tags: str) -> list[float]:
-        return [
-            v for (name, labels), vs in self.observed.items() if name == metric.name and _has(labels, tags) for v in vs
-        ]
-
-
-def _has(labels: tuple[tuple[str, str], ...], tags: Mapping[str, str]) -> bool:
-    return set(tags.items()) <= set(labels)
-
-
-_sink: Sink = RaySink()
-_failed: set[str] = set()
-
-
-@contextlib.contextmanager
-def use_sink(sink: Sink) -> Iterator[Sink]:
-    """Record into ``sink`` inside the block (tests)."""
-    global _sink
-    previous, _sink = _sink, sink
-    try:
-        yield sink
-    finally:
-        _sink = previous
-
-
-def _record(metric: Metric, value: float, **tags: str) -> None:
-    try:
-        _sink.record(metric, float(value), tags)
-    except Exception:  # a metric must never fail a request
-        if metric.name not in _failed:
-            _failed.add(metric.name)
-            logger.warning("could not record metric %s", metric.name, exc_info=True)
+__all__ = ["ALL", "MemorySink", "Metric", "RaySink", "Sink", "use_sink"]
 
 
 # --- the Gateway's recorders --------------------------------------------------------------------------
 def request_done(route: str, model: str, status: int, seconds: float) -> None:
     """One answered HTTP request (status 499: the client left before the answer began)."""
-    _record(REQUESTS, 1, route=route, model=model, status=str(status))
-    _record(E2E_LATENCY, seconds, route=route, model=model)
+    record(REQUESTS, 1, route=route, model=model, status=str(status))
+    record(E2E_LATENCY, seconds, route=route, model=model)
 
 
 def first_token(route: str, model: str, seconds: float) -> None:
-    _record(TTFT, seconds, route=route, model=model)
+    record(TTFT, seconds, route=route, model=model)
 
 
 def inter_token(model: str, seconds: float, tokens: int = 1) -> None:
     """``seconds`` since the previous chunk, which carried ``tokens`` tokens (each gets an equal share)."""
     for _ in range(max(1, tokens)):
-        _record(ITL, seconds / max(1, tokens), model=model)
+        record(ITL, seconds / max(1, tokens), model=model)
 
 
 def rejected(route: str, model: str, reason: str) -> None:
-    _record(REJECTED, 1, route=route, model=model, reason=reason)
+    record(REJECTED, 1, route=route, model=model, reason=reason)
 
 
 def model_woke(model: str, cause: str) -> None:
-    _record(WAKES, 1, model=model, cause=cause)
+    record(WAKES, 1, model=model, cause=cause)
 
 
 # --- the model replica's recorders --------------------------------------------------------------------
 def queued(model: str, seconds: float) -> None:
-    _record(QUEUE_TIME, seconds, model=model)
+    record(QUEUE_TIME, seconds, model=model)
 
 
 def prompt_tokens(model: str, tokens: int) -> None:
     if tokens > 0:
-        _record(PROMPT_TOKENS, tokens, model=model)
-        _record(REQUEST_PROMPT_TOKENS, tokens, model=model)
+        record(PROMPT_TOKENS, tokens, model=model)
+        record(REQUEST_PROMPT_TOKENS, tokens, model=model)
 
 
 def generated_tokens(model: str, tokens: int) -> None:
     """Tokens as the engine makes them (counted even if the caller leaves before reading them)."""
     if tokens > 0:
-        _record(GENERATION_TOKENS, tokens, model=model)
+        record(GENERATION_TOKENS, tokens, model=model)
 
 
 def request_finished(model: str, generated: int, reasons: Mapping[str, int]) -> None:
     """A request's stream ended: its tokens, and its rows by finished reason (``cancelled`` is vLLM's abort)."""
-    _record(REQUEST_GENERATION_TOKENS, generated, model=model)
+    record(REQUEST_GENERATION_TOKENS, generated, model=model)
     for reason, rows in reasons.items():
         if rows > 0:
-            _record(ROWS_FINISHED, rows, model=model, finished_reason="abort" if reason == "cancelled" else reason)
+            record(ROWS_FINISHED, rows, model=model, finished_reason="abort" if reason == "cancelled" else reason)
 
 
 def batch(model: str, running: int, waiting: int) -> None:
-    _record(RUNNING, running, model=model)
-    _record(WAITING, waiting, model=model)
+    record(RUNNING, running, model=model)
+    record(WAITING, waiting, model=model)
 
 
 def cold_start(model: str, phases: Mapping[str, float | None]) -> None:
@@ -315,4 +206,51 @@ def cold_start(model: str, phases: Mapping[str, float | None]) -> None:
     for phase, metric in COLD_START.items():
         seconds = phases.get(f"{phase}_s", phases.get(phase))
         if seconds is not None:
-            _record(metric, seconds, model=model)
+            record(metric, seconds, model=model)
+
+
+class BatchSampler:
+    """Samples a replica's batcher counters: rows running and waiting (gauges), tokens generated (counter).
+
+    Once a second rather than at every decoding step, and the token count is the engine's own, so
+    tokens made for a caller who left before reading them count too. Start it from a request
+    (``ensure_running()``: it needs the replica's event loop), or call ``sample()`` directly::
+
+        >>> counters = {"rows_running": 2, "items_queued": 1, "tokens_generated": 40}
+        >>> sampler = BatchSampler("tiny", lambda: counters)
+        >>> with use_sink(MemorySink()) as sink:
+        ...     sampler.sample()
+        ...     counters["tokens_generated"] = 45
+        ...     sampler.sample()
+        >>> sink.total(GENERATION_TOKENS), sink.total(RUNNING), sink.total(WAITING)
+        (45.0, 2.0, 1.0)
+    """
+
+    def __init__(self, model: str, stats: Callable[[], Mapping[str, int]], interval_s: float = 1.0) -> None:
+        self.model = model
+        self.interval_s = interval_s
+        self._stats = stats
+        self._tokens = 0
+        self._task: asyncio.Task | None = None
+
+    def ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            # A context of its own: the task must not carry the request (and its id) that started it.
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._run(), name="metrics-sampler", context=contextvars.Context())
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.interval_s)
+
+    def sample(self) -> None:
+        try:
+            stats = self._stats()
+        except Exception:
+            logger.warning("could not read the batcher's counters", exc_info=True)
+            return
+        batch(self.model, stats["rows_running"], stats["items_queued"])
+        tokens = stats["tokens_generated"]
+        generated_tokens(self.model, tokens - self._tokens)
+        self._tokens = tokens

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol
 
@@ -24,6 +25,7 @@ from ray import serve
 
 from engine.batcher import Batcher, RequestStream
 from engine.types import Completion, Delta, GenerationRequest, Started, StreamItem, collect
+from observability import metrics
 from serving.pool.reporter import PhaseReporter
 
 logger = logging.getLogger("ray.serve")
@@ -35,7 +37,7 @@ REPORTED_PHASES = ("imports", "model_code", "weights", "warmup")
 class ModelServerConfig(Protocol):
     """The per-model settings a replica reads (``settings.ModelConfig`` has them)."""
 
-    name: str
+    name: str  # the served name: the metrics' model label
     model_id: str
     trust_remote_code: bool
     dtype: Literal["auto", "float32", "float16", "bfloat16"]
@@ -81,6 +83,7 @@ class ModelServer:
         process_started = _process_start_time()
         from engine.timing import PhaseTimer
 
+        self._name = config.name
         self._reporter = PhaseReporter(pool, config.name) if pool else None
         self._report("process_start", round(self._constructed_at - process_started, 4) if process_started else None)
         self._timer = PhaseTimer(on_phase=self._phase_ended)
@@ -104,6 +107,7 @@ class ModelServer:
             lambda: TextGenerator.load(engine_config, self._timer), config.model_load_timeout_s, config.model_id
         )
         self._batcher = Batcher(self._engine.run, config.max_batch_size, config.batch_wait_timeout_s)
+        self._sampler = metrics.BatchSampler(self._name, self._batcher.stats)
         self._replica = serve.get_replica_context().replica_id.unique_id
         ready = time.time()
         self._cold_start: dict[str, Any] | None = {
@@ -123,18 +127,28 @@ class ModelServer:
         raised before anything is yielded. Stopping the stream early cancels the request's rows.
         """
         arrived = time.monotonic()
+        self._sampler.ensure_running()
         prompt_ids = self._encode(request)
         rows = request.row_inputs(prompt_ids)  # row p * n + c: choice c of prompt p
-        stream = self._batcher.open([ids for ids, _ in rows], [params for _, params in rows])
+        stream = self._batcher.open([ids for ids, _ in rows], [params for _, params in rows], request.request_id)
         started: Started | None = None
+        generated, reasons = 0, Counter[str]()
         try:
             async for deltas in stream:
                 if started is None:
                     started = self._started(prompt_ids, stream, arrived)
                     yield started
+                generated += sum(d.tokens for d in deltas)
+                reasons.update(d.finish_reason for d in deltas if d.finish_reason is not None)
                 yield deltas
+        except Exception as exc:
+            # Serve's request context names the request; the id is passed too, for any other context.
+            logger.warning("request %s failed: %r", request.request_id, exc, extra={"request_id": request.request_id})
+            raise
         finally:
             stream.close()  # a reader that went away (disconnect, cancel) frees its rows
+            reasons["cancelled"] += request.rows - sum(reasons.values())
+            metrics.request_finished(self._name, generated, reasons)
         if started is not None and started.cold_start is not None:
             # The replica's first request has run to its end: its generation completes the report.
             report = {**started.cold_start, "first_generation_s": round(time.monotonic() - arrived, 4)}
@@ -173,12 +187,15 @@ class ModelServer:
     def _started(self, prompt_ids: list[list[int]], stream: RequestStream, arrived: float) -> Started:
         admitted = stream.admitted_at
         cold_start, self._cold_start = self._cold_start, None  # the first request served carries it
-        return Started(
+        started = Started(
             replica=self._replica,
             prompt_tokens=tuple(len(ids) for ids in prompt_ids),
             queue_s=round(max(0.0, (admitted or arrived) - arrived), 6),
             cold_start=cold_start,
         )
+        metrics.queued(self._name, started.queue_s)
+        metrics.prompt_tokens(self._name, sum(started.prompt_tokens))
+        return started
 
     def _first_generation_done(self, report: dict[str, Any]) -> None:
         """The replica's first request has finished (``report`` is its complete cold-start report)."""
@@ -192,6 +209,7 @@ class ModelServer:
             self._report(name, seconds)
 
     def _report(self, name: str, seconds: float | None, details: dict[str, Any] | None = None) -> None:
+        metrics.cold_start(self._name, {name: seconds})  # each phase as it ends (first_generation has none)
         if self._reporter is not None:
             self._reporter.phase(name, seconds, details)
 

@@ -1,4 +1,4 @@
-"""The ``>>>`` examples of the engine's light modules run and hold."""
+"""The ``>>>`` examples of the light modules run and hold."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import importlib
 
 import pytest
 
-MODULES = ["engine.types", "engine.work", "engine.detokenize", "engine.timing"]
+MODULES = [
+    "engine.types",
+    "engine.work",
+    "engine.detokenize",
+    "engine.timing",
+    "observability.metrics",
+    "serving.api.access",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
