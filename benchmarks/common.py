@@ -90,13 +90,27 @@ def wait_for(condition: Callable[[], object], timeout: float, interval: float = 
 
 
 @contextmanager
-def local_serve(num_cpus: int = 2, num_gpus: int | None = None) -> Iterator[int]:
-    """A fresh local Ray instance with Serve on a free port; yields the port."""
+def local_serve(
+    num_cpus: int = 2, num_gpus: int | None = None, metrics_report_interval_ms: int | None = None
+) -> Iterator[int]:
+    """A fresh local Ray instance with Serve on a free port; yields the port.
+
+    ``metrics_report_interval_ms``: how often processes report metrics to the node's exporter
+    (Ray's default is 10 s; tests that scrape want it sooner).
+    """
     import ray
     from ray import serve
 
+    system = {} if metrics_report_interval_ms is None else {"metrics_report_interval_ms": metrics_report_interval_ms}
     # address="local": always a new instance, never a cluster some `ray start` left running.
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config=system,
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -13,6 +13,7 @@ Called through a Serve DeploymentHandle::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -108,6 +109,7 @@ class ModelServer:
         )
         self._batcher = Batcher(self._engine.run, config.max_batch_size, config.batch_wait_timeout_s)
         self._sampler = metrics.BatchSampler(self._name, self._batcher.stats)
+        self._requests = 0
         self._replica = serve.get_replica_context().replica_id.unique_id
         ready = time.time()
         self._cold_start: dict[str, Any] | None = {
@@ -127,6 +129,7 @@ class ModelServer:
         raised before anything is yielded. Stopping the stream early cancels the request's rows.
         """
         arrived = time.monotonic()
+        self._requests += 1
         self._sampler.ensure_running()
         prompt_ids = self._encode(request)
         rows = request.row_inputs(prompt_ids)  # row p * n + c: choice c of prompt p
@@ -176,8 +179,9 @@ class ModelServer:
         return started, collect(deltas, request.rows, started.prompt_tokens, request.n)
 
     async def stats(self) -> dict[str, Any]:
-        """This replica's counters: batches, rows running and cancelled, queue, open streams, tokens."""
-        return self._batcher.stats()
+        """This replica's counters: batches, rows running and cancelled, queue, open streams, tokens,
+        requests received, and the asyncio tasks alive on its event loop (``tasks``: this call's own included)."""
+        return {**self._batcher.stats(), "requests": self._requests, "tasks": len(asyncio.all_tasks())}
 
     def _encode(self, request: GenerationRequest) -> list[list[int]]:
         if request.messages:
