@@ -160,6 +160,7 @@ def test_no_generated_request_gets_a_server_error(services: dict[str, str], serv
     print(report.table())
     generation = [name for name in report.statuses if name.startswith("POST")]
     assert len(generation) == 3 and all(report.cases[name, "positive"] > 0 for name in generation)
-    if service == "keyed":  # the key worked: requests reached the routes
-        assert all(200 in report.statuses[name] for name in generation), report.table()
+    # Requests reached the model (with the key, on the keyed service). Chat's positive cases are
+    # refused with 400 by the checks below the schema (integers sent as 15.0, free-form roles).
+    assert 200 in report.statuses["POST /generate"] and 200 in report.statuses["POST /v1/completions"], report.table()
     assert not report.failures, "server errors:\n" + "\n".join(report.failures)

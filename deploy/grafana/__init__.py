@@ -1,0 +1,1 @@
+"""The Grafana dashboard of the service's metrics (``deploy.grafana.dashboard``)."""
