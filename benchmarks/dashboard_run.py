@@ -13,6 +13,8 @@ dashboard.json (each panel's series) and dashboard_scrape.txt (an excerpt of the
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import logging
 import random
 import threading
@@ -34,6 +36,7 @@ from settings import DEFAULT_MODEL_DIR, build_settings
 
 logger = logging.getLogger("dashboard_run")
 APP = "llm"
+SCRAPES = Path(__file__).resolve().parent / ".cache" / "dashboard_scrapes.json.gz"  # for --redraw
 KEEP = ("model", "route", "status", "le", "cause", "reason", "deployment", "finished_reason", "replica", "WorkerId")
 SETTINGS = {
     "MIN_REPLICAS": "0",
@@ -117,8 +120,14 @@ def main() -> None:
     parser.add_argument("--load-s", type=float, default=80.0)
     parser.add_argument("--every", type=float, default=2.0, help="seconds between scrapes")
     parser.add_argument("--window", type=float, default=20.0, help="rate window of the panels (seconds)")
+    parser.add_argument("--redraw", action="store_true", help=f"draw again from {SCRAPES} (no run)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.redraw:
+        saved = json.loads(gzip.decompress(SCRAPES.read_bytes()))
+        report(saved["scrapes"], saved["marks"], saved["statuses"], saved["last"], args)
+        return
 
     with local_serve(num_cpus=2, metrics_report_interval_ms=1000) as port:
         settings = build_settings({**SETTINGS, "MODEL_ID": str(args.model), "SERVED_MODEL_NAME": "m"})
@@ -154,21 +163,28 @@ def main() -> None:
 
     statuses = {phase: {str(s): v.count(s) for s in sorted(set(v))} for phase, v in record.items()}
     logger.info("statuses: %s", statuses)
+    saved = {"scrapes": scraper.scrapes, "marks": marks, "statuses": statuses, "last": scraper.last_text}
+    SCRAPES.parent.mkdir(parents=True, exist_ok=True)
+    SCRAPES.write_bytes(gzip.compress(json.dumps(saved).encode()))
+    report(scraper.scrapes, marks, statuses, scraper.last_text, args)
+
+
+def report(scrapes: list[Scrape], marks: dict, statuses: dict, last_text: str, args: argparse.Namespace) -> None:
+    """The panels' picture and series, and an excerpt of the last scrape."""
     path = RESULTS / "dashboard.png"
     title = (
         f"Dashboard panels from a real run ({args.model.name}, 2 CPUs): Prometheus text scraped every "
         f"{args.every:g} s, the dashboard's queries evaluated in Python ({args.window:g} s rate window)"
     )
-    draw(scraper.scrapes, path, args.window, title, marks)
+    draw(scrapes, path, args.window, title, marks)
     panels = {
         panel.title: {
-            q.legend: {" ".join(k): v for k, v in evaluate(q, scraper.scrapes, args.window).items()}
-            for q in panel.queries
+            q.legend: {" ".join(k): v for k, v in evaluate(q, scrapes, args.window).items()} for q in panel.queries
         }
         for panel in PANELS
     }
     write_results("dashboard", {"settings": SETTINGS, "marks": marks, "statuses": statuses, "panels": panels})
-    excerpt = [line for line in scraper.last_text.splitlines() if "ray_llm_serve_" in line]
+    excerpt = [line for line in last_text.splitlines() if "ray_llm_serve_" in line]
     (RESULTS / "dashboard_scrape.txt").write_text("\n".join(excerpt) + "\n")
     logger.info("wrote %s, dashboard.json and dashboard_scrape.txt", path)
 

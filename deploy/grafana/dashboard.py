@@ -81,7 +81,7 @@ REPLICAS = Query(
     "ray_serve_autoscaling_target_replicas",
     ("deployment",),
     legend="{{deployment}}",
-    where='deployment=~"$model"',
+    where='deployment=~"$model", deployment!="Gateway"',
 )
 
 PANELS: tuple[Panel, ...] = (

@@ -28,9 +28,15 @@ Series = dict[tuple[str, ...], list[tuple[float, float]]]  # group labels -> (t,
 
 
 def _matches(labels: dict[str, str], query: Query) -> bool:
-    # The dashboard's only filter is `<label>=~"$model"` with All selected: the label must exist.
-    label = query.where.split("=", 1)[0]
-    return label in labels
+    """The query's label matchers with ``$model`` at All: ``=~"$model"`` needs the label, ``!="v"`` excludes v."""
+    for clause in query.where.split(","):
+        label, _, value = clause.strip().partition("=")
+        if label.endswith("!"):
+            if labels.get(label[:-1]) == value.strip('"'):
+                return False
+        elif label not in labels:
+            return False
+    return True
 
 
 def _by_series(scrapes: Sequence[Scrape], name: str, query: Query) -> dict[tuple, list[tuple[float, float]]]:
@@ -171,11 +177,14 @@ def _legend(query: Query, group: tuple[str, ...]) -> str:
 
 def _lines(ax: Any, queries: Sequence[Query], scrapes: Sequence[Scrape], window_s: float, marks: dict) -> None:
     drawn = 0
+    times = [t for t, _ in scrapes]
     for query in queries:
         for group, points in sorted(evaluate(query, scrapes, window_s).items()):
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], label=_legend(query, group), linewidth=1.2)
+                values = dict(points)  # no value at a time: a gap in the line, as Grafana draws it
+                ax.plot(times, [values.get(t, math.nan) for t in times], label=_legend(query, group), linewidth=1.2)
                 drawn += 1
+    ax.set_xlim(times[0], times[-1])
     for text, t in marks.items():
         ax.axvline(t, color="grey", linestyle=":", linewidth=0.8)
         ax.annotate(text, (t, 1), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top", ha="right")

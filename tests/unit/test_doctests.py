@@ -13,6 +13,7 @@ MODULES = [
     "engine.detokenize",
     "engine.timing",
     "observability.metrics",
+    "deploy.grafana.evaluate",
     "serving.api.access",
 ]
 
