@@ -100,3 +100,17 @@ def test_the_pod_monitor_scrapes_the_metrics_port_of_every_ray_pod() -> None:
         assert selector.items() <= labels.items()
         ports = {p["name"]: p["containerPort"] for c in group["template"]["spec"]["containers"] for p in c["ports"]}
         assert str(ports[endpoint["port"]]) == group["rayStartParams"]["metrics-export-port"]
+
+
+def test_the_readme_shows_the_picture_a_scrape_and_a_401() -> None:
+    from settings import REPO_ROOT
+    from tests.docs import section
+
+    _, observability = section("Observability")
+    for path in ("benchmarks/results/dashboard.png", "deploy/grafana/llm-serve.json", "deploy/kuberay/podmonitor.yaml"):
+        assert path in observability and (REPO_ROOT / path).is_file()
+    for metric in metrics.ALL:
+        assert metric.exported in observability or "cold_start_" in metric.name, f"{metric.exported} undocumented"
+    assert "--metrics-export-port" in observability and "kind: PodMonitor" in observability
+    _, security = section("Security")
+    assert "HTTP/1.1 401 Unauthorized" in security and "www-authenticate: Bearer" in security
