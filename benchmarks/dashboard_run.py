@@ -152,7 +152,7 @@ def main() -> None:
         mark("burst of 40")
         record["burst"] = burst(url, 40)
         mark("idle")
-        wait_for(lambda: replica_states(APP, "m") == {}, timeout=240, interval=1)
+        wait_for(lambda: replica_states("m", "m") == {}, timeout=240, interval=1)  # the pool's app for model m
         mark("at zero")
         time.sleep(6)
         mark("second wake")

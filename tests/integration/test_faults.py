@@ -23,7 +23,7 @@ import ray
 from ray import serve
 
 from tests.checkpoints import build_tiny_causal
-from tests.integration.conftest import APP, Service, deploy, running_replicas, wait_for
+from tests.integration.conftest import Service, deploy, running_replicas, wait_for
 
 MODEL = "long"
 LONG = 1500  # tokens: seconds of work for the tiny model (greedy, it never meets its end token first)
@@ -54,13 +54,15 @@ def service(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Servic
 
 
 def stats() -> dict:
-    return serve.get_deployment_handle(MODEL, APP).stats.remote().result(timeout_s=30)
+    # The pool serves each model as its own application, named after the model like its deployment.
+    return serve.get_deployment_handle(MODEL, MODEL).stats.remote().result(timeout_s=30)
 
 
 def replica_pids() -> list[int]:
     """The pids of the model's live replica actors, from Ray's actor table."""
     actors = ray._private.state.actors().values()  # the GCS table; the state API needs a dashboard
-    return [a["Pid"] for a in actors if a["ActorClassName"] == f"ServeReplica:{APP}:{MODEL}" and a["State"] == "ALIVE"]
+    replica = f"ServeReplica:{MODEL}:{MODEL}"  # the pool's application for the model, and its deployment
+    return [a["Pid"] for a in actors if a["ActorClassName"] == replica and a["State"] == "ALIVE"]
 
 
 def long_body(stream: bool) -> dict:

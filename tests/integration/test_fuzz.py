@@ -11,6 +11,7 @@ how many cases each route got and which statuses came back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import time
 from collections import Counter
@@ -36,10 +37,9 @@ from tests.integration.conftest import wait_for
 
 EXAMPLES = 15  # per operation and generation mode
 COVERAGE_CAP = 60  # coverage cases per operation at most
-MODEL = "tiny"
+MODEL = "tiny"  # served as tiny-open and tiny-keyed: each service's pool names an application after its model
 KEY = "sk-fuzz-0123456789"
 ENV = {
-    "SERVED_MODEL_NAME": MODEL,
     "MIN_REPLICAS": "1",
     "MAX_REPLICAS": "1",
     "MAX_NEW_TOKENS": "4",
@@ -66,7 +66,7 @@ class Report:
         return "\n".join(lines)
 
 
-def fuzz(base_url: str, headers: dict[str, str]) -> Report:
+def fuzz(base_url: str, headers: dict[str, str], model: str) -> Report:
     """Each operation: schemathesis' coverage cases (boundaries, wrong types, missing fields), then
     EXAMPLES cases generated from the schema and EXAMPLES generated against it."""
     report = Report()
@@ -84,7 +84,7 @@ def fuzz(base_url: str, headers: dict[str, str]) -> Report:
             _send(case, name, "coverage", base_url, headers, report)
         for mode in modes:
             with contextlib.suppress(Unsatisfiable):  # no way to break an operation without parameters
-                _fuzz_operation(operation, name, mode, base_url, headers, report)
+                _fuzz_operation(operation, name, mode, base_url, headers, model, report)
     report.seconds = time.monotonic() - started
     return report
 
@@ -100,12 +100,12 @@ def _send(case: schemathesis.Case, name: str, phase: str, base_url: str, headers
         report.failures.append(f"{name} ({phase}): {str(exc).strip()[:400]}\n  {curl[:600]}")
 
 
-def _steer(case: schemathesis.Case, served: bool) -> schemathesis.Case:
+def _steer(model: str, case: schemathesis.Case, served: bool) -> schemathesis.Case:
     """Name the served model in half the cases, so that valid ones reach the model, not a 404."""
     if served and isinstance(case.body, dict) and "model" in case.body:
-        case.body["model"] = MODEL
+        case.body["model"] = model
     if served and case.path_parameters and "model" in case.path_parameters:
-        case.path_parameters["model"] = MODEL
+        case.path_parameters["model"] = model
     return case
 
 
@@ -115,9 +115,10 @@ def _fuzz_operation(
     mode: GenerationMode,
     base_url: str,
     headers: dict[str, str],
+    model: str,
     report: Report,
 ) -> None:
-    strategy = st.builds(_steer, operation.as_strategy(mode), st.booleans())
+    strategy = st.builds(functools.partial(_steer, model), operation.as_strategy(mode), st.booleans())
 
     @hypothesis.settings(
         max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -135,8 +136,8 @@ def _fuzz_operation(
 def services(serve_port: int, tiny_causal: Path) -> Iterator[dict[str, str]]:
     """Base URLs: the open service at /open, the one with keys at /keyed."""
     for name, extra in (("open", {}), ("keyed", {"API_KEY": KEY})):
-        settings = build_settings({"MODEL_ID": str(tiny_causal), **ENV, **extra})
-        serve.run(build_graph(settings), name=name, route_prefix=f"/{name}", blocking=False)
+        env = {"MODEL_ID": str(tiny_causal), "SERVED_MODEL_NAME": f"{MODEL}-{name}", **ENV, **extra}
+        serve.run(build_graph(build_settings(env)), name=name, route_prefix=f"/{name}", blocking=False)
     urls = {name: f"http://127.0.0.1:{serve_port}/{name}" for name in ("open", "keyed")}
     for url in urls.values():
         wait_for(lambda url=url: _generates(url), timeout=180, what=f"{url} to generate")
@@ -155,7 +156,7 @@ def _generates(url: str) -> bool:
 @pytest.mark.parametrize("service", ["open", "keyed"])
 def test_no_generated_request_gets_a_server_error(services: dict[str, str], service: str) -> None:
     headers = {"Authorization": f"Bearer {KEY}"} if service == "keyed" else {}
-    report = fuzz(services[service], headers)
+    report = fuzz(services[service], headers, f"{MODEL}-{service}")
     print(f"\nschemathesis against {service} ({report.seconds:.1f} s, {sum(report.cases.values())} cases):")
     print(report.table())
     generation = [name for name in report.statuses if name.startswith("POST")]

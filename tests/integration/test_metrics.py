@@ -96,14 +96,31 @@ def traffic(service: Service) -> dict:
     return sent
 
 
-def test_request_counters_and_latency_by_route_model_and_status(traffic: dict) -> None:
+EXPECTED = {"/generate": 3, "/v1/completions": 3, "/v1/chat/completions": 1}  # 200s per route
+
+
+@pytest.fixture(scope="module")
+def samples(traffic: dict) -> Samples:
+    """A scrape once the last of the traffic has reached the endpoint (processes report every 0.5 s, and
+    the replica samples its batcher's token count every second)."""
+    generated = sum(u["completion_tokens"] for u in traffic["usage"])
+
+    def settled() -> Samples | None:
+        s = scrape()
+        done = all(
+            total(s, metrics.REQUESTS.exported, route=route, model=MODEL, status="200") == count
+            for route, count in EXPECTED.items()
+        )
+        done = done and total(s, metrics.REQUESTS.exported, model=metrics.NO_MODEL, status="422") == 1
+        done = done and total(s, metrics.GENERATION_TOKENS.exported, model=MODEL) == generated
+        return s if done else None
+
+    return wait_for(settled, timeout=60, interval=0.5, what="the traffic's counts at the metrics endpoint")
+
+
+def test_request_counters_and_latency_by_route_model_and_status(samples: Samples) -> None:
     requests = metrics.REQUESTS.exported
-    expected = {"/generate": 3, "/v1/completions": 3, "/v1/chat/completions": 1}
-    samples = wait_for(
-        lambda: (s := scrape()) and total(s, requests, route="/generate", model=MODEL, status="200") == 3 and s,
-        timeout=60, what="the request counters",
-    )  # fmt: skip
-    for route, count in expected.items():
+    for route, count in EXPECTED.items():
         assert total(samples, requests, route=route, model=MODEL, status="200") == count, route
         assert total(samples, f"{metrics.E2E_LATENCY.exported}_count", route=route, model=MODEL) == count
     assert total(samples, requests, route="/v1/completions", model=metrics.NO_MODEL, status="404") == 1
@@ -113,8 +130,7 @@ def test_request_counters_and_latency_by_route_model_and_status(traffic: dict) -
     assert any(name.startswith("ray_serve_") for name, _, _ in samples), "Serve's own series are beside ours"
 
 
-def test_time_to_first_token_counts_the_streamed_requests(traffic: dict) -> None:
-    samples = scrape()
+def test_time_to_first_token_counts_the_streamed_requests(traffic: dict, samples: Samples) -> None:
     for route, count in traffic["streamed"].items():
         assert total(samples, f"{metrics.TTFT.exported}_count", route=route, model=MODEL) == count
     buckets = series(samples, f"{metrics.TTFT.exported}_bucket")
@@ -123,8 +139,7 @@ def test_time_to_first_token_counts_the_streamed_requests(traffic: dict) -> None
     assert 0 < total(samples, f"{metrics.ITL.exported}_count", model=MODEL) <= tokens
 
 
-def test_the_cold_start_is_one_observation_per_phase_and_one_wake(traffic: dict) -> None:
-    samples = scrape()
+def test_the_cold_start_is_one_observation_per_phase_and_one_wake(samples: Samples) -> None:
     for phase, metric in metrics.COLD_START.items():
         assert total(samples, f"{metric.exported}_count", model=MODEL) == 1, phase
         (labels,) = series(samples, f"{metric.exported}_count")
@@ -132,15 +147,11 @@ def test_the_cold_start_is_one_observation_per_phase_and_one_wake(traffic: dict)
     assert total(samples, metrics.WAKES.exported, model=MODEL, cause="request") == 1
 
 
-def test_the_replica_counts_what_the_answers_say(traffic: dict) -> None:
+def test_the_replica_counts_what_the_answers_say(traffic: dict, samples: Samples) -> None:
     served = len(traffic["usage"])
     prompt = sum(u["prompt_tokens"] for u in traffic["usage"])
     generated = sum(u["completion_tokens"] for u in traffic["usage"])
-    # Tokens generated are sampled once a second: wait for the last sample, then compare exactly.
-    samples = wait_for(
-        lambda: (s := scrape()) and total(s, metrics.GENERATION_TOKENS.exported, model=MODEL) == generated and s,
-        timeout=30, what=f"{generated} generated tokens counted",
-    )  # fmt: skip
+    assert total(samples, metrics.GENERATION_TOKENS.exported, model=MODEL) == generated
     assert total(samples, metrics.PROMPT_TOKENS.exported, model=MODEL) == prompt
     assert total(samples, f"{metrics.QUEUE_TIME.exported}_count", model=MODEL) == served
     assert total(samples, f"{metrics.REQUEST_GENERATION_TOKENS.exported}_sum", model=MODEL) > 0
@@ -161,7 +172,7 @@ def test_a_request_id_reaches_the_access_line_and_the_model_replica(service: Ser
     def lines(deployment: str) -> list[str]:
         return [
             line
-            for path in logs.glob(f"replica_llm_{deployment}_*.log")
+            for path in logs.glob(f"replica_*_{deployment}_*.log")
             for line in path.read_text(errors="replace").splitlines()
             if request_id in line
         ]
