@@ -75,13 +75,13 @@ def _quantiles(metric: metrics.Metric, by: tuple[str, ...] = ("model",)) -> tupl
     )
 
 
-# Serve's own series: the deployment of each model is named after it.
+# Serve's own series: the deployment of each model is named after it (the service's own two are left out).
 REPLICAS = Query(
     "gauge",
     "ray_serve_autoscaling_target_replicas",
     ("deployment",),
     legend="{{deployment}}",
-    where='deployment=~"$model", deployment!="Gateway"',
+    where='deployment=~"$model", deployment!~"Gateway|PoolController"',
 )
 
 PANELS: tuple[Panel, ...] = (

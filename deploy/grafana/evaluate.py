@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,11 +29,11 @@ Series = dict[tuple[str, ...], list[tuple[float, float]]]  # group labels -> (t,
 
 
 def _matches(labels: dict[str, str], query: Query) -> bool:
-    """The query's label matchers with ``$model`` at All: ``=~"$model"`` needs the label, ``!="v"`` excludes v."""
+    """The query's label matchers with ``$model`` at All: ``=~"$model"`` needs the label, ``!~"a|b"`` excludes."""
     for clause in query.where.split(","):
         label, _, value = clause.strip().partition("=")
         if label.endswith("!"):
-            if labels.get(label[:-1]) == value.strip('"'):
+            if re.fullmatch(value.lstrip("~").strip('"'), labels.get(label[:-1], "")):
                 return False
         elif label not in labels:
             return False
