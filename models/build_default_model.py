@@ -88,10 +88,11 @@ class TrainSettings:
     threads: int = 1
     wall_cap: float = 4.0
     seq_len: int = 128
-    batch_size: int = 16
-    peak_lr: float = 2e-3
+    # Half the old batch, twice the steps for the same compute: a lower held-out loss in a short budget.
+    batch_size: int = 8
+    peak_lr: float = 3e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 30
+    warmup_steps: int = 60
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     log_every: int = 50
