@@ -4,20 +4,24 @@ The model is built entirely offline from material that ships with Python:
 
 1. A corpus is collected from the docstrings of the running interpreter's
    standard library (PSF licence). Source files are parsed with :mod:`ast`;
-   nothing is imported.
-2. A byte-level BPE tokenizer is trained on that corpus with ``tokenizers``
-   and wrapped as a ``transformers.PreTrainedTokenizerFast``.
+   nothing is imported. Chat-shaped conversations are made from the same
+   docstrings (``chat_corpus.py``) and mixed in.
+2. A byte-level BPE tokenizer is trained on the docstrings with ``tokenizers``,
+   given the chat role tokens and chat template, and wrapped as a
+   ``transformers.PreTrainedTokenizerFast``.
 3. A small GPT-2-style model is trained from a seeded random initialisation
-   with a plain torch loop for a bounded wall-clock budget.
-4. Model, tokenizer, generation config and a short model card are written to
-   the output directory (``models/pydoc-gpt-mini`` by default).
+   with a plain torch loop for a bounded time: ``--minutes`` of two cores' CPU
+   time, stopping at ``--wall-cap`` times that in wall-clock time.
+4. Model, tokenizer (with ``chat_template.jinja``), generation config and a
+   model card (``model_card.py``) are written to the output directory
+   (``models/pydoc-gpt-mini`` by default).
 
 Usage::
 
     python models/build_default_model.py --minutes 8
 
-Everything except the number of optimisation steps (bounded by wall-clock
-time, and logged) is deterministic given ``--seed``.
+Everything except the number of optimisation steps (bounded by time, and
+logged) is deterministic given ``--seed``.
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+# Run as a script, this file's directory is on sys.path.
+from chat_corpus import CHAT_TEMPLATE, CHAT_TOKENS, END_TOKEN, DocKind, Docstring, Message, make_conversations
+from model_card import CardFacts, render_model_card, sample_chats, sample_completions
 
 LOGGER = logging.getLogger("build_default_model")
 
@@ -44,9 +51,22 @@ EOS_TOKEN = "<|endoftext|>"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "pydoc-gpt-mini"
 SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "idlelib", "lib2to3", "site-packages", "__pycache__"})
 DOCSTRING_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+DOC_KINDS: dict[type, DocKind] = {
+    ast.Module: "module",
+    ast.ClassDef: "class",
+    ast.FunctionDef: "function",
+    ast.AsyncFunctionDef: "function",
+}
 MIN_DOCSTRING_CHARS = 40
+# Pure-Python implementations that users import under the public name.
+PUBLIC_MODULES = {"_pydecimal": "decimal", "_pyio": "io", "_collections_abc": "collections.abc"}
+# The budget is counted in minutes of this many cores: the project machine's two.
+BUDGET_CORES = 2
 HELDOUT_EVERY = 50  # every 50th document goes to the held-out set
-SAMPLE_PROMPTS = ("Return the", "The socket module", "This function")
+EXAMPLE_CHAT: list[Message] = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What does `json.dumps` do?"},
+]
 
 
 @dataclass(frozen=True)
@@ -65,11 +85,14 @@ class TrainSettings:
 
     budget_s: float
     seed: int
+    threads: int = 1
+    wall_cap: float = 4.0
     seq_len: int = 128
-    batch_size: int = 16
-    peak_lr: float = 2e-3
+    # Half the old batch, twice the steps for the same compute: a lower held-out loss in a short budget.
+    batch_size: int = 8
+    peak_lr: float = 3e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 30
+    warmup_steps: int = 60
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     log_every: int = 50
@@ -82,34 +105,11 @@ class TrainResult:
 
     steps: int
     seconds: float
+    cpu_seconds: float
     tokens_seen: int
     final_train_loss: float
     heldout_loss: float
-
-
-class Sample(NamedTuple):
-    """A prompt with its greedy and sampled completions."""
-
-    prompt: str
-    greedy: str
-    sampled: str
-
-
-@dataclass(frozen=True)
-class CardFacts:
-    """Facts about a finished build, for the model card."""
-
-    command: str
-    python_version: str
-    n_docs: int
-    n_chars: int
-    n_heldout_docs: int
-    vocab_size: int
-    n_params: int
-    size_mb: float
-    seed: int
-    result: TrainResult
-    samples: Sequence[Sample]
+    heldout_chat_loss: float
 
 
 # --------------------------------------------------------------------------- corpus
@@ -124,14 +124,22 @@ def iter_stdlib_files(stdlib: Path) -> Iterator[Path]:
         yield path
 
 
-def iter_docstrings(tree: ast.AST) -> Iterator[str]:
-    """Yield module, class and function docstrings in source (depth-first) order."""
+def module_name(relative: Path) -> str:
+    """The dotted name users know a standard library file by: ``json/__init__.py`` is ``json``."""
+    parts = relative.with_suffix("").parts
+    name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return PUBLIC_MODULES.get(name, name)
+
+
+def iter_docstrings(tree: ast.AST, name: str) -> Iterator[tuple[str, DocKind, str]]:
+    """Yield ``(dotted name, kind, docstring)`` of modules, classes and functions in source (depth-first) order."""
     if isinstance(tree, DOCSTRING_NODES):
         docstring = ast.get_docstring(tree, clean=True)
         if docstring:
-            yield docstring
+            yield name, DOC_KINDS[type(tree)], docstring
     for child in ast.iter_child_nodes(tree):
-        yield from iter_docstrings(child)
+        child_name = f"{name}.{child.name}" if isinstance(child, DOCSTRING_NODES[1:]) else name
+        yield from iter_docstrings(child, child_name)
 
 
 def is_prose_paragraph(lines: Sequence[str]) -> bool:
@@ -165,9 +173,9 @@ def parse_file(path: Path) -> ast.AST | None:
         return None
 
 
-def build_corpus(stdlib: Path) -> list[str]:
-    """Collect unique, normalised, non-trivial docstrings from the standard library."""
-    documents: list[str] = []
+def build_corpus(stdlib: Path) -> list[Docstring]:
+    """Collect unique, normalised, non-trivial docstrings (with the first name they document) from the stdlib."""
+    documents: list[Docstring] = []
     seen: set[str] = set()
     n_files = 0
     for path in iter_stdlib_files(stdlib):
@@ -175,17 +183,17 @@ def build_corpus(stdlib: Path) -> list[str]:
         if tree is None:
             continue
         n_files += 1
-        for docstring in iter_docstrings(tree):
+        for name, kind, docstring in iter_docstrings(tree, module_name(path.relative_to(stdlib))):
             document = normalise_docstring(docstring)
             if len(document) >= MIN_DOCSTRING_CHARS and document not in seen:
                 seen.add(document)
-                documents.append(document)
-    n_chars = sum(len(doc) for doc in documents)
+                documents.append(Docstring(name, kind, document))
+    n_chars = sum(len(doc.text) for doc in documents)
     LOGGER.info("corpus: %d docstrings, %d chars from %d files under %s", len(documents), n_chars, n_files, stdlib)
     return documents
 
 
-def split_corpus(documents: Sequence[str]) -> tuple[list[str], list[str]]:
+def split_corpus(documents: Sequence[Docstring]) -> tuple[list[Docstring], list[Docstring]]:
     """Split documents deterministically into training and held-out sets."""
     train = [doc for i, doc in enumerate(documents) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
     heldout = [doc for i, doc in enumerate(documents) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
@@ -196,7 +204,7 @@ def split_corpus(documents: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def train_tokenizer(documents: Sequence[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer and wrap it for ``transformers``."""
+    """Train a byte-level BPE tokenizer with the chat tokens and template, and wrap it for ``transformers``."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -204,7 +212,7 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int, max_length: int) 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=[EOS_TOKEN, *CHAT_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -216,8 +224,28 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int, max_length: int) 
         eos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
+        # Special, so that decoding with skip_special_tokens drops role tokens from answers.
+        extra_special_tokens=list(CHAT_TOKENS),
+        chat_template=CHAT_TEMPLATE,
         model_max_length=max_length,
     )
+
+
+def render_chats(tokenizer: PreTrainedTokenizerFast, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str]:
+    """Render conversations with the tokenizer's own chat template, as the service will at inference."""
+    return [tokenizer.apply_chat_template(list(messages), tokenize=False) for messages in conversations]
+
+
+def interleave(documents: Sequence[str], chats: Sequence[str]) -> list[str]:
+    """Spread chats evenly between documents, keeping the order of each."""
+    merged: list[str] = []
+    placed = 0
+    for i, document in enumerate(documents, start=1):
+        merged.append(document)
+        due = i * len(chats) // len(documents)
+        merged.extend(chats[placed:due])
+        placed = due
+    return merged
 
 
 def encode_documents(tokenizer: PreTrainedTokenizerFast, documents: Sequence[str]) -> torch.Tensor:
@@ -294,8 +322,8 @@ def sample_batch(stream: torch.Tensor, settings: TrainSettings, generator: torch
 
 def lm_loss(model: GPT2LMHeadModel, batch: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of a batch of windows."""
-    inputs = batch[:, :-1]
-    logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits
+    # No attention mask: windows are never padded, and without one attention takes the causal fast path.
+    logits = model(input_ids=batch[:, :-1]).logits
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
 
@@ -311,18 +339,53 @@ def evaluate(model: GPT2LMHeadModel, stream: torch.Tensor, settings: TrainSettin
     return sum(losses) / len(losses)
 
 
+class Budget:
+    """The share of the training budget spent: the process's CPU time, capped by wall-clock time.
+
+    ``seconds`` counts seconds of BUDGET_CORES busy cores, so the same budget buys the same compute
+    however many threads train and however loaded the machine is: two threads on an idle two-core
+    machine spend it in as many wall-clock seconds; one thread, or a machine shared with other
+    work, takes longer, up to ``wall_cap`` times ``seconds``.
+
+    >>> budget = Budget(60.0, wall_cap=4.0)
+    >>> 0.0 <= budget.spent() < 1.0
+    True
+    """
+
+    def __init__(self, seconds: float, wall_cap: float) -> None:
+        self.seconds = seconds
+        self.wall_limit = seconds * wall_cap
+        self._cpu_start = time.process_time()
+        self._wall_start = time.monotonic()
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the process used since the start (all its threads)."""
+        return time.process_time() - self._cpu_start
+
+    def wall_seconds(self) -> float:
+        """Wall-clock seconds since the start."""
+        return time.monotonic() - self._wall_start
+
+    def spent(self) -> float:
+        """Fraction of the budget used (1.0 or more: done)."""
+        return max(self.cpu_seconds() / BUDGET_CORES / self.seconds, self.wall_seconds() / self.wall_limit)
+
+
 def train(
-    model: GPT2LMHeadModel, train_stream: torch.Tensor, heldout_stream: torch.Tensor, settings: TrainSettings
+    model: GPT2LMHeadModel,
+    train_stream: torch.Tensor,
+    heldout_streams: tuple[torch.Tensor, torch.Tensor],
+    settings: TrainSettings,
 ) -> TrainResult:
-    """Train until the wall-clock budget is spent; return step count and losses."""
+    """Train until the budget is spent; return step count and losses."""
     optimizer = make_optimizer(model, settings)
     generator = torch.Generator().manual_seed(settings.seed)
     model.train()
-    start = time.monotonic()
+    budget = Budget(settings.budget_s, settings.wall_cap)
     step, smoothed = 0, float("nan")
-    while (elapsed := time.monotonic() - start) < settings.budget_s:
+    while (progress := budget.spent()) < 1.0:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, elapsed / settings.budget_s, settings)
+            group["lr"] = learning_rate(step, progress, settings)
         loss = lm_loss(model, sample_batch(train_stream, settings, generator))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -332,47 +395,31 @@ def train(
         smoothed = loss.item() if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * loss.item()
         if step % settings.log_every == 0:
             LOGGER.info(
-                "step %d  %.0fs  lr %.2e  train loss %.3f",
+                "step %d  %.0fs wall  %.0fs cpu  lr %.2e  train loss %.3f",
                 step,
-                elapsed,
+                budget.wall_seconds(),
+                budget.cpu_seconds(),
                 optimizer.param_groups[0]["lr"],
                 smoothed,
             )
-    seconds = time.monotonic() - start
-    heldout = evaluate(model, heldout_stream, settings)
+    seconds, cpu_seconds = budget.wall_seconds(), budget.cpu_seconds()
+    heldout, heldout_chat = (evaluate(model, stream, settings) for stream in heldout_streams)
     tokens = step * settings.batch_size * settings.seq_len
     LOGGER.info(
-        "trained %d steps (%d tokens) in %.0fs; train loss %.3f, held-out loss %.3f",
+        "trained %d steps (%d tokens) in %.0fs (%.0fs cpu); train loss %.3f, held-out loss %.3f, "
+        "held-out chat loss %.3f",
         step,
         tokens,
         seconds,
+        cpu_seconds,
         smoothed,
         heldout,
+        heldout_chat,
     )
-    return TrainResult(step, seconds, tokens, smoothed, heldout)
+    return TrainResult(step, seconds, cpu_seconds, tokens, smoothed, heldout, heldout_chat)
 
 
 # --------------------------------------------------------------------------- output
-
-
-def complete(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, prompt: str, **options: object) -> str:
-    """Generate 40 new tokens after ``prompt`` and decode prompt plus completion."""
-    inputs = tokenizer(prompt, return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=40, **options)
-    return tokenizer.decode(output[0], skip_special_tokens=True)
-
-
-def sample_completions(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, seed: int) -> list[Sample]:
-    """Produce a greedy and a sampled completion for each sample prompt."""
-    model.eval()
-    samples = []
-    for prompt in SAMPLE_PROMPTS:
-        greedy = complete(model, tokenizer, prompt, do_sample=False, repetition_penalty=1.2)
-        torch.manual_seed(seed)
-        sampled = complete(model, tokenizer, prompt, do_sample=True, temperature=0.8, top_k=40)
-        LOGGER.info("sample %r\n  greedy : %r\n  sampled: %r", prompt, greedy, sampled)
-        samples.append(Sample(prompt, greedy, sampled))
-    return samples
 
 
 def directory_size(path: Path) -> int:
@@ -385,7 +432,8 @@ def save_checkpoint(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, 
     output.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        # A chat answer ends its turn with END_TOKEN; a plain completion ends with the document's eos.
+        eos_token_id=[tokenizer.convert_tokens_to_ids(END_TOKEN), tokenizer.eos_token_id],
         pad_token_id=tokenizer.pad_token_id,
     )
     # transformers>=5 always writes safetensors; the flag keeps 4.x doing the same.
@@ -397,64 +445,6 @@ def save_checkpoint(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, 
     weights.chmod(0o644)  # safetensors writes through a 0600 temporary file
 
 
-def render_model_card(facts: CardFacts, shape: ModelShape, settings: TrainSettings) -> str:
-    """Render the README.md model card."""
-    result = facts.result
-    sample_lines = []
-    for sample in facts.samples:
-        sample_lines += [
-            f"- prompt `{sample.prompt!r}`",
-            f"  - greedy: `{sample.greedy!r}`",
-            f"  - sampled: `{sample.sampled!r}`",
-        ]
-    return "\n".join(
-        [
-            "# pydoc-gpt-mini",
-            "",
-            "A tiny GPT-2-style causal language model: the service's embedded default model, so",
-            "that it runs out of the box without network access. It is a toy: it writes text",
-            "that reads like Python documentation, with no factual reliability.",
-            "",
-            "## Corpus and licence",
-            "",
-            f"Docstrings of the Python {facts.python_version} standard library: module, class and",
-            "function docstrings, parsed with `ast` (never imported), test, idlelib, lib2to3 and",
-            f"site-packages skipped, duplicates and docstrings under {MIN_DOCSTRING_CHARS} characters",
-            f"dropped; {facts.n_docs} docstrings, {facts.n_chars:,} characters, of which every",
-            f"{HELDOUT_EVERY}th docstring ({facts.n_heldout_docs}) is held out for evaluation.",
-            "The docstrings are distributed under the Python Software Foundation License",
-            "(PSF-2.0). The corpus is not stored; the build script rebuilds it.",
-            "",
-            "## How it was built",
-            "",
-            "```",
-            facts.command,
-            "```",
-            "",
-            f"- tokenizer: byte-level BPE (`tokenizers`), {facts.vocab_size} tokens, "
-            f"`{EOS_TOKEN}` is bos/eos/pad/unk, `model_max_length` {shape.n_positions}",
-            f"- architecture: GPT-2 (`GPT2LMHeadModel`), {shape.n_layer} layers, {shape.n_embd} dims, "
-            f"{shape.n_head} heads, {shape.n_positions} positions, tied embeddings, float32 weights",
-            f"- parameters: {facts.n_params:,}",
-            f"- training: seed {facts.seed}, AdamW (peak lr {settings.peak_lr}, cosine decay over the "
-            f"time budget), batch {settings.batch_size} x {settings.seq_len} tokens, CPU, 2 threads",
-            f"- steps: {result.steps} in {result.seconds:.0f} s ({result.tokens_seen:,} tokens); "
-            "the step count depends on wall-clock speed",
-            f"- final training loss (EMA): {result.final_train_loss:.3f}; held-out loss: "
-            f"{result.heldout_loss:.3f} (perplexity {math.exp(result.heldout_loss):.1f})",
-            f"- checkpoint size (weights, configs, tokenizer): {facts.size_mb:.1f} MB",
-            "",
-            "## Sample completions",
-            "",
-            "Greedy (repetition_penalty 1.2) and sampled (temperature 0.8, top_k 40, "
-            f"torch seed {facts.seed}) completions, 40 new tokens, as produced at build time:",
-            "",
-            *sample_lines,
-            "",
-        ]
-    )
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -462,9 +452,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse command-line arguments."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="checkpoint directory")
-    parser.add_argument("--minutes", type=float, default=8.0, help="training wall-clock budget")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=8.0,
+        help=f"training budget in minutes of {BUDGET_CORES} busy cores (wall-clock minutes on an idle machine)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (results depend on it); 2 is faster on an idle machine, 1 wastes less CPU on a shared one",
+    )
+    parser.add_argument(
+        "--wall-cap", type=float, default=4.0, help="stop training after this many times --minutes of wall-clock time"
+    )
     parser.add_argument("--seed", type=int, default=1234, help="random seed")
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    parser.add_argument(
+        "--chats-per-doc", type=int, default=1, help="chat conversations made from each askable training docstring"
+    )
     return parser.parse_args(argv)
 
 
@@ -472,51 +479,75 @@ def build_command(args: argparse.Namespace) -> str:
     """Reconstruct the command line that reproduces this build."""
     command = (
         f"python models/build_default_model.py --minutes {args.minutes:g} "
-        f"--seed {args.seed} --vocab-size {args.vocab_size}"
+        f"--seed {args.seed} --vocab-size {args.vocab_size} --chats-per-doc {args.chats_per_doc} "
+        f"--threads {args.threads} --wall-cap {args.wall_cap:g}"
     )
     if args.output.resolve() != DEFAULT_OUTPUT:
         command += f" --output {args.output}"
     return command
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch's random generator and fix the thread count."""
+def seed_everything(seed: int, threads: int) -> None:
+    """Seed torch's random generator and fix the thread count (it changes floating-point sums)."""
     torch.manual_seed(seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Build the corpus, train tokenizer and model, and save the checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    seed_everything(args.seed)
+    seed_everything(args.seed, args.threads)
     shape = ModelShape()
-    settings = TrainSettings(budget_s=args.minutes * 60, seed=args.seed)
+    settings = TrainSettings(budget_s=args.minutes * 60, seed=args.seed, threads=args.threads, wall_cap=args.wall_cap)
 
     documents = build_corpus(Path(sysconfig.get_paths()["stdlib"]))
     train_docs, heldout_docs = split_corpus(documents)
-    tokenizer = train_tokenizer(train_docs, args.vocab_size, shape.n_positions)
-    train_stream = encode_documents(tokenizer, train_docs)
-    heldout_stream = encode_documents(tokenizer, heldout_docs)
-    LOGGER.info("tokens: %d training, %d held-out", len(train_stream), len(heldout_stream))
+    tokenizer = train_tokenizer([doc.text for doc in train_docs], args.vocab_size, shape.n_positions)
+    chats = render_chats(tokenizer, make_conversations(train_docs, args.chats_per_doc, args.seed))
+    doc_stream = encode_documents(tokenizer, [doc.text for doc in train_docs])
+    chat_stream = encode_documents(tokenizer, chats)
+    train_stream = encode_documents(tokenizer, interleave([doc.text for doc in train_docs], chats))
+    heldout_stream = encode_documents(tokenizer, [doc.text for doc in heldout_docs])
+    heldout_chat_stream = encode_documents(
+        tokenizer, render_chats(tokenizer, make_conversations(heldout_docs, 1, args.seed))
+    )
+    LOGGER.info(
+        "tokens: %d training (%d in %d chats), %d held-out, %d held-out chat",
+        len(train_stream),
+        len(chat_stream),
+        len(chats),
+        len(heldout_stream),
+        len(heldout_chat_stream),
+    )
 
     model = build_model(len(tokenizer), tokenizer.eos_token_id, shape)
-    result = train(model, train_stream, heldout_stream, settings)
+    result = train(model, train_stream, (heldout_stream, heldout_chat_stream), settings)
     save_checkpoint(model, tokenizer, args.output)
     samples = sample_completions(model, tokenizer, args.seed)
+    chat_samples = sample_chats(model, tokenizer)
 
     facts = CardFacts(
         command=build_command(args),
         python_version=sysconfig.get_python_version(),
         n_docs=len(documents),
-        n_chars=sum(map(len, documents)),
+        n_chars=sum(len(doc.text) for doc in documents),
         n_heldout_docs=len(heldout_docs),
+        min_docstring_chars=MIN_DOCSTRING_CHARS,
+        heldout_every=HELDOUT_EVERY,
+        n_conversations=len(chats),
+        doc_tokens=len(doc_stream),
+        chat_tokens=len(chat_stream),
         vocab_size=len(tokenizer),
+        special_tokens={token: tokenizer.convert_tokens_to_ids(token) for token in (EOS_TOKEN, *CHAT_TOKENS)},
+        eos_token_ids=list(model.generation_config.eos_token_id),
+        example_prompt=tokenizer.apply_chat_template(EXAMPLE_CHAT, tokenize=False, add_generation_prompt=True),
         n_params=count_parameters(model),
         size_mb=directory_size(args.output) / 1e6,
         seed=args.seed,
         result=result,
         samples=samples,
+        chat_samples=chat_samples,
     )
     card = render_model_card(facts, shape, settings)
     (args.output / "README.md").write_text(card, encoding="utf-8")

@@ -143,24 +143,32 @@ export class WakeWatcher {
     }
   }
 
-  /** The first token came: stop watching and, if this request woke the model, show how the wake-up went. */
+  /**
+   * The first token came: stop watching and, if this request woke the model, show how the wake-up went.
+   * The replica's report is complete (first generation included, `finished_at` set) only once its first
+   * request has ended, so a partial report is shown first and replaced by the complete one when it comes.
+   */
   async firstToken(waitedS) {
     this.halt();
     if (!(this.seen || this.expectCold)) return;
-    const deadline = performance.now() + 10000;
-    let report = null;
+    const deadline = performance.now() + 120000;
+    let shown = null;
     while (performance.now() < deadline) {
       const models = await this.fetchModels();
       const entry = models && models.find((m) => m.id === this.model);
       if (entry) this.onModel(entry);
       const last = entry && entry.last_cold_start;
-      if (last && JSON.stringify(last) !== this.previousReport) {
-        report = last;
-        break;
+      const text = JSON.stringify(last);
+      if (last && text !== this.previousReport && text !== shown) {
+        shown = text;
+        this.view.showWakeSummary(this.model, last, waitedS);
+        if (last.finished_at) return;
       }
       await new Promise((resolve) => setTimeout(resolve, WAKE_POLL_MS));
     }
     // Without a fresh report, keep what was seen while waiting: the phases that had completed.
-    this.view.showWakeSummary(this.model, report || { phases: (this.waking && this.waking.phases) || {} }, waitedS);
+    if (shown === null) {
+      this.view.showWakeSummary(this.model, { phases: (this.waking && this.waking.phases) || {} }, waitedS);
+    }
   }
 }

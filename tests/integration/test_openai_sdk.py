@@ -15,7 +15,6 @@ from ray import serve
 
 from ray_serve_app import build_graph
 from settings import build_settings
-from tests.checkpoints import CHAT_TEMPLATE, build_tiny_causal
 from tests.integration.conftest import APP, wait_for
 
 MODEL = "tiny-chat"
@@ -26,14 +25,9 @@ STRICT, STRICT_MODEL = "strict", "tiny-strict"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_causal(tmp_path_factory.mktemp("tiny-chat"), chat_template=CHAT_TEMPLATE, n_positions=512)
-
-
-@pytest.fixture(scope="module")
-def url(serve_port: int, checkpoint: Path) -> str:
+def url(serve_port: int, tiny_chat: Path) -> str:
     common = {
-        "MODEL_ID": str(checkpoint),
+        "MODEL_ID": str(tiny_chat),
         "API_KEY": KEY,
         "MIN_REPLICAS": "0",
         "MAX_REPLICAS": "1",
@@ -236,7 +230,7 @@ def test_errors_are_the_sdk_exception_classes(url: str) -> None:
         sdk.completions.create(model=MODEL, prompt=["a"] * 9)
     assert info.value.status_code == 413
     with pytest.raises(openai.APIStatusError) as info:
-        sdk.completions.create(model=MODEL, prompt="word " * 600, max_tokens=4)
+        sdk.completions.create(model=MODEL, prompt="word " * 1200, max_tokens=4)
     assert info.value.status_code == 413 and "context" in info.value.body["message"]
 
 

@@ -70,7 +70,7 @@ def _live_target(request: pytest.FixtureRequest) -> Target:
 
     port = request.getfixturevalue("serve_port")
     # PAGE_LIVE_MODEL serves another checkpoint (the embedded model for the README's screenshots, say).
-    checkpoint = os.environ.get("PAGE_LIVE_MODEL") or request.getfixturevalue("tiny_causal")
+    checkpoint = os.environ.get("PAGE_LIVE_MODEL") or request.getfixturevalue("tiny_chat")
     service = deploy(
         port,
         {
@@ -271,10 +271,14 @@ def test_model_at_zero_says_so_and_keeps_the_wake_up_breakdown(page: Page, targe
     # Afterwards the breakdown stays on the answer.
     answer = page.finished(timeout=120)
     assert answer["text"].strip(), answer
-    summary = page.wait(lambda: (a := page.answer())["wakeDone"] and a, 15, "the wake-up summary")
+    # The replica's report is complete once its first request has ended: the summary then has every phase.
+    summary = page.wait(
+        lambda: (a := page.answer())["wakeDone"] and "first_generation" in a["phasesDone"] and a,
+        15,
+        "the wake-up summary with the first generation",
+    )
     assert "woke up" in summary["wakeTitle"], summary
-    assert summary["phasesDone"][:5] == ["process_start", "imports", "model_code", "weights", "warmup"], summary
-    assert "first_generation" in summary["phasesDone"], summary
+    assert summary["phasesDone"] == ["process_start", "imports", "model_code", "weights", "warmup", "first_generation"]
     # The picker follows: the model is running now, and its last wake-up is listed.
     page.wait(lambda: page.model_option() == f"{target.model} (running)", 10, "the picker to say running")
     assert "Last wake-up" in page.by_id("model-state").text
