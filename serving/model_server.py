@@ -143,6 +143,12 @@ class ModelServer:
                     yield started
                 generated += sum(d.tokens for d in deltas)
                 reasons.update(d.finish_reason for d in deltas if d.finish_reason is not None)
+                if sum(reasons.values()) == request.rows and started.cold_start is not None:
+                    # Every row has ended: the replica's first request completes its report now, before the
+                    # last deltas go out (a reader may close the stream as soon as it has them).
+                    report = {**started.cold_start, "first_generation_s": round(time.monotonic() - arrived, 4)}
+                    logger.info("cold start phases: %s", report)
+                    self._first_generation_done(report)
                 yield deltas
         except Exception as exc:
             # Serve's request context names the request; the id is passed too, for any other context.
@@ -152,11 +158,6 @@ class ModelServer:
             stream.close()  # a reader that went away (disconnect, cancel) frees its rows
             reasons["cancelled"] += request.rows - sum(reasons.values())
             metrics.request_finished(self._name, generated, reasons)
-        if started is not None and started.cold_start is not None:
-            # The replica's first request has run to its end: its generation completes the report.
-            report = {**started.cold_start, "first_generation_s": round(time.monotonic() - arrived, 4)}
-            logger.info("cold start phases: %s", report)
-            self._first_generation_done(report)
 
     async def generate(self, request: GenerationRequest) -> tuple[Started, list[Completion]]:
         """The whole answer: the same stream, collected in the replica (no per-token traffic).

@@ -104,9 +104,18 @@ def _completion_logprobs(logprobs: Sequence[TokenLogprob], offset: int) -> Compl
     return CompletionLogprobs(
         tokens=[e.token for e in logprobs],
         token_logprobs=[e.logprob for e in logprobs],
-        top_logprobs=[{alt.token: alt.logprob for alt in e.top} for e in logprobs],
+        top_logprobs=[_top_by_text(e.top) for e in logprobs],
         text_offset=offsets,
     )
+
+
+def _top_by_text(top: Sequence) -> dict[str, float]:
+    """The legacy format keys alternatives by their text: two tokens that decode alike (two halves of a
+    multi-byte character both read "\ufffd") share one key, which keeps the likelier (first) of them."""
+    by_text: dict[str, float] = {}
+    for alt in top:
+        by_text.setdefault(alt.token, alt.logprob)
+    return by_text
 
 
 def _usage(started: Started, completions_tokens: int) -> Usage:

@@ -44,8 +44,9 @@ def one_cpu() -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Deep enough and with a long enough context that one request takes a few seconds."""
-    return build_tiny_causal(tmp_path_factory.mktemp("slow-gpt2"), n_positions=1024, n_layer=8)
+    """Deep enough and with a long enough context that one long request outlasts an eviction's decision
+    by several seconds, on a fast machine too."""
+    return build_tiny_causal(tmp_path_factory.mktemp("slow-gpt2"), n_positions=1024, n_layer=24)
 
 
 def defaults(model: Path, **extra: object) -> dict:

@@ -360,3 +360,16 @@ def test_a_non_streamed_answer_that_waited_for_a_cold_start_says_so(settings) ->
         "/v1/completions", json={"model": MODEL, "prompt": "a"}
     )
     assert "x-cold-start" not in warm.headers
+
+
+def test_legacy_logprobs_keep_the_likelier_of_two_alternatives_that_decode_alike() -> None:
+    from engine.types import TokenLogprob, TopLogprob
+    from serving.api.openai import _completion_logprobs
+
+    halves = (
+        TopLogprob("\ufffd", (0xE2,), -0.5),
+        TopLogprob("\ufffd", (0xE2, 0x82), -1.5),
+        TopLogprob("a", (97,), -2.0),
+    )
+    out = _completion_logprobs([TokenLogprob("\ufffd", (0xE2,), -0.5, top=halves)], offset=3)
+    assert out.top_logprobs == [{"\ufffd": -0.5, "a": -2.0}] and out.text_offset == [3]
