@@ -134,7 +134,8 @@ def from_exception(exc: BaseException, family: Family, retry_after_s: int) -> Ap
         if isinstance(err, ChatTemplateError):
             return ApiError(400, "chat_template", text, param="messages")
         return ApiError(400 if family == "openai" else 422, "invalid_request", text)
-    pool_error = _pool_error(exc if isinstance(exc, PoolError) else cause)
+    # The original, not Ray's wrapper: the wrapper is a PoolError too, but its text is the remote traceback.
+    pool_error = _pool_error(cause if isinstance(cause, PoolError) else exc)
     if pool_error is not None:
         return pool_error
     if isinstance(exc, BackPressureError):

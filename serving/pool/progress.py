@@ -32,8 +32,12 @@ class ColdStartBoard:
     {'since': 100.0, 'phases': {'process_start_s': 1.0, 'imports_s': 2.5}, 'current': 'model_code'}
     >>> for phase, s in (("model_code", 1.5), ("weights", 0.2), ("warmup", 0.1)):
     ...     board.report("mini", "r1", phase, s, at=106.0)
-    >>> board.last_cold_start("mini")["total_s"]
-    5.3
+    >>> board.last_cold_start("mini")
+    {'total_s': 5.3, 'phases': {'process_start_s': 1.0, 'imports_s': 2.5, 'model_code_s': 1.5, 'weights_s': 0.2, \
+'warmup_s': 0.1}, 'finished_at': None}
+    >>> board.report("mini", "r1", "first_generation", 0.7, at=106.7)
+    >>> board.last_cold_start("mini")["finished_at"], board.last_cold_start("mini")["total_s"]
+    (106.7, 6.0)
     """
 
     def __init__(self) -> None:
@@ -58,7 +62,7 @@ class ColdStartBoard:
         record.phases[phase] = seconds if seconds is not None else 0.0
         if phase == LAST_CONSTRUCTOR_PHASE:
             record.ready_at = at
-            self._last[model] = self._summary(replica, record, at)
+            self._last[model] = self._summary(replica, record)
 
     def _finish_first_generation(
         self, model: str, replica: str, seconds: float | None, at: float, details: dict | None
@@ -74,9 +78,10 @@ class ColdStartBoard:
             last["details"] = details
 
     @staticmethod
-    def _summary(replica: str, record: _Replica, at: float) -> dict[str, Any]:
+    def _summary(replica: str, record: _Replica) -> dict[str, Any]:
         phases = {f"{name}_s": record.phases[name] for name in PHASES if name in record.phases}
-        return {"replica": replica, "total_s": round(sum(phases.values()), 4), "phases": phases, "finished_at": at}
+        # finished_at stays null until the first generation completes the report: readers (the page) wait for it.
+        return {"replica": replica, "total_s": round(sum(phases.values()), 4), "phases": phases, "finished_at": None}
 
     def constructing(self, model: str, now: float) -> int:
         """Replicas of ``model`` that were placed (they reported) and that Serve may still show as starting.

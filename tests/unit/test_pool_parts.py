@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import traceback
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 from ray.serve.config import AutoscalingConfig
 
-from serving.pool.errors import ModelValidationError
+from serving.pool.errors import ModelExistsError, ModelValidationError, UnknownModelError
 from serving.pool.policy import decide
 from serving.pool.progress import ColdStartBoard
 from serving.pool.schedule import ShiftedClock, crossed
@@ -131,3 +132,28 @@ def test_the_pooled_autoscaling_config_is_valid_for_serve() -> None:
 )
 def test_the_policy_decision(directive: dict, desired: float, running: int, busy: bool, idle_s: float, expected):
     assert decide(directive, desired, running, busy, idle_s, idle_hold_s=60.0) == expected
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "kind"),
+    [
+        (ModelExistsError("model 'urgent' is already in the pool"), 409, "model_exists"),
+        (UnknownModelError("ghost", ["mini"]), 404, "model_not_found"),
+        (ModelValidationError("max_replicas", "must be at least 1"), 422, "validation_error"),
+    ],
+)
+def test_a_pool_refusal_from_the_controller_replica_reads_as_its_own_message(error, status, kind) -> None:
+    """Ray delivers a remote exception as a wrapper that is also the original's type, and whose text is the
+    remote traceback (paths, pids, actor ids): the answer carries the original's message only."""
+    from ray.exceptions import RayTaskError
+
+    from serving.api.errors import from_exception
+
+    try:
+        raise error
+    except type(error) as raised:
+        wrapped = RayTaskError("PoolController.add", traceback.format_exc(), raised).as_instanceof_cause()
+    assert isinstance(wrapped, type(error)) and "pid=" in str(wrapped)
+    api_error = from_exception(wrapped, "openai", retry_after_s=1)
+    assert (api_error.status, api_error.kind) == (status, kind)
+    assert api_error.message == str(error) and "pid=" not in api_error.message
