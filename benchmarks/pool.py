@@ -222,7 +222,8 @@ def plot_two_models(samples, schedule, records, result, path: Path) -> None:
 def eviction(args: argparse.Namespace) -> None:
     model = args.model or random_checkpoint("gpt2-small")
     entries = (
-        f'[{{"name":"low","model_id":"{model}","priority":0}},{{"name":"high","model_id":"{model}","priority":1}}]'
+        f'[{{"name":"low","model_id":"{model}","priority":0}},'
+        f'{{"name":"high","model_id":"{model}","priority":1,"idle_timeout_s":{args.high_idle_s}}}]'
     )
     settings = build_settings(
         {
@@ -231,7 +232,7 @@ def eviction(args: argparse.Namespace) -> None:
             "MAX_REPLICAS": "1",
             "NUM_CPUS_PER_REPLICA": "1",
             "EVICTION_GRACE_S": str(args.grace_s),
-            "IDLE_TIMEOUT_S": "600",  # long: only an eviction takes low to zero
+            "IDLE_TIMEOUT_S": "600",  # long: only an eviction takes low to zero (high has its own, short)
             "AUTOSCALING_LOOK_BACK_S": "2",
             "METRICS_PUSH_INTERVAL_S": "0.5",
             "REQUEST_TIMEOUT_S": "600",
@@ -263,7 +264,8 @@ def _models(url: str) -> dict[str, dict[str, Any]]:
 def one_eviction(url: str, args: argparse.Namespace) -> dict[str, Any]:
     # Both at zero (high scaled down after the previous run; low back in: nothing holds the room).
     wait_for(lambda: replica_states("high", "high") == {} and replica_states("low", "low") == {}, timeout=900)
-    wait_for(lambda: _models(url)["low"]["state"] == "scaled_to_zero", timeout=120)
+    # low is at zero: never woken yet, or evicted by the previous run (it is readmitted when asked for).
+    wait_for(lambda: _models(url)["low"]["state"] in ("scaled_to_zero", "evicted"), timeout=120)
     low_result: dict[str, Any] = {}
 
     def low_request() -> None:
@@ -279,12 +281,18 @@ def one_eviction(url: str, args: argparse.Namespace) -> dict[str, Any]:
     marks: dict[str, float] = {}
     stop = threading.Event()
 
+    from ray import serve
+
+    controller = serve.get_deployment_handle("PoolController", "llm")
+
     def watch() -> None:  # the moments the pool's decisions become visible
         while not stop.is_set():
             now = time.monotonic()
             low_state = replica_states("low", "low")
-            if "evicted" not in marks and _models(url)["low"]["state"] == "evicted":
-                marks["evicted"] = now
+            if "evicted" not in marks:
+                entries = {e["id"]: e for e in controller.snapshot.remote().result()}
+                if not entries["low"]["admitted"]:  # the pool has decided: low's gate closes, it drains
+                    marks["evicted"] = now
             if "low_zero" not in marks and "evicted" in marks and not low_state:
                 marks["low_zero"] = now
             if "high_placed" not in marks and replica_states("high", "high").get("STARTING") and "low_zero" in marks:
@@ -360,6 +368,7 @@ def main() -> None:
     ev.add_argument("--low-tokens", type=int, default=128, help="tokens of low's long request (4 prompts)")
     ev.add_argument("--low-head-start-s", type=float, default=2.0)
     ev.add_argument("--high-tokens", type=int, default=32)
+    ev.add_argument("--high-idle-s", type=float, default=8.0, help="IDLE_TIMEOUT_S of high")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     two_models(args) if args.scenario == "two-models" else eviction(args)
