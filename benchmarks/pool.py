@@ -339,8 +339,8 @@ def plot_eviction(runs: list[dict[str, Any]], path: Path, grace_s: float) -> Non
     fig, ax = plt.subplots(figsize=(10, 1.2 + 0.5 * len(runs)))
     for i, run in enumerate(runs):
         left = 0.0
-        for key, label in parts:
-            ax.barh(i, run[key], left=left, label=label if i == 0 else None)
+        for (key, label), color in zip(parts, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True):
+            ax.barh(i, run[key], left=left, color=color, label=label if i == 0 else None)
             left += run[key]
     ax.set_yticks(range(len(runs)), [f"run {i + 1}" for i in range(len(runs))])
     ax.set_xlabel("seconds from the request to high (priority 1) to its answer")
