@@ -28,14 +28,34 @@ Scrape = tuple[float, list[Sample]]  # (seconds since the start, samples)
 Series = dict[tuple[str, ...], list[tuple[float, float]]]  # group labels -> (t, value) points
 
 
+_MATCHER = re.compile(r'\s*(\w+)\s*(=~|!~|!=|=)\s*"(.*)"\s*')
+
+
 def _matches(labels: dict[str, str], query: Query) -> bool:
-    """The query's label matchers with ``$model`` at All: ``=~"$model"`` needs the label, ``!~"a|b"`` excludes."""
+    """The query's label matchers, as Prometheus reads them, with ``$model`` at All (any value, label present).
+
+    >>> from deploy.grafana.dashboard import REPLICAS  # deployment=~"$model", deployment!~"Gateway|PoolController"
+    >>> [_matches({"deployment": d}, REPLICAS) for d in ("mini", "Gateway", "PoolController")]
+    [True, False, False]
+    """
     for clause in query.where.split(","):
-        label, _, value = clause.strip().partition("=")
-        if label.endswith("!"):
-            if re.fullmatch(value.lstrip("~").strip('"'), labels.get(label[:-1], "")):
+        matched = _MATCHER.fullmatch(clause)
+        if matched is None:
+            raise ValueError(f"unreadable label matcher {clause!r} in {query.metric}")
+        label, op, value = matched.groups()
+        actual = labels.get(label)
+        if value == "$model":
+            if actual is None:
                 return False
-        elif label not in labels:
+            continue
+        found = actual or ""
+        refused = {
+            "=": found != value,
+            "!=": found == value,
+            "=~": not re.fullmatch(value, found),
+            "!~": bool(re.fullmatch(value, found)),
+        }[op]
+        if refused:
             return False
     return True
 
