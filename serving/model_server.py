@@ -27,6 +27,7 @@ from ray import serve
 from engine.batcher import Batcher, RequestStream
 from engine.types import Completion, Delta, GenerationRequest, Started, StreamItem, collect
 from observability import metrics
+from serving import warm_pool
 from serving.pool.reporter import PhaseReporter
 
 logger = logging.getLogger("ray.serve")
@@ -81,7 +82,8 @@ class ModelServer:
 
     def __init__(self, config: ModelServerConfig, pool: str | None = None) -> None:
         self._constructed_at = time.time()
-        process_started = _process_start_time()
+        warm = warm_pool.worker_report()  # a warm worker's process started long before this replica
+        process_started = None if warm["warm_worker"] else _process_start_time()
         from engine.timing import PhaseTimer
 
         self._name = config.name
@@ -115,6 +117,7 @@ class ModelServer:
         self._cold_start: dict[str, Any] | None = {
             "replica": self._replica,
             "process_start_s": round(self._constructed_at - process_started, 4) if process_started else None,
+            **warm,
             **self._timer.report(),
             "constructor_s": round(ready - self._constructed_at, 4),
             "process_started_at": process_started,

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 from ray.serve import Application
 
+from serving import warm_pool
 from serving.model_server import ModelServer
 from serving.pool.controller import PoolController
 from serving.pool.errors import ModelValidationError
@@ -88,4 +89,5 @@ def model_app(spec: ModelSpec, pool: PoolSettings) -> Application:
     options = config.deployment_options(pool.log_level)
     autoscaling = pooled_autoscaling_config(options["autoscaling_config"], pool.pool, spec.app)
     options["autoscaling_config"] = autoscaling | {"max_replicas": spec.max_replicas}
+    options = warm_pool.model_options(options, config.warm_workers)  # start replicas in warm workers
     return ModelServer.options(**options).bind(config, pool.pool)
