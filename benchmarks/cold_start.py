@@ -1,27 +1,34 @@
 """Cold start: from a request at zero model replicas to its answer, phase by phase.
 
-    python -m benchmarks.cold_start [--model PATH] [--runs 5] [--new-tokens 32]
+    python -m benchmarks.cold_start [--model PATH] [--runs 7] [--new-tokens 32]
 
-One local Ray instance runs two applications at zero replicas on the same checkpoint: the service
-(``/service``) and the plain pattern it is compared with (``/baseline``, benchmarks/baseline_app.py
-with Ray's default autoscaling except a short drop to zero, so that runs do not wait minutes).
-They take turns: wait until the model is at zero, send one greedy request, time the answer. The
-service's phases come from its own cold-start report (``/healthz`` ``last_cold_start``) and from
-the moment Serve's controller logged its decision to add the replica.
+One local Ray instance runs the service with two models at zero replicas on the same checkpoint
+(``MODELS_FILE``): ``bench`` starts its replicas in the warm worker pool (WARM_WORKERS=1),
+``bench-cold`` without it (WARM_WORKERS=0); beside it, the plain pattern they are compared with
+(``/baseline``, benchmarks/baseline_app.py with Ray's default autoscaling except a short drop to
+zero, so that runs do not wait minutes). They take turns: wait until every model is at zero and the pool is full again
+(its refill would otherwise compete for the CPUs), send one greedy request, time the answer. The
+service's phases come from the replica's own cold-start report (``/healthz``, the model's
+``last_cold_start``) and from the moment Serve's controller logged its decision to add the replica.
 
 The floor is measured in the same run: a bare ``python -c "import torch, transformers"`` and a
 read of the checkpoint's bytes (from the page cache, as a replica on a warm node reads them).
+Memory: the service alone at zero replicas, with and without the pool, each on a fresh Ray
+instance, as the proportional set size (PSS) of all the processes of that Ray session.
 Writes benchmarks/results/cold_start.json and cold_start.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -39,9 +46,11 @@ from benchmarks.common import (
     replica_states,
     summary,
     wait_for,
+    warm_pool_full,
     write_results,
 )
 from ray_serve_app import build_graph
+from serving import warm_pool
 from settings import build_settings
 
 logger = logging.getLogger("cold_start")
@@ -59,26 +68,48 @@ PHASES = [
     ("routing + HTTP", "other_s"),
 ]
 UPSCALE = re.compile(
-    r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Upscaling Deployment\(name='(\w+)', app='(\w+)'\) from 0 to"
+    r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Upscaling Deployment\(name='([\w.-]+)', app='([\w.-]+)'\) from 0 to"
 )
+# The service's two models (each its own Serve application and deployment, named after it): warm workers.
+SERVICES = {"service": 1, "nopool": 0}
+SYSTEMS = (*SERVICES, "baseline")
+MODEL_NAMES = {"service": MODEL_NAME, "nopool": f"{MODEL_NAME}-cold", "baseline": "baseline"}
+LABELS = {
+    "service": "service (warm pool)",
+    "nopool": "service, WARM_WORKERS=0",
+    "baseline": "plain pattern",
+}
+DEPLOYMENTS = {"service": MODEL_NAME, "nopool": f"{MODEL_NAME}-cold", "baseline": "PlainGenerator"}
+
+
+def service_settings(model: Path, cpus: int, idle_s: float, systems: tuple[str, ...]) -> Any:
+    """The service serving ``systems``'s models (MODELS_FILE, in a temporary file: it is read here)."""
+    entries = [
+        {"name": MODEL_NAMES[system], "model_id": str(model), "warm_workers": SERVICES[system]} for system in systems
+    ]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"models": entries}, f)
+    try:
+        return build_settings(
+            {
+                "MODELS_FILE": f.name,
+                "MIN_REPLICAS": "0",
+                "MAX_REPLICAS": "1",
+                "NUM_CPUS_PER_REPLICA": str(cpus),
+                "IDLE_TIMEOUT_S": str(idle_s),
+                "AUTOSCALING_LOOK_BACK_S": "1",
+                "METRICS_PUSH_INTERVAL_S": "0.5",
+            }
+        )
+    finally:
+        os.unlink(f.name)
 
 
 def deploy(model: Path, port: int, cpus: int, idle_s: float) -> dict[str, str]:
     from ray import serve
 
-    settings = build_settings(
-        {
-            "MODEL_ID": str(model),
-            "SERVED_MODEL_NAME": MODEL_NAME,
-            "MIN_REPLICAS": "0",
-            "MAX_REPLICAS": "1",
-            "NUM_CPUS_PER_REPLICA": str(cpus),
-            "IDLE_TIMEOUT_S": str(idle_s),
-            "AUTOSCALING_LOOK_BACK_S": "1",
-            "METRICS_PUSH_INTERVAL_S": "0.5",
-        }
-    )
-    serve.run(build_graph(settings), name="service", route_prefix="/service", blocking=False)
+    settings = service_settings(model, cpus, idle_s, tuple(SERVICES))
+    serve.run(build_graph(settings), name="service", route_prefix="/", blocking=False)
     plain = baseline_app.PlainGenerator.options(
         ray_actor_options={"num_cpus": cpus},
         # The plain pattern's autoscaling, except that it drops to zero soon after its answer.
@@ -86,8 +117,10 @@ def deploy(model: Path, port: int, cpus: int, idle_s: float) -> dict[str, str]:
     ).bind(str(model), cpus)
     serve.run(plain, name="baseline", route_prefix="/baseline", blocking=False)
     base = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _status(f"{base}/service/healthz") == 200, timeout=120)
-    return {"service": f"{base}/service", "baseline": f"{base}/baseline"}
+    wait_for(lambda: _status(f"{base}/healthz") == 200, timeout=120)
+    # The pool controller deploys each model as its own application.
+    wait_for(lambda: all(MODEL_NAMES[s] in serve.status().applications for s in SERVICES), timeout=120)
+    return {system: base for system in SERVICES} | {"baseline": f"{base}/baseline"}
 
 
 def _status(url: str) -> int | None:
@@ -95,6 +128,13 @@ def _status(url: str) -> int | None:
         return httpx.get(url, timeout=5).status_code
     except httpx.HTTPError:
         return None
+
+
+def _cold_start_report(url: str, model: str) -> dict[str, Any] | None:
+    """The replica's whole cold-start report, once it has come (after the first answer)."""
+    models = httpx.get(f"{url}/healthz", timeout=10).json()["models"]
+    last = next(m for m in models if m["id"] == model)["last_cold_start"]
+    return (last or {}).get("details")
 
 
 def upscale_times(app: str) -> list[float]:
@@ -111,26 +151,29 @@ def upscale_times(app: str) -> list[float]:
 
 
 def one_cold_start(urls: dict[str, str], system: str, new_tokens: int) -> dict[str, Any]:
-    # Both models at zero: the other system's replica must not hold the CPUs this one needs.
+    # Every model at zero: another system's replica must not hold the CPUs this one needs.
     wait_for(
-        lambda: replica_states("service", MODEL_NAME) == {} and replica_states("baseline", "PlainGenerator") == {},
-        timeout=300,
-        interval=0.2,
+        lambda: all(replica_states(MODEL_NAMES[s], DEPLOYMENTS[s]) == {} for s in SYSTEMS), timeout=300, interval=0.2
     )
-    decisions_before = len(upscale_times(system))
+    pooled = [MODEL_NAMES[s] for s, warm_workers in SERVICES.items() if warm_workers]
+    wait_for(lambda: all(warm_pool_full(app) for app in pooled), timeout=300, interval=0.5)
+    decisions_before = len(upscale_times(MODEL_NAMES[system]))
     body = {"prompt": PROMPTS[1], "generation_kwargs": {"max_new_tokens": new_tokens, "temperature": 0}}
+    if system in SERVICES:
+        body["model"] = MODEL_NAMES[system]
     sent = time.time()
     response = httpx.post(f"{urls[system]}/generate", json=body, timeout=600)
     answered = time.time()
     response.raise_for_status()
     run: dict[str, Any] = {"total_s": round(answered - sent, 3)}
-    decisions = upscale_times(system)[decisions_before:]
+    decisions = upscale_times(MODEL_NAMES[system])[decisions_before:]
     if decisions:
         run["decision_s"] = round(decisions[0] - sent, 3)
-    if system == "service":
-        report = httpx.get(f"{urls[system]}/healthz", timeout=10).json()["models"][0]["last_cold_start"]
+    if system in SERVICES:
+        report = wait_for(lambda: _cold_start_report(urls[system], MODEL_NAMES[system]), timeout=60)
         constructed_at = report["ready_at"] - report["constructor_s"]
         run |= {
+            "warm_worker": report.get("warm_worker", False),
             "replica_start_s": round(constructed_at - decisions[0], 3) if decisions else None,
             "imports_s": report["imports_s"],
             "config_tokenizer_s": round(report["config_s"] + report["tokenizer_s"], 4),
@@ -180,21 +223,97 @@ def read_floor(model: Path, repeats: int = 3) -> dict[str, float]:
     return {"checkpoint_bytes": size, "read_s": round(seconds, 4), "read_gb_per_s": round(size / seconds / 1e9, 3)}
 
 
+def memory_at_zero(model: Path, cpus: int, warm_workers: int) -> dict[str, Any]:
+    """The service alone on a fresh Ray instance, at zero replicas (and its pool full): memory by process."""
+    import psutil
+    import ray
+    from ray import serve
+
+    system = "service" if warm_workers else "nopool"
+    with local_serve(num_cpus=cpus) as port:
+        settings = service_settings(model, cpus, 3.0, (system,))
+        serve.run(build_graph(settings), name="service", route_prefix="/", blocking=False)
+        wait_for(lambda: _status(f"http://127.0.0.1:{port}/healthz") == 200, timeout=120)
+        wait_for(lambda: MODEL_NAMES[system] in serve.status().applications, timeout=120)
+        if warm_workers:
+            wait_for(lambda: warm_pool_full(MODEL_NAMES[system]), timeout=300, interval=0.5)
+        status = warm_pool.pool_status(MODEL_NAMES[system], MODEL_NAMES[system])
+        warm = set(warm_pool.warm_pids(status))
+        # The session's processes name it on their command line (raylet, GCS, agents); workers are
+        # the raylet's children and retitle themselves (ray::IDLE, ray::ServeController, ...).
+        session = ray._private.worker._global_node.session_name
+        found: dict[int, psutil.Process] = {}
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if any(session in arg for arg in proc.info["cmdline"] or ()):
+                found |= {p.pid: p for p in (proc, *proc.children(recursive=True))}
+        processes = []
+        for pid, proc in found.items():
+            try:
+                info, cmdline = proc.memory_full_info(), proc.cmdline()
+            except psutil.Error:
+                continue
+            role = "warm worker" if pid in warm else _role(cmdline)
+            processes.append({"pid": pid, "role": role, "rss_mb": info.rss / 1e6, "pss_mb": info.pss / 1e6})
+    by_role: dict[str, dict[str, float]] = {}
+    for p in processes:
+        entry = by_role.setdefault(p["role"], {"count": 0, "rss_mb": 0.0, "pss_mb": 0.0})
+        entry["count"] += 1
+        entry["rss_mb"] = round(entry["rss_mb"] + p["rss_mb"], 1)
+        entry["pss_mb"] = round(entry["pss_mb"] + p["pss_mb"], 1)
+    # Idle workers Ray starts for the first driver come and go (its idle killer ends them): not counted.
+    counted = [p for p in processes if p["role"] != "idle worker"]
+    return {
+        "warm_workers": warm_workers,
+        "total_pss_mb": round(sum(p["pss_mb"] for p in counted), 1),
+        "total_rss_mb": round(sum(p["rss_mb"] for p in counted), 1),
+        "by_role": dict(sorted(by_role.items())),
+    }
+
+
+def _role(cmdline: list[str]) -> str:
+    """What a Ray process is, from its command line (workers by the actor they host: ray::Name)."""
+    text = " ".join(cmdline)
+    for marker, role in (
+        ("gcs_server", "gcs"),
+        ("raylet", "raylet"),
+        ("dashboard/agent.py", "agents"),
+        ("dashboard/dashboard.py", "dashboard"),
+        ("runtime_env/agent", "agents"),
+        ("log_monitor", "log monitor"),
+        ("monitor.py", "autoscaler monitor"),
+    ):
+        if marker in text:
+            return role
+    title = cmdline[0] if cmdline else ""
+    if title.startswith("ray::"):
+        name = title.removeprefix("ray::").split()[0]
+        if name.startswith("ServeReplica:"):
+            return name.rpartition(":")[2] if name.endswith((":Gateway", ":PoolController")) else name
+        return {"IDLE": "idle worker"}.get(name, name)
+    return "other"
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    med = results["service"]["median_phases_s"]
-    fig, ax = plt.subplots(figsize=(10, 3.6))
-    left = 0.0
+    fig, ax = plt.subplots(figsize=(11, 4.2))
     colors = plt.cm.tab10.colors
-    for i, (label, key) in enumerate(PHASES):
-        width = med.get(key) or 0.0
-        ax.barh("service", width, left=left, color=colors[i], label=f"{label} {width:.2f}s")
-        left += width
-    ax.barh("plain pattern", results["baseline"]["total_s"]["median"], color="grey", label="plain pattern (total)")
+    for row, system in enumerate(SERVICES):
+        med = results[system]["median_phases_s"]
+        left = 0.0
+        for i, (label, key) in enumerate(PHASES):
+            width = med.get(key) or 0.0
+            ax.barh(LABELS[system], width, left=left, color=colors[i], label=f"{label}" if row == 0 else None)
+            if width >= 0.6:
+                ax.text(left + width / 2, row, f"{width:.2f}", ha="center", va="center", fontsize=7)
+            left += width
+        ax.text(left + 0.1, row, f"{results[system]['total_s']['median']:.2f}s", va="center", fontsize=8)
+    plain = results["baseline"]["total_s"]["median"]
+    ax.barh(LABELS["baseline"], plain, color="lightgrey", hatch="//", edgecolor="dimgrey", label="plain pattern")
+    ax.text(plain + 0.1, len(SERVICES), f"{plain:.2f}s", va="center", fontsize=8)
     floor = results["floor"]
     ax.axvline(
         floor["python_import_torch_transformers_s"] + floor["read_s"],
@@ -202,6 +321,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         linestyle="--",
         label="floor: bare import + checkpoint read",
     )
+    ax.axvline(plain / 3, color="red", linestyle=":", label="target: a third of the plain pattern")
     ax.set_xlabel("seconds from the request at zero replicas to its answer (medians)")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     ax.set_title(f"Cold start, {results['model']} ({results['runs']} runs each)")
@@ -212,48 +332,81 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="checkpoint (default: random GPT-2-small shape)")
-    parser.add_argument("--runs", type=int, default=5, help="cold starts per system")
+    parser.add_argument("--runs", type=int, default=7, help="cold starts per system")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs (torch threads) per replica")
     parser.add_argument("--idle", type=float, default=3.0, help="IDLE_TIMEOUT_S between runs")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--name", default="cold_start")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = args.model or random_checkpoint("gpt2-small")
+    load = os.getloadavg()
     floor = import_floor() | read_floor(model)
     logger.info("floor: %s", floor)
-    runs: dict[str, list[dict[str, Any]]] = {"service": [], "baseline": []}
+    memory = {}
+    if not args.no_memory:
+        memory = {n: memory_at_zero(model, args.cpus, n) for n in (1, 0)}
+        logger.info("memory at zero replicas: %s", memory)
+    runs: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
     with local_serve(num_cpus=args.cpus) as port:
         urls = deploy(model, port, args.cpus, args.idle)
         for _ in range(args.runs):
-            for system in ("service", "baseline"):
+            for system in SYSTEMS:
                 runs[system].append(one_cold_start(urls, system, args.new_tokens))
-    results: dict[str, Any] = {"model": model.name, "runs": args.runs, "floor": floor}
+    load = {"before": [round(x, 2) for x in load], "after": [round(x, 2) for x in os.getloadavg()]}
+    results: dict[str, Any] = {"model": model.name, "runs": args.runs, "load_average": load, "floor": floor}
     for system, records in runs.items():
         results[system] = {"total_s": summary([r["total_s"] for r in records]), "runs": records}
         decisions = [r["decision_s"] for r in records if r.get("decision_s") is not None]
         results[system]["decision_s"] = summary(decisions)
-    results["service"]["median_phases_s"] = {
-        key: statistics.median([r.get(key) or 0.0 for r in runs["service"]]) for _, key in PHASES
-    }
-    svc, base = results["service"]["total_s"]["median"], results["baseline"]["total_s"]["median"]
-    results["ratio_baseline_over_service"] = round(base / svc, 2)
+    for system in SERVICES:
+        results[system]["median_phases_s"] = {
+            key: statistics.median([r.get(key) or 0.0 for r in runs[system]]) for _, key in PHASES
+        }
+        results[system]["warm_worker_runs"] = sum(bool(r.get("warm_worker")) for r in runs[system])
+    plain = results["baseline"]["total_s"]["median"]
     med = results["service"]["median_phases_s"]
-    results["weights_vs_read"] = {
-        "weights_s": med["weights_s"],
-        "limit_s": round(1.5 * floor["read_s"] + 0.5, 3),
+    essential = sum(med[k] for k in ("decision_s", "weights_s", "warmup_s", "first_generation_s"))
+    svc, nopool = results["service"]["total_s"]["median"], results["nopool"]["total_s"]["median"]
+    results["targets"] = {
+        "service_over_plain": round(svc / plain, 3),
+        "service_over_plain_target": round(1 / 3, 3),
+        "service_over_essential": round(svc / essential, 3),
+        "essential_s": round(essential, 3),
+        "service_over_essential_target": 1.5,
+        "nopool_over_plain": round(nopool / plain, 3),
     }
+    results["weights_vs_read"] = {"weights_s": med["weights_s"], "limit_s": round(1.5 * floor["read_s"] + 0.5, 3)}
+    if memory:
+        with_pool, without = memory[1], memory[0]
+        warm = with_pool["by_role"].get("warm worker", {})
+        results["memory_at_zero_replicas"] = {
+            "with_pool": with_pool,
+            "without_pool": without,
+            "pool_cost_pss_mb": round(with_pool["total_pss_mb"] - without["total_pss_mb"], 1),
+            "warm_worker_rss_mb": round(warm.get("rss_mb", 0) / max(warm.get("count", 1), 1), 1),
+            "warm_worker_pss_mb": round(warm.get("pss_mb", 0) / max(warm.get("count", 1), 1), 1),
+        }
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"model": str(model)}
     path = write_results(args.name, {"config": config, **results})
     plot(results, RESULTS / f"{args.name}.png")
     print(f"wrote {path}")
-    print(f"cold start median: service {svc:.2f}s, plain pattern {base:.2f}s ({base / svc:.1f}x)")
+    print(
+        f"cold start median: warm pool {svc:.2f}s, WARM_WORKERS=0 {nopool:.2f}s, plain pattern {plain:.2f}s;"
+        f" pool/plain {svc / plain:.2f} (target <= 0.33), pool/(decision+weights+warm-up+first generation)"
+        f" {svc / essential:.2f} (target <= 1.5); {results['service']['warm_worker_runs']}/{args.runs} in a warm worker"
+    )
+    print(f"  {'phase (medians)':<20} {'pool':>7} {'no pool':>8}")
     for label, key in PHASES:
-        print(f"  {label:<20} {med[key]:6.3f}s")
+        row = [results[system]["median_phases_s"][key] for system in SERVICES]
+        print(f"  {label:<20} {row[0]:6.3f}s {row[1]:7.3f}s")
     print(
         f"floor: import torch+transformers {floor['python_import_torch_transformers_s']:.2f}s,"
-        f" read {floor['checkpoint_bytes'] / 1e6:.0f} MB in {floor['read_s']:.3f}s"
+        f" read {floor['checkpoint_bytes'] / 1e6:.0f} MB in {floor['read_s']:.3f}s; load average {load}"
     )
+    if memory:
+        print(f"memory at zero replicas: {results['memory_at_zero_replicas']}")
 
 
 if __name__ == "__main__":

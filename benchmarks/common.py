@@ -167,3 +167,28 @@ def replica_states(app: str, deployment: str) -> dict[str, int]:
     if status is None or deployment not in status.deployments:
         return {}
     return {str(k): v for k, v in status.deployments[deployment].replica_states.items()}
+
+
+def warm_pool_full(app: str, deployment: str | None = None) -> bool:
+    """The warm pool of ``deployment`` (default: the one named like ``app``, as the pool names model
+    applications) has its warm workers, none starting and no refill pending: a refill would compete
+    for the CPUs with what is measured."""
+    from serving import warm_pool
+
+    status = warm_pool.pool_status(app, deployment or app)
+    return bool(status) and all(n["warm_pids"] and not n["pending"] and not n["held"] for n in status["nodes"].values())
+
+
+def replica_reports(app: str, deployment: str | None = None) -> list[dict[str, Any]]:
+    """Each model replica's start-up report (its "ModelServer ready" log line), oldest first."""
+    import ast
+
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    reports = []
+    for path in logs.glob(f"replica_{app}_{deployment or app}_*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if "ModelServer ready: {" in line:
+                reports.append(ast.literal_eval(line.split("ModelServer ready: ", 1)[1].strip()))
+    return sorted(reports, key=lambda r: r["ready_at"])
