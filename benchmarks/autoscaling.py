@@ -6,7 +6,10 @@ The service runs at MIN_REPLICAS=0, MAX_REPLICAS=2 (one CPU each) on one local R
 Closed-loop clients (each sends its next request when its last is answered) follow the schedule;
 a watcher samples the model deployment's replica states from ``serve.status()`` every 0.2 s. Reports the
 time to the first replica and first answer, the time to add the second replica under the burst,
-and the time back to zero after the last answer, against IDLE_TIMEOUT_S.
+and the time back to zero after the last answer, against IDLE_TIMEOUT_S. For every replica started,
+whether it started in a warm worker (``WARM_WORKERS``, see serving/warm_pool.py) and how long it took
+from Serve's decision to add it to the end of its constructor. The load starts once the warm pool is
+full, as it is at a cold start after a quiet spell.
 Writes benchmarks/results/autoscaling.json and autoscaling.png.
 """
 
@@ -28,9 +31,12 @@ from benchmarks.common import (
     PROMPTS,
     RESULTS,
     local_serve,
+    replica_reports,
     replica_states,
     summary,
+    upscale_times,
     wait_for,
+    warm_pool_full,
     write_results,
 )
 from ray_serve_app import build_graph
@@ -67,7 +73,7 @@ class Watcher(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            states = replica_states("service", MODEL_NAME)
+            states = replica_states(MODEL_NAME, MODEL_NAME)
             starting = sum(states.get(s, 0) for s in ("STARTING", "UPDATING", "RECOVERING"))
             self.samples.append((time.monotonic() - self.t0, states.get("RUNNING", 0), starting))
             self.stop.wait(0.2)
@@ -139,6 +145,28 @@ def analyse(phases: list[Phase], samples, records, idle_timeout_s: float) -> dic
     return out
 
 
+def replica_starts(t0_epoch: float) -> list[dict[str, Any]]:
+    """Each replica the run started, in order: warm worker or not, and seconds from Serve's decision
+    to add it (the latest upscale decision before its constructor began) to its constructor's end."""
+    decisions = [at for at, _, _ in upscale_times(MODEL_NAME)]
+    starts = []
+    for report in replica_reports(MODEL_NAME):
+        constructed_at = report["ready_at"] - report["constructor_s"]
+        decided = max((at for at in decisions if at <= constructed_at + 0.5), default=None)
+        starts.append(
+            {
+                "replica": report["replica"],
+                "warm_worker": report.get("warm_worker", False),
+                "decided_at_s": _minus(decided, t0_epoch),
+                "decision_to_ready_s": _minus(report["ready_at"], decided) if decided is not None else None,
+                "process_start_s": report.get("process_start_s"),
+                "constructor_s": report["constructor_s"],
+                "imports_s": report.get("imports_s"),
+            }
+        )
+    return starts
+
+
 def _minus(t: float | None, t0: float) -> float | None:
     return None if t is None else round(t - t0, 3)
 
@@ -185,11 +213,13 @@ def main() -> None:
     parser.add_argument("--steady", type=int, default=2, help="clients during the steady phase")
     parser.add_argument("--phase-s", type=float, default=40.0, help="seconds of burst and of steady load")
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--warm-workers", type=int, default=1, help="WARM_WORKERS (0: no warm pool)")
     parser.add_argument("--name", default="autoscaling")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = args.model or random_checkpoint("gpt2-small")
-    settings = build_settings({"MODEL_ID": str(model), "SERVED_MODEL_NAME": MODEL_NAME, **SETTINGS})
+    env = {"MODEL_ID": str(model), "SERVED_MODEL_NAME": MODEL_NAME, **SETTINGS, "WARM_WORKERS": str(args.warm_workers)}
+    settings = build_settings(env)
     idle_tail = settings.idle_timeout_s + 20
     phases = [
         Phase("idle", 0, 5),
@@ -202,13 +232,18 @@ def main() -> None:
     with local_serve(num_cpus=2) as port:
         serve.run(build_graph(settings), name="service", route_prefix="/", blocking=False)
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200, timeout=120)
-        t0 = time.monotonic()
+        if args.warm_workers:
+            wait_for(lambda: warm_pool_full(MODEL_NAME), timeout=300, interval=0.5)
+        t0, t0_epoch = time.monotonic(), time.time()
         watcher = Watcher(t0)
         watcher.start()
         records = drive(f"http://127.0.0.1:{port}/generate", phases, t0, args.new_tokens)
         watcher.stop.set()
         watcher.join()
+        starts = replica_starts(t0_epoch)  # from this Ray session's logs, while it is up
     result = analyse(phases, watcher.samples, records, settings.idle_timeout_s)
+    result["replica_starts"] = starts
+    result["warm_workers"] = args.warm_workers
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
         "model": str(model),
         "settings": SETTINGS,
@@ -220,7 +255,10 @@ def main() -> None:
     plot(phases, watcher.samples, records, RESULTS / f"{args.name}.png", f"Step load on {model.name}, 2 x 1 CPU max")
     print(f"wrote {path}")
     for key, value in result.items():
-        print(f"  {key}: {value}")
+        if key != "replica_starts":
+            print(f"  {key}: {value}")
+    for i, start in enumerate(starts, 1):
+        print(f"  replica {i}: {start}")
 
 
 if __name__ == "__main__":

@@ -24,13 +24,11 @@ import argparse
 import json
 import logging
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ from benchmarks.common import (
     local_serve,
     replica_states,
     summary,
+    upscale_times,
     wait_for,
     warm_pool_full,
     write_results,
@@ -67,9 +66,6 @@ PHASES = [
     ("first generation", "first_generation_s"),
     ("routing + HTTP", "other_s"),
 ]
-UPSCALE = re.compile(
-    r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Upscaling Deployment\(name='([\w.-]+)', app='([\w.-]+)'\) from 0 to"
-)
 # The service's two models (each its own Serve application and deployment, named after it): warm workers.
 SERVICES = {"service": 1, "nopool": 0}
 SYSTEMS = (*SERVICES, "baseline")
@@ -137,19 +133,6 @@ def _cold_start_report(url: str, model: str) -> dict[str, Any] | None:
     return (last or {}).get("details")
 
 
-def upscale_times(app: str) -> list[float]:
-    """Epoch times at which Serve's controller decided to scale ``app`` up from zero."""
-    import ray
-
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
-    times = []
-    for path in logs.glob("controller_*.log"):
-        for line in path.read_text(errors="replace").splitlines():
-            if (m := UPSCALE.match(line)) and m.group(3) == app:
-                times.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
-    return sorted(times)
-
-
 def one_cold_start(urls: dict[str, str], system: str, new_tokens: int) -> dict[str, Any]:
     # Every model at zero: another system's replica must not hold the CPUs this one needs.
     wait_for(
@@ -157,7 +140,7 @@ def one_cold_start(urls: dict[str, str], system: str, new_tokens: int) -> dict[s
     )
     pooled = [MODEL_NAMES[s] for s, warm_workers in SERVICES.items() if warm_workers]
     wait_for(lambda: all(warm_pool_full(app) for app in pooled), timeout=300, interval=0.5)
-    decisions_before = len(upscale_times(MODEL_NAMES[system]))
+    decisions_before = len(upscale_times(MODEL_NAMES[system], from_zero=True))
     body = {"prompt": PROMPTS[1], "generation_kwargs": {"max_new_tokens": new_tokens, "temperature": 0}}
     if system in SERVICES:
         body["model"] = MODEL_NAMES[system]
@@ -166,7 +149,7 @@ def one_cold_start(urls: dict[str, str], system: str, new_tokens: int) -> dict[s
     answered = time.time()
     response.raise_for_status()
     run: dict[str, Any] = {"total_s": round(answered - sent, 3)}
-    decisions = upscale_times(MODEL_NAMES[system])[decisions_before:]
+    decisions = [at for at, _, _ in upscale_times(MODEL_NAMES[system], from_zero=True)[decisions_before:]]
     if decisions:
         run["decision_s"] = round(decisions[0] - sent, 3)
     if system in SERVICES:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import socket
 import statistics
 import time
@@ -192,3 +193,24 @@ def replica_reports(app: str, deployment: str | None = None) -> list[dict[str, A
             if "ModelServer ready: {" in line:
                 reports.append(ast.literal_eval(line.split("ModelServer ready: ", 1)[1].strip()))
     return sorted(reports, key=lambda r: r["ready_at"])
+
+
+# Serve's controller logs each autoscaling decision: "Upscaling Deployment(name='m', app='m') from 0 to 1 replicas."
+_UPSCALE = re.compile(
+    r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Upscaling Deployment\(name='([\w.-]+)', app='([\w.-]+)'\)"
+    r" from (\d+) to (\d+)"
+)
+
+
+def upscale_times(app: str, from_zero: bool = False) -> list[tuple[float, int, int]]:
+    """(epoch time, from, to) of each decision of Serve's controller to scale ``app`` up, oldest first."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    found = []
+    for path in logs.glob("controller_*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if (m := _UPSCALE.match(line)) and m.group(3) == app and (not from_zero or m.group(4) == "0"):
+                at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                found.append((at, int(m.group(4)), int(m.group(5))))
+    return sorted(found)

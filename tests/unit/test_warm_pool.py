@@ -20,10 +20,10 @@ from ray.core.generated import node_manager_pb2, node_manager_pb2_grpc
 from ray.core.generated.runtime_environment_pb2 import RuntimeEnvInfo
 
 from serving import warm_pool
-from serving.pool.apps import model_app, spec_of
+from serving.pool.apps import model_app, model_defaults, spec_from_entry, spec_of
 from serving.pool.spec import PoolSettings
 from serving.warm_pool import PoolOff, PoolPlan
-from settings import REPO_ROOT, ModelConfig
+from settings import REPO_ROOT, ModelConfig, build_settings
 
 # --- what a Ray upgrade must not change silently ------------------------------------------------------
 
@@ -236,6 +236,22 @@ def test_each_model_deployment_gets_the_pool_unless_its_warm_workers_is_zero() -
     cold = model_app(spec_of(ModelConfig(name="org/m", warm_workers=0)), PoolSettings())._bound_deployment
     assert "runtime_env" not in cold.ray_actor_options and not cold._deployment_config.deployment_actors
     assert ModelConfig(name="m").warm_workers == 1  # WARM_WORKERS's default
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, 1), ({"WARM_WORKERS": "2"}, 2), ({"WARM_WORKERS": "0"}, 0)])
+def test_warm_workers_reaches_every_model_the_pool_deploys(env: dict[str, str], expected: int) -> None:
+    settings = build_settings({"MODELS": "a=org/a,b=org/b", **env})
+    # Models of the environment, and a model loaded through the admin API (it starts from the same defaults).
+    specs = [spec_of(config) for config in settings.model_configs]
+    specs.append(spec_from_entry({"name": "added", "model_id": "org/c"}, model_defaults(settings)))
+    for spec in specs:
+        deployment = model_app(spec, PoolSettings())._bound_deployment
+        managers = deployment._deployment_config.deployment_actors or []
+        assert [m.init_kwargs["warm_workers"] for m in managers] == ([expected] if expected else []), spec.name
+    # An admin entry may set its own.
+    spec = spec_from_entry({"name": "own", "model_id": "org/d", "warm_workers": 3}, model_defaults(settings))
+    (manager,) = model_app(spec, PoolSettings())._bound_deployment._deployment_config.deployment_actors
+    assert manager.init_kwargs["warm_workers"] == 3
 
 
 def test_every_module_the_warm_workers_import_exists() -> None:
