@@ -177,7 +177,8 @@ def warm_pool_full(app: str, deployment: str | None = None) -> bool:
     from serving import warm_pool
 
     status = warm_pool.pool_status(app, deployment or app)
-    return bool(status) and all(n["warm_pids"] and not n["pending"] and not n["held"] for n in status["nodes"].values())
+    nodes = (status or {}).get("nodes") or {}  # empty until the manager's first round
+    return bool(nodes) and all(n["warm_pids"] and not n["pending"] and not n["held"] for n in nodes.values())
 
 
 def replica_reports(app: str, deployment: str | None = None) -> list[dict[str, Any]]:
