@@ -189,8 +189,8 @@ class ModelFields(BaseModel):
         ge=0,
         le=8,
         description="Idle workers kept on each node that can host a replica, with torch, transformers and the "
-        "engine imported, so that a waking replica skips process start and imports (about 0.4 GB each; models "
-        "share them). 0: this model's replicas start cold.",
+        "engine imported, so that a waking replica skips process start and imports (about 0.4 GB each). Models "
+        "share one pool per node, of the largest WARM_WORKERS among them. 0: this model's replicas start cold.",
     )
 
     # --- batching and backpressure ---------------------------------------------------------

@@ -17,6 +17,11 @@ So this module:
    (``NodeManagerService.PrestartWorkers`` with a keep-alive, which the idle killer respects), and
    refills a node's pool after a replica took one.
 
+The managers of all model deployments give their replicas the same runtime env, so they share one
+pool per node: one of them (the first, until it is gone) prestarts and refills, keeping the largest
+``WARM_WORKERS`` among the live managers; the others stand by (:func:`elect`). Without this, every
+model would refill the shared pool and a node would keep one warm worker per model.
+
 Warm workers register in the GCS key-value store. One that a replica takes holds the node's refill
 back until the replica's process is quiet (model loaded, first answer sent), so that starting the
 next worker does not slow that cold start. Idle warm workers exit when no pool manager has been
@@ -70,6 +75,7 @@ START_GRACE_S = 120.0  # a prestarted worker not warm by then counts as a failed
 MAX_FAILED_STARTS = 3  # in a row, per node: then the pool stops asking that node
 ORPHAN_AFTER_S = 30.0  # far above a manager's restart by Serve's controller, which takes seconds
 LIVENESS_EVERY = 5  # ticks between checks that registered workers are still alive
+MANAGER_STALE_S = 10.0  # a manager not seen for this long is gone (they write every TICK_S)
 
 _state: dict[str, Any] = {}  # this process as a warm worker: {"key", "imports_s", "ready_at"}
 
@@ -379,6 +385,7 @@ class PoolPlan:
         self.start_grace_s = start_grace_s
         self.nodes: dict[str, NodePool] = {}
         self.given_up: set[str] = set()
+        self.leading = False  # whether this manager prestarts, or another one sharing its runtime env does
         self._lock = threading.Lock()  # status() reads while the refill thread updates
 
     def update(
@@ -387,14 +394,20 @@ class PoolPlan:
         nodes: set[str],
         registered: Mapping[str, Mapping[str, int]],
         held: Mapping[str, int] | None = None,
+        prestart: bool = True,
     ) -> dict[str, int]:
         """Record the registry as seen at ``now`` (warm workers and holds per node); return the
-        workers to prestart per node."""
+        workers to prestart per node (none when ``prestart`` is false: another manager leads)."""
         with self._lock:
-            return self._update(now, nodes, registered, held or {})
+            return self._update(now, nodes, registered, held or {}, prestart)
 
     def _update(
-        self, now: float, nodes: set[str], registered: Mapping[str, Mapping[str, int]], held: Mapping[str, int]
+        self,
+        now: float,
+        nodes: set[str],
+        registered: Mapping[str, Mapping[str, int]],
+        held: Mapping[str, int],
+        prestart: bool,
     ) -> dict[str, int]:
         for gone in self.nodes.keys() - nodes:
             del self.nodes[gone]
@@ -412,6 +425,10 @@ class PoolPlan:
                 pool.pending = [t for t in pool.pending if now - t <= self.start_grace_s]
                 pool.failed += len(expired)
             pool.warm = warm
+            if not prestart:  # standing by: what this manager asked for is not its business any more
+                pool.pending.clear()
+                pool.failed = 0
+                continue
             if pool.failed >= MAX_FAILED_STARTS:
                 if node not in self.given_up:
                     self.given_up.add(node)
@@ -444,8 +461,11 @@ class PoolOff(Exception):
     """This Ray cannot run the pool; the message names the cause."""
 
 
-def refill_round(cluster: Any, plan: PoolPlan, now: float, check_liveness: bool) -> dict[str, int]:
-    """One round: read the registry, drop dead or stranded entries, prestart what is missing.
+def refill_round(
+    cluster: Any, plan: PoolPlan, now: float, check_liveness: bool, prestart: bool = True
+) -> dict[str, int]:
+    """One round: read the registry, drop dead or stranded entries, prestart what is missing
+    (when this manager leads: ``prestart``).
 
     ``cluster`` is a :class:`RayletCluster` (or a test's stand-in); returns what it prestarted.
     """
@@ -464,21 +484,45 @@ def refill_round(cluster: Any, plan: PoolPlan, now: float, check_liveness: bool)
                 del workers[key]
     warm = {node: {k: pid for k, pid in e.items() if k.startswith("w/")} for node, e in entries.items()}
     held = {node: sum(k.startswith("t/") for k in e) for node, e in entries.items()}
-    wanted = plan.update(now, set(nodes), warm, held)
+    wanted = plan.update(now, set(nodes), warm, held, prestart=prestart)
     for node, count in wanted.items():
         cluster.prestart(node, count)
         logger.info("warm pool: prestarting %d worker(s) on node %s", count, node)
     return wanted
 
 
+def elect(
+    manager: str, target: int, now: float, managers: Mapping[str, Mapping[str, Any]], leader: str | None
+) -> tuple[bool, int]:
+    """Whether ``manager`` leads the managers that share its runtime env, and the pool size to keep.
+
+    ``managers``: each manager's last record ``{"target", "at"}``; ``leader``: the recorded leader.
+    The leader stays until it is stale; then the live manager with the smallest id takes over. The
+    size is the largest target of the live managers.
+
+    >>> records = {"a": {"target": 1, "at": 99.0}, "b": {"target": 2, "at": 80.0}}  # b is gone
+    >>> elect("c", 1, now=100.0, managers=records, leader="b")
+    (False, 1)
+    >>> elect("a", 1, now=100.0, managers=records, leader="b")
+    (True, 1)
+    """
+    live = {m: r["target"] for m, r in managers.items() if now - r["at"] <= MANAGER_STALE_S}
+    live[manager] = target
+    chosen = leader if leader in live else min(live)
+    return chosen == manager, max(live.values())
+
+
 def run_pool(cluster: Any, plan: PoolPlan, tick_s: float = TICK_S, rounds: int | None = None) -> str:
     """Refill rounds every ``tick_s`` (forever, or ``rounds`` times); returns why it stopped."""
-    failures, beat = 0, 0
+    failures, beat, own_target = 0, 0, plan.target
     while rounds is None or beat < rounds:
         beat += 1
         try:
             cluster.heartbeat(beat)
-            refill_round(cluster, plan, time.monotonic(), check_liveness=beat % LIVENESS_EVERY == 1)
+            leads, plan.target = cluster.lead(own_target)
+            plan.leading = leads
+            check = beat % LIVENESS_EVERY == 1
+            refill_round(cluster, plan, time.monotonic(), check_liveness=check, prestart=leads)
             failures = 0
         except PoolOff as exc:
             logger.warning("warm worker pool off: %s; replicas start cold", exc)
@@ -494,8 +538,9 @@ def run_pool(cluster: Any, plan: PoolPlan, tick_s: float = TICK_S, rounds: int |
 class RayletCluster:
     """The pool's view of the Ray cluster: nodes, the registry, and each node's raylet."""
 
-    def __init__(self, env_info: Any, env_hash: int, needs: Mapping[str, float]) -> None:
+    def __init__(self, env_info: Any, env_hash: int, needs: Mapping[str, float], manager: str) -> None:
         self._env_info, self._env_hash, self._needs = env_info, env_hash, dict(needs)
+        self._manager = manager
         self._kv = _Kv()
         self._addresses: dict[str, str] = {}
         self._stubs: dict[str, Any] = {}
@@ -520,6 +565,23 @@ class RayletCluster:
 
     def heartbeat(self, beat: int) -> None:
         self._kv.put(f"hb/{self._env_hash}", str(beat))
+
+    def lead(self, target: int) -> tuple[bool, int]:
+        """Record this manager (its target, now); whether it leads, and the pool size (:func:`elect`)."""
+        now, prefix = time.time(), f"m/{self._env_hash}/"  # the managers share the head node's clock
+        self._kv.put(prefix + self._manager, json.dumps({"target": target, "at": now}))
+        managers = {}
+        for key in self._kv.keys(prefix):
+            if (raw := self._kv.get(key)) is not None:
+                managers[key.removeprefix(prefix)] = json.loads(raw)
+        leader_key = f"lead/{self._env_hash}"
+        leader = self._kv.get(leader_key)
+        leads, size = elect(self._manager, target, now, managers, leader.decode() if leader else None)
+        if leads:
+            self._kv.put(leader_key, self._manager)
+        for gone in [m for m, r in managers.items() if now - r["at"] > 10 * MANAGER_STALE_S]:
+            self._kv.delete(prefix + gone)  # long gone: keep the key list short
+        return leads, size
 
     def worker_pids(self, node: str) -> set[int]:
         from ray.core.generated import node_manager_pb2
@@ -579,7 +641,8 @@ class WarmPool:
         if self.off is not None:
             logger.warning("warm worker pool off: %s; replicas start cold", self.off)
             return
-        cluster = RayletCluster(env_info, self.env_hash, replica_resources)
+        manager = ray.get_runtime_context().get_actor_id()
+        cluster = RayletCluster(env_info, self.env_hash, replica_resources, manager)
         logger.info("warm pool: %d per node, runtime env hash %s", warm_workers, self.env_hash)
         threading.Thread(target=self._run, args=(cluster, tick_s), name="warm-pool", daemon=True).start()
 
@@ -588,7 +651,12 @@ class WarmPool:
 
     def status(self) -> dict[str, Any]:
         """The pool as this manager sees it (for benchmarks, tests and debugging)."""
-        return {"off": self.off, "runtime_env_hash": self.env_hash, "nodes": self._plan.snapshot()}
+        return {
+            "off": self.off,
+            "runtime_env_hash": self.env_hash,
+            "leading": self._plan.leading,
+            "nodes": self._plan.snapshot(),
+        }
 
 
 def _replica_env_info() -> tuple[Any, int, str | None]:

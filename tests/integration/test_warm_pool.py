@@ -216,3 +216,26 @@ def _get(url: str) -> dict | None:
     except httpx.HTTPError:
         return None
     return response.json() if response.status_code == 200 else None
+
+
+def test_models_share_one_pool_per_node(url: str, tiny_causal: Path) -> None:
+    env = {k: v for k, v in SETTINGS.items() if k != "SERVED_MODEL_NAME"}
+    env |= {"MODELS": f"one={tiny_causal},two={tiny_causal}", "WARM_WORKERS": "1"}
+    for app in {"broken", MODEL} & set(serve.status().applications):  # earlier tests' models: their own pools
+        serve.delete(app)
+    serve.run(build_graph(build_settings(env)), name=APP, route_prefix="/", blocking=False)
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+
+    def shared() -> list[int] | None:
+        """Both managers see the same warm workers, one per node, settled; exactly one of them prestarts."""
+        one, two = (warm_pool.pool_status(m, m) for m in ("one", "two"))
+        if not (one and two) or [one["leading"], two["leading"]].count(True) != 1:
+            return None
+        pools = [p for status in (one, two) for p in status["nodes"].values()]
+        if any(p["pending"] or p["held"] for p in pools) or set(one["nodes"]) != set(nodes):
+            return None
+        pids = warm_pool.warm_pids(one)
+        return pids if len(pids) >= len(nodes) and pids == warm_pool.warm_pids(two) else None
+
+    warm = wait_for(shared, timeout=POOL_DEADLINE_S, interval=0.5, what="one pool shared by both models")
+    assert len(warm) == len(nodes), f"{warm} on {len(nodes)} node(s): the managers both refilled"

@@ -138,6 +138,11 @@ class _FakeCluster:
     def heartbeat(self, beat: int) -> None:
         pass
 
+    def lead(self, target: int) -> tuple[bool, int]:
+        return self.leads, target
+
+    leads = True
+
     def worker_pids(self, node: str) -> set[int]:
         return set(self.alive)
 
@@ -209,6 +214,56 @@ def test_refill_round_forgets_dead_workers_and_workers_of_gone_nodes() -> None:
     cluster.registry["t/1/a/14/h"] = ("a", 14)  # a hold counts against the refill, as long as its process lives
     assert warm_pool.refill_round(cluster, PoolPlan(target=2), 1.0, check_liveness=False) == {}
     assert warm_pool.refill_round(cluster, PoolPlan(target=2), 2.0, check_liveness=True) == {"a": 1}
+
+
+class _MemoryKv:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def put(self, key: str, value: str) -> None:
+        self.data[key] = value.encode()
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+    def keys(self, prefix: str) -> list[str]:
+        return [k for k in self.data if k.startswith(prefix)]
+
+
+def test_managers_sharing_a_runtime_env_keep_one_pool_led_by_one_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    kv, clock = _MemoryKv(), [1000.0]
+    monkeypatch.setattr(warm_pool.time, "time", lambda: clock[0])
+    managers = {}
+    for name in ("a", "b"):  # two model deployments: same runtime env, so the same hash
+        managers[name] = warm_pool.RayletCluster(None, 7, {"CPU": 1}, manager=name)
+        managers[name]._kv = kv
+    assert managers["a"].lead(1) == (True, 1)
+    assert managers["b"].lead(2) == (False, 2)  # a leads, and keeps the larger of the two sizes
+    assert managers["a"].lead(1) == (True, 2)
+    clock[0] += warm_pool.MANAGER_STALE_S + 1  # a is gone (its deployment deleted)
+    assert managers["b"].lead(2) == (True, 2)
+    clock[0] += 1
+    assert managers["a"].lead(1) == (False, 2)  # back: b leads until it is gone
+
+
+def test_a_manager_that_stands_by_prestarts_nothing_but_sees_the_pool() -> None:
+    cluster = _FakeCluster({"a"})
+    cluster.leads = False
+    plan = PoolPlan(target=1)
+    assert warm_pool.run_pool(cluster, plan, tick_s=0, rounds=3) == "stopped"
+    assert cluster.prestarted == [] and plan.snapshot() == {
+        "a": {"warm_pids": [], "pending": 0, "held": 0, "failed": 0}
+    }
+    cluster.registry, cluster.alive = {"w/1/a/11/x": ("a", 11)}, {11}
+    warm_pool.run_pool(cluster, plan, tick_s=0, rounds=1)
+    assert plan.snapshot()["a"]["warm_pids"] == [11] and not plan.leading
+    cluster.leads = True
+    cluster.registry = {}
+    warm_pool.run_pool(cluster, plan, tick_s=0, rounds=1)
+    assert cluster.prestarted == [("a", 1)] and plan.leading
 
 
 # --- the model deployment's options -----------------------------------------------------------------
