@@ -208,6 +208,7 @@ class ModelServer:
     def _first_generation_done(self, report: dict[str, Any]) -> None:
         """The replica's first request has finished (``report`` is its complete cold-start report)."""
         self._report("first_generation", report.get("first_generation_s"), report)
+        warm_pool.replica_answered()  # a warm worker's pool may refill now: this cold start is over
 
     def _phase_ended(self, name: str, seconds: float) -> None:
         # The API's phases fold the engine's config and tokenizer loading into model_code.

@@ -23,7 +23,7 @@ pool per node: one of them (the first, until it is gone) prestarts and refills, 
 model would refill the shared pool and a node would keep one warm worker per model.
 
 Warm workers register in the GCS key-value store. One that a replica takes holds the node's refill
-back until the replica's process is quiet (model loaded, first answer sent), so that starting the
+back until the replica has sent its first answer (its cold start over), so that starting the
 next worker does not slow that cold start. Idle warm workers exit when no pool manager has been
 seen for :data:`ORPHAN_AFTER_S`. They hold no CPU or GPU lease and
 never initialise CUDA (a worker that did is ended before it can host a GPU replica).
@@ -66,11 +66,10 @@ POOL_ACTOR = "warm-pool"
 KV_NAMESPACE = "llm_serve_warm_pool"
 KEEP_ALIVE_S = 3600  # a warm worker older than this may be reaped by Ray's idle killer, then refilled
 TICK_S = 1.0
-# A replica that takes a warm worker holds back the refill until its process is quiet (its model
-# loaded, its first answer sent) or HOLD_MAX_S passed: starting and importing a new worker on the
-# node meanwhile would slow exactly the cold start the pool saves.
-HOLD_MAX_S = 10.0
-QUIET_CPU = 0.25  # of one core, over a second
+# A replica that takes a warm worker holds back the refill until it has sent its first answer (its
+# cold start is over) or HOLD_MAX_S passed (a replica that gets no request): starting and importing
+# a new worker on the node meanwhile would slow exactly the cold start the pool saves.
+HOLD_MAX_S = 30.0
 START_GRACE_S = 120.0  # a prestarted worker not warm by then counts as a failed start
 MAX_FAILED_STARTS = 3  # in a row, per node: then the pool stops asking that node
 ORPHAN_AFTER_S = 30.0  # far above a manager's restart by Serve's controller, which takes seconds
@@ -78,6 +77,7 @@ LIVENESS_EVERY = 5  # ticks between checks that registered workers are still ali
 MANAGER_STALE_S = 10.0  # a manager not seen for this long is gone (they write every TICK_S)
 
 _state: dict[str, Any] = {}  # this process as a warm worker: {"key", "imports_s", "ready_at"}
+_answered = threading.Event()  # the replica that took this warm worker has sent its first answer
 
 
 # --- what the pool relies on ---------------------------------------------------------------------
@@ -200,6 +200,12 @@ def worker_report() -> dict[str, Any]:
     return {"warm_worker": True, "warm_imports_s": _state["imports_s"]}
 
 
+def replica_answered() -> None:
+    """The model server calls this once its first answer is out: its warm worker's hold on the
+    node's refill ends (nothing happens in a worker that was not warm)."""
+    _answered.set()
+
+
 # --- inside a prestarted worker -------------------------------------------------------------------
 def prepare_worker() -> None:
     """Ray setup hook: in a worker the pool prestarted, import :data:`PRELOAD` and register.
@@ -276,7 +282,7 @@ def _watch(key: str, heartbeat_key: str, poll_s: float = 0.2) -> None:
     while True:
         if not worker.actor_id.is_nil():
             logger.info("warm worker taken by actor %s", worker.actor_id.hex())
-            _hold_until_quiet(key)
+            _hold_until_answered(key)
             return
         now = time.monotonic()
         if now >= next_check:
@@ -291,22 +297,15 @@ def _watch(key: str, heartbeat_key: str, poll_s: float = 0.2) -> None:
         time.sleep(poll_s)
 
 
-def _hold_until_quiet(key: str, window_s: float = 1.0) -> None:
-    """Turn this worker's registry entry into a hold that keeps the pool from refilling, until this
-    process has used under QUIET_CPU of a core for a second, or for at most HOLD_MAX_S."""
+def _hold_until_answered(key: str, timeout_s: float = HOLD_MAX_S) -> None:
+    """Turn this worker's registry entry into a hold that keeps the pool from refilling, until the
+    replica here has answered its first request (:func:`replica_answered`), or for at most ``timeout_s``."""
     hold = "t/" + key.removeprefix("w/")
     kv = _kv()
     kv.put(hold, "held")
     kv.delete(key)  # after the put: the manager never sees the node short of a worker meanwhile
-    started = time.monotonic()
-    cpu, wall = time.process_time(), started
-    while time.monotonic() - started < HOLD_MAX_S:
-        time.sleep(window_s)
-        now_cpu, now = time.process_time(), time.monotonic()
-        if (now_cpu - cpu) / (now - wall) < QUIET_CPU:
-            break
-        cpu, wall = now_cpu, now
-    kv.delete(hold)
+    _answered.wait(timeout_s)
+    kv.delete(hold)  # a replica that died meanwhile leaves it behind: the manager's liveness check drops it
 
 
 def _argv_value(flag: str) -> str:

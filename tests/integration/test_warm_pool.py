@@ -76,7 +76,7 @@ def test_a_cold_start_lands_in_a_warm_worker_and_the_pool_refills(url: str) -> N
     assert report["phases"]["process_start_s"] == 0  # no process of its own to start
     assert report["phases"]["imports_s"] < 0.05, report  # torch, transformers and the engine were imported
     assert report["details"]["model_code_s"] < 1.0, report  # transformers' loading code too (seconds when cold)
-    # The taken worker left the pool, and a new one replaces it once the replica is quiet.
+    # The taken worker left the pool, and a new one replaces it once the replica has answered.
     refilled = _wait_for_warm(MODEL, lambda pids: replica_pid not in pids)
     assert refilled and replica_pid not in refilled
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import doctest
 import importlib.util
 import logging
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -194,7 +196,7 @@ def test_a_worker_taken_by_a_starting_replica_holds_the_refill_back() -> None:
     plan.update(1.0, {"a"}, {"a": {"w/1/a/11/x": 11}})
     assert plan.update(10.0, {"a"}, {}, held={"a": 1}) == {}  # taken: the replica is loading, answering
     assert plan.update(12.0, {"a"}, {}, held={"a": 1}) == {}
-    assert plan.update(13.0, {"a"}, {}, held={}) == {"a": 1}  # its process went quiet
+    assert plan.update(13.0, {"a"}, {}, held={}) == {"a": 1}  # its replica has answered
 
 
 def test_starts_that_never_become_warm_stop_the_pool_on_that_node(caplog: pytest.LogCaptureFixture) -> None:
@@ -247,6 +249,34 @@ def test_managers_sharing_a_runtime_env_keep_one_pool_led_by_one_of_them(monkeyp
     assert managers["b"].lead(2) == (True, 2)
     clock[0] += 1
     assert managers["a"].lead(1) == (False, 2)  # back: b leads until it is gone
+
+
+def test_a_taken_warm_worker_holds_the_refill_until_its_replica_has_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kv = _MemoryKv()
+    monkeypatch.setattr(warm_pool, "_kv", lambda: kv)
+    monkeypatch.setattr(warm_pool, "_answered", threading.Event())
+    kv.put("w/7/n1/42/x", "{}")
+    holder = threading.Thread(target=warm_pool._hold_until_answered, args=("w/7/n1/42/x",))
+    holder.start()
+    wait = time.monotonic() + 10
+    while "t/7/n1/42/x" not in kv.data and time.monotonic() < wait:
+        time.sleep(0.01)
+    assert list(kv.data) == ["t/7/n1/42/x"]  # held: no longer warm, and the manager does not refill yet
+    holder.join(0.3)
+    assert holder.is_alive()  # still loading or answering
+    warm_pool.replica_answered()
+    holder.join(5)
+    assert not holder.is_alive() and kv.data == {}
+
+
+def test_a_hold_ends_after_its_time_limit_without_an_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    kv = _MemoryKv()
+    monkeypatch.setattr(warm_pool, "_kv", lambda: kv)
+    monkeypatch.setattr(warm_pool, "_answered", threading.Event())
+    warm_pool._hold_until_answered("w/7/n1/42/x", timeout_s=0.05)
+    assert kv.data == {}
 
 
 def test_a_manager_that_stands_by_prestarts_nothing_but_sees_the_pool() -> None:
