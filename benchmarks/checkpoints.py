@@ -1,7 +1,10 @@
 """Random-weight checkpoints of real model shapes, for timing (their text is meaningless).
 
-They reuse the embedded model's tokenizer; ids beyond its vocabulary decode to nothing, which
-changes no timing.
+They reuse the embedded model's tokenizer. With ``full_vocab`` it is extended with one plain
+added token per id beyond its vocabulary, so that every id the model can pick decodes to text:
+a streamed answer then sends each token as it comes, which a time to first token needs (an id
+that decodes to nothing sends nothing). Without it those ids decode to nothing, which changes no
+timing of whole answers and keeps the tokenizer small (its load is part of a cold start).
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ SHAPES = {
 }
 
 
-def random_checkpoint(shape: str = "gpt2-small", root: Path = CACHE, dtype: str = "float32") -> Path:
+def random_checkpoint(
+    shape: str = "gpt2-small", root: Path = CACHE, dtype: str = "float32", full_vocab: bool = False
+) -> Path:
     """Build (once) and return a local checkpoint with random weights of the named shape."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    path = root / f"{shape}-random-{dtype}"
+    path = root / f"{shape}-random-{dtype}{'-full-vocab' if full_vocab else ''}"
     if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
         return path
     logger.info("building random %s checkpoint at %s", shape, path)
@@ -39,5 +44,9 @@ def random_checkpoint(shape: str = "gpt2-small", root: Path = CACHE, dtype: str 
     model.save_pretrained(tmp)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER_DIR / name, tmp / name)
+    if full_vocab:
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        tokenizer.add_tokens([f"<w{i}>" for i in range(len(tokenizer), config.vocab_size)])
+        tokenizer.save_pretrained(tmp)
     tmp.rename(path)
     return path

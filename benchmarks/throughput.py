@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--name", default="throughput")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model = args.model or random_checkpoint("gpt2-small")
+    model = args.model or random_checkpoint("gpt2-small", full_vocab=True)  # every token is text: TTFT
     with local_serve(num_cpus=2 * args.cpus + 1, num_gpus=2 if args.gpus else 0) as port:
         urls = deploy(model, port, args.cpus, args.gpus, args.max_batch)
         results = measure(urls, args.concurrency, args.rounds, args.new_tokens)
