@@ -115,6 +115,7 @@ def two_models(args: argparse.Namespace) -> None:
     from ray import serve
 
     schedule: list[dict[str, Any]] = []
+    cold_starts: dict[str, dict[str, Any]] = {}
     with local_serve(num_cpus=3) as port:
         url = f"http://127.0.0.1:{port}"
         serve.run(build_graph(settings), name="llm", route_prefix="/", blocking=False)
@@ -129,6 +130,9 @@ def two_models(args: argparse.Namespace) -> None:
             start = time.monotonic() - t0
             records += burst(url, name, args.clients, args.burst_s, args.new_tokens, t0)
             schedule.append({"model": name, "start": round(start, 3), "end": round(time.monotonic() - t0, 3)})
+            wake = _models(url)[name]["last_cold_start"] or {}  # this burst's wake-up, as the model reported it
+            details = wake.get("details") or {}
+            cold_starts[name] = {"phases": wake.get("phases"), "warm_worker": details.get("warm_worker")}
             logger.info("burst on %s done; pausing %.0fs", name, pause)
             time.sleep(pause)  # the schedule: nothing sent while the models may go back to zero
         watcher.stop.set()
@@ -152,6 +156,7 @@ def two_models(args: argparse.Namespace) -> None:
             "requests": len(mine),
             "errors": len(mine) - len(ok),
             "woke_the_other": _woke(others, burst_info["start"], burst_info["end"]),
+            "cold_start": cold_starts.get(name),
         }
         logger.info("%s: %s", name, result[name])
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"model": str(model)}

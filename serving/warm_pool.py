@@ -46,7 +46,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,6 +236,9 @@ def prepare_worker() -> None:
     key = f"w/{env_hash}/{context.get_node_id()}/{os.getpid()}/{context.get_worker_id()}"
     _state.update(key=key, imports_s=imports_s, ready_at=time.time())
     _kv().put(key, json.dumps({"pid": os.getpid(), "imports_s": imports_s}))
+    # Stays until the leading manager has counted it: a replica may take this worker before any
+    # manager's round sees its registration or its hold.
+    _kv().put("a/" + key.removeprefix("w/"), "arrived")
     threading.Thread(target=_watch, args=(key, f"hb/{env_hash}"), name="warm-pool-watch", daemon=True).start()
     logger.info("warm worker ready: pid %d, imports %.2fs", os.getpid(), imports_s)
 
@@ -364,6 +367,7 @@ class NodePool:
     warm: dict[str, int] = field(default_factory=dict)  # registry key -> pid
     pending: list[float] = field(default_factory=list)  # when each prestarted, not yet warm worker was asked for
     held: int = 0  # workers just taken by a replica that is still starting: no refill yet
+    seen: set[str] = field(default_factory=set)  # workers seen registered, warm or held (keys without "w/", "t/")
     failed: int = 0  # prestarted workers in a row that never became warm
 
 
@@ -392,21 +396,24 @@ class PoolPlan:
         now: float,
         nodes: set[str],
         registered: Mapping[str, Mapping[str, int]],
-        held: Mapping[str, int] | None = None,
+        held: Mapping[str, Collection[str]] | None = None,
         prestart: bool = True,
+        arrived: Mapping[str, Collection[str]] | None = None,
     ) -> dict[str, int]:
-        """Record the registry as seen at ``now`` (warm workers and holds per node); return the
-        workers to prestart per node (none when ``prestart`` is false: another manager leads)."""
+        """Record the registry as seen at ``now`` (warm workers, and the hold keys of taken ones, per
+        node); return the workers to prestart per node (none when ``prestart`` is false: another
+        manager leads). ``arrived``: arrival marks of workers that registered, seen or not."""
         with self._lock:
-            return self._update(now, nodes, registered, held or {}, prestart)
+            return self._update(now, nodes, registered, held or {}, prestart, arrived or {})
 
     def _update(
         self,
         now: float,
         nodes: set[str],
         registered: Mapping[str, Mapping[str, int]],
-        held: Mapping[str, int],
+        held: Mapping[str, Collection[str]],
         prestart: bool,
+        arrived_marks: Mapping[str, Collection[str]],
     ) -> dict[str, int]:
         for gone in self.nodes.keys() - nodes:
             del self.nodes[gone]
@@ -414,8 +421,15 @@ class PoolPlan:
         for node in sorted(nodes):
             pool = self.nodes.setdefault(node, NodePool())
             warm = dict(registered.get(node, {}))
-            arrived = warm.keys() - pool.warm.keys()
-            pool.held = held.get(node, 0)
+            holds = {_worker_of(key) for key in held.get(node, ())}
+            # A prestarted worker that a replica takes as soon as it is warm may be seen only as a
+            # hold, never as warm: it arrived all the same (else its start stays pending for
+            # START_GRACE_S and the refill waits that long).
+            known = {_worker_of(key) for key in warm} | holds
+            marked = {_worker_of(key) for key in arrived_marks.get(node, ())}
+            arrived = (known | marked) - pool.seen
+            pool.seen = known | marked
+            pool.held = len(holds)
             del pool.pending[: len(arrived)]
             if arrived:
                 pool.failed = 0
@@ -456,6 +470,12 @@ class PoolPlan:
         }
 
 
+def _worker_of(key: str) -> str:
+    """A registry key without its kind: a warm worker ("w/..."), its hold ("t/...") and its arrival
+    mark ("a/...") are one worker."""
+    return key[2:] if key[:2] in ("w/", "t/", "a/") else key
+
+
 class PoolOff(Exception):
     """This Ray cannot run the pool; the message names the cause."""
 
@@ -470,11 +490,14 @@ def refill_round(
     """
     nodes = cluster.nodes()
     entries: dict[str, dict[str, int]] = {}  # node -> {key: pid}, warm workers ("w/") and holds ("t/")
+    arrivals: dict[str, set[str]] = {}  # node -> arrival marks ("a/") not yet counted
     for key, node, pid in cluster.registrations():
-        if node in nodes:
-            entries.setdefault(node, {})[key] = pid
-        else:
+        if node not in nodes:
             cluster.forget(key)  # the node left, or no longer fits a replica
+        elif key.startswith("a/"):
+            arrivals.setdefault(node, set()).add(key)
+        else:
+            entries.setdefault(node, {})[key] = pid
     if check_liveness:
         for node, workers in entries.items():
             alive = cluster.worker_pids(node)
@@ -482,8 +505,11 @@ def refill_round(
                 cluster.forget(key)
                 del workers[key]
     warm = {node: {k: pid for k, pid in e.items() if k.startswith("w/")} for node, e in entries.items()}
-    held = {node: sum(k.startswith("t/") for k in e) for node, e in entries.items()}
-    wanted = plan.update(now, set(nodes), warm, held, prestart=prestart)
+    held = {node: {k for k in e if k.startswith("t/")} for node, e in entries.items()}
+    wanted = plan.update(now, set(nodes), warm, held, prestart=prestart, arrived=arrivals if prestart else None)
+    if prestart:  # counted: only the leading manager consumes them
+        for key in set().union(*arrivals.values()):
+            cluster.forget(key)
     for node, count in wanted.items():
         cluster.prestart(node, count)
         logger.info("warm pool: prestarting %d worker(s) on node %s", count, node)
@@ -551,9 +577,9 @@ class RayletCluster:
         return set(self._addresses)
 
     def registrations(self) -> list[tuple[str, str, int]]:
-        """(key, node, pid) of every warm worker ("w/...") and hold ("t/...") of this pool."""
+        """(key, node, pid) of every warm worker ("w/..."), hold ("t/...") and arrival mark ("a/...") of this pool."""
         out = []
-        for kind in ("w", "t"):
+        for kind in ("w", "t", "a"):
             for key in self._kv.keys(f"{kind}/{self._env_hash}/"):
                 _, _, node, pid, _ = key.split("/", 4)
                 out.append((key, node, int(pid)))

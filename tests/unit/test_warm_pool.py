@@ -194,9 +194,19 @@ def test_a_worker_taken_by_a_starting_replica_holds_the_refill_back() -> None:
     plan = PoolPlan(target=1)
     plan.update(0.0, {"a"}, {})
     plan.update(1.0, {"a"}, {"a": {"w/1/a/11/x": 11}})
-    assert plan.update(10.0, {"a"}, {}, held={"a": 1}) == {}  # taken: the replica is loading, answering
-    assert plan.update(12.0, {"a"}, {}, held={"a": 1}) == {}
+    assert plan.update(10.0, {"a"}, {}, held={"a": {"t/1/a/11/x"}}) == {}  # taken: the replica loads, answers
+    assert plan.update(12.0, {"a"}, {}, held={"a": {"t/1/a/11/x"}}) == {}
     assert plan.update(13.0, {"a"}, {}, held={}) == {"a": 1}  # its replica has answered
+
+
+def test_a_worker_taken_the_moment_it_is_warm_counts_as_arrived() -> None:
+    """A replica waiting for a worker takes the prestarted one as soon as it registers: the manager may
+    only ever see its hold. Its start is over all the same, so the refill follows its replica's answer."""
+    plan = PoolPlan(target=1, start_grace_s=120.0)
+    assert plan.update(0.0, {"a"}, {}) == {"a": 1}
+    assert plan.update(5.0, {"a"}, {}, held={"a": {"t/1/a/11/x"}}) == {}  # seen only as taken
+    assert plan.snapshot()["a"]["pending"] == 0
+    assert plan.update(6.0, {"a"}, {}, held={}) == {"a": 1}  # answered: refill now, not after 120 s
 
 
 def test_starts_that_never_become_warm_stop_the_pool_on_that_node(caplog: pytest.LogCaptureFixture) -> None:
@@ -358,3 +368,38 @@ def test_the_cuda_guard_spots_the_driver_library() -> None:
 def test_the_examples_in_the_module_run() -> None:
     result = doctest.testmod(warm_pool)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def test_a_worker_seen_by_no_round_still_arrives_by_its_mark() -> None:
+    """Registered, taken and answered between two rounds: only its arrival mark is left to count."""
+    plan = PoolPlan(target=1, start_grace_s=120.0)
+    assert plan.update(0.0, {"a"}, {}) == {"a": 1}
+    assert plan.update(1.0, {"a"}, {}) == {}  # still starting
+    assert plan.update(2.0, {"a"}, {}, arrived={"a": {"a/1/a/11/x"}}) == {"a": 1}  # gone already: refill
+    assert plan.update(3.0, {"a"}, {"a": {"w/1/a/12/y": 12}}) == {}  # the refill is warm
+
+
+def test_the_leading_manager_consumes_arrival_marks_and_a_standby_leaves_them() -> None:
+    class Cluster:
+        def __init__(self) -> None:
+            self.keys = {"a/7/n1/11/x": ("n1", 11)}
+            self.started: list[tuple[str, int]] = []
+
+        def nodes(self) -> set[str]:
+            return {"n1"}
+
+        def registrations(self) -> list[tuple[str, str, int]]:
+            return [(key, node, pid) for key, (node, pid) in self.keys.items()]
+
+        def forget(self, key: str) -> None:
+            self.keys.pop(key, None)
+
+        def prestart(self, node: str, count: int) -> None:
+            self.started.append((node, count))
+
+    cluster, plan = Cluster(), PoolPlan(target=1)
+    plan.update(0.0, {"n1"}, {})  # asked for one worker, pending
+    warm_pool.refill_round(cluster, plan, 1.0, check_liveness=False, prestart=False)
+    assert "a/7/n1/11/x" in cluster.keys and cluster.started == []
+    warm_pool.refill_round(cluster, plan, 2.0, check_liveness=False, prestart=True)
+    assert cluster.keys == {} and cluster.started == [("n1", 1)]
