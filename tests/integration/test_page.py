@@ -174,10 +174,18 @@ def test_page_loads_and_lists_the_model_with_its_state(page: Page, target: Targe
     # models (from /healthz) with their state.
     assert "alert" in page.js("return document.getElementById('key-panel').className")
     assert "needs an API key" in page.by_id("key-message").text
-    state = target.state()
-    label = {"running": "running", "starting": "starting", "scaled_to_zero": "at zero", "evicted": "evicted"}[state]
-    page.wait(lambda: page.model_option() == f"{target.model} ({label})", 10, f"the model listed as {label}")
-    assert label in page.by_id("model-state").text
+    labels = {"running": "running", "starting": "starting", "scaled_to_zero": "at zero", "evicted": "evicted"}
+    # The model's state may change meanwhile (a replica still starting, or going back to zero): the page
+    # must show the state the service reports, whichever it is by then.
+    page.wait(
+        lambda: (
+            (label := labels[target.state()])
+            and page.model_option() == f"{target.model} ({label})"
+            and label in page.by_id("model-state").text
+        ),
+        10,
+        "the model listed, and described, with the state the service reports",
+    )
     assert page.js("return document.title") == "LLM playground"
     # The key goes to sessionStorage, never into the address.
     page.set_key(API_KEY)
