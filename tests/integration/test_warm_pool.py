@@ -20,7 +20,7 @@ from ray.cluster_utils import Cluster
 from ray_serve_app import build_graph
 from serving import warm_pool
 from settings import build_settings
-from tests.integration.conftest import APP, free_port, replica_states, wait_for
+from tests.integration.conftest import APP, free_port, get_json, replica_states, wait_for
 
 MODEL = "tiny"  # its Serve application and deployment are named after it
 REPLICA = f"ServeReplica:{MODEL}:{MODEL}"  # a model replica's actor class
@@ -61,7 +61,7 @@ def cluster() -> Iterator[Cluster]:
 def url(cluster: Cluster, tiny_causal: Path) -> str:
     serve.run(build_graph(build_settings({**SETTINGS, "MODEL_ID": str(tiny_causal)})), name=APP, route_prefix="/")
     url = f"http://127.0.0.1:{serve.context._get_global_client().http_config.port}"
-    wait_for(lambda: _get(f"{url}/healthz") is not None, timeout=60, what="the Gateway")
+    wait_for(lambda: get_json(f"{url}/healthz") is not None, timeout=60, what="the Gateway")
     return url
 
 
@@ -145,7 +145,7 @@ def test_a_replica_whose_model_fails_to_load_is_replaced_and_never_answers(
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     env = {**SETTINGS, "SERVED_MODEL_NAME": "broken", "MODEL_ID": str(broken), "REQUEST_TIMEOUT_S": "20"}
     serve.run(build_graph(build_settings(env)), name=APP, route_prefix="/", blocking=False)
-    wait_for(lambda: _get(f"{url}/healthz") is not None, timeout=60, what="the Gateway")
+    wait_for(lambda: get_json(f"{url}/healthz") is not None, timeout=60, what="the Gateway")
     statuses = []
 
     def replaced() -> bool:
@@ -179,7 +179,7 @@ def _last_cold_start(url: str) -> dict:
     """The model's last cold start in /healthz, once complete (the replica reports it after its first answer)."""
 
     def complete() -> dict | None:
-        (model,) = _get(f"{url}/healthz")["models"]
+        (model,) = get_json(f"{url}/healthz")["models"]
         last = model["last_cold_start"]
         return last if last and "details" in last else None
 
@@ -208,14 +208,6 @@ def _imported_torch(pid: int) -> bool:
     except OSError:
         return False
     return "/libtorch_cpu.so" in maps or "/libtorch_cuda.so" in maps
-
-
-def _get(url: str) -> dict | None:
-    try:
-        response = httpx.get(url, timeout=5)
-    except httpx.HTTPError:
-        return None
-    return response.json() if response.status_code == 200 else None
 
 
 def test_models_share_one_pool_per_node(url: str, tiny_causal: Path) -> None:
