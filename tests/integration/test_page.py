@@ -82,6 +82,9 @@ def _live_target(request: pytest.FixtureRequest) -> Target:
             "METRICS_PUSH_INTERVAL_S": "0.5",
             "REQUEST_TIMEOUT_S": "120",
             "API_KEY": API_KEY,
+            # Every wake-up a full cold start: from a warm worker the phases come with the first token,
+            # and the tests watch them appear before it.
+            "WARM_WORKERS": "0",
         },
     )
     headers = {"Authorization": f"Bearer {API_KEY}"}
