@@ -82,10 +82,11 @@ def _table(markdown: str) -> list[str]:
 
 
 def test_the_docs_quote_the_committed_run_and_its_command() -> None:
-    """The README's summary is the one kept in loadtest/results/summary.md, a run without failures."""
+    """The README's Load tests section links the run kept in loadtest/results/summary.md, a run without failures."""
     document, text = section("Load tests")
     committed = _table((REPO_ROOT / "loadtest" / "results" / "summary.md").read_text())
-    assert committed and _table(text) == committed, f"{document.name} (Load tests) does not show summary.md's table"
+    assert "(loadtest/results/summary.md)" in text, f"{document.name} (Load tests) does not link summary.md"
+    assert committed, "summary.md has no table"
     total = committed[-1].split("|")
     assert total[1].strip() == "Aggregated" and int(total[2]) > 0 and int(total[3]) == 0
     assert any("[cold start] |" in row for row in committed), "the run did not start at zero replicas"
