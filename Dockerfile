@@ -47,12 +47,13 @@ RUN useradd --create-home --uid "$APP_UID" --shell /usr/sbin/nologin app
 
 WORKDIR /app
 COPY settings.py ray_serve_app.py ./
+COPY config/ config/
 COPY engine/ engine/
 COPY serving/ serving/
 COPY observability/ observability/
 COPY models/pydoc-gpt-mini/ models/pydoc-gpt-mini/
 # Bytecode now, not at every replica start (PYTHONDONTWRITEBYTECODE stops writing it at run time).
-RUN python -m compileall -q settings.py ray_serve_app.py engine serving observability
+RUN python -m compileall -q settings.py ray_serve_app.py config engine serving observability
 
 # PYTHONPATH: every Ray process (also on KubeRay worker pods, whatever their working directory)
 # imports ray_serve_app from here. RAY_SERVE_DEFAULT_HTTP_HOST: inside the container Serve must

@@ -1,0 +1,207 @@
+"""What belongs to one model: checkpoint, generation defaults, resources, replicas, batching.
+
+As environment variables, these are the defaults of every served model (``MAX_NEW_TOKENS`` ...);
+a ``MODELS_FILE`` entry overrides what it names (:mod:`config.models_file`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "pydoc-gpt-mini"
+
+# IDLE_TIMEOUT_S also accepts the name documented by the example this service grew from.
+IDLE_TIMEOUT_ALIAS = "RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S"
+
+
+def is_local_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~"))
+
+
+class ModelFields(BaseModel):
+    """What belongs to one model. As environment variables, the defaults of every served model."""
+
+    model_config = ConfigDict(validate_default=True, allow_inf_nan=False, frozen=True, populate_by_name=True)
+
+    # --- model -----------------------------------------------------------------------------
+    model_id: str = Field(
+        default=str(DEFAULT_MODEL_DIR),
+        min_length=1,
+        description="Hugging Face hub ID (e.g. facebook/opt-125m) or local checkpoint directory. "
+        "Defaults to the embedded model in models/pydoc-gpt-mini.",
+    )
+    trust_remote_code: bool = Field(default=False, description="Allow model code shipped with a hub checkpoint to run.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where the model runs. auto: cuda when NUM_GPUS_PER_REPLICA > 0, else cpu."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="Weights dtype. auto: float32 on CPU; bfloat16 on CUDA where supported, else float16.",
+    )
+    model_load_timeout_s: float = Field(
+        default=900.0, gt=0, description="A replica that has not loaded its model in this time fails and is retried."
+    )
+    chat_template: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Chat template (Jinja) for /v1/chat/completions, or the path of a file holding one. "
+        "Unset: the tokenizer's own template.",
+    )
+    priority: int = Field(
+        default=0, ge=0, le=100, description="Model priority: higher may evict lower on a full cluster (0 lowest)."
+    )
+
+    # --- generation defaults (a request's own values override them) -----------------------------
+    max_new_tokens: int = Field(default=256, ge=1, description="Default number of tokens to generate.")
+    max_new_tokens_limit: int = Field(
+        default=1024, ge=1, description="Largest max_new_tokens / max_tokens a request may ask for (larger: 4xx)."
+    )
+    temperature: float = Field(
+        default=0.7, ge=0, le=2, description="Default sampling temperature; 0 means greedy decoding."
+    )
+    top_p: float = Field(default=0.9, gt=0, le=1, description="Default nucleus-sampling probability mass.")
+    top_k: int = Field(default=0, ge=0, description="Default top-k filter; 0 disables it.")
+    repetition_penalty: float = Field(
+        default=1.0, gt=0, le=10, description="Default repetition penalty; 1.0 disables it."
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Longest prompt in tokens (longer: 413). Unset: the model's context length is the only limit.",
+    )
+
+    # --- replicas and autoscaling ----------------------------------------------------------
+    num_gpus_per_replica: float = Field(default=0, ge=0, description="GPUs per model replica (fractions allowed).")
+    num_cpus_per_replica: float = Field(
+        default=1, gt=0, description="CPUs per model replica; also the number of torch threads on CPU."
+    )
+    min_replicas: int = Field(default=0, ge=0, description="Fewest model replicas; 0 lets the model scale to zero.")
+    max_replicas: int = Field(default=2, ge=1, description="Most model replicas.")
+    target_ongoing_requests: float = Field(
+        default=8, gt=0, description="Requests per replica the autoscaler aims for (ongoing plus queued)."
+    )
+    idle_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        validation_alias=AliasChoices("IDLE_TIMEOUT_S", "idle_timeout_s", IDLE_TIMEOUT_ALIAS),
+        description=f"Seconds without traffic before the last model replica stops. Alias: {IDLE_TIMEOUT_ALIAS}.",
+    )
+    upscale_delay_s: float = Field(
+        default=5.0, ge=0, description="Sustained load needed before adding a replica (scaling from zero is immediate)."
+    )
+    downscale_delay_s: float = Field(
+        default=30.0, ge=0, description="Sustained low load needed before removing a replica, above one replica."
+    )
+    autoscaling_look_back_s: float = Field(
+        default=5.0, gt=0, description="Window over which the autoscaler averages the request count."
+    )
+    metrics_push_interval_s: float = Field(
+        default=1.0, gt=0, description="How often the Gateway reports its requests in flight to the autoscaler."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=300.0, ge=0, description="How long a stopping replica may take to finish the requests it holds."
+    )
+    warm_workers: int = Field(
+        default=1,
+        ge=0,
+        le=8,
+        description="Idle workers kept on each node that can host a replica, with torch, transformers and the "
+        "engine imported, so that a waking replica skips process start and imports (about 0.4 GB each). Models "
+        "share one pool per node, of the largest WARM_WORKERS among them. 0: this model's replicas start cold.",
+    )
+
+    # --- batching and backpressure ---------------------------------------------------------
+    max_batch_size: int = Field(default=16, ge=1, description="Most prompts generated together in one batch.")
+    batch_wait_timeout_s: float = Field(
+        default=0.005, ge=0, le=1, description="How long a batch waits for more prompts once the first arrives."
+    )
+    max_ongoing_requests: int = Field(
+        default=32, ge=1, description="Requests one model replica works on at once; more wait in the queue."
+    )
+    max_queued_requests: int = Field(
+        default=64,
+        ge=-1,
+        description="Requests allowed to wait for a model replica; beyond it clients get 503 with Retry-After. "
+        "-1: unbounded.",
+    )
+
+    @field_validator("model_id")
+    @classmethod
+    def _local_model_exists(cls, value: str) -> str:
+        # A path-like MODEL_ID must exist now, not fail minutes later inside a replica. Hub IDs
+        # ("org/name") cannot be checked offline; from_pretrained reports those.
+        if is_local_path(value):
+            path = Path(value).expanduser()
+            if not (path / "config.json").is_file():
+                raise ValueError(f"no model checkpoint (config.json) in directory {str(path)!r}")
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_text(cls, value: str | None) -> str | None:
+        # The template travels as text: a replica on another node cannot read this machine's file.
+        if value is None or "{{" in value or "{%" in value:
+            return value
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError(f"neither a Jinja template (no '{{{{' or '{{%') nor a readable file: {value!r}")
+        text = path.read_text()
+        if "{{" not in text and "{%" not in text:
+            raise ValueError(f"the file {value!r} holds no Jinja template")
+        return text
+
+    @model_validator(mode="after")
+    def _check_model_consistency(self) -> ModelFields:
+        problems = []
+        if self.max_replicas < self.min_replicas:
+            problems.append(f"MAX_REPLICAS ({self.max_replicas}) must be at least MIN_REPLICAS ({self.min_replicas})")
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            problems.append(
+                f"MAX_NEW_TOKENS ({self.max_new_tokens}) must not exceed MAX_NEW_TOKENS_LIMIT "
+                f"({self.max_new_tokens_limit})"
+            )
+        if self.device == "cuda" and self.num_gpus_per_replica == 0:
+            problems.append("DEVICE=cuda needs NUM_GPUS_PER_REPLICA > 0 so that Ray gives the replica a GPU")
+        if self.device == "cpu" and self.num_gpus_per_replica > 0:
+            problems.append(
+                f"DEVICE=cpu with NUM_GPUS_PER_REPLICA={self.num_gpus_per_replica:g} would reserve GPUs it never uses"
+            )
+        if self.autoscaling_look_back_s <= self.metrics_push_interval_s:
+            problems.append(
+                f"AUTOSCALING_LOOK_BACK_S ({self.autoscaling_look_back_s:g}) must be longer than "
+                f"METRICS_PUSH_INTERVAL_S ({self.metrics_push_interval_s:g})"
+            )
+        if self.max_queued_requests == 0:
+            problems.append("MAX_QUEUED_REQUESTS must be -1 (unbounded) or at least 1, got 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # --- derived values ----------------------------------------------------------------------
+    @property
+    def resolved_device(self) -> Literal["cpu", "cuda"]:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.num_gpus_per_replica > 0 else "cpu"
+
+    @property
+    def torch_threads(self) -> int:
+        """Intra-op threads for torch on CPU: the CPUs Ray reserves for the replica."""
+        return max(1, math.floor(self.num_cpus_per_replica))
+
+    @property
+    def idle_hold_s(self) -> float:
+        """How long a replica must see no traffic before it stops, so that it stops IDLE_TIMEOUT_S after traffic ends.
+
+        The autoscaler only sees "no traffic" once the look-back window holds no request and the
+        Gateway's handle has reported it, so those two periods are part of the idle time.
+        """
+        return max(0.0, self.idle_timeout_s - self.autoscaling_look_back_s - self.metrics_push_interval_s)
+
+
+MODEL_FIELDS: tuple[str, ...] = tuple(ModelFields.model_fields)
