@@ -2,7 +2,7 @@
 
 ``create_app`` takes the backend as an argument, so the whole HTTP layer runs in tests with a fake
 one; in the service the backend holds a Ray Serve handle per model (``serving.gateway``). Routes
-stay short: each dialect (``serving.api.native``, ``serving.api.openai``) translates and renders,
+stay short: each dialect (``serving.api.native``, ``serving.api.openai*``) translates and renders,
 ``serving.backend.ModelCall`` drives a request's stream, ``serving.api.errors`` maps failures.
 This module must not import torch or transformers: it runs in the light Gateway.
 """
@@ -22,21 +22,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.types import Completion, GenerationRequest, Started
 from observability import metrics
-from serving.api import access, native, openai, sse
+from serving.api import access, native, sse
 from serving.api.admin import admin_router
 from serving.api.auth import BEARER, KeyCheck, require
 from serving.api.body import StrictJSONMiddleware
 from serving.api.errors import ApiError, Family, family_of, from_exception, invalid
 from serving.api.native_schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
-from serving.api.openai_schemas import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    ModelCard,
-    ModelList,
-    OpenAIError,
-)
+from serving.api.openai import OpenAIDialect
+from serving.api.openai_chat import CHAT
+from serving.api.openai_completions import COMPLETIONS
+from serving.api.openai_responses import ChatCompletionResponse, CompletionResponse
+from serving.api.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIError
 from serving.backend import ModelBackend, ModelCall, ModelStatus
 from serving.page import mount_page
 from settings import ModelConfig, Settings
@@ -127,6 +123,16 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         config = await resolve(request, model)
         return ModelCard(**(await backend.status(config)).entry())
 
+    async def openai_route(dialect: OpenAIDialect, body: Any, request: Request) -> Any:
+        """Both OpenAI routes: translate, then stream or answer whole, in the dialect's shapes."""
+        model = await resolve(request, body.model)
+        call = dialect.translate(body, model, settings, request_id(request))
+        if body.stream:
+            render = lambda items: dialect.stream(body, model, call, items)  # noqa: E731
+            return await calls.streamed(request, model, call, render, dialect.stream_error, "openai")
+        started, done, headers = await calls.unary(request, model, call, "openai")
+        return _json(dialect.response(body, model, call, started, done), headers)
+
     @app.post(
         "/v1/completions",
         response_model=CompletionResponse,
@@ -135,13 +141,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         summary="OpenAI completions (streams with stream: true)",
     )
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        model = await resolve(request, body.model)
-        call = openai.translate_completion(body, model, settings, request_id(request))
-        if body.stream:
-            render = lambda items: openai.stream_completion(body, model, call, items)  # noqa: E731
-            return await calls.streamed(request, model, call, render, openai.stream_error, "openai")
-        started, done, headers = await calls.unary(request, model, call, "openai")
-        return _json(openai.completion_response(body, model, call, started, done), headers)
+        return await openai_route(COMPLETIONS, body, request)
 
     @app.post(
         "/v1/chat/completions",
@@ -151,13 +151,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         summary="OpenAI chat completions (streams with stream: true)",
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        model = await resolve(request, body.model)
-        call = openai.translate_chat(body, model, settings, request_id(request))
-        if body.stream:
-            render = lambda items: openai.stream_chat(body, model, call, items)  # noqa: E731
-            return await calls.streamed(request, model, call, render, openai.stream_error, "openai")
-        started, done, headers = await calls.unary(request, model, call, "openai")
-        return _json(openai.chat_response(body, model, call, started, done), headers)
+        return await openai_route(CHAT, body, request)
 
     @app.post(
         "/generate",

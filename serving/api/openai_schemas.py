@@ -32,7 +32,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(default=False, description="Send a last chunk with the token usage.")
 
 
-class _Sampling(_Request):
+class OpenAIRequest(_Request):
     """Fields the two routes share."""
 
     model: str = Field(min_length=1, description="A served model's id (see GET /v1/models) or its MODEL_ID.")
@@ -56,7 +56,7 @@ class _Sampling(_Request):
     )
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(OpenAIRequest):
     """POST /v1/completions."""
 
     model_config = ConfigDict(
@@ -98,7 +98,7 @@ class ResponseFormat(BaseModel):
     type: str = Field(description="Only 'text' is supported.")
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(OpenAIRequest):
     """POST /v1/chat/completions."""
 
     model_config = ConfigDict(
@@ -127,71 +127,7 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
 
 
-# --- responses -------------------------------------------------------------------------------------
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class TopLogprobOut(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class TokenLogprobOut(TopLogprobOut):
-    top_logprobs: list[TopLogprobOut]
-
-
-class ChatLogprobs(BaseModel):
-    content: list[TokenLogprobOut]
-
-
-class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
+# --- models and errors --------------------------------------------------------------------------
 
 
 class ModelCard(BaseModel):
