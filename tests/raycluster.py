@@ -38,9 +38,11 @@ class RayHead:
         extra_args: tuple[str, ...] = (),
         dashboard_port: int | None = None,
         env: Mapping[str, str] | None = None,
+        auth_token: str | None = None,
     ) -> None:
         """``dashboard_port``: also run the dashboard there (``serve deploy`` talks to it);
-        ``env``: extra variables for the Ray processes (never the service's own settings)."""
+        ``env``: extra variables for the Ray processes (never the service's own settings);
+        ``auth_token``: Ray's token for this cluster (a head restarted over the same GCS needs the old one)."""
         self.port = port
         self.dashboard_port = dashboard_port
         if dashboard_port is None:
@@ -59,7 +61,7 @@ class RayHead:
         ]  # fmt: skip
         # Token auth (Ray's default for new clusters) with a token of this cluster's own, given to
         # the head and to its clients (client_env): nothing depends on a ~/.ray/auth_token.
-        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token or uuid.uuid4().hex}
         self.env = {**clean_env(), **self.auth, **(env or {})}
         self.address = ""
         self.session = ""
