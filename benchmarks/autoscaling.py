@@ -25,22 +25,22 @@ from typing import Any
 
 import httpx
 
-from benchmarks.checkpoints import random_checkpoint
 from benchmarks.common import (
     MODEL_NAME,
     PROMPTS,
     RESULTS,
-    local_serve,
     replica_reports,
-    replica_states,
     summary,
     upscale_times,
-    wait_for,
     warm_pool_full,
     write_results,
 )
 from ray_serve_app import build_graph
 from settings import build_settings
+from testing.checkpoints import random_checkpoint
+from testing.http import ok
+from testing.polling import wait_for
+from testing.serve import local_serve, replica_states
 
 logger = logging.getLogger("autoscaling")
 SETTINGS = {
@@ -231,7 +231,7 @@ def main() -> None:
 
     with local_serve(num_cpus=2) as port:
         serve.run(build_graph(settings), name="service", route_prefix="/", blocking=False)
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200, timeout=120)
+        wait_for(lambda: ok(f"http://127.0.0.1:{port}/healthz"), timeout=120)
         if args.warm_workers:
             wait_for(lambda: warm_pool_full(MODEL_NAME), timeout=300, interval=0.5)
         t0, t0_epoch = time.monotonic(), time.time()

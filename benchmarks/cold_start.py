@@ -35,22 +35,14 @@ from typing import Any
 import httpx
 
 from benchmarks import baseline_app
-from benchmarks.checkpoints import random_checkpoint
-from benchmarks.common import (
-    MODEL_NAME,
-    PROMPTS,
-    RESULTS,
-    local_serve,
-    replica_states,
-    summary,
-    upscale_times,
-    wait_for,
-    warm_pool_full,
-    write_results,
-)
+from benchmarks.common import MODEL_NAME, PROMPTS, RESULTS, summary, upscale_times, warm_pool_full, write_results
 from ray_serve_app import build_graph
 from serving import warm_pool
 from settings import build_settings
+from testing.checkpoints import random_checkpoint
+from testing.http import ok
+from testing.polling import wait_for
+from testing.serve import local_serve, replica_states
 
 logger = logging.getLogger("cold_start")
 
@@ -113,17 +105,10 @@ def deploy(model: Path, port: int, cpus: int, idle_s: float) -> dict[str, str]:
     ).bind(str(model), cpus)
     serve.run(plain, name="baseline", route_prefix="/baseline", blocking=False)
     base = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _status(f"{base}/healthz") == 200, timeout=120)
+    wait_for(lambda: ok(f"{base}/healthz"), timeout=120)
     # The pool controller deploys each model as its own application.
     wait_for(lambda: all(MODEL_NAMES[s] in serve.status().applications for s in SERVICES), timeout=120)
     return {system: base for system in SERVICES} | {"baseline": f"{base}/baseline"}
-
-
-def _status(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=5).status_code
-    except httpx.HTTPError:
-        return None
 
 
 def _last_cold_start(url: str, model: str, after: float) -> dict[str, Any] | None:
@@ -219,7 +204,7 @@ def memory_at_zero(model: Path, cpus: int, warm_workers: int) -> dict[str, Any]:
     with local_serve(num_cpus=cpus) as port:
         settings = service_settings(model, cpus, 3.0, (system,))
         serve.run(build_graph(settings), name="service", route_prefix="/", blocking=False)
-        wait_for(lambda: _status(f"http://127.0.0.1:{port}/healthz") == 200, timeout=120)
+        wait_for(lambda: ok(f"http://127.0.0.1:{port}/healthz"), timeout=120)
         wait_for(lambda: MODEL_NAMES[system] in serve.status().applications, timeout=120)
         if warm_workers:
             wait_for(lambda: warm_pool_full(MODEL_NAMES[system]), timeout=300, interval=0.5)

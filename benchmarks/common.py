@@ -1,15 +1,14 @@
-"""Helpers shared by the benchmarks: prompts, statistics, results files, a local Serve instance."""
+"""What only the benchmarks share: prompts, statistics, results files, plots, Serve's logs read back.
+
+Polling, HTTP probes, a local Serve instance and checkpoints come from ``testing``, which tests share too.
+"""
 
 from __future__ import annotations
 
 import json
 import platform
 import re
-import socket
 import statistics
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,52 +74,6 @@ def write_results(name: str, data: dict[str, Any], directory: Path = RESULTS) ->
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], object], timeout: float, interval: float = 0.05) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met in {timeout}s")
-        time.sleep(interval)
-    return value
-
-
-@contextmanager
-def local_serve(
-    num_cpus: int = 2, num_gpus: int | None = None, metrics_report_interval_ms: int | None = None
-) -> Iterator[int]:
-    """A fresh local Ray instance with Serve on a free port; yields the port.
-
-    ``metrics_report_interval_ms``: how often processes report metrics to the node's exporter
-    (Ray's default is 10 s; tests that scrape want it sooner).
-    """
-    import ray
-    from ray import serve
-
-    system = {} if metrics_report_interval_ms is None else {"metrics_report_interval_ms": metrics_report_interval_ms}
-    # address="local": always a new instance, never a cluster some `ray start` left running.
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        _system_config=system,
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
 def plot_concurrency(results: dict[str, Any], path: Path, title: str) -> None:
     """Requests/s, latency and (for streamed clients) time to first token, against concurrent clients."""
     import matplotlib
@@ -158,16 +111,6 @@ def plot_concurrency(results: dict[str, Any], path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def replica_states(app: str, deployment: str) -> dict[str, int]:
-    """Replica count per state of ``deployment`` in ``app``, from Serve's status ({} when none)."""
-    from ray import serve
-
-    status = serve.status().applications.get(app)
-    if status is None or deployment not in status.deployments:
-        return {}
-    return {str(k): v for k, v in status.deployments[deployment].replica_states.items()}
 
 
 def warm_pool_full(app: str, deployment: str | None = None) -> bool:

@@ -28,11 +28,14 @@ import ray
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from benchmarks.common import PROMPTS, RESULTS, local_serve, replica_states, wait_for, write_results
+from benchmarks.common import PROMPTS, RESULTS, write_results
 from deploy.grafana.dashboard import PANELS
 from deploy.grafana.evaluate import Scrape, draw, evaluate
 from ray_serve_app import build_graph
 from settings import DEFAULT_MODEL_DIR, build_settings
+from testing.http import ok
+from testing.polling import wait_for
+from testing.serve import local_serve, replica_states
 
 logger = logging.getLogger("dashboard_run")
 APP = "llm"
@@ -133,7 +136,7 @@ def main() -> None:
         settings = build_settings({**SETTINGS, "MODEL_ID": str(args.model), "SERVED_MODEL_NAME": "m"})
         serve.run(build_graph(settings), name=APP, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _ok(f"{url}/healthz"), timeout=120)
+        wait_for(lambda: ok(f"{url}/healthz"), timeout=120)
         (node,) = [n for n in ray.nodes() if n["Alive"]]
         metrics_url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
         t0 = time.monotonic()
@@ -187,13 +190,6 @@ def report(scrapes: list[Scrape], marks: dict, statuses: dict, last_text: str, a
     excerpt = [line for line in last_text.splitlines() if "ray_llm_serve_" in line]
     (RESULTS / "dashboard_scrape.txt").write_text("\n".join(excerpt) + "\n")
     logger.info("wrote %s, dashboard.json and dashboard_scrape.txt", path)
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 if __name__ == "__main__":

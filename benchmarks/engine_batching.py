@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.checkpoints import random_checkpoint
 from benchmarks.common import PROMPTS, RESULTS, write_results
 from engine.model import EngineConfig, TextGenerator
 from engine.types import SamplingParams
+from testing.checkpoints import random_checkpoint
 
 logger = logging.getLogger("engine_batching")
 

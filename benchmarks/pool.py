@@ -29,10 +29,13 @@ from typing import Any
 
 import httpx
 
-from benchmarks.checkpoints import random_checkpoint
-from benchmarks.common import PROMPTS, RESULTS, local_serve, replica_states, wait_for, write_results
+from benchmarks.common import PROMPTS, RESULTS, write_results
 from ray_serve_app import build_graph
 from settings import REPO_ROOT, build_settings
+from testing.checkpoints import random_checkpoint
+from testing.http import ok
+from testing.polling import wait_for
+from testing.serve import local_serve, replica_states
 
 logger = logging.getLogger("pool")
 STARTING = ("STARTING", "UPDATING", "RECOVERING")
@@ -119,7 +122,7 @@ def two_models(args: argparse.Namespace) -> None:
     with local_serve(num_cpus=3) as port:
         url = f"http://127.0.0.1:{port}"
         serve.run(build_graph(settings), name="llm", route_prefix="/", blocking=False)
-        wait_for(lambda: _status(f"{url}/healthz") == 200, timeout=120)
+        wait_for(lambda: ok(f"{url}/healthz"), timeout=120)
         wait_for(lambda: all(replica_states(m, m) == {} for m in ("a", "b")) and _apps_exist(("a", "b")), 120)
         t0 = time.monotonic()
         watcher = Watcher(["a", "b"], t0)
@@ -184,13 +187,6 @@ def _apps_exist(names: tuple[str, ...]) -> bool:
     return set(names) <= set(serve.status().applications)
 
 
-def _status(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=5).status_code
-    except httpx.HTTPError:
-        return None
-
-
 def plot_two_models(samples, schedule, records, result, path: Path) -> None:
     import matplotlib
 
@@ -249,7 +245,7 @@ def eviction(args: argparse.Namespace) -> None:
     with local_serve(num_cpus=1) as port:
         url = f"http://127.0.0.1:{port}"
         serve.run(build_graph(settings), name="llm", route_prefix="/", blocking=False)
-        wait_for(lambda: _status(f"{url}/healthz") == 200, timeout=120)
+        wait_for(lambda: ok(f"{url}/healthz"), timeout=120)
         for run in range(args.runs):
             runs.append(one_eviction(url, args))
             logger.info("run %d: %s", run + 1, runs[-1])

@@ -23,14 +23,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from benchmarks import baseline_app
-from benchmarks.checkpoints import random_checkpoint
-from benchmarks.common import MODEL_NAME, PROMPTS, RESULTS, local_serve, plot_concurrency, wait_for, write_results
+from benchmarks.common import MODEL_NAME, PROMPTS, RESULTS, plot_concurrency, write_results
 from benchmarks.loadgen import closed_loop
 from ray_serve_app import build_graph
 from settings import build_settings
+from testing.checkpoints import random_checkpoint
+from testing.http import post_ok
+from testing.polling import wait_for
+from testing.serve import local_serve
 
 logger = logging.getLogger("throughput")
 
@@ -63,15 +64,8 @@ def deploy(model: Path, port: int, cpus: int, gpus: float, max_batch: int) -> di
         "baseline": f"http://127.0.0.1:{port}/baseline/generate",
     }
     for system in ("service", "baseline"):  # both replicas up and answering before any timing
-        wait_for(lambda system=system: _answers(urls[system], body(system, 0, 2)), timeout=600, interval=0.5)
+        wait_for(lambda system=system: post_ok(urls[system], body(system, 0, 2)), timeout=600, interval=0.5)
     return urls
-
-
-def _answers(url: str, payload: dict[str, Any]) -> bool:
-    try:
-        return httpx.post(url, json=payload, timeout=300).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def body(system: str, n: int, new_tokens: int) -> dict[str, Any]:

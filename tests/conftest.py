@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoints import CHAT_TEMPLATE, build_tiny_causal, build_tiny_seq2seq
+from testing.checkpoints import CHAT_TEMPLATE, build_tiny_causal, build_tiny_seq2seq
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

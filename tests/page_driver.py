@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from testing.polling import wait_for
 from tests.browser import network_events
-from tests.integration.conftest import wait_for
 
 API_KEY = "page-test-key"
 

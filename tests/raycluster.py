@@ -48,7 +48,7 @@ class RayHead:
         if dashboard_port is None:
             dashboard = ["--include-dashboard=false"]
         else:
-            from tests.integration.conftest import free_port
+            from testing.http import free_port
 
             dashboard = [
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +10,11 @@ import httpx
 import pytest
 from ray import serve
 
-from benchmarks.common import free_port, local_serve
-from benchmarks.common import replica_states as benchmark_replica_states
 from ray_serve_app import build_graph
-from settings import REPO_ROOT, Settings, build_settings
+from settings import Settings, build_settings
+from testing import serve as local
+from testing.http import ok
+from testing.polling import wait_for
 
 APP = "llm"
 
@@ -25,22 +25,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
-def wait_for(condition: Callable[[], object], timeout: float, interval: float = 0.2, what: str = "condition"):
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def replica_states(model: str | None = None) -> dict[str, int]:
     """Replica count per state of a model's deployment ({} at zero; default: the one model served)."""
     name = model or model_deployment()
-    return benchmark_replica_states(name, name)
+    return local.replica_states(name, name)
 
 
 def model_deployment() -> str:
@@ -75,7 +63,7 @@ class Service:
 @pytest.fixture(scope="module")
 def serve_port() -> Iterator[int]:
     """A fresh local Ray instance with Serve listening on a free port, torn down after the module."""
-    with local_serve(num_cpus=2) as port:
+    with local.local_serve(num_cpus=2) as port:
         yield port
 
 
@@ -84,35 +72,5 @@ def deploy(port: int, env: dict[str, str]) -> Service:
     serve.run(build_graph(settings), name=APP, route_prefix="/", blocking=False)
     client = httpx.Client()
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _ok(client, f"{url}/healthz"), timeout=60, what="the Gateway to answer")
+    wait_for(lambda: ok(f"{url}/healthz", client=client), timeout=60, what="the Gateway to answer")
     return Service(url=url, settings=settings, client=client)
-
-
-def get_json(url: str) -> dict | None:
-    """The JSON body of a 200 answer from ``url``; None when it is not reachable or not 200."""
-    try:
-        response = httpx.get(url, timeout=5)
-    except httpx.HTTPError:
-        return None
-    return response.json() if response.status_code == 200 else None
-
-
-def _ok(client: httpx.Client, url: str) -> bool:
-    try:
-        return client.get(url, timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-__all__ = [
-    "APP",
-    "REPO_ROOT",
-    "Service",
-    "deploy",
-    "free_port",
-    "get_json",
-    "model_deployment",
-    "replica_states",
-    "running_replicas",
-    "wait_for",
-]

@@ -8,7 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port, get_json, wait_for
+from testing.http import free_port, get_json
+from testing.polling import wait_for
 from tests.raycluster import SERVE, RayHead, run_cli
 
 

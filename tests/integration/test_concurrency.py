@@ -10,7 +10,8 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.integration.conftest import Service, deploy, model_deployment, running_replicas, wait_for
+from testing.polling import wait_for
+from tests.integration.conftest import Service, deploy, model_deployment, running_replicas
 
 # The batching test's requests fit in the replica at once, and in the queue: Ray counts every
 # request not yet assigned to a replica as queued, so simultaneous arrivals fill the queue for a

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from settings import REPO_ROOT
+from testing.polling import wait_for
 from tests.dockerfile import Instruction, copy_sources, env_values, exec_form, parse
-from tests.integration.conftest import wait_for
 
 GENERATE = """
 import json, sys, urllib.request

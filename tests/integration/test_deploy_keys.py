@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 
 from settings import REPO_ROOT
-from tests.integration.conftest import free_port, get_json, wait_for
+from testing.http import free_port, get_json
+from testing.polling import wait_for
 from tests.raycluster import SERVE, RayHead, clean_env, run_cli
 
 KEY = "sk-node-env-0123456789"

@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from settings import REPO_ROOT
-from tests.integration.conftest import free_port, wait_for
+from testing.http import free_port
+from testing.polling import wait_for
 from tests.raycluster import SERVE, RayHead, clean_env, run_cli
 from tests.redisserver import RedisServer
 

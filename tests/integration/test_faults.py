@@ -22,8 +22,9 @@ import pytest
 import ray
 from ray import serve
 
-from tests.checkpoints import build_tiny_causal
-from tests.integration.conftest import Service, deploy, running_replicas, wait_for
+from testing.checkpoints import build_tiny_causal
+from testing.polling import wait_for
+from tests.integration.conftest import Service, deploy, running_replicas
 
 MODEL = "long"
 LONG = 1500  # tokens: seconds of work for the tiny model (greedy, it never meets its end token first)

@@ -33,7 +33,7 @@ from schemathesis.core.failures import FailureGroup
 
 from ray_serve_app import build_graph
 from settings import build_settings
-from tests.integration.conftest import wait_for
+from testing.polling import wait_for
 
 EXAMPLES = 15  # per operation and generation mode
 COVERAGE_CAP = 60  # coverage cases per operation at most

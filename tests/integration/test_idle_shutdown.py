@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoints import build_tiny_causal
-from tests.integration.conftest import Service, deploy, replica_states, wait_for
+from testing.checkpoints import build_tiny_causal
+from testing.polling import wait_for
+from tests.integration.conftest import Service, deploy, replica_states
 
 IDLE_TIMEOUT_S = 1.5
 NEW_TOKENS = 900

@@ -17,9 +17,10 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.common import local_serve
 from observability import metrics
-from tests.integration.conftest import Service, deploy, wait_for
+from testing.polling import wait_for
+from testing.serve import local_serve
+from tests.integration.conftest import Service, deploy
 
 MODEL = "tiny"
 Samples = list[tuple[str, dict[str, str], float]]

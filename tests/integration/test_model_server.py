@@ -13,8 +13,8 @@ from engine.errors import ChatTemplateError, PromptTooLongError
 from engine.types import ChatMessage, Delta, GenerationRequest, SamplingParams, Started, collect
 from serving.model_server import ModelServer
 from settings import build_settings
-from tests.checkpoints import CHAT_TEMPLATE, build_tiny_causal
-from tests.integration.conftest import wait_for
+from testing.checkpoints import CHAT_TEMPLATE, build_tiny_causal
+from testing.polling import wait_for
 
 APP = "model-server"
 LONG = 400  # tokens: long enough that a stream is visibly under way while the engine still works

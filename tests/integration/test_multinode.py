@@ -16,7 +16,10 @@ from engine.model import EngineConfig, TextGenerator
 from engine.types import SamplingParams
 from ray_serve_app import build_graph
 from settings import build_settings
-from tests.integration.conftest import APP, free_port, replica_states, wait_for
+from testing.http import status
+from testing.polling import wait_for
+from testing.serve import serve_url, two_node_serve
+from tests.integration.conftest import APP, replica_states
 
 MODEL = "tiny"
 SETTINGS = {
@@ -33,33 +36,16 @@ NODE_ENV = {"MODEL_ID": "/nonexistent/model", "MAX_NEW_TOKENS": "50", "MAX_PROMP
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[tuple[Cluster, str]]:
     """A head with no CPU for replicas (Gateway and Serve's actors need none) and a 2-CPU worker node."""
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "include_dashboard": False,
-            "dashboard_agent_listen_port": free_port(),
-        },
-    )
-    worker = cluster.add_node(num_cpus=2, env_vars=NODE_ENV)
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        wait_for(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, timeout=60, what="two live nodes")
-        # HeadOnly: both nodes share this machine's ports, so only one HTTP proxy can listen.
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, proxy_location="HeadOnly")
-        yield cluster, worker.node_id
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
+    with two_node_serve(worker_cpus=2, worker_env=NODE_ENV) as (cluster, worker):
+        yield cluster, worker
 
 
 def test_replicas_on_the_second_node_use_the_graph_settings(two_nodes, tiny_causal: Path) -> None:
     _, worker_node = two_nodes
     settings = build_settings({**SETTINGS, "MODEL_ID": str(tiny_causal)})
     serve.run(build_graph(settings), name=APP, route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{serve.context._get_global_client().http_config.port}"
-    wait_for(lambda: _status(f"{url}/healthz") == 200, timeout=60, what="the Gateway")
+    url = serve_url()
+    wait_for(lambda: status(f"{url}/healthz") == 200, timeout=60, what="the Gateway")
 
     prompts = ["Return the number", "The socket module provides", "Raise"]
     with httpx.Client(timeout=120) as client:
@@ -92,10 +78,3 @@ def _model_server_nodes() -> set[str]:
         for a in actors.values()
         if a["State"] == "ALIVE" and a["ActorClassName"].endswith(f"{MODEL}:{MODEL}")  # the model's own app
     }
-
-
-def _status(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=5).status_code
-    except httpx.HTTPError:
-        return None

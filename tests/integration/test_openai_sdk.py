@@ -15,7 +15,8 @@ from ray import serve
 
 from ray_serve_app import build_graph
 from settings import build_settings
-from tests.integration.conftest import APP, wait_for
+from testing.polling import wait_for
+from tests.integration.conftest import APP
 
 MODEL = "tiny-chat"
 KEY = "sk-sdk-test-key-0123"

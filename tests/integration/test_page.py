@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from benchmarks.common import free_port
+from testing.http import free_port
+from testing.polling import wait_for
 from tests.browser import Browser, find_browser, network_events, save_screenshot, start_chromium, stop_chromium
-from tests.integration.conftest import wait_for
 from tests.page_driver import API_KEY, Page, Target, probe_live
 from tests.page_stub import StubService, serve_stub
 

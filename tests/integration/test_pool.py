@@ -17,7 +17,6 @@ from zoneinfo import ZoneInfo
 import pytest
 from ray import serve
 
-from benchmarks.common import local_serve
 from engine.types import GenerationRequest, SamplingParams, Started
 from serving.api.errors import ApiError
 from serving.pool.apps import spec_from_entry
@@ -28,7 +27,9 @@ from serving.pool.errors import ModelExistsError, ModelUnavailableError, ModelVa
 from serving.pool.spec import PoolSettings
 from serving.pool.store import PoolStore
 from settings import build_settings
-from tests.checkpoints import build_tiny_causal
+from testing.checkpoints import build_tiny_causal
+from testing.polling import wait_for, wait_for_async
+from testing.serve import local_serve
 from tests.integration.pool_support import FileClock
 
 SHORT = SamplingParams(max_new_tokens=2)
@@ -77,25 +78,9 @@ def pools(one_cpu: int) -> Iterator[Callable[..., PoolClient]]:
     yield deploy
     for pool in deployed:
         serve.delete(pool)
-    wait_until(lambda: not serve.status().applications, 60, "the pools' models to be deleted with them")
+    wait_for(lambda: not serve.status().applications, 60, what="the pools' models to be deleted with them")
     for pool in deployed:
         PoolStore(pool).clear()
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.1)
-    return value
-
-
-async def until(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := await condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.1)
-    return value
 
 
 async def state(client: PoolClient, name: str) -> str:
@@ -116,10 +101,10 @@ async def test_priority_1_evicts_priority_0_after_its_request_and_priority_0_nev
     await generate(client, "low", ["Return the"])  # wake it, so the long request is all generation
     long_params = SamplingParams(max_new_tokens=LONG_TOKENS)
     in_flight = asyncio.ensure_future(generate(client, "low", ["Return the"] * 4, long_params))
-    await until(lambda: busy(client, "low"), 30, "low to be busy with the long request")
+    await wait_for_async(lambda: busy(client, "low"), 30, what="low to be busy with the long request")
 
     high = asyncio.ensure_future(generate(client, "high", ["Write"]))
-    await until(lambda: not_admitted(client, "low"), 60, "low to be evicted for high")
+    await wait_for_async(lambda: not_admitted(client, "low"), 60, what="low to be evicted for high")
     # While high waits for the room low is giving up, a request for low waits and gets no room.
     with pytest.raises(ModelUnavailableError) as unavailable:
         await client.acquire("low", timeout_s=1)
@@ -149,7 +134,7 @@ async def test_priority_1_evicts_priority_0_after_its_request_and_priority_0_nev
     assert await state(client, "high") == "running"
     assert (await client.entry("high", 0))["replicas"]["running"] == 1
     # Its replica waited for room without taking any; cancelled, the request leaves nothing behind.
-    await until(lambda: no_replicas(client, "low"), 30, "low's unplaced replica to go")
+    await wait_for_async(lambda: no_replicas(client, "low"), 30, what="low's unplaced replica to go")
     assert await state(client, "high") == "running"
 
 
@@ -173,7 +158,7 @@ async def no_replicas(client: PoolClient, name: str) -> bool:
 async def test_a_keep_hot_model_starts_by_itself_and_stays_up_past_its_idle_timeout(pools, tiny_causal) -> None:
     base = defaults(tiny_causal, num_cpus_per_replica=0.5, idle_timeout_s=2)
     client = pools("keephot", [{"name": "hot", "priority": 2}, {"name": "cold"}], base)
-    await until(lambda: is_running(client, "hot"), 90, "the keep-hot model to start without a request")
+    await wait_for_async(lambda: is_running(client, "hot"), 90, what="the keep-hot model to start without a request")
     assert (await client.entry("hot"))["last_cold_start"] is not None
     await generate(client, "hot", ["Write"])
     await generate(client, "cold", ["Write"])
@@ -206,19 +191,21 @@ async def test_scale_to_zero_at_takes_every_model_to_zero_and_they_wake_on_deman
     base = defaults(tiny_causal, num_cpus_per_replica=0.5, idle_timeout_s=2)
     entries = [{"name": "hot", "priority": 2}, {"name": "warm", "idle_timeout_s": 300}]
     client = pools("daily", entries, base, clock=clock, scale_to_zero_at="21:00 America/Chicago")
-    await until(lambda: is_running(client, "hot"), 90, "the keep-hot model to start")
+    await wait_for_async(lambda: is_running(client, "hot"), 90, what="the keep-hot model to start")
     await generate(client, "warm", ["Write"])
-    await until(lambda: is_running(client, "warm"), 5, "the pool to see warm running")  # it looks every 0.5 s
+    await wait_for_async(
+        lambda: is_running(client, "warm"), 5, what="the pool to see warm running"
+    )  # it looks every 0.5 s
 
     clock.set(datetime(2026, 1, 5, 21, 0, 1, tzinfo=chicago))
-    await until(lambda: all_at_zero(client), 30, "every model to go to zero at 21:00")
+    await wait_for_async(lambda: all_at_zero(client), 30, what="every model to go to zero at 21:00")
     went = time.monotonic()
     while time.monotonic() - went < 3:  # the keep-hot floor does not bring it back by itself
         assert await state(client, "hot") == "scaled_to_zero"
         await asyncio.sleep(0.1)
 
     await generate(client, "hot", ["Write"])  # a request wakes it, and it keeps its floor again
-    await until(lambda: is_running(client, "hot"), 5, "the pool to see hot running")
+    await wait_for_async(lambda: is_running(client, "hot"), 5, what="the pool to see hot running")
     woke = time.monotonic()
     while time.monotonic() - woke < 3 * 2:
         assert await state(client, "hot") == "running"
@@ -258,13 +245,15 @@ async def test_admin_load_use_update_unload_and_the_pool_survives_its_controller
     assert started.cold_start is not None and len(completions) == 1
     items = [item async for item in backend.stream(model, request)]
     assert isinstance(items[0], Started) and items[0].cold_start is None and len(items) >= 2
-    await until(lambda: backend_state(backend, "team/extra", "running"), 5, "the backend to list extra running")
+    await wait_for_async(
+        lambda: backend_state(backend, "team/extra", "running"), 5, what="the backend to list extra running"
+    )
     with pytest.raises(ApiError) as unknown:
         await backend.resolve("nope")
     assert unknown.value.status == 404 and "base, team/extra" in unknown.value.message
 
     await controller.update.remote("team/extra", priority=3, max_replicas=1)
-    await until(lambda: is_running(client, "team/extra"), 30, "extra to stay up as a keep-hot model")
+    await wait_for_async(lambda: is_running(client, "team/extra"), 30, what="extra to stay up as a keep-hot model")
     # A new controller replica (an upgrade, a crash) finds the same pool in Ray's GCS store.
     serve.run(PoolController.bind(PoolSettings(pool="admin"), [spec_from_entry({"name": "base"}, base)], base),
               name="admin", route_prefix=None)  # fmt: skip
@@ -275,7 +264,7 @@ async def test_admin_load_use_update_unload_and_the_pool_survives_its_controller
 
     result = await controller.unload.remote("team/extra", wait_s=60)
     assert result == {"id": "team/extra", "unloaded": True}
-    wait_until(lambda: "team--extra" not in serve.status().applications, 30, "extra's application to be deleted")
+    wait_for(lambda: "team--extra" not in serve.status().applications, 30, what="extra's application to be deleted")
     assert [m["id"] for m in await client.snapshot(max_age_s=0)] == ["base"]
     with pytest.raises(UnknownModelError, match="served models: base"):
         await client.acquire("team/extra", timeout_s=1)

@@ -12,7 +12,8 @@ import httpx
 import yaml
 
 from settings import REPO_ROOT
-from tests.integration.conftest import free_port, get_json, wait_for
+from testing.http import free_port, get_json
+from testing.polling import wait_for
 from tests.raycluster import SERVE, RayHead, clean_env, run_cli
 
 

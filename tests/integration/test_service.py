@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from serving.pool.progress import PHASES
-from tests.integration.conftest import Service, deploy, replica_states, running_replicas, wait_for
+from testing.polling import wait_for
+from tests.integration.conftest import Service, deploy, replica_states, running_replicas
 
 IDLE_TIMEOUT_S = 6.0
 

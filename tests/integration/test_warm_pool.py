@@ -20,7 +20,10 @@ from ray.cluster_utils import Cluster
 from ray_serve_app import build_graph
 from serving import warm_pool
 from settings import build_settings
-from tests.integration.conftest import APP, free_port, get_json, replica_states, wait_for
+from testing.http import get_json
+from testing.polling import wait_for
+from testing.serve import serve_url, two_node_serve
+from tests.integration.conftest import APP, replica_states
 
 MODEL = "tiny"  # its Serve application and deployment are named after it
 REPLICA = f"ServeReplica:{MODEL}:{MODEL}"  # a model replica's actor class
@@ -40,27 +43,14 @@ POOL_DEADLINE_S = 180
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": free_port()},
-    )
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        wait_for(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, timeout=60, what="two live nodes")
-        # HeadOnly: all nodes share this machine's ports, so only one HTTP proxy can listen.
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, proxy_location="HeadOnly")
+    with two_node_serve(worker_cpus=1) as (cluster, _):
         yield cluster
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
 def url(cluster: Cluster, tiny_causal: Path) -> str:
     serve.run(build_graph(build_settings({**SETTINGS, "MODEL_ID": str(tiny_causal)})), name=APP, route_prefix="/")
-    url = f"http://127.0.0.1:{serve.context._get_global_client().http_config.port}"
+    url = serve_url()
     wait_for(lambda: get_json(f"{url}/healthz") is not None, timeout=60, what="the Gateway")
     return url
 

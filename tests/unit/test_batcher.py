@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ import pytest
 from engine.batcher import Batcher
 from engine.types import Delta, SamplingParams, collect
 from engine.work import OnStep, Poll, WorkItem
+from testing.polling import wait_for_async
 
 
 def params(max_new: int = 4) -> SamplingParams:
@@ -71,11 +73,8 @@ async def answer(batcher: Batcher, prompts: list[int], max_new: int = 4) -> list
     return [c.text for c in collect(deltas, len(prompts), [1] * len(prompts))]
 
 
-async def until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.002)
+# The engine runs steps of a few milliseconds: look often.
+until = functools.partial(wait_for_async, timeout=5.0, interval=0.002)
 
 
 async def test_concurrent_streams_share_a_batch() -> None:

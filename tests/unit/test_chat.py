@@ -10,7 +10,7 @@ from engine.chat import NO_TEMPLATE, check_template, encode_chat, render_chat
 from engine.errors import ChatTemplateError, PromptTooLongError
 from engine.model import EngineConfig, TextGenerator
 from engine.types import ChatMessage, SamplingParams
-from tests.checkpoints import CHAT_TEMPLATE, build_tiny_causal, build_tokenizer
+from testing.checkpoints import CHAT_TEMPLATE, build_tiny_causal, build_tokenizer
 
 CHAT = (ChatMessage("system", "Be brief."), ChatMessage("user", "Return the number"))
 OVERRIDE = (

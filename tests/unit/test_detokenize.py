@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from engine.detokenize import BytesTokenizer, IncrementalDetokenizer
 from engine.logprobs import byte_decoder
 from settings import DEFAULT_MODEL_DIR
-from tests.checkpoints import build_tokenizer
+from testing.checkpoints import build_tokenizer
 
 MULTILINGUAL = [
     "Café crème, naïve façade, Straße und Fußgängerübergang.",

@@ -15,6 +15,7 @@ MODULES = [
     "observability.metrics",
     "deploy.grafana.evaluate",
     "serving.api.access",
+    "testing.polling",
 ]
 
 

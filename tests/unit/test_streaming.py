@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import pytest
 from engine.batcher import Batcher
 from engine.model import EngineConfig, TextGenerator
 from engine.types import Delta, SamplingParams, collect
+from testing.polling import wait_for_async
 
 PROMPTS = ["Return the number", "The socket module provides", "Raise", "A Ray Serve deployment"]
 LONG = SamplingParams(max_new_tokens=110)
@@ -23,11 +24,8 @@ def engine(tiny_causal: Path) -> TextGenerator:
     return TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1))
 
 
-async def until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.002)
+# The engine runs steps of a few milliseconds: look often.
+until = functools.partial(wait_for_async, timeout=10.0, interval=0.002)
 
 
 async def test_streamed_deltas_join_to_the_whole_answer(engine: TextGenerator) -> None:

@@ -1,9 +1,32 @@
-"""Tiny random checkpoints built on the fly, so tests never need a hub."""
+"""Random-weight checkpoints built on the fly, so that tests and benchmarks never need a hub.
+
+One builder of random GPT-2 weights (:func:`random_gpt2`) serves both: tests' tiny models
+(:func:`build_tiny_causal`, with a small tokenizer trained here) and benchmarks' real shapes
+(:func:`random_checkpoint`, with the embedded model's tokenizer, built once into a cache). Their text is
+meaningless; their shapes and timings are real.
+
+With ``full_vocab`` a benchmark checkpoint's tokenizer is extended with one plain added token per id
+beyond its vocabulary, so that every id the model can pick decodes to text: a streamed answer then sends
+each token as it comes, which a time to first token needs (an id that decodes to nothing sends nothing).
+Without it those ids decode to nothing, which changes no timing of whole answers and keeps the tokenizer
+small (its load is part of a cold start).
+
+Nothing here imports the service's settings: GPU hosts build checkpoints without pydantic.
+"""
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE = REPO_ROOT / "benchmarks" / ".cache"
+# The embedded model's tokenizer, which benchmark checkpoints reuse.
+TOKENIZER_DIR = REPO_ROOT / "models" / "pydoc-gpt-mini"
+logger = logging.getLogger(__name__)
 
 CORPUS = [
     "Return the number of items in the container.",
@@ -27,6 +50,26 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+# Real model shapes for benchmarks.
+SHAPES = {
+    # GPT-2 small: 124M parameters.
+    "gpt2-small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_size": 50257},
+    # About 1B parameters (GPU loading benchmark).
+    "gpt2-1b": {"n_layer": 18, "n_embd": 2048, "n_head": 16, "n_positions": 2048, "vocab_size": 50257},
+}
+
+
+def random_gpt2(path: Path, seed: int = 0, dtype: str = "float32", **config: Any) -> Any:
+    """Save a GPT-2 with random weights (seeded) of the shape ``config`` (``GPT2Config`` fields) at ``path``;
+    returns its config. The tokenizer is the caller's."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    gpt2 = GPT2Config(**config)
+    GPT2LMHeadModel(gpt2).to(getattr(torch, dtype)).save_pretrained(path)
+    return gpt2
 
 
 def build_tokenizer(
@@ -79,12 +122,10 @@ def build_tiny_causal(
 
     ``chat_template`` and ``add_bos`` are passed to its tokenizer (:func:`build_tokenizer`).
     """
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     tok = build_tokenizer(path, chat_template=chat_template, add_bos=add_bos)
-    torch.manual_seed(seed)
-    config = GPT2Config(
+    random_gpt2(
+        path,
+        seed=seed,
         vocab_size=len(tok),
         n_positions=n_positions,
         n_embd=32,
@@ -94,7 +135,29 @@ def build_tiny_causal(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def random_checkpoint(
+    shape: str = "gpt2-small", root: Path = CACHE, dtype: str = "float32", full_vocab: bool = False
+) -> Path:
+    """Build (once) and return a local checkpoint with random weights of the named shape (:data:`SHAPES`),
+    with the embedded model's tokenizer."""
+    path = root / f"{shape}-random-{dtype}{'-full-vocab' if full_vocab else ''}"
+    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
+        return path
+    logger.info("building random %s checkpoint at %s", shape, path)
+    tmp = path.with_suffix(".tmp")
+    config = random_gpt2(tmp, seed=0, dtype=dtype, **SHAPES[shape], bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / name, tmp / name)
+    if full_vocab:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        tokenizer.add_tokens([f"<w{i}>" for i in range(len(tokenizer), config.vocab_size)])
+        tokenizer.save_pretrained(tmp)
+    tmp.rename(path)
     return path
 
 

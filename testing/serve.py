@@ -1,0 +1,88 @@
+"""Ray Serve on this machine, owned by the caller: one local node, or a head and a worker node.
+
+Both start a new Ray instance (never join one that some `ray start` left running) and end it on exit,
+so that several people's runs on one machine never share or stop each other's Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from testing.http import free_port
+from testing.polling import wait_for
+
+
+@contextmanager
+def local_serve(
+    num_cpus: int = 2, num_gpus: int | None = None, metrics_report_interval_ms: int | None = None
+) -> Iterator[int]:
+    """A fresh local Ray instance with Serve on a free port; yields the port.
+
+    ``metrics_report_interval_ms``: how often processes report metrics to the node's exporter
+    (Ray's default is 10 s; tests that scrape want it sooner).
+    """
+    import ray
+    from ray import serve
+
+    system = {} if metrics_report_interval_ms is None else {"metrics_report_interval_ms": metrics_report_interval_ms}
+    # address="local": always a new instance, never a cluster some `ray start` left running.
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config=system,
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@contextmanager
+def two_node_serve(worker_cpus: float = 2, worker_env: Mapping[str, str] | None = None) -> Iterator[tuple[Any, str]]:
+    """A head with no CPU for replicas (the Gateway and Serve's actors need none) and a worker node with
+    ``worker_cpus`` CPUs (and ``worker_env`` in its processes' environment), as ``ray.cluster_utils.Cluster``;
+    Serve on a free port. Yields the cluster and the worker's node id (``cluster.add_node`` adds more)."""
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": free_port()},
+    )
+    worker = cluster.add_node(num_cpus=worker_cpus, **({"env_vars": dict(worker_env)} if worker_env else {}))
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        wait_for(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, timeout=60, what="two live nodes")
+        # HeadOnly: all nodes share this machine's ports, so only one HTTP proxy can listen.
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, proxy_location="HeadOnly")
+        yield cluster, worker.node_id
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def serve_url() -> str:
+    """The base URL of the running Serve instance's HTTP proxy."""
+    from ray import serve
+
+    return f"http://127.0.0.1:{serve.context._get_global_client().http_config.port}"
+
+
+def replica_states(app: str, deployment: str) -> dict[str, int]:
+    """Replica count per state of ``deployment`` in ``app``, from Serve's status ({} when none)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None or deployment not in status.deployments:
+        return {}
+    return {str(k): v for k, v in status.deployments[deployment].replica_states.items()}
