@@ -10,6 +10,12 @@ deltas in one ``call_soon_threadsafe`` call, and each request's reader receives 
 A reader slower than the engine is not sent a backlog: consecutive deltas of a row it has not
 read yet are joined into one (:meth:`Delta.then`). A reader that stops (``aclose()``, its task
 cancelled, the generator dropped) cancels its rows, and the engine drops them at its next step.
+
+Failures stay where they belong. A row that failed alone (its delta ends with ``error``) fails
+its own request with :class:`~engine.errors.RowFailedError` and cancels that request's other rows;
+every other request runs on. A failed engine call (a step that ran out of memory...) fails the
+requests whose rows it held with :class:`~engine.errors.StepFailedError` (retryable), and the
+next batch starts as usual: the replica keeps serving.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from engine.errors import RowFailedError, StepFailedError
 from engine.types import Delta, SamplingParams
 from engine.work import RunBatch, WorkItem
 
@@ -81,6 +88,12 @@ class RequestStream:
 
     # --- called on the event loop by the batcher ---------------------------------------------
     def _deliver(self, delta: Delta) -> None:
+        if delta.finish_reason in ("error", "aborted"):
+            self._open_rows -= 1
+            if self._error is None:
+                self._error = _row_error(delta, len(self.items))
+            self._wake.set()
+            return
         earlier = self._pending.get(delta.index)
         self._pending[delta.index] = delta if earlier is None else earlier.then(delta)
         if delta.finish_reason is not None:
@@ -229,9 +242,13 @@ class Batcher:
             error: BaseException | None = None
             try:
                 await loop.run_in_executor(self._executor, self._run_batch, batch, on_step, poll, self.max_batch_size)
-            except Exception as exc:  # every reader of a failed batch hears of it
+            except Exception as exc:  # every reader of a failed batch hears of it; the next batch runs
                 logger.exception("batch of %d rows failed (requests %s)", len(ran), self._request_ids(ran))
-                error = exc
+                error = StepFailedError(
+                    f"the model's engine failed a decoding step ({type(exc).__name__}) while this request was in "
+                    "it; the replica carries on, retry the request"
+                )
+                error.__cause__ = exc
             # Dispatches were queued on the loop before this await resumed, so a row not finished
             # here never will be: fail its reader rather than leave it waiting.
             with self._lock:
@@ -263,3 +280,18 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _row_error(delta: Delta, rows: int) -> Exception:
+    """The error a request gets when one of its rows ended in failure (no internals: a type name)."""
+    which = f"row {delta.index}" if rows > 1 else "its row"
+    cause = f" ({delta.error})" if delta.error else ""
+    if delta.finish_reason == "aborted":
+        return StepFailedError(
+            f"the model's engine failed a step holding this request's {which}{cause}; the replica carries on, "
+            "retry the request"
+        )
+    return RowFailedError(
+        f"generating this request's {which} failed{cause}; other requests were not affected. "
+        "The server log has the details."
+    )

@@ -14,6 +14,7 @@ static batches through ``generate`` for anything else (encoder-decoder, sliding-
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from engine.types import Delta
 from engine.work import WorkItem
 
 Events = list[tuple[WorkItem, Delta]]
+logger = logging.getLogger(__name__)
 
 
 def supports(model: Any) -> bool:
@@ -81,14 +83,21 @@ class ContinuousBatch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            **self._prefill_kwargs,
-        )
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                **self._prefill_kwargs,
+            )
+        except Exception as exc:
+            # The joining rows' own step failed (e.g. out of memory on their prompts): they end,
+            # retryable, and the rows already decoding (whose cache is untouched) go on.
+            logger.exception("prefill of %d joining rows failed; the %d running rows go on", len(rows), len(self.rows))
+            del cache
+            return [(row.item, row.fail(exc, "aborted")) for row in rows]
         logits = out.logits[:, -1].float()
         seen = [torch.tensor(r.prompt_ids) for r in rows]
         first, logprobs = choose(logits, rows, seen, self.texts)

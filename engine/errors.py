@@ -16,3 +16,13 @@ class PromptTooLongError(RequestError):
 
 class ChatTemplateError(RequestError):
     """A chat was sent to a model that has no chat template, or the template rejected the messages."""
+
+
+class RowFailedError(RuntimeError):
+    """Generating one of this request's rows failed (its sampling, detokenizer or stop strings, or
+    non-finite scores for it); the rows of other requests in the same batch were not affected."""
+
+
+class StepFailedError(RuntimeError):
+    """A decoding step itself failed (out of memory, a device error): every row in that step
+    ended, the engine carries on with the next batch, and the request may be retried as it is."""

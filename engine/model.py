@@ -265,10 +265,16 @@ class TextGenerator:
         join (at most ``max_batch_size`` rows decode together), and cancelled items leave at the
         next step. Each row's last delta carries its finish reason.
         """
-        if self.continuous:
-            self._run_continuous(list(items), on_step, poll, max_batch_size or len(items))
-        else:
-            self._run_static(list(items), on_step)
+        try:
+            if self.continuous:
+                self._run_continuous(list(items), on_step, poll, max_batch_size or len(items))
+            else:
+                self._run_static(list(items), on_step)
+        except Exception:
+            # The failed batch's tensors are gone; give their device memory back before the next one.
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise
 
     def generate(
         self, prompt_ids: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams]

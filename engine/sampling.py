@@ -5,10 +5,17 @@ penalties, seed, stop strings, token budget and log-probability request. :func:`
 step's tokens and :meth:`Row.advance` turns a token into the row's :class:`~engine.types.Delta`;
 both decoding loops use them: our own continuous loop (``engine.continuous``) and, for models it
 cannot drive, Hugging Face ``generate`` through :class:`RowSampler` and :class:`RowStopper`.
+
+One row fails alone: a row whose scores are not finite, whose sampling raises, or whose
+detokenizer or stop strings raise gets ``Row.failure`` and ends with an ``error`` delta, while the
+other rows go on to exactly the tokens they would have produced alone (each row's uniform draw is
+taken from its own generator before anything that can fail, so a row-by-row retry of a step that
+failed as a batch draws nothing twice).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -17,8 +24,10 @@ from transformers import LogitsProcessor, StoppingCriteria
 
 from engine.detokenize import IncrementalDetokenizer
 from engine.logprobs import TokenTexts, token_logprob
-from engine.types import Delta, FinishReason, SamplingParams, TokenLogprob
+from engine.types import MAX_SEED, Delta, FinishReason, SamplingParams, TokenLogprob
 from engine.work import OnStep, WorkItem
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -32,11 +41,13 @@ class Row:
     generator: torch.Generator | None = field(default=None, repr=False)
     # The static path computes a step's log-probabilities before it knows the chosen token.
     raw_logprobs: torch.Tensor | None = field(default=None, repr=False)
+    failure: BaseException | None = field(default=None, repr=False)  # set when this row failed alone
 
     def __post_init__(self) -> None:
         if not self.params.greedy:
             seed = self.params.seed if self.params.seed is not None else torch.seed()
-            self.generator = torch.Generator(device="cpu").manual_seed(seed)
+            # Any integer is reduced into the generator's range rather than failing the row.
+            self.generator = torch.Generator(device="cpu").manual_seed(seed % (MAX_SEED + 1))
 
     @property
     def params(self) -> SamplingParams:
@@ -50,7 +61,27 @@ class Row:
         return self.item.cancelled
 
     def advance(self, token: int, eos: Collection[int], logprob: TokenLogprob | None = None) -> Delta:
-        """Append ``token``; the row's delta for it, ending the row when it is done."""
+        """Append ``token``; the row's delta for it, ending the row when it is done.
+
+        A row that failed this step (``failure``), or whose detokenizer raises now, ends with an
+        ``error`` delta instead: its failure is its own.
+        """
+        if self.failure is not None:
+            return self.fail(self.failure)
+        try:
+            return self._advance(token, eos, logprob)
+        except Exception as exc:
+            return self.fail(exc)
+
+    def fail(self, exc: BaseException, reason: FinishReason = "error") -> Delta:
+        """End the row because it failed (``error``), or because its step did (``aborted``)."""
+        self.failure = self.failure or exc
+        self.finish_reason = reason
+        if reason == "error":
+            logger.error("row %s of stream %s failed alone", self.item.row, self.item.stream, exc_info=exc)
+        return Delta(self.item.row, "", 0, finish_reason=reason, error=type(exc).__name__)
+
+    def _advance(self, token: int, eos: Collection[int], logprob: TokenLogprob | None) -> Delta:
         assert self.detokenizer is not None
         self.generated.append(token)
         text = self.detokenizer.add(token)
@@ -78,25 +109,85 @@ def choose(
     """One step's token per row, and its log-probability entry for the rows that asked.
 
     Log-probabilities come from the raw ``logits`` (before penalties and temperature), taken
-    before :func:`pick_tokens` changes them in place; rows that did not ask cost nothing.
+    before :func:`pick_tokens` changes them in place; rows that did not ask cost nothing. A row
+    that fails here gets ``failure`` set (its token is a placeholder), and the others are unaffected.
     """
     asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     raw = logits[asking].log_softmax(dim=-1) if asking else None
-    tokens = pick_tokens(logits, rows, seen).tolist()
+    tokens = pick_isolated(logits, rows, seen)
     entries: list[TokenLogprob | None] = [None] * len(rows)
     for j, i in enumerate(asking):
         assert raw is not None
-        entries[i] = token_logprob(raw[j], tokens[i], rows[i].params.logprobs or 0, texts)
+        if rows[i].failure is None:
+            try:
+                entries[i] = token_logprob(raw[j], tokens[i], rows[i].params.logprobs or 0, texts)
+            except Exception as exc:
+                rows[i].failure = exc
     return tokens, entries
 
 
-def pick_tokens(logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torch.Tensor | None]) -> torch.Tensor:
+def pick_isolated(logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torch.Tensor | None]) -> list[int]:
+    """:func:`pick_tokens` for the batch, such that a row that fails fails alone.
+
+    Rows with non-finite scores get ``failure`` and are left out. If the batched pick raises,
+    each row is picked on its own (with the uniform draw it already took), and the rows that
+    still raise get ``failure``. Failed rows' tokens are 0 (placeholders, never used).
+    """
+    bad = _non_finite_rows(logits)
+    for i in bad:
+        rows[i].failure = FloatingPointError("the model's scores for this row are not finite (NaN or infinity)")
+    good = [i for i in range(len(rows)) if i not in bad]
+    tokens = [0] * len(rows)
+    if not good:
+        return tokens
+    ok_rows = [rows[i] for i in good]
+    draws = _draws(ok_rows)
+    # pick_tokens changes its input in place; keep the scores as they were for a row-by-row retry.
+    work = logits[good] if bad or any(_penalised(r.params) for r in ok_rows) else logits
+    try:
+        for i, token in zip(good, pick_tokens(work, ok_rows, [seen[i] for i in good], draws).tolist(), strict=True):
+            tokens[i] = token
+        return tokens
+    except Exception:
+        logger.warning("sampling failed for a batch of %d rows; picking row by row to find the one at fault", len(good))
+    for j, i in enumerate(good):
+        try:
+            tokens[i] = int(pick_tokens(logits[i : i + 1].clone(), [rows[i]], [seen[i]], draws[j : j + 1])[0])
+        except Exception as exc:
+            rows[i].failure = exc
+    return tokens
+
+
+def _non_finite_rows(logits: torch.Tensor) -> set[int]:
+    """Rows whose scores hold NaN or +inf, or are all -inf: nothing sensible can be sampled."""
+    broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
+    return set(broken.nonzero().flatten().tolist()) if bool(broken.any()) else set()
+
+
+def _penalised(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
+def _draws(rows: Sequence[Row]) -> torch.Tensor:
+    """One uniform draw per row from its own generator (greedy rows: 0, unused), taken once per step."""
+    return torch.cat([torch.zeros(1) if r.generator is None else torch.rand(1, generator=r.generator) for r in rows])
+
+
+def pick_tokens(
+    logits: torch.Tensor,
+    rows: Sequence[Row],
+    seen: Sequence[torch.Tensor | None],
+    draws: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The next token of each row: greedy rows take the argmax, sampling rows sample with their settings.
 
     ``seen[i]`` holds the tokens row ``i`` has seen (prompt and output), needed only for rows with a
     repetition penalty; presence and frequency penalties count the row's own output only (as
-    OpenAI defines them). ``logits`` (rows x vocab, float32) may be modified in place.
+    OpenAI defines them). ``logits`` (rows x vocab, float32) may be modified in place. ``draws``
+    (one uniform per row, :func:`_draws`) are taken here when not given.
     """
+    if draws is None:
+        draws = _draws(rows)
     for i, row in enumerate(rows):
         params = row.params
         if params.repetition_penalty != 1.0 and seen[i] is not None:
@@ -106,7 +197,7 @@ def pick_tokens(logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torch.
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled:
-        chosen[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled])
+        chosen[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled], draws[sampled])
     return chosen
 
 
@@ -150,10 +241,10 @@ class RowSampler(LogitsProcessor):
         active = [i for i, row in enumerate(state.rows) if row.finish_reason is None]
         if active:
             seen = [input_ids[i, state.seen_from[i] :] for i in active]
-            chosen = pick_tokens(scores[active], [state.rows[i] for i in active], seen)
+            chosen = pick_isolated(scores[active].float(), [state.rows[i] for i in active], seen)
             index = torch.tensor(active, device=scores.device)
             scores[index] = float("-inf")
-            scores[index, chosen.to(scores.device)] = 0.0
+            scores[index, torch.tensor(chosen, device=scores.device)] = 0.0
         return scores
 
 
@@ -175,9 +266,12 @@ class RowStopper(StoppingCriteria):
                     events.append((row.item, row.cancel()))
                 else:
                     entry = None
-                    if row.raw_logprobs is not None:
-                        entry = token_logprob(row.raw_logprobs, last[i], row.params.logprobs or 0, state.texts)
-                        row.raw_logprobs = None
+                    if row.raw_logprobs is not None and row.failure is None:
+                        try:
+                            entry = token_logprob(row.raw_logprobs, last[i], row.params.logprobs or 0, state.texts)
+                        except Exception as exc:
+                            row.failure = exc
+                    row.raw_logprobs = None
                     events.append((row.item, row.advance(last[i], state.eos, entry)))
             done.append(row.finish_reason is not None)
         if events:
@@ -207,24 +301,30 @@ def _apply_presence_frequency(scores: torch.Tensor, generated: list[int], presen
     scores.index_add_(0, ids, -(presence + frequency * counts.to(scores.dtype)))
 
 
-def _sample_rows(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-    """Sample one token per row with the row's temperature, top-k, top-p and generator."""
+def _sample_rows(logits: torch.Tensor, rows: Sequence[Row], draws: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample one token per row with the row's temperature, top-k, top-p and uniform draw.
+
+    ``draws`` holds one uniform per row (drawn from each row's generator when not given).
+    """
     vocab = logits.shape[-1]
     device = logits.device
+    if draws is None:
+        draws = _draws(rows)
     temps = torch.tensor([r.params.temperature for r in rows], device=device, dtype=logits.dtype)
     sorted_logits, sorted_ids = (logits / temps[:, None]).sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)
-    top_k = torch.tensor([r.params.top_k or vocab for r in rows], device=device)
+    # top_k above the vocabulary keeps everything (and never reaches a tensor as a huge integer).
+    top_k = torch.tensor([min(r.params.top_k or vocab, vocab) for r in rows], device=device)
     sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     top_p = torch.tensor([r.params.top_p for r in rows], device=device, dtype=probs.dtype)
     # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it
-    # already does. The most likely token always stays.
+    # already does. The most likely token always stays (a top_p that is 0 in float32 keeps it alone).
     mass_before = probs.cumsum(dim=-1) - probs
-    probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+    probs = probs.masked_fill((mass_before >= top_p[:, None]) & (ranks[None, :] > 0), 0.0)
     cdf = probs.cumsum(dim=-1)
     # One uniform draw per row from the row's own generator: the draw does not depend on the rest
     # of the batch, so a seeded request samples the same tokens alone or batched.
-    draws = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(device=device, dtype=cdf.dtype)
+    draws = draws.to(device=device, dtype=cdf.dtype)
     positions = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).clamp_(max=vocab - 1)
     return sorted_ids.gather(1, positions).squeeze(1)

@@ -20,8 +20,15 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 # stop: end of text or a stop string; length: max_new_tokens or the context; cancelled: the
-# caller went away (never sent to a client).
-FinishReason = Literal["stop", "length", "cancelled"]
+# caller went away; error: this row failed alone (its sampling, detokenizer, stop strings, scores);
+# aborted: the engine step that held it failed (out of memory...), retryable. The last three are
+# never sent to a client as finish reasons: the model server turns the last two into errors.
+FinishReason = Literal["stop", "length", "cancelled", "error", "aborted"]
+MAX_SEED = 2**63 - 1
+MAX_TOP_K = 2**31 - 1  # the schemas' bound; the engine also clamps top_k to the vocabulary
+# A temperature below this samples as greedy: in float32 the scaled scores overflow (or the
+# distribution is a point mass anyway), and an overflowed row would pick an arbitrary token.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 Role = Literal["system", "user", "assistant"]
 T = TypeVar("T")
 
@@ -53,7 +60,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Argmax decoding: temperature 0, or one too small to sample with in float32."""
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -101,7 +109,8 @@ class GenerationRequest:
         choice = row % self.n
         if choice == 0 or self.params.seed is None:
             return self.params
-        return replace(self.params, seed=self.params.seed + choice)
+        # Seeds stay within 0..2**63-1 (what torch's generators take): seed + c wraps around.
+        return replace(self.params, seed=(self.params.seed + choice) % (MAX_SEED + 1))
 
     def row_inputs(self, per_prompt: Sequence[T]) -> list[tuple[T, SamplingParams]]:
         """Each row's prompt (``per_prompt`` holds one per prompt, e.g. its token ids) and parameters.
@@ -147,12 +156,13 @@ class Delta:
     tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
+    error: str | None = None  # with finish_reason error/aborted: what failed, in words, no internals
 
     def then(self, later: Delta) -> Delta:
         """This delta followed by ``later`` of the same row, as one (what a slow reader receives).
 
         >>> Delta(0, "Hel", 1).then(Delta(0, "lo", 2, finish_reason="length"))
-        Delta(index=0, text='Hello', tokens=3, logprobs=(), finish_reason='length')
+        Delta(index=0, text='Hello', tokens=3, logprobs=(), finish_reason='length', error=None)
         """
         if later.index != self.index:
             raise ValueError(f"cannot join deltas of rows {self.index} and {later.index}")
@@ -162,6 +172,7 @@ class Delta:
             self.tokens + later.tokens,
             self.logprobs + later.logprobs,
             later.finish_reason if later.finish_reason is not None else self.finish_reason,
+            later.error if later.error is not None else self.error,
         )
 
 

@@ -20,7 +20,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from engine.errors import ChatTemplateError, PromptTooLongError, RequestError
+from engine.errors import ChatTemplateError, PromptTooLongError, RequestError, RowFailedError, StepFailedError
 from serving.pool.errors import (
     ModelExistsError,
     ModelUnavailableError,
@@ -134,6 +134,10 @@ def from_exception(exc: BaseException, family: Family, retry_after_s: int) -> Ap
         if isinstance(err, ChatTemplateError):
             return ApiError(400, "chat_template", text, param="messages")
         return ApiError(400 if family == "openai" else 422, "invalid_request", text)
+    if isinstance(cause, StepFailedError):  # the engine's step failed, not this request: retry
+        return ApiError(503, "engine_step_failed", str(cause), headers=retry_headers(retry_after_s))
+    if isinstance(cause, RowFailedError):  # this request's own row failed; its message names no internals
+        return ApiError(500, "generation_failed", str(cause))
     # The original, not Ray's wrapper: the wrapper is a PoolError too, but its text is the remote traceback.
     pool_error = _pool_error(cause if isinstance(cause, PoolError) else exc)
     if pool_error is not None:

@@ -6,9 +6,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from engine.types import MAX_SEED, MAX_TOP_K
+
 Prompt = Annotated[str, StringConstraints(min_length=1)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=200)]
-MAX_SEED = 2**63 - 1
 
 
 class GenerationKwargs(BaseModel):
@@ -21,7 +22,9 @@ class GenerationKwargs(BaseModel):
     )
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 is greedy and deterministic.")
     top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling: keep this much mass.")
-    top_k: int | None = Field(default=None, ge=0, description="Keep the k most likely tokens; 0 disables.")
+    top_k: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_K, description="Keep the k most likely tokens; 0 disables."
+    )
     repetition_penalty: float | None = Field(
         default=None, gt=0, le=10, description="Above 1 discourages repeating tokens; 1 disables."
     )

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from serving.api.native_schemas import MAX_SEED
+from engine.types import MAX_SEED, MAX_TOP_K
 
 Text = Annotated[str, StringConstraints(min_length=1)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -50,7 +50,7 @@ class OpenAIRequest(_Request):
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (400 unless empty).")
     user: str | None = Field(default=None, description="End-user id; metadata, not used.")
     # Extensions beyond OpenAI's API (as vLLM accepts them).
-    top_k: int | None = Field(default=None, ge=0, description="Extension: top-k filter. Default: TOP_K.")
+    top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="Extension: top-k filter. Default: TOP_K.")
     repetition_penalty: float | None = Field(
         default=None, gt=0, le=10, description="Extension: CTRL-style repetition penalty. Default: REPETITION_PENALTY."
     )

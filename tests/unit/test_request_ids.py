@@ -13,6 +13,7 @@ import logging
 import pytest
 
 from engine.batcher import Batcher
+from engine.errors import StepFailedError
 from engine.types import SamplingParams
 
 # Stands in for Serve's request context (a contextvar its log filter reads).
@@ -42,8 +43,9 @@ async def test_a_failed_batch_names_its_requests_and_runs_in_no_requests_context
             first = batcher.open([[1, 2]], [SamplingParams(max_new_tokens=2)], request_id="first")
             second = batcher.open([[3]], [SamplingParams(max_new_tokens=2)], request_id="second")
             for stream in (first, second):
-                with pytest.raises(RuntimeError, match="out of memory"):
+                with pytest.raises(StepFailedError, match="retry") as failed:
                     await asyncio.wait_for(anext(stream), timeout=10)
+                assert "out of memory" in str(failed.value.__cause__)
             await batcher.close()
     finally:
         logger.removeFilter(stamp)
