@@ -36,7 +36,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 from pydantic_settings.sources.utils import parse_env_vars
 
 from config.errors import SECRET_FIELDS, SettingsError, check_aliases, describe, env_name
-from config.keys import read_keys
+from config.keys import check_admin_key_is_not_a_user_key, read_admin_key, read_keys
 from config.model import NAME_PATTERN, ModelConfig, default_served_name
 from config.model_fields import (
     DEFAULT_MODEL_DIR,
@@ -152,7 +152,9 @@ class Settings(BaseSettings, ModelFields):
     )
     api_keys_file: Path | None = Field(default=None, description="File with one API key a line (# comments allowed).")
     admin_api_key: SecretStr | None = Field(
-        default=None, description="Key for the /admin API (Bearer). Unset: /admin answers 404."
+        default=None,
+        description="Key for the /admin API (Bearer): at least 8 characters without spaces (surrounding "
+        "whitespace stripped), none of the API keys. Unset: /admin answers 404.",
     )
 
     # --- the model pool ----------------------------------------------------------------------
@@ -206,6 +208,11 @@ class Settings(BaseSettings, ModelFields):
     def _daily_time(cls, value: str | None) -> str | None:
         return None if value is None else str(DailyTime.parse(value))
 
+    @field_validator("admin_api_key")
+    @classmethod
+    def _admin_key(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is None else read_admin_key(value)
+
     @field_validator("models_file", "api_keys_file")
     @classmethod
     def _readable_file(cls, value: Path | None) -> Path | None:
@@ -231,8 +238,8 @@ class Settings(BaseSettings, ModelFields):
             models_file=self.models_file,
         )
         self._api_keys = read_keys(self.api_key, self.api_keys_file)
-        if self.admin_api_key is not None and not self.admin_api_key.get_secret_value().strip():
-            raise ValueError("ADMIN_API_KEY is empty; unset it to turn /admin off")
+        if self.admin_api_key is not None:
+            check_admin_key_is_not_a_user_key(self.admin_api_key, self._api_keys)
         return self
 
     # --- derived values ----------------------------------------------------------------------

@@ -144,3 +144,45 @@ def test_scale_to_zero_at_is_a_daily_time_in_a_zone() -> None:
     for bad, fragment in (("25:00 UTC", "not a time of day"), ("21:00 Mars/Olympus", "unknown time zone")):
         with pytest.raises(SettingsError, match=fragment):
             build_settings({"SCALE_TO_ZERO_AT": bad})
+
+
+def test_admin_api_key_is_stripped(tmp_path: Path) -> None:
+    # A key mounted from a Secret file often ends with a newline; the header a client sends never does.
+    settings = build_settings({"ADMIN_API_KEY": "  adm-secret-0123456789\n", "API_KEY": "sk-user-0123456789"})
+    assert settings.admin_api_key is not None
+    assert settings.admin_api_key.get_secret_value() == "adm-secret-0123456789"
+
+
+@pytest.mark.parametrize("where", ["API_KEY", "API_KEYS_FILE"])
+def test_admin_api_key_must_differ_from_every_user_key(tmp_path: Path, where: str) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("sk-file-0123456789\nshared-key-0123456789\n")
+    env = {"API_KEY": "sk-env-0123456789", "API_KEYS_FILE": str(keys)}
+    env[where] = "shared-key-0123456789" if where == "API_KEY" else env[where]
+    with pytest.raises(SettingsError) as info:
+        build_settings({**env, "ADMIN_API_KEY": " shared-key-0123456789 "})
+    message = str(info.value)
+    assert "ADMIN_API_KEY must differ from every API key" in message and "shared-key" not in message
+
+
+def test_keys_reach_only_the_gateway(tiny_causal: Path) -> None:
+    """Of the graph's deployments, only the Gateway (which checks the keys) is given them in its arguments."""
+    from ray import cloudpickle
+    from ray.serve import Application
+
+    from ray_serve_app import build_graph
+
+    keys = {"API_KEY": "sk-user-0123456789", "ADMIN_API_KEY": "adm-secret-0123456789"}
+    given: dict[str, set[str]] = {}
+
+    def walk(app: Application) -> None:
+        deployment = app._bound_deployment
+        arguments = [*deployment.init_args, *deployment.init_kwargs.values()]
+        blob = cloudpickle.dumps([a for a in arguments if not isinstance(a, Application)])
+        given[deployment.name] = {name for name, key in keys.items() if key.encode() in blob}
+        for nested in arguments:
+            if isinstance(nested, Application):
+                walk(nested)
+
+    walk(build_graph(build_settings({"MODEL_ID": str(tiny_causal), **keys})))
+    assert given == {"Gateway": {"API_KEY", "ADMIN_API_KEY"}, "PoolController": set()}
