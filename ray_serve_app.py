@@ -3,7 +3,9 @@
     serve run ray_serve_app:deployment_graph
 
 The application holds the Gateway and the pool controller; the pool controller deploys every model
-as its own Serve application, named after the model, each scaling to zero on its own.
+as its own Serve application, named after the model, each scaling to zero on its own. The graph is
+assembled here and only here: the controller receives the service's model factory
+(``serving.pool.apps.MODEL_APPS``) as an argument, the Gateway the controller's handle.
 
 Settings are read from the environment once, in the process that builds the graph, and reach the
 replicas only through deployment options and bind arguments. ``deployment_graph`` is built on
@@ -15,8 +17,24 @@ from typing import Any
 from ray.serve import Application
 
 from serving.gateway import Gateway
-from serving.pool.apps import pool_graph
+from serving.pool.apps import MODEL_APPS, model_defaults, spec_of
+from serving.pool.controller import PoolController
+from serving.pool.spec import PoolSettings
 from settings import Settings, load_settings
+
+
+def pool_graph(settings: Settings) -> Application:
+    """The pool controller for the service's settings, with every configured model."""
+    pool_settings = PoolSettings(
+        keep_hot_priority=settings.keep_hot_priority,
+        eviction_grace_s=settings.eviction_grace_s,
+        scale_to_zero_at=settings.scale_to_zero_at,
+        request_timeout_s=settings.request_timeout_s,
+        retry_after_s=settings.retry_after_s,
+        log_level=settings.log_level,
+    )
+    specs = [spec_of(config) for config in settings.model_configs]
+    return PoolController.bind(pool_settings, specs, model_defaults(settings), apps=MODEL_APPS)
 
 
 def build_graph(settings: Settings) -> Application:

@@ -291,8 +291,8 @@ def one_eviction(url: str, args: argparse.Namespace) -> dict[str, Any]:
             now = time.monotonic()
             low_state = replica_states("low", "low")
             if "evicted" not in marks:
-                entries = {e["id"]: e for e in controller.snapshot.remote().result()}
-                if not entries["low"]["admitted"]:  # the pool has decided: low's gate closes, it drains
+                statuses = {s.name: s for s in controller.snapshot.remote().result()}
+                if not statuses["low"].admitted:  # the pool has decided: low's gate closes, it drains
                     marks["evicted"] = now
             if "low_zero" not in marks and "evicted" in marks and not low_state:
                 marks["low_zero"] = now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,14 @@ class ModelConfig(ModelFields):
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False, frozen=True)
 
     name: str = Field(pattern=NAME_PATTERN, description="The id clients send as `model`.")
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """A configuration validated when it was written (``model_dump(mode="json")``), read back as data.
+
+        No validator runs again: a checkpoint path or a template file is not looked up on another node.
+        """
+        return cls.model_construct(**data)
 
     @property
     def deployment_name(self) -> str:

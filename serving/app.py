@@ -26,14 +26,14 @@ from serving.api import access, native, sse
 from serving.api.admin import admin_router
 from serving.api.auth import BEARER, KeyCheck, require
 from serving.api.body import StrictJSONMiddleware
-from serving.api.errors import ApiError, Family, family_of, from_exception, invalid
+from serving.api.errors import ApiError, Family, api_error, family_of, from_exception, http_error, invalid
 from serving.api.native_schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
 from serving.api.openai import OpenAIDialect
 from serving.api.openai_chat import CHAT
 from serving.api.openai_completions import COMPLETIONS
 from serving.api.openai_responses import ChatCompletionResponse, CompletionResponse
 from serving.api.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIError
-from serving.backend import ModelBackend, ModelCall, ModelStatus
+from serving.backend import ModelBackend, ModelCall
 from serving.page import mount_page
 from settings import ModelConfig, Settings
 
@@ -110,18 +110,18 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         """Answered by the Gateway alone: probes never start a model replica."""
         statuses = await backend.statuses()
         return HealthResponse(
-            status="ok", auth="required" if keys.required else "none", models=[s.entry() for s in statuses]
+            status="ok", auth="required" if keys.required else "none", models=[s.card() for s in statuses]
         )
 
     @app.get("/v1/models", response_model=ModelList, responses=OPENAI_ERRORS, dependencies=auth, summary="Models")
     async def list_models() -> ModelList:
         """Every served model with its state; never wakes one."""
-        return ModelList(data=[ModelCard(**s.entry()) for s in await backend.statuses()])
+        return ModelList(data=[ModelCard(**s.card()) for s in await backend.statuses()])
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=OPENAI_ERRORS, dependencies=auth)
     async def get_model(model: str, request: Request) -> ModelCard:
         config = await resolve(request, model)
-        return ModelCard(**(await backend.status(config)).entry())
+        return ModelCard(**(await backend.status(config)).card())
 
     async def openai_route(dialect: OpenAIDialect, body: Any, request: Request) -> Any:
         """Both OpenAI routes: translate, then stream or answer whole, in the dialect's shapes."""
@@ -210,7 +210,7 @@ class Calls:
 
         if isinstance(exc, BackPressureError):
             metrics.rejected(record.route, record.model, "queue_full")
-        elif error.kind in ("overloaded", "no_room"):  # the pool found the model no room in time
+        elif error.kind == "no_room":  # the pool found the model no room in time
             metrics.rejected(record.route, record.model, "no_room")
         return error
 
@@ -291,13 +291,11 @@ class Calls:
         """504 for a slow answer; 503 with Retry-After when the model was still waiting for room."""
         if await self.backend.waiting_for_room(model):
             retry = self.settings.retry_after_s
-            return ApiError(
-                503,
-                "no_room",
+            message = (
                 f"model {model.name!r} found no room on the cluster within REQUEST_TIMEOUT_S "
-                f"(models of higher priority hold it); retry in {retry} s",
-                headers={"Retry-After": str(retry)},
+                f"(models of higher priority hold it); retry in {retry} s"
             )
+            return api_error("no_room", message, retry_after_s=retry)
         return from_exception(TimeoutError(), family, self.settings.retry_after_s)
 
 
@@ -314,9 +312,7 @@ def _install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         return exc.response(family(request))
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        error = ApiError(exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None))
-        return error.response(family(request))
+        return http_error(exc.status_code, str(exc.detail), getattr(exc, "headers", None)).response(family(request))
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         return from_exception(exc, family(request), retry_after_s).response(family(request))
@@ -327,4 +323,4 @@ def _install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     app.add_exception_handler(Exception, on_error)
 
 
-__all__ = ["ModelStatus", "create_app"]
+__all__ = ["create_app"]

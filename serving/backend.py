@@ -1,10 +1,13 @@
 """What the HTTP layer needs from the model side, and how one request's stream is driven.
 
-``ModelBackend`` is implemented with Serve handles in the Gateway (``serving.gateway``) and by a
-fake in the HTTP tests. :class:`ModelCall` drives one request: it waits a little for the model
-server to take the request (so that errors before any token still get a proper status), makes the
-wait for a cold start visible as heartbeat comments, enforces REQUEST_TIMEOUT_S, and always closes
-the model server's stream, which frees the request's rows when the client goes away.
+``ModelBackend`` is implemented over the pool in the Gateway (``serving.pool.backend.PoolBackend``)
+and by a fake in the HTTP tests; it raises the pool's errors (``serving.pool.errors``), which the
+routes map to statuses in one place (``serving.api.errors``).
+
+:class:`ModelCall` drives one request: it waits a little for the model server to take the request
+(so that errors before any token still get a proper status), makes the wait for a cold start
+visible as heartbeat comments, enforces REQUEST_TIMEOUT_S, and always closes the model server's
+stream, which frees the request's rows when the client goes away.
 """
 
 from __future__ import annotations
@@ -12,59 +15,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
-from engine.types import Completion, Delta, GenerationRequest, Started, StreamItem
-from serving.api.errors import ApiError
+from engine.types import Completion, GenerationRequest, Started, StreamItem
+from serving.models import ModelStatus, resolve_model
 from settings import ModelConfig
 
-ModelState = Literal["running", "starting", "scaled_to_zero", "evicted", "unknown"]
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    """A model's state as the Gateway reports it; reading it never wakes the model."""
-
-    name: str
-    model_id: str
-    state: ModelState
-    running: int = 0
-    starting: int = 0
-    min_replicas: int = 0
-    max_replicas: int = 1
-    priority: int = 0
-    created: int = 0
-    last_cold_start: dict[str, Any] | None = None
-    waking: dict[str, Any] | None = None
-
-    def entry(self) -> dict[str, Any]:
-        """The model as an OpenAI model object, with its state (``/v1/models``, ``/healthz``)."""
-        return {
-            "id": self.name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "llm-serve",
-            "root": self.model_id,
-            "state": self.state,
-            "replicas": {
-                "running": self.running,
-                "starting": self.starting,
-                "min": self.min_replicas,
-                "max": self.max_replicas,
-            },
-            "priority": self.priority,
-            "last_cold_start": self.last_cold_start,
-            "waking": self.waking,
-        }
+__all__ = ["ModelBackend", "ModelCall", "ModelStatus", "resolve_model"]
 
 
 class ModelBackend(Protocol):
     """The model side, as the HTTP layer sees it."""
 
     async def resolve(self, requested: str | None) -> ModelConfig:
-        """The served model a request names (None: the only one); raises ApiError 404 otherwise."""
+        """The served model a request names (None: the only one); raises UnknownModelError otherwise."""
         ...
 
     def stream(self, model: ModelConfig, request: GenerationRequest) -> AsyncIterator[StreamItem]: ...
@@ -78,28 +44,6 @@ class ModelBackend(Protocol):
     async def waiting_for_room(self, model: ModelConfig) -> bool:
         """Whether requests for ``model`` wait for room on the cluster (a timeout is then 503, not 504)."""
         ...
-
-
-def resolve_model(models: Sequence[ModelConfig], requested: str | None) -> ModelConfig:
-    """The model a request names by its served name or MODEL_ID (None: the only one), else a 4xx."""
-    if requested is None:
-        if len(models) == 1:
-            return models[0]
-        raise ApiError(
-            422,
-            "model_required",
-            f"this service serves several models; name one in `model`: {', '.join(m.name for m in models)}",
-            param="model",
-        )
-    for model in models:
-        if model.accepts(requested):
-            return model
-    raise ApiError(
-        404,
-        "model_not_found",
-        f"the model {requested!r} does not exist; this service serves: {', '.join(m.name for m in models)}",
-        param="model",
-    )
 
 
 Waiting = Callable[[float], Awaitable[str]]  # elapsed seconds -> what the wait is for, in words
@@ -175,12 +119,6 @@ class ModelCall:
                 yield item
         finally:
             await self.close()
-
-    async def deltas(self) -> AsyncIterator[tuple[Delta, ...]]:
-        """The delta tuples only (after ``started``), for routes that do not stream heartbeats."""
-        async for item in self.items(heartbeat_s=3600):
-            if isinstance(item, tuple):
-                yield item
 
     async def close(self) -> None:
         """Stop listening; the model server hears of it and frees the request's rows."""

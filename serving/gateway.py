@@ -28,7 +28,7 @@ class Gateway:
 
     Example::
 
-        Gateway.options(**settings.gateway_options()).bind(pool_graph(settings), settings)
+        Gateway.options(**settings.gateway_options()).bind(pool_graph(settings), settings)  # ray_serve_app
     """
 
     def __init__(self, pool: DeploymentHandle, settings: Settings) -> None:

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.security import HTTPBearer
 from pydantic import SecretStr
 
-from serving.api.errors import ApiError
+from serving.api.errors import ApiError, api_error
 
 BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 
@@ -76,4 +76,4 @@ def require(check: KeyCheck, what: str = "API key", setting: str = "API_KEY") ->
 
 
 def _unauthorized(message: str) -> ApiError:
-    return ApiError(401, "invalid_api_key", message, headers={"WWW-Authenticate": "Bearer"})
+    return api_error("unauthorized", message, headers={"WWW-Authenticate": "Bearer"})

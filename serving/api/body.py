@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any
 
-from serving.api.errors import ApiError, family_of
+from serving.api.errors import ApiError, api_error, family_of
 
 MAX_DEPTH = 64
 JSON_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/json")
@@ -107,7 +107,9 @@ class StrictJSONMiddleware:
             await error.response(family_of(path))(scope, receive, send)
             return
         except BodyError as exc:
-            await ApiError(400, "invalid_json", str(exc)).response(family_of(path))(scope, receive, send)
+            await api_error("bad_request", str(exc), code="invalid_json").response(family_of(path))(
+                scope, receive, send
+            )
             return
 
         replayed = False
@@ -128,9 +130,8 @@ class StrictJSONMiddleware:
             raise self._too_large()
         media = next((v for k, v in headers if k == b"content-type"), b"").split(b";")[0].strip().lower()
         if media and media not in JSON_TYPES and not media.endswith(b"+json"):
-            raise ApiError(
-                415,
-                "unsupported_media_type",
+            raise api_error(
+                "media_type",
                 f"this API takes JSON; send Content-Type: application/json (got {media.decode('latin-1')[:80]!r})",
             )
         if media != b"application/json":
@@ -144,7 +145,9 @@ class StrictJSONMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise ApiError(400, "incomplete_body", "the client went away before sending the whole body")
+                raise api_error(
+                    "bad_request", "the client went away before sending the whole body", code="incomplete_body"
+                )
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
@@ -154,8 +157,8 @@ class StrictJSONMiddleware:
                 return b"".join(chunks)
 
     def _too_large(self) -> ApiError:
-        return ApiError(
-            413,
-            "body_too_large",
+        return api_error(
+            "budget",
             f"the request body is larger than {self.max_body_bytes} bytes (MAX_BODY_BYTES); send less",
+            code="body_too_large",
         )

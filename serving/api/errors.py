@@ -5,9 +5,16 @@ Two route families, two shapes:
     native (/generate, /healthz, /admin):  {"error": {"code": 413, "type": "prompt_too_long", "message": "..."}}
     OpenAI (/v1/*):                        {"error": {"message": "...", "type": "...", "param": ..., "code": ...}}
 
-Validation -> 422 native / 400 OpenAI (malformed JSON -> 400 both), too large -> 413, unknown model
--> 404, missing key -> 401, overloaded -> 503 with Retry-After, timeout -> 504, anything else -> 500
-with a generic message (the traceback goes to the log only).
+Every error is made by one factory, :func:`api_error`, from its *kind* (the table ``KINDS``): the
+kind fixes the status, and Retry-After for the kinds a client should retry. ``from_exception`` maps
+what a route catches (the engine's request errors, the pool's refusals, Ray's and Serve's failures)
+onto those kinds:
+
+    validation  -> 422 native / 400 OpenAI     not_found   -> 404        overloaded  -> 503 + Retry-After
+    bad_request -> 400 (malformed JSON, ...)   conflict    -> 409        no_room     -> 503 + Retry-After
+    unsupported -> 400 (a feature we lack)     budget      -> 413        unavailable -> 503 + Retry-After
+    unauthorized -> 401                        media_type  -> 415        timeout     -> 504
+    internal    -> 500 with a generic message (the traceback goes to the log only)
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pydantic import ValidationError
 from engine.errors import ChatTemplateError, PromptTooLongError, RequestError, RowFailedError, StepFailedError
 from serving.pool.errors import (
     ModelExistsError,
+    ModelRequiredError,
     ModelUnavailableError,
     ModelValidationError,
     PoolError,
@@ -32,6 +40,28 @@ from serving.pool.errors import (
 logger = logging.getLogger("ray.serve")
 
 Family = Literal["native", "openai"]
+
+Kind = Literal[
+    "validation", "bad_request", "unsupported", "unauthorized", "not_found", "conflict", "budget", "media_type",
+    "no_room", "overloaded", "unavailable", "timeout", "internal",
+]  # fmt: skip
+
+# kind -> (status, the code clients read when the call site names none, whether to send Retry-After)
+KINDS: dict[str, tuple[int, str, bool]] = {
+    "validation": (422, "validation_error", False),  # 400 invalid_request_error on OpenAI's routes
+    "bad_request": (400, "invalid_request_error", False),
+    "unsupported": (400, "unsupported_parameter", False),
+    "unauthorized": (401, "invalid_api_key", False),
+    "not_found": (404, "model_not_found", False),
+    "conflict": (409, "model_exists", False),
+    "budget": (413, "too_large", False),
+    "media_type": (415, "unsupported_media_type", False),
+    "no_room": (503, "no_room", True),
+    "overloaded": (503, "overloaded", True),
+    "unavailable": (503, "unavailable", True),
+    "timeout": (504, "timeout", False),
+    "internal": (500, "internal_error", False),
+}
 
 # OpenAI's error `type` per status (what its API and the `openai` SDK's users see).
 _OPENAI_TYPES = {401: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
@@ -76,21 +106,51 @@ class ApiError(Exception):
         return JSONResponse(self.body(family), status_code=self.status, headers=self.headers)
 
 
+def api_error(
+    kind: Kind,
+    message: str,
+    *,
+    code: str | None = None,
+    family: Family = "native",
+    param: str | None = None,
+    details: list[dict[str, Any]] | None = None,
+    retry_after_s: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> ApiError:
+    """The one way to make an error: ``kind`` fixes the status and Retry-After; ``code`` what clients read.
+
+    >>> error = api_error("overloaded", "the model is at capacity", retry_after_s=3)
+    >>> error.status, error.kind, error.headers
+    (503, 'overloaded', {'Retry-After': '3'})
+    >>> api_error("validation", "n: too big", family="openai", param="n").status
+    400
+    """
+    status, default_code, retry = KINDS[kind]
+    if kind == "validation" and family == "openai":
+        status, default_code = 400, "invalid_request_error"
+    if retry:
+        if retry_after_s is None:
+            raise ValueError(f"an error of kind {kind!r} needs retry_after_s")
+        headers = {**(headers or {}), "Retry-After": str(retry_after_s)}
+    return ApiError(status, code or default_code, message, param=param, details=details, headers=headers)
+
+
+def http_error(status: int, detail: str, headers: dict[str, str] | None = None) -> ApiError:
+    """Starlette's own refusals (no such route, wrong method), in the route family's shape."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+    return ApiError(status, code, detail, headers=headers)
+
+
 def family_of(path: str) -> Family:
     """The error shape of the route at ``path`` (relative to the app's root)."""
     return "openai" if path == "/v1" or path.startswith("/v1/") else "native"
 
 
-def retry_headers(retry_after_s: int) -> dict[str, str]:
-    return {"Retry-After": str(retry_after_s)}
-
-
 def overloaded(retry_after_s: int, what: str = "the model") -> ApiError:
-    return ApiError(
-        503,
+    return api_error(
         "overloaded",
         f"{what} is at capacity and its queue is full; retry in {retry_after_s} s",
-        headers=retry_headers(retry_after_s),
+        retry_after_s=retry_after_s,
     )
 
 
@@ -99,9 +159,7 @@ def invalid(errors: Sequence[dict[str, Any]], family: Family, prefix: Sequence[s
     details = [_detail(error, prefix) for error in errors]
     message = "; ".join(f"{d['field']}: {d['message']}" if d["field"] else d["message"] for d in details)
     param = details[0]["field"] or None if details else None
-    status = 400 if family == "openai" else 422
-    kind = "invalid_request_error" if family == "openai" else "validation_error"
-    return ApiError(status, kind, message, param=param, details=details if family == "native" else None)
+    return api_error("validation", message, family=family, param=param, details=details if family == "native" else None)
 
 
 def _detail(error: dict[str, Any], prefix: Sequence[str]) -> dict[str, Any]:
@@ -130,42 +188,40 @@ def from_exception(exc: BaseException, family: Family, retry_after_s: int) -> Ap
         err = exc if isinstance(exc, RequestError) else cause
         text = str(err.args[0]) if err.args else str(err)
         if isinstance(err, PromptTooLongError):
-            return ApiError(413, "prompt_too_long", text, param="prompt")
+            return api_error("budget", text, code="prompt_too_long", param="prompt")
         if isinstance(err, ChatTemplateError):
-            return ApiError(400, "chat_template", text, param="messages")
-        return ApiError(400 if family == "openai" else 422, "invalid_request", text)
+            return api_error("bad_request", text, code="chat_template", param="messages")
+        return api_error("validation", text, code="invalid_request", family=family)
     if isinstance(cause, StepFailedError):  # the engine's step failed, not this request: retry
-        return ApiError(503, "engine_step_failed", str(cause), headers=retry_headers(retry_after_s))
+        return api_error("unavailable", str(cause), code="engine_step_failed", retry_after_s=retry_after_s)
     if isinstance(cause, RowFailedError):  # this request's own row failed; its message names no internals
-        return ApiError(500, "generation_failed", str(cause))
+        return api_error("internal", str(cause), code="generation_failed")
     # The original, not Ray's wrapper: the wrapper is a PoolError too, but its text is the remote traceback.
-    pool_error = _pool_error(cause if isinstance(cause, PoolError) else exc)
+    pool_error = _pool_error(cause if isinstance(cause, PoolError) else exc, family)
     if pool_error is not None:
         return pool_error
     if isinstance(exc, BackPressureError):
         return overloaded(retry_after_s)
     if isinstance(exc, TimeoutError):
-        return ApiError(504, "timeout", "the model did not answer in time (REQUEST_TIMEOUT_S); retry or ask for less")
+        return api_error("timeout", "the model did not answer in time (REQUEST_TIMEOUT_S); retry or ask for less")
     if isinstance(exc, DeploymentUnavailableError | ActorDiedError | ActorUnavailableError | RayActorError):
-        return ApiError(
-            503,
-            "unavailable",
-            f"the model replica went away while serving this request; retry in {retry_after_s} s",
-            headers=retry_headers(retry_after_s),
-        )
+        message = f"the model replica went away while serving this request; retry in {retry_after_s} s"
+        return api_error("unavailable", message, retry_after_s=retry_after_s)
     logger.error("unhandled error", exc_info=exc)
-    return ApiError(500, "internal_error", "internal error; the server log has the details")
+    return api_error("internal", "internal error; the server log has the details")
 
 
-def _pool_error(exc: BaseException) -> ApiError | None:
+def _pool_error(exc: BaseException, family: Family) -> ApiError | None:
     """The pool's refusals (raised in the pool controller, they cross the handle as their own types)."""
     if isinstance(exc, ModelValidationError):
         detail = {"field": exc.field, "message": exc.message}
-        return ApiError(422, "validation_error", str(exc), param=exc.field, details=[detail])
+        return api_error("validation", str(exc), code="validation_error", param=exc.field, details=[detail])
+    if isinstance(exc, ModelRequiredError):
+        return api_error("validation", str(exc), code="model_required", param="model")
     if isinstance(exc, ModelExistsError):
-        return ApiError(409, "model_exists", str(exc))
+        return api_error("conflict", str(exc))
     if isinstance(exc, UnknownModelError):
-        return ApiError(404, "model_not_found", str(exc), param="model")
+        return api_error("not_found", str(exc), param="model")
     if isinstance(exc, ModelUnavailableError):
-        return ApiError(503, "no_room", str(exc), headers=retry_headers(exc.retry_after_s))
+        return api_error("no_room", str(exc), retry_after_s=exc.retry_after_s)
     return None

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from engine.types import Completion, Delta, GenerationRequest, Started
 from serving.api import sse
-from serving.api.errors import ApiError
+from serving.api.errors import ApiError, api_error
 from serving.api.openai_responses import Chunk, Usage, wire
 from serving.api.openai_schemas import OpenAIRequest
 from settings import ModelConfig, Settings
@@ -38,11 +38,11 @@ RequestT = TypeVar("RequestT", bound=OpenAIRequest)
 
 
 def unsupported(param: str, what: str) -> ApiError:
-    return ApiError(400, "unsupported_parameter", f"{param}: {what}", param=param)
+    return api_error("unsupported", f"{param}: {what}", param=param)
 
 
 def invalid_value(param: str, what: str) -> ApiError:
-    return ApiError(400, "invalid_request_error", f"{param}: {what}", param=param)
+    return api_error("bad_request", f"{param}: {what}", param=param)
 
 
 def usage(started: Started, completion_tokens: int) -> Usage:

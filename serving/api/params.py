@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Sequence
 
 from engine.types import SamplingParams
-from serving.api.errors import ApiError, Family
+from serving.api.errors import Family, api_error
 from settings import ModelConfig, Settings
 
 
@@ -42,11 +42,11 @@ def sampling_params(
     """
     max_new = max_tokens if max_tokens is not None else model.max_new_tokens
     if max_new > model.max_new_tokens_limit:
-        raise ApiError(
-            422 if family == "native" else 400,
-            "validation_error" if family == "native" else "invalid_request_error",
+        raise api_error(
+            "validation",
             f"{max_tokens_param}: {max_new} is above this model's limit of {model.max_new_tokens_limit} "
             "(MAX_NEW_TOKENS_LIMIT)",
+            family=family,
             param=max_tokens_param,
             details=[{"field": max_tokens_param, "message": "above the limit", "input": max_new}],
         )
@@ -73,20 +73,20 @@ def check_limits(prompts: Sequence[str], n: int, settings: Settings, prompt_para
     rows = len(prompts) * n
     if rows > settings.max_prompts_per_request:
         asked = f"{len(prompts)} prompts x n={n}" if n > 1 else f"{len(prompts)} prompts"
-        raise ApiError(
-            413,
-            "too_many_prompts",
+        raise api_error(
+            "budget",
             f"{asked} = {rows} completions in one request; this service makes at most "
             f"{settings.max_prompts_per_request} (MAX_PROMPTS_PER_REQUEST). Split the request.",
+            code="too_many_prompts",
             param="n" if n > 1 else prompt_param,
         )
     for index, prompt in enumerate(prompts):
         if len(prompt) > settings.max_prompt_chars:
             which = f"prompt {index}" if len(prompts) > 1 else "the prompt"
-            raise ApiError(
-                413,
-                "prompt_too_long",
+            raise api_error(
+                "budget",
                 f"{which} has {len(prompt)} characters; this service accepts at most "
                 f"{settings.max_prompt_chars} (MAX_PROMPT_CHARS).",
+                code="prompt_too_long",
                 param=prompt_param,
             )

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from serving.pool.errors import ModelExistsError, UnknownModelError
-from serving.pool.logic import ModelState
+from serving.pool.logic import PoolModel
 
 
 class AdminMixin:
@@ -29,21 +29,21 @@ class AdminMixin:
         now = time.time()
         out = []
         for name, state in sorted(self._logic.models.items()):
-            entry = self._entry(name, now)
-            config = self._config_view(state.spec.config)
+            entry = self._status(name, now).admin_view()
+            config = self._apps.public_config(state.spec.config)
             entry.update(source=state.source, config=config, unloading=state.drain == "unload")
             out.append(entry)
         return out
 
     async def load(self, entry: dict[str, Any]) -> dict[str, Any]:
         """Add a model (same fields as a MODELS_FILE entry); it starts at zero unless its floor says otherwise."""
-        spec = self._parse(entry, self._defaults)
+        spec = self._apps.spec_from_entry(entry, self._defaults)
         async with self._lock:
             if spec.name in self._logic.models:
                 raise ModelExistsError(f"model {spec.name!r} is already served; unload it first")
             if spec.app == self._pool or any(s.spec.app == spec.app for s in self._logic.models.values()):
                 raise ModelExistsError(f"{spec.name!r} would be Serve application {spec.app!r}, which is taken")
-            state = ModelState(spec, source="admin", created=time.time())
+            state = PoolModel(spec, source="admin", created=time.time())
             self._logic.add(state)
             try:
                 await self._deploy(state)
@@ -51,7 +51,7 @@ class AdminMixin:
                 del self._logic.models[spec.name]
                 raise
             await self._publish()
-            return self._entry(spec.name, time.time())
+            return self._status(spec.name, time.time()).admin_view()
 
     async def unload(self, name: str, wait_s: float = 0.0) -> dict[str, Any]:
         """Remove a model: new requests get 404 at once, those in flight finish, then its app is deleted.
@@ -80,4 +80,4 @@ class AdminMixin:
             if self._logic.update(name, priority=priority, min_replicas=min_replicas, max_replicas=max_replicas):
                 await self._deploy(self._logic.models[name])
             await self._publish()
-            return self._entry(name, time.time())
+            return self._status(name, time.time()).admin_view()

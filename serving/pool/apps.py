@@ -1,8 +1,7 @@
 """The service's models as pool models: ``ModelConfig`` in, ``ModelSpec`` and Serve applications out.
 
-The pool controller reaches these by import path (``PoolSettings.entry_parser``, ``app_factory`` and
-``config_view``), so that it knows nothing of the settings or of the model server. ``pool_graph``
-builds the controller from the service settings, for ``ray_serve_app``.
+The graph (``ray_serve_app``) hands ``MODEL_APPS`` to the pool controller, so that the controller
+knows nothing of the settings or of the model server, and nothing imports back.
 
 The model server is ``ModelServer``, which reports its start-up phases to the pool controller as
 they end.
@@ -18,9 +17,8 @@ from ray.serve import Application
 
 from serving import warm_pool
 from serving.model_server import ModelServer
-from serving.pool.controller import PoolController
 from serving.pool.errors import ModelValidationError
-from serving.pool.spec import ModelSpec, PoolSettings, pooled_autoscaling_config
+from serving.pool.spec import ModelApps, ModelSpec, PoolSettings, pooled_autoscaling_config
 from settings import MODEL_FIELDS, ModelConfig, Settings
 
 
@@ -66,28 +64,17 @@ def spec_from_entry(entry: Mapping[str, Any], defaults: Mapping[str, Any] | None
 
 def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A model's configuration as /admin shows it."""
-    return ModelConfig.model_validate(config).public()
-
-
-def pool_graph(settings: Settings) -> Application:
-    """The pool controller for the service's settings (bind it to the Gateway in the graph)."""
-    pool_settings = PoolSettings(
-        keep_hot_priority=settings.keep_hot_priority,
-        eviction_grace_s=settings.eviction_grace_s,
-        scale_to_zero_at=settings.scale_to_zero_at,
-        request_timeout_s=settings.request_timeout_s,
-        retry_after_s=settings.retry_after_s,
-        log_level=settings.log_level,
-    )
-    specs = [spec_of(config) for config in settings.model_configs]
-    return PoolController.bind(pool_settings, specs, model_defaults(settings))
+    return ModelConfig.from_stored(config).public()
 
 
 def model_app(spec: ModelSpec, pool: PoolSettings) -> Application:
     """The model's Serve application: the ModelServer under the pool's autoscaling policy."""
-    config = ModelConfig.model_validate(spec.config)
+    config = ModelConfig.from_stored(spec.config)
     options = config.deployment_options(pool.log_level)
-    autoscaling = pooled_autoscaling_config(options["autoscaling_config"], pool.pool, spec.app)
+    autoscaling = pooled_autoscaling_config(options["autoscaling_config"], pool.pool, spec.app, config.idle_hold_s)
     options["autoscaling_config"] = autoscaling | {"max_replicas": spec.max_replicas}
     options = warm_pool.model_options(options, config.warm_workers)  # start replicas in warm workers
     return ModelServer.options(**options).bind(config, pool.pool)
+
+
+MODEL_APPS = ModelApps(app=model_app, spec_from_entry=spec_from_entry, public_config=public_config)

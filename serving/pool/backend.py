@@ -1,9 +1,9 @@
 """The Gateway's ``ModelBackend`` over the pool: every model the pool serves, admin-loaded ones included.
 
-A drop-in for ``serving.gateway.HandleBackend``: the Gateway binds the pool controller's handle
-instead of one handle per model and builds ``PoolBackend(pool_handle, settings)``. Listings come
-from the pool (state, replicas, priority, last cold start, waking); a request for an evicted model
-waits at the pool for room and gets 503 with Retry-After when none comes in REQUEST_TIMEOUT_S.
+The Gateway binds the pool controller's handle and builds ``PoolBackend(pool_handle, settings)``.
+Listings come from the pool's typed statuses (state, replicas, priority, last cold start, waking);
+a request for an evicted model waits at the pool for room and raises ``ModelUnavailableError`` when
+none comes in REQUEST_TIMEOUT_S (the routes answer 503 with Retry-After). No HTTP here.
 """
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ from collections.abc import AsyncIterator
 from ray.serve.handle import DeploymentHandle
 
 from engine.types import Completion, GenerationRequest, Started, StreamItem
-from serving.api.errors import ApiError
-from serving.backend import ModelStatus, resolve_model
+from serving.models import ModelState, ModelStatus, resolve_model
 from serving.pool.client import PoolClient
-from serving.pool.errors import ModelUnavailableError, UnknownModelError
+from serving.pool.errors import UnknownModelError
 from settings import ModelConfig, Settings
 
 
 class PoolBackend:
-    """``serving.backend.ModelBackend`` with the pool behind it.
+    """``serving.backend.ModelBackend`` with the pool behind it; raises the pool's errors.
 
     Example (in the Gateway's constructor)::
 
@@ -38,22 +37,18 @@ class PoolBackend:
         self._streams: dict[str, DeploymentHandle] = {}
 
     async def _models(self) -> list[ModelConfig]:
-        names = [entry["id"] for entry in await self._client.snapshot()]
+        names = [status.name for status in await self._client.snapshot()]
         if any(name not in self._configs for name in names):  # a model loaded since: fetch its configuration
-            configs = await self._controller.configs.remote()
-            self._configs = {name: ModelConfig.model_validate(config) for name, config in configs.items()}
+            configs = await self._controller.configs.remote()  # validated where written: read back as data
+            self._configs = {name: ModelConfig.from_stored(config) for name, config in configs.items()}
         return [self._configs[name] for name in names if name in self._configs]
 
     async def resolve(self, requested: str | None) -> ModelConfig:
         return resolve_model(await self._models(), requested)
 
     async def _handle(self, model: ModelConfig) -> DeploymentHandle:
-        try:
-            return await self._client.acquire(model.name, timeout_s=self._timeout_s)
-        except ModelUnavailableError as exc:
-            raise ApiError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
-        except UnknownModelError as exc:  # unloaded between resolve and here
-            raise ApiError(404, "model_not_found", str(exc), param="model") from None
+        # ModelUnavailableError (no room in time) and UnknownModelError (unloaded since resolve) go up as they are.
+        return await self._client.acquire(model.name, timeout_s=self._timeout_s)
 
     async def stream(self, model: ModelConfig, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         handle = await self._handle(model)
@@ -95,27 +90,10 @@ class PoolBackend:
         return await self._client.waiting_for_room(model.name)
 
     async def statuses(self) -> list[ModelStatus]:
-        return [_status(entry) for entry in await self._client.snapshot()]
+        return await self._client.snapshot()
 
     async def status(self, model: ModelConfig) -> ModelStatus:
         try:
-            return _status(await self._client.entry(model.name))
+            return await self._client.entry(model.name)
         except UnknownModelError:
-            return ModelStatus(name=model.name, model_id=model.model_id, state="unknown")
-
-
-def _status(entry: dict) -> ModelStatus:
-    replicas = entry["replicas"]
-    return ModelStatus(
-        name=entry["id"],
-        model_id=entry["root"],
-        state=entry["state"],
-        running=replicas["running"],
-        starting=replicas["starting"],
-        min_replicas=replicas["min"],
-        max_replicas=replicas["max"],
-        priority=entry["priority"],
-        created=entry["created"],
-        last_cold_start=entry["last_cold_start"],
-        waking=entry["waking"],
-    )
+            return ModelStatus(name=model.name, model_id=model.model_id, state=ModelState.UNKNOWN)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serving.models import ModelStatus
 from serving.pool.errors import ModelUnavailableError, PoolError, UnknownModelError
 
 logger = logging.getLogger("ray.serve")
@@ -41,13 +41,13 @@ class PoolClient:
         self._controller = controller
         self._refresh_s = refresh_s
         self._retry_after_s = retry_after_s
-        self._snapshot: list[dict[str, Any]] = []
+        self._snapshot: list[ModelStatus] = []
         self._at = float("-inf")
         self._lock = asyncio.Lock()
         self._handles: dict[tuple[str, str], DeploymentHandle] = {}
 
-    async def snapshot(self, max_age_s: float | None = None) -> list[dict[str, Any]]:
-        """The models as /v1/models lists them (plus ``admitted``, ``waiting_for_room``, ``app``, ``deployment``)."""
+    async def snapshot(self, max_age_s: float | None = None) -> list[ModelStatus]:
+        """Every model's status, as the pool controller last reported it."""
         max_age = self._refresh_s if max_age_s is None else max_age_s
         async with self._lock:  # one controller call at a time, however many callers
             if time.monotonic() - self._at > max_age:
@@ -64,19 +64,19 @@ class PoolClient:
     def age_s(self) -> float:
         return time.monotonic() - self._at
 
-    async def entry(self, name: str, max_age_s: float | None = None) -> dict[str, Any]:
+    async def entry(self, name: str, max_age_s: float | None = None) -> ModelStatus:
         models = await self.snapshot(max_age_s)
         for model in models:
-            if model["id"] == name:
+            if model.name == name:
                 return model
-        raise UnknownModelError(name, [model["id"] for model in models])
+        raise UnknownModelError(name, [model.name for model in models])
 
     async def acquire(self, name: str, timeout_s: float) -> DeploymentHandle:
         """The handle of ``name`` once it may take requests; waits for room up to ``timeout_s``."""
         started = time.monotonic()
         deadline = started + timeout_s
         entry = await self.entry(name)
-        while not entry["admitted"]:
+        while not entry.admitted:
             try:
                 if not await self._controller.acquire.remote(name, max(0.0, deadline - time.monotonic())):
                     raise ModelUnavailableError(name, time.monotonic() - started, self._retry_after_s)
@@ -88,12 +88,12 @@ class PoolClient:
                 logger.warning("pool controller unreachable while %s waits for room; retrying", name)
                 await asyncio.sleep(0.5)
             entry = await self.entry(name, max_age_s=0)
-        return await self._handle(entry["app"], entry["deployment"])
+        return await self._handle(entry.app, entry.deployment)
 
     async def waiting_for_room(self, name: str) -> bool:
         """Whether ``name`` waits for room now: a request for it that timed out gets 503, not 504."""
         try:
-            return bool((await self.entry(name, max_age_s=0))["waiting_for_room"])
+            return (await self.entry(name, max_age_s=0)).waiting_for_room
         except UnknownModelError:
             return False
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -22,20 +21,16 @@ from typing import Any
 
 from ray import serve
 
+from serving.models import ModelStatus
 from serving.pool.admin import AdminMixin
-from serving.pool.logic import ModelState, PoolLogic, Seen
+from serving.pool.logic import PoolLogic, PoolModel, Seen
 from serving.pool.progress import ColdStartBoard
 from serving.pool.reporter import CONTROLLER
 from serving.pool.schedule import Clock, crossed, system_clock
-from serving.pool.spec import ModelSpec, PoolSettings
+from serving.pool.spec import ModelApps, ModelSpec, PoolSettings
 from serving.pool.store import PoolStore
 
 logger = logging.getLogger("ray.serve")
-
-
-def import_attr(path: str) -> Any:
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 @serve.deployment(
@@ -50,12 +45,18 @@ class PoolController(AdminMixin):
 
     Example (the graph, with the settings' per-model configs turned into specs)::
 
-        pool = PoolController.bind(PoolSettings(pool="llm"), [spec_from_entry({"name": "mini"})], {})
+        pool = PoolController.bind(PoolSettings(pool="llm"), [spec_from_entry({"name": "mini"})], {}, apps=MODEL_APPS)
         gateway = Gateway.bind(pool, settings)
     """
 
     async def __init__(
-        self, settings: PoolSettings, models: list[ModelSpec], defaults: dict[str, Any], clock: Clock | None = None
+        self,
+        settings: PoolSettings,
+        models: list[ModelSpec],
+        defaults: dict[str, Any],
+        clock: Clock | None = None,
+        *,
+        apps: ModelApps,
     ) -> None:
         # The pool is named after the application it runs in (`serve run` names it "default" unless
         # told otherwise): the model replicas report to it there, and its store keys carry the name.
@@ -66,9 +67,7 @@ class PoolController(AdminMixin):
         self._store = PoolStore(self._pool)
         self._logic = PoolLogic(settings.keep_hot_priority, settings.eviction_grace_s)
         self._board = ColdStartBoard()
-        self._factory = import_attr(settings.app_factory)
-        self._parse = import_attr(settings.entry_parser)
-        self._config_view = import_attr(settings.config_view)
+        self._apps = apps
         self._defaults = defaults
         self._written: dict[str, Any] = {}  # what the store holds, to write changes only
         self._deployments: dict[str, str] = {}  # model -> its deployment's name, as Serve reports it
@@ -87,7 +86,7 @@ class PoolController(AdminMixin):
         live = set(await asyncio.to_thread(lambda: serve.status().applications))  # application names
         wanted = {spec.name: spec for spec in static}
         for name, record in records.items():
-            state = ModelState.from_record(record)
+            state = PoolModel.from_record(record)
             if state.source == "static" and name not in wanted:
                 self._logic.add(state)
                 self._logic.begin_unload(name)  # no longer configured: drained, then deleted
@@ -101,14 +100,14 @@ class PoolController(AdminMixin):
                     await self._deploy(state)
         for name, spec in wanted.items():
             if name not in self._logic.models:
-                state = ModelState(spec, source="static", base=spec.to_json(), created=time.time())
+                state = PoolModel(spec, source="static", base=spec.to_json(), created=time.time())
                 self._logic.add(state)
                 await self._deploy(state)
         await self._publish()
 
-    async def _deploy(self, state: ModelState) -> None:
+    async def _deploy(self, state: PoolModel) -> None:
         spec = state.spec
-        app = self._factory(spec, self._settings)
+        app = self._apps.app(spec, self._settings)
         target = serve.RunTarget(app, name=spec.app, route_prefix=None)
         # Written before the app exists, so that its policy reads the right floor from its first tick.
         await asyncio.to_thread(self._store.put_directive, spec.app, self._logic.directive(spec.name))
@@ -190,29 +189,31 @@ class PoolController(AdminMixin):
             self._written[(kind, name)] = value
 
     # --- what the Gateway and the model replicas call ---------------------------------------------
-    async def snapshot(self) -> list[dict[str, Any]]:
-        """Every served model as /v1/models shows it, plus ``admitted`` and ``waiting_for_room``."""
+    async def snapshot(self) -> list[ModelStatus]:
+        """Every served model's status (what /v1/models shows, plus ``admitted`` and ``waiting_for_room``)."""
         now = time.time()
-        return [self._entry(name, now) for name, s in sorted(self._logic.models.items()) if s.drain != "unload"]
+        return [self._status(name, now) for name, s in sorted(self._logic.models.items()) if s.drain != "unload"]
 
-    def _entry(self, name: str, now: float) -> dict[str, Any]:
+    def _status(self, name: str, now: float) -> ModelStatus:
         state, seen = self._logic.models[name], self._logic.models[name].seen
         spec = state.spec
-        return {
-            "id": name,
-            "root": spec.model_id,
-            "created": int(state.created),
-            "state": self._logic.state(name),
-            "replicas": {"running": seen.running, "starting": seen.starting, "min": spec.min_replicas,
-                         "max": spec.max_replicas},
-            "priority": spec.priority,
-            "last_cold_start": self._board.last_cold_start(name),
-            "waking": self._board.waking(name, seen.starting, seen.running, now),
-            "admitted": self._logic.gate_open(name),
-            "waiting_for_room": self._logic.waiting_for_room(name),
-            "app": spec.app,
-            "deployment": self._deployments.get(name),
-        }  # fmt: skip
+        return ModelStatus(
+            name=name,
+            model_id=spec.model_id,
+            state=self._logic.state(name),
+            running=seen.running,
+            starting=seen.starting,
+            min_replicas=spec.min_replicas,
+            max_replicas=spec.max_replicas,
+            priority=spec.priority,
+            created=int(state.created),
+            last_cold_start=self._board.last_cold_start(name),
+            waking=self._board.waking(name, seen.starting, seen.running, now),
+            admitted=self._logic.gate_open(name),
+            waiting_for_room=self._logic.waiting_for_room(name),
+            app=spec.app,
+            deployment=self._deployments.get(name),
+        )
 
     async def acquire(self, name: str, timeout_s: float) -> bool:
         """Wait until requests for ``name`` may go to its handle; False when ``timeout_s`` passes first."""

@@ -1,7 +1,8 @@
-"""What the pool's admin operations and admission refuse, as exceptions the Gateway maps to statuses.
+"""What the pool refuses (admin operations, admission, routing), as exceptions the Gateway maps to statuses.
 
-They carry no HTTP codes (the Gateway owns those); each names what a person can change. Raised in the
-pool controller's replica, they reach the caller through the Serve handle as the same type.
+They carry no HTTP codes: ``serving.api.errors`` maps each to its status, shape and Retry-After. Each
+names what a person can change. Raised in the pool controller's replica, they reach the caller
+through the Serve handle as the same type.
 """
 
 from __future__ import annotations
@@ -34,13 +35,24 @@ class ModelExistsError(PoolError):
 class UnknownModelError(PoolError):
     """No model of that name is served (-> 404 listing ``served``)."""
 
-    def __init__(self, name: str, served: list[str]) -> None:
-        super().__init__(f"model {name!r} is not served; served models: {', '.join(served) or 'none'}")
+    def __init__(self, name: str, served: list[str], message: str | None = None) -> None:
+        super().__init__(message or f"model {name!r} is not served; served models: {', '.join(served) or 'none'}")
         self.name = name
         self.served = served
 
     def __reduce__(self):
-        return (type(self), (self.name, self.served))
+        return (type(self), (self.name, self.served, str(self)))
+
+
+class ModelRequiredError(PoolError):
+    """Several models are served and the request named none (-> 422 listing ``served``)."""
+
+    def __init__(self, served: list[str]) -> None:
+        super().__init__(f"this service serves several models; name one in `model`: {', '.join(served)}")
+        self.served = served
+
+    def __reduce__(self):
+        return (type(self), (self.served,))
 
 
 class ModelUnavailableError(PoolError):

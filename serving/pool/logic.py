@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from serving.models import ModelState
 from serving.pool.spec import ModelSpec, Resources, add, check_bounds, fits
 
 Drain = Literal["evict", "daily", "unload"]
@@ -47,7 +48,9 @@ class Seen:
 
 
 @dataclass
-class ModelState:
+class PoolModel:
+    """One model as the pool keeps it: its spec, where it came from, and what the pool decided for it."""
+
     spec: ModelSpec
     source: Literal["static", "admin"] = "static"
     base: dict[str, Any] | None = None  # a static model's spec as configured, to tell a new configuration
@@ -72,7 +75,7 @@ class ModelState:
         return {"spec": self.spec.to_json(), **{key: getattr(self, key) for key in keys}}
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> ModelState:
+    def from_record(cls, record: dict[str, Any]) -> PoolModel:
         return cls(spec=ModelSpec.from_json(record["spec"]), **{k: v for k, v in record.items() if k != "spec"})
 
 
@@ -92,7 +95,7 @@ class PoolLogic:
     >>> from serving.pool.spec import ModelSpec
     >>> pool = PoolLogic(keep_hot_priority=2, eviction_grace_s=10)
     >>> for name, priority in (("small", 0), ("big", 1)):
-    ...     pool.add(ModelState(ModelSpec(name, "id", priority=priority, resources={"CPU": 1})))
+    ...     pool.add(PoolModel(ModelSpec(name, "id", priority=priority, resources={"CPU": 1})))
     >>> pool.observe("small", Seen(running=1))
     >>> pool.observe("big", Seen(starting=1))  # requested, not placed
     >>> pool.step(now=0.0, free={"CPU": 0}).evicted
@@ -106,10 +109,10 @@ class PoolLogic:
     def __init__(self, keep_hot_priority: int = 2, eviction_grace_s: float = 30.0) -> None:
         self.keep_hot_priority = keep_hot_priority
         self.eviction_grace_s = eviction_grace_s
-        self.models: dict[str, ModelState] = {}
+        self.models: dict[str, PoolModel] = {}
 
     # --- membership --------------------------------------------------------------------------
-    def add(self, state: ModelState) -> None:
+    def add(self, state: PoolModel) -> None:
         self.models[state.spec.name] = state
 
     def keep_hot(self, name: str) -> bool:
@@ -166,7 +169,7 @@ class PoolLogic:
                 step.readmitted.append(name)
         return step
 
-    def _settle(self, name: str, state: ModelState, step: Step) -> None:
+    def _settle(self, name: str, state: PoolModel, step: Step) -> None:
         seen = state.seen
         at_zero = seen.running == seen.starting == seen.stopping == 0
         if state.drain is not None and at_zero:
@@ -178,7 +181,7 @@ class PoolLogic:
         if state.suspended and state.drain is None and seen.running > 0:
             state.suspended = False  # woken on demand after SCALE_TO_ZERO_AT: the floor holds again
 
-    def _track_pending(self, state: ModelState, free: Resources, now: float) -> None:
+    def _track_pending(self, state: PoolModel, free: Resources, now: float) -> None:
         unplaced = state.seen.starting - min(state.seen.starting, state.seen.constructing)
         if unplaced > 0 and not fits(state.spec.resources, free) and state.drain is None:
             if state.pending_since is None:
@@ -216,14 +219,14 @@ class PoolLogic:
                 return chosen
         return None
 
-    def _higher_waits_for_room(self, state: ModelState) -> bool:
+    def _higher_waits_for_room(self, state: PoolModel) -> bool:
         return any(
             other.pending_since is not None and other.spec.priority > state.spec.priority
             for other in self.models.values()
         )
 
     # --- what the policy, the gate and /v1/models see -------------------------------------------
-    def _base_floor(self, state: ModelState) -> int:
+    def _base_floor(self, state: PoolModel) -> int:
         return max(state.spec.min_replicas, 1 if state.spec.priority >= self.keep_hot_priority else 0)
 
     def directive(self, name: str) -> dict[str, Any]:
@@ -242,10 +245,10 @@ class PoolLogic:
         state = self.models[name]
         return state.pending_since is not None or (state.evicted and state.waiters > 0)
 
-    def state(self, name: str) -> str:
+    def state(self, name: str) -> ModelState:
         seen = self.models[name].seen
         if seen.running > 0:
-            return "running"
+            return ModelState.RUNNING
         if seen.starting > 0:
-            return "starting"
-        return "evicted" if self.models[name].evicted else "scaled_to_zero"
+            return ModelState.STARTING
+        return ModelState.EVICTED if self.models[name].evicted else ModelState.SCALED_TO_ZERO

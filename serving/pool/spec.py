@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -73,9 +73,6 @@ class PoolSettings:
     retry_after_s: int = 5  # Retry-After when no room came in time
     loop_interval_s: float = 0.5  # how often the controller observes Serve and decides
     log_level: str = "INFO"  # LOG_LEVEL, for the model deployments the pool deploys
-    app_factory: str = "serving.pool.apps:model_app"  # (spec, PoolSettings) -> serve.Application
-    entry_parser: str = "serving.pool.apps:spec_from_entry"  # (entry, defaults) -> ModelSpec
-    config_view: str = "serving.pool.apps:public_config"  # spec.config -> what /admin shows
 
     def __post_init__(self) -> None:
         if self.keep_hot_priority < 0:
@@ -91,6 +88,18 @@ class PoolSettings:
     @property
     def daily(self) -> DailyTime | None:
         return None if self.scale_to_zero_at is None else DailyTime.parse(self.scale_to_zero_at)
+
+
+@dataclass(frozen=True)
+class ModelApps:
+    """What the pool needs from the service's models, handed to the controller (``serving.pool.apps.MODEL_APPS``).
+
+    The pool knows nothing of the settings or of the model server: the graph passes these in.
+    """
+
+    app: Callable[[ModelSpec, PoolSettings], Any]  # (spec, pool settings) -> the model's serve.Application
+    spec_from_entry: Callable[[Mapping[str, Any], Mapping[str, Any]], ModelSpec]  # an /admin load -> ModelSpec
+    public_config: Callable[[Mapping[str, Any]], dict[str, Any]]  # spec.config -> what /admin shows
 
 
 def check_name(name: str) -> None:
@@ -128,12 +137,15 @@ def add(a: Resources, b: Resources, times: float = 1) -> dict[str, float]:
     return out
 
 
-def pooled_autoscaling_config(base: Mapping[str, Any], pool: str, model: str) -> dict[str, Any]:
+def pooled_autoscaling_config(
+    base: Mapping[str, Any], pool: str, model: str, idle_hold_s: float | None = None
+) -> dict[str, Any]:
     """A model's Serve ``autoscaling_config`` handed to the pool's policy.
 
     The floor (MIN_REPLICAS, keep-hot) moves into the policy's directive, so that an eviction or
-    SCALE_TO_ZERO_AT can take the model to zero; the idle timeout moves into the policy, so that
-    Serve's 1 -> 0 delay (now 0) never holds up an eviction.
+    SCALE_TO_ZERO_AT can take the model to zero; the idle timeout (``ModelConfig.idle_hold_s``, else
+    what ``base`` gave Serve as its 1 -> 0 delay) moves into the policy, so that Serve's own delay
+    (now 0) never holds up an eviction.
 
     >>> base = {"min_replicas": 1, "max_replicas": 2, "downscale_to_zero_delay_s": 54}
     >>> cfg = pooled_autoscaling_config(base, "llm", "m")
@@ -141,7 +153,7 @@ def pooled_autoscaling_config(base: Mapping[str, Any], pool: str, model: str) ->
     (0, 0.0, 54.0)
     """
     config = {key: value for key, value in base.items() if key not in ("initial_replicas", "policy")}
-    idle_hold = base.get("downscale_to_zero_delay_s")
+    idle_hold = idle_hold_s if idle_hold_s is not None else base.get("downscale_to_zero_delay_s")
     if idle_hold is None:
         idle_hold = base.get("downscale_delay_s", 600.0)
     if not math.isfinite(float(idle_hold)):

@@ -18,8 +18,8 @@ import pytest
 from ray import serve
 
 from engine.types import GenerationRequest, SamplingParams, Started
-from serving.api.errors import ApiError
-from serving.pool.apps import spec_from_entry
+from serving.api.errors import from_exception
+from serving.pool.apps import MODEL_APPS, spec_from_entry
 from serving.pool.backend import PoolBackend
 from serving.pool.client import PoolClient
 from serving.pool.controller import PoolController
@@ -70,7 +70,7 @@ def pools(one_cpu: int) -> Iterator[Callable[..., PoolClient]]:
 
     def deploy(pool: str, entries: list[dict], base: dict, clock=None, **settings) -> PoolClient:
         specs = [spec_from_entry(entry, base) for entry in entries]
-        bound = PoolController.bind(PoolSettings(pool=pool, **settings), specs, base, clock)
+        bound = PoolController.bind(PoolSettings(pool=pool, **settings), specs, base, clock, apps=MODEL_APPS)
         handle = serve.run(bound, name=pool, route_prefix=None)
         deployed.append(pool)
         return PoolClient(handle, refresh_s=0.1)
@@ -84,7 +84,7 @@ def pools(one_cpu: int) -> Iterator[Callable[..., PoolClient]]:
 
 
 async def state(client: PoolClient, name: str) -> str:
-    return (await client.entry(name, max_age_s=0))["state"]
+    return (await client.entry(name, max_age_s=0)).state
 
 
 async def generate(client: PoolClient, name: str, prompts: list[str], params: SamplingParams = SHORT):
@@ -132,14 +132,14 @@ async def test_priority_1_evicts_priority_0_after_its_request_and_priority_0_nev
     response.cancel()  # what the Gateway does past REQUEST_TIMEOUT_S (then answers 503 + Retry-After)
     assert await client.waiting_for_room("low")
     assert await state(client, "high") == "running"
-    assert (await client.entry("high", 0))["replicas"]["running"] == 1
+    assert (await client.entry("high", 0)).running == 1
     # Its replica waited for room without taking any; cancelled, the request leaves nothing behind.
     await wait_for_async(lambda: no_replicas(client, "low"), 30, what="low's unplaced replica to go")
     assert await state(client, "high") == "running"
 
 
 async def not_admitted(client: PoolClient, name: str) -> bool:
-    return not (await client.entry(name, max_age_s=0))["admitted"]
+    return not (await client.entry(name, max_age_s=0)).admitted
 
 
 async def answer_of(response):
@@ -152,14 +152,14 @@ async def busy(client: PoolClient, name: str) -> bool:
 
 async def no_replicas(client: PoolClient, name: str) -> bool:
     entry = await client.entry(name, max_age_s=0)
-    return entry["replicas"]["running"] == entry["replicas"]["starting"] == 0
+    return entry.running == entry.starting == 0
 
 
 async def test_a_keep_hot_model_starts_by_itself_and_stays_up_past_its_idle_timeout(pools, tiny_causal) -> None:
     base = defaults(tiny_causal, num_cpus_per_replica=0.5, idle_timeout_s=2)
     client = pools("keephot", [{"name": "hot", "priority": 2}, {"name": "cold"}], base)
     await wait_for_async(lambda: is_running(client, "hot"), 90, what="the keep-hot model to start without a request")
-    assert (await client.entry("hot"))["last_cold_start"] is not None
+    assert (await client.entry("hot")).last_cold_start is not None
     await generate(client, "hot", ["Write"])
     await generate(client, "cold", ["Write"])
     answered = time.monotonic()
@@ -213,7 +213,7 @@ async def test_scale_to_zero_at_takes_every_model_to_zero_and_they_wake_on_deman
 
 
 async def all_at_zero(client: PoolClient) -> bool:
-    return all(m["state"] == "scaled_to_zero" for m in await client.snapshot(max_age_s=0))
+    return all(m.state == "scaled_to_zero" for m in await client.snapshot(max_age_s=0))
 
 
 async def test_admin_load_use_update_unload_and_the_pool_survives_its_controller_restarting(pools, tiny_causal) -> None:
@@ -248,23 +248,25 @@ async def test_admin_load_use_update_unload_and_the_pool_survives_its_controller
     await wait_for_async(
         lambda: backend_state(backend, "team/extra", "running"), 5, what="the backend to list extra running"
     )
-    with pytest.raises(ApiError) as unknown:
+    with pytest.raises(UnknownModelError) as unknown:  # the pool's error; the routes map it to 404
         await backend.resolve("nope")
-    assert unknown.value.status == 404 and "base, team/extra" in unknown.value.message
+    error = from_exception(unknown.value, "native", retry_after_s=1)
+    assert error.status == 404 and "base, team/extra" in error.message
 
     await controller.update.remote("team/extra", priority=3, max_replicas=1)
     await wait_for_async(lambda: is_running(client, "team/extra"), 30, what="extra to stay up as a keep-hot model")
     # A new controller replica (an upgrade, a crash) finds the same pool in Ray's GCS store.
-    serve.run(PoolController.bind(PoolSettings(pool="admin"), [spec_from_entry({"name": "base"}, base)], base),
-              name="admin", route_prefix=None)  # fmt: skip
-    restored = {m["id"]: m for m in await client.snapshot(max_age_s=0)}
+    specs = [spec_from_entry({"name": "base"}, base)]
+    again = PoolController.bind(PoolSettings(pool="admin"), specs, base, apps=MODEL_APPS)
+    serve.run(again, name="admin", route_prefix=None)
+    restored = {m.name: m for m in await client.snapshot(max_age_s=0)}
     assert set(restored) == {"base", "team/extra"}
-    assert (restored["team/extra"]["priority"], restored["team/extra"]["replicas"]["max"]) == (3, 1)
-    assert restored["team/extra"]["last_cold_start"] is not None
+    assert (restored["team/extra"].priority, restored["team/extra"].max_replicas) == (3, 1)
+    assert restored["team/extra"].last_cold_start is not None
 
     result = await controller.unload.remote("team/extra", wait_s=60)
     assert result == {"id": "team/extra", "unloaded": True}
     wait_for(lambda: "team--extra" not in serve.status().applications, 30, what="extra's application to be deleted")
-    assert [m["id"] for m in await client.snapshot(max_age_s=0)] == ["base"]
+    assert [m.name for m in await client.snapshot(max_age_s=0)] == ["base"]
     with pytest.raises(UnknownModelError, match="served models: base"):
         await client.acquire("team/extra", timeout_s=1)

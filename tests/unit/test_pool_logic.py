@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.pool.errors import ModelValidationError
-from serving.pool.logic import ModelState, PoolLogic, Seen
+from serving.pool.logic import PoolLogic, PoolModel, Seen
 from serving.pool.spec import ModelSpec
 
 CPU1 = {"CPU": 1.0}
@@ -15,7 +15,7 @@ GPU1 = {"CPU": 1.0, "GPU": 1.0}
 def pool(*models: tuple[str, int], grace: float = 10.0, resources=CPU1, **spec) -> PoolLogic:
     logic = PoolLogic(keep_hot_priority=2, eviction_grace_s=grace)
     for name, priority in models:
-        logic.add(ModelState(ModelSpec(name, f"/m/{name}", priority=priority, resources=resources, **spec)))
+        logic.add(PoolModel(ModelSpec(name, f"/m/{name}", priority=priority, resources=resources, **spec)))
     return logic
 
 
@@ -94,7 +94,7 @@ def test_keep_hot_models_are_never_victims_even_for_a_higher_priority() -> None:
 
 def test_no_eviction_when_the_eligible_models_cannot_make_room() -> None:
     logic = pool(("cpu-model", 0))
-    logic.add(ModelState(ModelSpec("gpu-model", "/m/g", priority=1, resources=GPU1)))
+    logic.add(PoolModel(ModelSpec("gpu-model", "/m/g", priority=1, resources=GPU1)))
     logic.observe("cpu-model", Seen(running=1))
     logic.observe("gpu-model", Seen(starting=1))
     assert wait_past_grace(logic, free={"CPU": 0.0, "GPU": 0.0}).evicted == []
@@ -194,5 +194,5 @@ def test_records_round_trip() -> None:
     logic = pool(("m", 1))
     state = logic.models["m"]
     state.evicted, state.drain = True, "evict"
-    again = ModelState.from_record(state.record())
+    again = PoolModel.from_record(state.record())
     assert again.record() == state.record() and again.spec == state.spec
