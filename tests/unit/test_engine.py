@@ -116,12 +116,17 @@ def test_completion_is_the_generated_text_only(causal: TextGenerator) -> None:
     [completion] = run(causal, [PROMPTS[1]], [GREEDY])
     assert not completion.text.startswith(PROMPTS[1])
     assert completion.prompt_tokens == len(causal.encode([PROMPTS[1]], GREEDY)[0])
-    assert completion.completion_tokens == 12 or completion.finish_reason == "stop"
     ids = causal.encode([PROMPTS[1]], GREEDY)[0]
     full = causal.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=causal.pad_id)[
         0
     ].tolist()
     assert completion.text == causal.tokenizer.decode(full[len(ids) :], skip_special_tokens=True)
+    # transformers' greedy answer counts the tokens: up to and with its end of text, if it draws one.
+    generated = full[len(ids) :]
+    eos = causal.tokenizer.eos_token_id
+    drawn = generated[: generated.index(eos) + 1] if eos in generated else generated
+    assert completion.completion_tokens == len(drawn), (completion, generated)
+    assert completion.finish_reason == ("stop" if eos in generated else "length"), (completion, generated)
 
 
 def test_stop_string_ends_generation_and_is_cut(causal: TextGenerator) -> None:
@@ -285,8 +290,15 @@ def test_logprobs_are_the_raw_distribution_of_a_direct_forward_pass(causal: Text
         assert [t.token for t in entry.top] == [causal.texts.get(i)[0] for i in top_ids.tolist()]
         if not sampled:
             assert entry.top[0].token == entry.token  # greedy takes the most likely token
+    # The entries' bytes are the text. An answer that drew its end of text has that token's entry last,
+    # and the text leaves it out; an answer cut at the limit has one entry per token of it.
+    if completion.finish_reason == "stop":
+        assert steps[-1].token == causal.tokenizer.eos_token, steps[-1]
+        steps = steps[:-1]
+    else:
+        assert completion.finish_reason == "length" and len(steps) == params.max_new_tokens, completion
     text_bytes = b"".join(bytes(entry.bytes) for entry in steps)
-    assert text_bytes.decode("utf-8", errors="replace") == completion.text or completion.finish_reason == "stop"
+    assert text_bytes.decode("utf-8", errors="replace") == completion.text
 
 
 def _chosen_ids(engine: TextGenerator, steps) -> list[int]:
