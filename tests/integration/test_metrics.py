@@ -43,6 +43,11 @@ def service(port: int, tiny_causal: Path) -> Service:
             "MAX_REPLICAS": "1",
             "MAX_NEW_TOKENS": "6",
             "CHAT_TEMPLATE": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}",
+            # No warm pool: the wake-up is a full cold start, in a process of its own. With one, the replica
+            # lands in a warm worker whenever the worker's imports end before the first request arrives
+            # (which comes first depends on how busy the machine is), and a warm worker has no process
+            # start to observe: the test would depend on which of the two came first.
+            "WARM_WORKERS": "0",
         },
     )
 
