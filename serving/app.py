@@ -27,6 +27,7 @@ from serving.api.admin import admin_router
 from serving.api.auth import BEARER, KeyCheck, require
 from serving.api.body import StrictJSONMiddleware
 from serving.api.errors import ApiError, Family, api_error, family_of, from_exception, http_error, invalid
+from serving.api.gate import HeaderGate, guards
 from serving.api.native_schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
 from serving.api.openai import OpenAIDialect
 from serving.api.openai_chat import CHAT
@@ -101,7 +102,10 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
     if settings.admin_api_key is not None:  # without the key the admin API does not exist (404)
         app.include_router(admin_router(backend, KeyCheck([settings.admin_api_key])))  # type: ignore[arg-type]
     app.add_middleware(StrictJSONMiddleware, max_body_bytes=settings.max_body_bytes)
-    # Outermost of ours: it sees every answer, the body checks' refusals included.
+    # Added after (so run before) the body checks: a request without its key never has its body read.
+    admin_keys = KeyCheck([settings.admin_api_key]) if settings.admin_api_key is not None else None
+    app.add_middleware(HeaderGate, rules=guards(keys, admin_keys))
+    # Outermost of ours: it sees every answer, the body checks' and the gate's refusals included.
     app.add_middleware(access.AccessLog, routes=app.router.routes, retry_after_s=settings.retry_after_s)
     calls = Calls(backend, settings)
 

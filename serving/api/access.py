@@ -10,13 +10,19 @@ sent or the client goes away) it logs one line and records ``observability.metri
 
 The request id is Serve's (the proxy takes the client's ``X-Request-Id`` or makes one, puts it in
 the request's headers and returns it as ``X-Request-ID``); the model server receives the same id.
+A client's id is used only when it is 1 to 128 characters of ``[A-Za-z0-9._:-]``: anything else
+(spaces, ``key=value`` pairs, control characters) would write fields of its own into log lines, so
+it is replaced by a new id, everywhere the request goes (its headers, Serve's request context), and
+the replacement is logged (the new id and the length of the old one, never its text).
 Routes are labelled by their template (``/v1/models/{model:path}``) and unknown paths as ``other``,
 so neither a log line nor a metric label carries what a client typed as a path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -33,6 +39,7 @@ logger = logging.getLogger("ray.serve")
 
 SCOPE_KEY = "llm_serve.access"
 CLIENT_GONE = 499  # the status counted for a request whose client left before the answer began
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass
@@ -130,6 +137,36 @@ def _request_id(scope: dict[str, Any]) -> str:
     return header.decode("latin-1") if header else uuid.uuid4().hex
 
 
+def safe_request_id(scope: dict[str, Any]) -> str:
+    """The request's id, replaced (in ``scope`` and Serve's request context) unless it is a safe one."""
+    given = _request_id(scope)
+    if SAFE_REQUEST_ID.fullmatch(given):
+        return given
+    new = uuid.uuid4().hex
+    logger.warning(
+        "replaced a client request id of %d characters outside [A-Za-z0-9._:-]{1,128} with request_id=%s",
+        len(given),
+        new,
+        extra={"request_id": new},
+    )
+    others = [(k, v) for k, v in scope["headers"] if k != b"x-request-id"]
+    scope["headers"] = [*others, (b"x-request-id", new.encode())]
+    _set_serve_request_id(new)
+    return new
+
+
+def _set_serve_request_id(request_id: str) -> None:
+    """Make Serve's request context (its log lines, and the calls this request makes) carry ``request_id``."""
+    try:
+        from ray.serve import context
+    except ImportError:  # pragma: no cover - Ray is always installed where this runs
+        return
+    current = context._serve_request_context.get()
+    if current is None or not dataclasses.is_dataclass(current):  # outside a Serve request (tests)
+        return
+    context._serve_request_context.set(dataclasses.replace(current, request_id=request_id))
+
+
 class AccessLog:
     """ASGI middleware: an :class:`Access` record per request, logged and measured when it ends.
 
@@ -146,7 +183,7 @@ class AccessLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        record = scope[SCOPE_KEY] = Access(_request_id(scope), self._route(scope))
+        record = scope[SCOPE_KEY] = Access(safe_request_id(scope), self._route(scope))
 
         async def watch(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":

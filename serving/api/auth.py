@@ -64,16 +64,23 @@ def require(check: KeyCheck, what: str = "API key", setting: str = "API_KEY") ->
     """A dependency that lets a request through only with a key ``check`` accepts."""
 
     async def dependency(request: Request) -> None:
-        if not check.required:
-            return
-        token = bearer_token(request)
-        if token is None:
-            raise _unauthorized(f"missing {what}: send the header `Authorization: Bearer <key>` ({setting})")
-        if not check.accepts(token):
-            raise _unauthorized(f"invalid {what}: the key sent is not one of this service's keys ({setting})")
+        error = key_error(check, bearer_token(request), what, setting)
+        if error is not None:
+            raise error
 
     return dependency
 
 
-def _unauthorized(message: str) -> ApiError:
+def key_error(check: KeyCheck, token: str | None, what: str = "API key", setting: str = "API_KEY") -> ApiError | None:
+    """The 401 for a request that presented ``token`` (None: no key), or None when ``check`` lets it in."""
+    if not check.required:
+        return None
+    if token is None:
+        return unauthorized(f"missing {what}: send the header `Authorization: Bearer <key>` ({setting})")
+    if not check.accepts(token):
+        return unauthorized(f"invalid {what}: the key sent is not one of this service's keys ({setting})")
+    return None
+
+
+def unauthorized(message: str) -> ApiError:
     return api_error("unauthorized", message, headers={"WWW-Authenticate": "Bearer"})

@@ -89,9 +89,10 @@ def test_a_stream_is_logged_when_it_ends_with_time_to_first_token(settings, sink
         ("POST", "/generate", {"prompt": "a"}, {}, 401, "/generate"),
         ("POST", "/v1/completions", {"model": "nope", "prompt": "a"}, {"Authorization": f"Bearer {KEY}"}, 404,
          "/v1/completions"),
-        ("POST", "/v1/chat/completions", {"model": "tiny", "messages": "x" * 3000}, {}, 413, "/v1/chat/completions"),
+        ("POST", "/v1/chat/completions", {"model": "tiny", "messages": "x" * 3000}, {"Authorization": f"Bearer {KEY}"},
+         413, "/v1/chat/completions"),
         ("POST", "/generate", {"prompt": 5}, {"Authorization": f"Bearer {KEY}"}, 422, "/generate"),
-        ("GET", "/generate", None, {}, 405, "/generate"),
+        ("GET", "/generate", None, {"Authorization": f"Bearer {KEY}"}, 405, "/generate"),
         ("GET", "/no/such%0Apath", None, {}, 404, "other"),
     ],
 )  # fmt: skip

@@ -89,11 +89,12 @@ def test_greedy_request_has_no_invented_seed(settings) -> None:
     assert body["generation_kwargs"]["seed"] is None
 
 
-def test_curl_style_body_without_json_content_type(settings) -> None:
+def test_curl_style_body_without_json_content_type_is_415(settings) -> None:
     response = client_for(settings).post(
         "/generate", content=b'{"prompt": "hi"}', headers={"Content-Type": "application/x-www-form-urlencoded"}
     )
-    assert response.status_code == 200, response.text
+    assert response.status_code == 415, response.text
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
 
 
 BAD_REQUESTS = [

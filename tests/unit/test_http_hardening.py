@@ -96,10 +96,14 @@ def test_a_body_that_is_not_json_by_type_is_415(client, route, media) -> None:
     assert "application/json" in shape_ok(route, response.json(), 415)
 
 
-def test_json_with_a_charset_and_form_labelled_json_are_read(client) -> None:
-    for media in ("application/json; charset=utf-8", "application/x-www-form-urlencoded", ""):
+def test_json_with_a_charset_is_read_and_form_or_unlabelled_bodies_are_415(client) -> None:
+    response = client.post(
+        "/generate", content=b'{"prompt": "a"}', headers={"Content-Type": "application/json; charset=utf-8"}
+    )
+    assert response.status_code == 200, response.text
+    for media in ("application/x-www-form-urlencoded", "text/json", "application/vnd.api+json", ""):
         response = client.post("/generate", content=b'{"prompt": "a"}', headers={"Content-Type": media})
-        assert response.status_code == 200, (media, response.text)
+        assert response.status_code == 415, (media, response.text)
 
 
 def test_non_ascii_text_passes_intact(settings) -> None:
