@@ -34,7 +34,8 @@ def pool_graph(settings: Settings) -> Application:
         log_level=settings.log_level,
     )
     specs = [spec_of(config) for config in settings.model_configs]
-    return PoolController.bind(pool_settings, specs, model_defaults(settings), apps=MODEL_APPS)
+    controller = PoolController.options(ray_actor_options=settings.control_actor_options())
+    return controller.bind(pool_settings, specs, model_defaults(settings), apps=MODEL_APPS)
 
 
 def build_graph(settings: Settings) -> Application:

@@ -157,6 +157,13 @@ class Settings(BaseSettings, ModelFields):
         "whitespace stripped), none of the API keys. Unset: /admin answers 404.",
     )
 
+    gateway_node_label: str | None = Field(
+        default=None,
+        description="A Ray node label 'key=value': the Gateway and the pool controller (and Serve's task that "
+        "imports the graph, which reads the keys) run only on nodes that have it. On KubeRay, the head pod's label: "
+        "the only pod given the keys. Unset: any node.",
+    )
+
     # --- the model pool ----------------------------------------------------------------------
     keep_hot_priority: int = Field(
         default=2,
@@ -213,6 +220,21 @@ class Settings(BaseSettings, ModelFields):
     def _admin_key(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None else read_admin_key(value)
 
+    @field_validator("gateway_node_label")
+    @classmethod
+    def _node_label(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        key, sep, label = value.strip().partition("=")
+        if not sep or not key or not label:
+            raise ValueError(f"expected 'key=value' (a Ray node label, e.g. 'llm-serve/role=gateway'), got {value!r}")
+        from ray._private.label_utils import validate_label_key, validate_label_value
+
+        if problem := validate_label_key(key):
+            raise ValueError(problem)
+        validate_label_value(label)  # raises ValueError with Ray's wording
+        return f"{key}={label}"
+
     @field_validator("models_file", "api_keys_file")
     @classmethod
     def _readable_file(cls, value: Path | None) -> Path | None:
@@ -261,6 +283,16 @@ class Settings(BaseSettings, ModelFields):
         """The model a request's ``model`` names (served name or MODEL_ID), or None."""
         return next((m for m in self._model_configs if m.accepts(requested)), None)
 
+    def control_actor_options(self) -> dict[str, Any]:
+        """``ray_actor_options`` of the Gateway and the pool controller: no CPU, on GATEWAY_NODE_LABEL's nodes.
+
+        Serve imports the graph (and so reads the keys) on the nodes that every deployment's label
+        selector names, when they all name the same; so the keys are needed only there."""
+        if self.gateway_node_label is None:
+            return {"num_cpus": 0}
+        key, _, value = self.gateway_node_label.partition("=")
+        return {"num_cpus": 0, "label_selector": {key: value}}
+
     def gateway_options(self) -> dict[str, Any]:
         """``Deployment.options()`` for the light HTTP ingress: one replica, no CPU reserved."""
         # The Gateway only awaits the models; it must hold every request they can accept or queue,
@@ -273,7 +305,7 @@ class Settings(BaseSettings, ModelFields):
             "num_replicas": 1,
             # Plus room for models loaded through /admin and for requests waiting at the pool for room.
             "max_ongoing_requests": capacity + ADMIN_HEADROOM,
-            "ray_actor_options": {"num_cpus": 0},
+            "ray_actor_options": self.control_actor_options(),
             "graceful_shutdown_timeout_s": max(m.graceful_shutdown_timeout_s for m in self._model_configs),
             "logging_config": {"log_level": self.log_level},
         }

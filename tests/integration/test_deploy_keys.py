@@ -22,12 +22,16 @@ KEY = "sk-node-env-0123456789"
 def test_a_deployed_config_gets_its_keys_from_the_nodes_environment(tmp_path: Path, tiny_causal: Path) -> None:
     http_port = free_port()
     exported = {"MODEL_ID": str(tiny_causal), "API_KEY": KEY, "HOST": "127.0.0.1", "PORT": str(http_port)}
+    # As on KubeRay: the Gateway and the pool controller (and Serve's import of the graph) only where
+    # the node carries this label, the node that has the keys.
+    exported["GATEWAY_NODE_LABEL"] = "llm-serve/role=gateway"
     config = tmp_path / "serve_config.yaml"
     run_cli([sys.executable, "-m", "deploy.build_config", "-o", str(config)], {**clean_env(), **exported})
     assert KEY not in config.read_text()
 
     node_env = {"PYTHONPATH": str(REPO_ROOT), "API_KEY": KEY}  # what the Secret gives the pods
-    with RayHead(free_port(), dashboard_port=free_port(), env=node_env) as head:
+    labelled = ("--labels=llm-serve/role=gateway",)
+    with RayHead(free_port(), dashboard_port=free_port(), env=node_env, extra_args=labelled) as head:
         cli_env = head.client_env()  # the CLI has no key: it only sends the config
         run_cli([SERVE, "deploy", str(config), "--address", head.dashboard_url], cli_env)
         url = f"http://127.0.0.1:{http_port}"

@@ -181,7 +181,7 @@ def test_the_rayservice_pods_fit_the_replicas_and_autoscaling(rayservice: dict[s
     # Model replicas never land on the head: it offers Ray no CPU; the Gateway and the pool need none.
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     for name in ("Gateway", "PoolController"):
-        assert _deployments(serve_config)[name]["ray_actor_options"] == {"num_cpus": 0.0}
+        assert _deployments(serve_config)[name]["ray_actor_options"]["num_cpus"] == 0.0
     (group,) = cluster["workerGroupSpecs"]
     pod_cpus = float(group["rayStartParams"]["num-cpus"])
     pod_gpus = float(group["rayStartParams"].get("num-gpus", "0"))

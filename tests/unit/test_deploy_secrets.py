@@ -85,14 +85,16 @@ def _containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for group in groups for c in group["template"]["spec"]["containers"]]
 
 
-def test_every_pod_gets_the_keys_from_a_secret_and_none_by_value() -> None:
+def test_the_head_gets_the_keys_from_a_secret_and_none_by_value() -> None:
     manifest = yaml.safe_load(RAYSERVICE.read_text())
-    for container in _containers(manifest):
-        env = {entry["name"]: entry for entry in container["env"]}
-        for name, key, optional in (("API_KEY", "api-key", False), ("ADMIN_API_KEY", "admin-api-key", True)):
-            assert "value" not in env[name], f"{container['name']}: {name} given by value"
-            ref = env[name]["valueFrom"]["secretKeyRef"]
-            assert (ref["name"], ref["key"], ref.get("optional", False)) == ("llm-serve-keys", key, optional)
+    (head,) = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+    env = {entry["name"]: entry for entry in head["env"]}
+    for name, key, optional in (("API_KEY", "api-key", False), ("ADMIN_API_KEY", "admin-api-key", True)):
+        assert "value" not in env[name], f"{head['name']}: {name} given by value"
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"], ref.get("optional", False)) == ("llm-serve-keys", key, optional)
+    for container in _containers(manifest):  # every pod: no key by value
+        assert all("value" not in e for e in container["env"] if e["name"] in ("API_KEY", "ADMIN_API_KEY"))
     serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     env_vars = serve_config["applications"][0]["runtime_env"]["env_vars"]
     assert not {"API_KEY", "ADMIN_API_KEY"} & set(env_vars)
