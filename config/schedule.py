@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
@@ -38,13 +38,35 @@ class DailyTime:
             ) from None
         return cls(time(hour, minute), zone)
 
+    def on(self, day: date) -> datetime:
+        """The instant (UTC) when the zone's clock reads this time on ``day``, its own calendar day.
+
+        Computed in UTC, never by comparing wall clocks: a time that occurs twice (the autumn change)
+        is its first occurrence, and a time that does not occur (the spring change skips it) is the
+        instant the clock jumps past it, as cron does.
+        """
+        zone = ZoneInfo(self.zone)
+        wall = datetime.combine(day, self.at)
+        first = wall.replace(tzinfo=zone, fold=0).astimezone(UTC)  # fold=0: the earlier of two
+        if first.astimezone(zone).replace(tzinfo=None) == wall:
+            return first
+        # Skipped: the jump lies between the wall time read with the offset after it and with the one
+        # before it; find it to the second (offsets change on whole seconds).
+        low, high = wall.replace(tzinfo=zone, fold=1).astimezone(UTC), first
+        while high - low > timedelta(seconds=1):
+            middle = low + (high - low) / 2
+            if middle.astimezone(zone).replace(tzinfo=None) < wall:
+                low = middle
+            else:
+                high = middle
+        return high.replace(microsecond=0)
+
     def next_after(self, moment: datetime) -> datetime:
-        """The first occurrence strictly after ``moment`` (an aware datetime)."""
-        local = moment.astimezone(ZoneInfo(self.zone))
-        candidate = datetime.combine(local.date(), self.at, tzinfo=ZoneInfo(self.zone))
-        if candidate <= local:
-            candidate = datetime.combine(local.date() + timedelta(days=1), self.at, tzinfo=ZoneInfo(self.zone))
-        return candidate
+        """The first occurrence strictly after ``moment`` (an aware datetime), as a UTC instant; one a
+        calendar day of the zone."""
+        today = moment.astimezone(ZoneInfo(self.zone)).date()
+        instant = moment.astimezone(UTC)
+        return next(t for offset in range(-1, 3) if (t := self.on(today + timedelta(days=offset))) > instant)
 
     def __str__(self) -> str:
         return f"{self.at:%H:%M} {self.zone}"

@@ -2,7 +2,8 @@
 
 The daily time itself is ``settings.DailyTime`` (``HH:MM <IANA zone>``, validated with the settings);
 occurrences are on the zone's own calendar, so ``21:00 America/Chicago`` stays 21:00 there across
-daylight-saving changes.
+daylight-saving changes, and each is an instant computed in UTC (``DailyTime.on``): once a calendar day,
+even on the days when the clock repeats or skips an hour.
 """
 
 from __future__ import annotations

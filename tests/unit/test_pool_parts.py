@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import itertools
 import traceback
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -157,3 +158,52 @@ def test_a_pool_refusal_from_the_controller_replica_reads_as_its_own_message(err
     api_error = from_exception(wrapped, "openai", retry_after_s=1)
     assert (api_error.status, api_error.kind) == (status, kind)
     assert api_error.message == str(error) and "pid=" not in api_error.message
+
+
+# The 2026 changes: America/Chicago springs forward on 8 March (02:00 CST -> 03:00 CDT) and falls back on
+# 1 November (02:00 CDT -> 01:00 CST); Europe/Berlin on 29 March (02:00 CET -> 03:00 CEST) and 25 October
+# (03:00 CEST -> 02:00 CET).
+DST_DAYS = [
+    ("America/Chicago", datetime(2026, 3, 8).date()),
+    ("America/Chicago", datetime(2026, 11, 1).date()),
+    ("Europe/Berlin", datetime(2026, 3, 29).date()),
+    ("Europe/Berlin", datetime(2026, 10, 25).date()),
+]
+
+
+@pytest.mark.parametrize(("zone", "day"), DST_DAYS, ids=[f"{z}-{d}" for z, d in DST_DAYS])
+@pytest.mark.parametrize("at", ["00:30", "01:30", "02:00", "02:30", "02:59", "03:00", "21:00"])
+def test_scale_to_zero_at_fires_once_per_calendar_day_across_daylight_saving_changes(zone: str, day, at: str) -> None:
+    """The pool's loop (a tick every minute, as `crossed(daily, previous tick, this tick)`) over the day
+    before, the day of the change and the day after fires exactly once per calendar day, on the first tick
+    whose local clock reads the time or later that day: at the wall time when the day has it once, its
+    first occurrence when the autumn change repeats it, the jump when the spring change skips it."""
+    daily, local = DailyTime.parse(f"{at} {zone}"), ZoneInfo(zone)
+    start = datetime.combine(day - timedelta(days=1), datetime.min.time(), tzinfo=local).astimezone(UTC)
+    end = datetime.combine(day + timedelta(days=2), datetime.min.time(), tzinfo=local).astimezone(UTC)
+    tick = timedelta(minutes=1)
+    ticks = [start + tick * i for i in range(int((end - start) / tick) + 1)]
+    fired = [now for since, now in itertools.pairwise(ticks) if crossed(daily, since, now)]
+
+    expected = {}  # the oracle: scan the local clock's readings, tick by tick
+    for moment in ticks[1:]:
+        wall = moment.astimezone(local)
+        if wall.time() >= daily.at and wall.date() not in expected:
+            expected[wall.date()] = moment
+    assert sorted(expected) == [day - timedelta(days=1), day, day + timedelta(days=1)]
+    assert fired == list(expected.values()), [m.astimezone(local).isoformat() for m in fired]
+
+
+def test_a_repeated_wall_time_fires_at_its_first_occurrence_and_a_skipped_one_at_the_jump() -> None:
+    chicago_back = DailyTime.parse("01:30 America/Chicago").on(datetime(2026, 11, 1).date())
+    assert chicago_back == datetime(2026, 11, 1, 6, 30, tzinfo=UTC)  # 01:30 CDT, not 01:30 CST an hour later
+    chicago_skip = DailyTime.parse("02:30 America/Chicago").on(datetime(2026, 3, 8).date())
+    assert chicago_skip == datetime(2026, 3, 8, 8, 0, tzinfo=UTC)  # 03:00 CDT, the jump
+    berlin_back = DailyTime.parse("02:30 Europe/Berlin").on(datetime(2026, 10, 25).date())
+    assert berlin_back == datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # 02:30 CEST
+    berlin_skip = DailyTime.parse("02:30 Europe/Berlin").on(datetime(2026, 3, 29).date())
+    assert berlin_skip == datetime(2026, 3, 29, 1, 0, tzinfo=UTC)  # 03:00 CEST, the jump
+    # Once a day fired, no tick of the repeated hour fires it again.
+    daily = DailyTime.parse("01:30 America/Chicago")
+    second_pass = datetime(2026, 11, 1, 7, 5, tzinfo=UTC)  # 01:05 CST, the hour's second pass
+    assert not crossed(daily, second_pass, second_pass + timedelta(minutes=40))
