@@ -20,7 +20,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from engine.chat import encode_chat, render_chat
-from engine.continuous import ContinuousBatch, supports
+from engine.continuous import ContinuousBatch, new_cache, supports
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import PromptTooLongError
 from engine.logprobs import TokenTexts
@@ -155,6 +155,8 @@ class TextGenerator:
         # Iteration-level batching where our own loop can drive the model; static batches
         # through generate() otherwise (see engine.continuous).
         self.continuous = config.continuous_batching and supports(model)
+        # Kept between batches: a request to an idle engine reuses the buffers (engine.kvcache).
+        self.slots = new_cache(model) if self.continuous else None
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
@@ -293,7 +295,7 @@ class TextGenerator:
         return Row(item, IncrementalDetokenizer(self.tokenizer, item.params.stop))
 
     def _run_continuous(self, items: list[WorkItem], on_step: OnStep, poll: Poll | None, max_batch_size: int) -> None:
-        batch = ContinuousBatch(self.model, self.pad_id, self.eos_ids, self.texts)
+        batch = ContinuousBatch(self.model, self.pad_id, self.eos_ids, self.texts, self.slots)
         pending = items
         while True:
             if pending:

@@ -60,16 +60,20 @@ class Row:
     def cancelled(self) -> bool:
         return self.item.cancelled
 
-    def advance(self, token: int, eos: Collection[int], logprob: TokenLogprob | None = None) -> Delta:
+    def advance(
+        self, token: int, eos: Collection[int], logprob: TokenLogprob | None = None, limit: bool | None = None
+    ) -> Delta:
         """Append ``token``; the row's delta for it, ending the row when it is done.
 
+        ``limit``: whether the token is an end-of-sequence id or the row's last allowed one, when
+        the caller decided it for the whole batch at once (:func:`ended_rows`); None to check here.
         A row that failed this step (``failure``), or whose detokenizer raises now, ends with an
         ``error`` delta instead: its failure is its own.
         """
         if self.failure is not None:
             return self.fail(self.failure)
         try:
-            return self._advance(token, eos, logprob)
+            return self._advance(token, eos, logprob, limit)
         except Exception as exc:
             return self.fail(exc)
 
@@ -81,14 +85,14 @@ class Row:
             logger.error("row %s of stream %s failed alone", self.item.row, self.item.stream, exc_info=exc)
         return Delta(self.item.row, "", 0, finish_reason=reason, error=type(exc).__name__)
 
-    def _advance(self, token: int, eos: Collection[int], logprob: TokenLogprob | None) -> Delta:
+    def _advance(self, token: int, eos: Collection[int], logprob: TokenLogprob | None, limit: bool | None) -> Delta:
         assert self.detokenizer is not None
         self.generated.append(token)
         text = self.detokenizer.add(token)
         reason: FinishReason | None = None
-        if self.detokenizer.stopped or token in eos:
+        if self.detokenizer.stopped or (limit is not False and token in eos):
             reason = "stop"
-        elif len(self.generated) >= self.params.max_new_tokens:
+        elif limit is not False and len(self.generated) >= self.params.max_new_tokens:
             reason = "length"
         if reason is not None and not self.detokenizer.stopped:
             text += self.detokenizer.flush()
@@ -104,7 +108,7 @@ class Row:
 
 
 def choose(
-    logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torch.Tensor | None], texts: TokenTexts
+    logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torch.Tensor | None] | None, texts: TokenTexts
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """One step's token per row, and its log-probability entry for the rows that asked.
 
@@ -126,7 +130,17 @@ def choose(
     return tokens, entries
 
 
-def pick_isolated(logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torch.Tensor | None]) -> list[int]:
+def ended_rows(tokens: torch.Tensor, rows: Sequence[Row], eos_ids: torch.Tensor) -> torch.Tensor:
+    """Which rows end with this step's ``tokens``: an end-of-sequence id, or their last allowed token.
+
+    Stop strings are the detokenizer's to find (they need text); this is everything else, for the
+    whole batch in two tensor operations.
+    """
+    budget = torch.tensor([row.params.max_new_tokens - len(row.generated) for row in rows], device=tokens.device)
+    return torch.isin(tokens, eos_ids) | (budget <= 1)
+
+
+def pick_isolated(logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torch.Tensor | None] | None) -> list[int]:
     """:func:`pick_tokens` for the batch, such that a row that fails fails alone.
 
     Rows with non-finite scores get ``failure`` and are left out. If the batched pick raises,
@@ -145,14 +159,22 @@ def pick_isolated(logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torc
     # pick_tokens changes its input in place; keep the scores as they were for a row-by-row retry.
     work = logits[good] if bad or any(_penalised(r.params) for r in ok_rows) else logits
     try:
-        for i, token in zip(good, pick_tokens(work, ok_rows, [seen[i] for i in good], draws).tolist(), strict=True):
+        for i, token in zip(
+            good,
+            pick_tokens(work, ok_rows, None if seen is None else [seen[i] for i in good], draws).tolist(),
+            strict=True,
+        ):
             tokens[i] = token
         return tokens
     except Exception:
         logger.warning("sampling failed for a batch of %d rows; picking row by row to find the one at fault", len(good))
     for j, i in enumerate(good):
         try:
-            tokens[i] = int(pick_tokens(logits[i : i + 1].clone(), [rows[i]], [seen[i]], draws[j : j + 1])[0])
+            tokens[i] = int(
+                pick_tokens(
+                    logits[i : i + 1].clone(), [rows[i]], None if seen is None else [seen[i]], draws[j : j + 1]
+                )[0]
+            )
         except Exception as exc:
             rows[i].failure = exc
     return tokens
@@ -160,6 +182,8 @@ def pick_isolated(logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torc
 
 def _non_finite_rows(logits: torch.Tensor) -> set[int]:
     """Rows whose scores hold NaN or +inf, or are all -inf: nothing sensible can be sampled."""
+    if bool(logits.sum(dim=-1).isfinite().all()):  # one reduction: the usual case, every row fine
+        return set()
     broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
     return set(broken.nonzero().flatten().tolist()) if bool(broken.any()) else set()
 
@@ -176,24 +200,31 @@ def _draws(rows: Sequence[Row]) -> torch.Tensor:
 def pick_tokens(
     logits: torch.Tensor,
     rows: Sequence[Row],
-    seen: Sequence[torch.Tensor | None],
+    seen: Sequence[torch.Tensor | None] | None = None,
     draws: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token of each row: greedy rows take the argmax, sampling rows sample with their settings.
 
-    ``seen[i]`` holds the tokens row ``i`` has seen (prompt and output), needed only for rows with a
-    repetition penalty; presence and frequency penalties count the row's own output only (as
-    OpenAI defines them). ``logits`` (rows x vocab, float32) may be modified in place. ``draws``
+    ``seen[i]`` holds the tokens row ``i`` has seen (prompt and output) for rows with a repetition
+    penalty (default: the row's prompt and output); presence and frequency penalties count the
+    row's own output only (as OpenAI defines them). Penalties go to all the rows that ask at once,
+    one scatter each. ``logits`` (rows x vocab, float32) may be modified in place. ``draws``
     (one uniform per row, :func:`_draws`) are taken here when not given.
     """
     if draws is None:
         draws = _draws(rows)
-    for i, row in enumerate(rows):
-        params = row.params
-        if params.repetition_penalty != 1.0 and seen[i] is not None:
-            _apply_repetition_penalty(logits[i], seen[i], params.repetition_penalty)
-        if (params.presence_penalty or params.frequency_penalty) and row.generated:
-            _apply_presence_frequency(logits[i], row.generated, params.presence_penalty, params.frequency_penalty)
+    repeat = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if repeat:
+        ids = [seen[i] if seen is not None and seen[i] is not None else _seen(rows[i]) for i in repeat]
+        penalty = [rows[i].params.repetition_penalty for i in repeat]
+        _repetition_penalties(logits, repeat, ids, penalty)
+    counted = [
+        i
+        for i, row in enumerate(rows)
+        if (row.params.presence_penalty or row.params.frequency_penalty) and row.generated
+    ]
+    if counted:
+        _presence_frequency_penalties(logits, counted, [rows[i] for i in counted])
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled:
@@ -288,17 +319,47 @@ def _needs_sampler(params: SamplingParams) -> bool:
     )
 
 
-def _apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
-    """CTRL-style penalty (as transformers applies it) on the tokens this row has seen, in place."""
-    seen = seen.to(scores.device).unique()
-    picked = scores.gather(0, seen)
-    scores.scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+def _seen(row: Row) -> torch.Tensor:
+    return torch.tensor(row.prompt_ids + row.generated, dtype=torch.long)
 
 
-def _apply_presence_frequency(scores: torch.Tensor, generated: list[int], presence: float, frequency: float) -> None:
+def _padded(sequences: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequences`` as one [rows, longest] tensor (padded with each row's first id) and where it is real."""
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    real = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = seq
+        ids[i, len(seq) :] = seq[0] if len(seq) else 0
+        real[i, : len(seq)] = True
+    return ids.to(device), real.to(device)
+
+
+def _repetition_penalties(
+    logits: torch.Tensor, index: list[int], seen: Sequence[torch.Tensor], penalty: Sequence[float]
+) -> None:
+    """CTRL-style penalty (as transformers applies it) on each listed row's seen tokens, in place.
+
+    A padded id repeats a real one, so gathering and scattering it back writes the same value.
+    """
+    ids, _ = _padded([s.to(torch.long).cpu() for s in seen], logits.device)
+    where = torch.tensor(index, device=logits.device)
+    factor = torch.tensor(penalty, device=logits.device, dtype=logits.dtype)[:, None]
+    scores = logits[where]
+    picked = scores.gather(1, ids)
+    scores.scatter_(1, ids, torch.where(picked < 0, picked * factor, picked / factor))
+    logits[where] = scores
+
+
+def _presence_frequency_penalties(logits: torch.Tensor, index: list[int], rows: Sequence[Row]) -> None:
     """OpenAI's penalties, in place: ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]``."""
-    ids, counts = torch.tensor(generated, device=scores.device).unique(return_counts=True)
-    scores.index_add_(0, ids, -(presence + frequency * counts.to(scores.dtype)))
+    ids, real = _padded([torch.tensor(row.generated, dtype=torch.long) for row in rows], logits.device)
+    counts = torch.zeros((len(rows), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, ids, real.to(logits.dtype))
+    presence = torch.tensor([r.params.presence_penalty for r in rows], device=logits.device, dtype=logits.dtype)
+    frequency = torch.tensor([r.params.frequency_penalty for r in rows], device=logits.device, dtype=logits.dtype)
+    where = torch.tensor(index, device=logits.device)
+    logits[where] -= presence[:, None] * (counts > 0) + frequency[:, None] * counts
 
 
 def _sample_rows(logits: torch.Tensor, rows: Sequence[Row], draws: torch.Tensor | None = None) -> torch.Tensor:

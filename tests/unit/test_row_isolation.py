@@ -86,14 +86,14 @@ def test_a_row_whose_sampling_raises_fails_alone_and_seeded_neighbours_draw_noth
     ids = ids_of(causal, PROMPTS)
     hostile = replace(SEEDED, presence_penalty=1.5, seed=99)
     alone = [solo(causal, i, SEEDED) for i in ids[:2]]
-    apply = sampling._apply_presence_frequency
+    apply = sampling._presence_frequency_penalties
 
-    def flaky(scores, generated, presence, frequency):
-        if presence == 1.5:
+    def flaky(logits, index, rows):
+        if any(row.params.presence_penalty == 1.5 for row in rows):
             raise RuntimeError("sampling failed for this row")
-        apply(scores, generated, presence, frequency)
+        apply(logits, index, rows)
 
-    monkeypatch.setattr(sampling, "_apply_presence_frequency", flaky)
+    monkeypatch.setattr(sampling, "_presence_frequency_penalties", flaky)
     together = causal.generate(ids, [SEEDED, SEEDED, hostile])
     # The hostile row fails at its second step (it has output to penalise then), after the batch
     # had drawn its uniforms: the row-by-row retry reuses them, so the seeded rows match.

@@ -6,7 +6,14 @@ from collections import Counter
 
 import torch
 
-from engine.sampling import Row, _apply_presence_frequency, _apply_repetition_penalty, _sample_rows, pick_tokens
+from engine.sampling import (
+    Row,
+    _presence_frequency_penalties,
+    _repetition_penalties,
+    _sample_rows,
+    ended_rows,
+    pick_tokens,
+)
 from engine.types import SamplingParams
 from engine.work import WorkItem
 
@@ -47,28 +54,38 @@ def test_sampling_follows_the_distribution() -> None:
     assert torch.allclose(freq, probs, atol=0.05)
 
 
-def test_repetition_penalty_matches_transformers() -> None:
+def test_repetition_penalty_matches_transformers_row_by_row_in_one_batch() -> None:
     from transformers import RepetitionPenaltyLogitsProcessor
 
-    scores = torch.randn(1, 20)
-    seen = torch.tensor([[3, 5, 5, 7]])
-    expected = RepetitionPenaltyLogitsProcessor(1.3)(seen, scores.clone())
+    scores = torch.randn(3, 20)
+    seen = [torch.tensor([3, 5, 5, 7]), torch.tensor([1]), torch.tensor([0, 19, 2])]
+    penalty = [1.3, 2.0, 0.7]
     ours = scores.clone()
-    _apply_repetition_penalty(ours[0], seen[0], 1.3)
-    assert torch.allclose(ours, expected)
+    _repetition_penalties(ours, [0, 1, 2], seen, penalty)
+    for i in range(3):
+        expected = RepetitionPenaltyLogitsProcessor(penalty[i])(seen[i][None], scores[i : i + 1].clone())
+        assert torch.allclose(ours[i : i + 1], expected)
 
 
 def test_presence_and_frequency_penalties_follow_openai_formula() -> None:
-    scores = torch.randn(20)
-    generated = [3, 5, 5, 7, 5, 19]
+    scores = torch.randn(2, 20)
+    generated = [[3, 5, 5, 7, 5, 19], [2]]
     ours = scores.clone()
-    _apply_presence_frequency(ours, generated, presence=0.6, frequency=0.25)
-    counts = Counter(generated)
-    expected = scores.clone()
-    for token in range(20):
-        expected[token] -= 0.6 * (counts[token] > 0) + 0.25 * counts[token]
-    assert torch.allclose(ours, expected)
-    assert ours[0] == scores[0]  # a token never generated is untouched
+    penalised = [row(SamplingParams(1, presence_penalty=0.6, frequency_penalty=0.25), generated=g) for g in generated]
+    _presence_frequency_penalties(ours, [0, 1], penalised)
+    for i, tokens in enumerate(generated):
+        counts = Counter(tokens)
+        expected = scores[i].clone()
+        for token in range(20):
+            expected[token] -= 0.6 * (counts[token] > 0) + 0.25 * counts[token]
+        assert torch.allclose(ours[i], expected)
+    assert ours[0, 0] == scores[0, 0]  # a token never generated is untouched
+
+
+def test_rows_end_on_an_eos_id_or_their_last_allowed_token() -> None:
+    rows = [row(SamplingParams(3), generated=[1, 1]), row(SamplingParams(3)), row(SamplingParams(3))]
+    tokens = torch.tensor([4, 9, 4])
+    assert ended_rows(tokens, rows, torch.tensor([9])).tolist() == [True, True, False]
 
 
 def test_penalties_apply_per_row_over_that_rows_own_output() -> None:

@@ -1,0 +1,114 @@
+"""The in-place key/value cache: answers equal the model's own ``generate``, slots stay in place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from engine.kvcache import SlotCache
+from engine.model import EngineConfig, TextGenerator
+from engine.types import Delta, SamplingParams, collect
+from engine.work import WorkItem
+
+PROMPTS = [
+    "Return the number",
+    "The socket module provides access to the BSD socket interface and",
+    "Raise",
+    "A Ray Serve deployment scales between",
+    "x",
+]
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def pair(request: pytest.FixtureRequest, tiny_causal: Path) -> tuple[TextGenerator, torch.nn.Module]:
+    """The engine and, loaded on its own, the same checkpoint as transformers gives it (the reference)."""
+    engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1, dtype=request.param))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_causal, dtype=getattr(torch, request.param)).eval()
+    return engine, reference
+
+
+def reference_text(engine: TextGenerator, reference: torch.nn.Module, ids: list[int], new: int) -> tuple[str, int]:
+    """Greedy text and token count from transformers' own ``generate`` on one prompt."""
+    with torch.inference_mode():
+        out = reference.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=engine.pad_id,
+        )[0, len(ids) :].tolist()
+    return engine.tokenizer.decode(out, skip_special_tokens=True), len(out)
+
+
+def test_greedy_equals_generate_alone_and_joined_mid_batch(pair) -> None:
+    engine, reference = pair
+    params = SamplingParams(max_new_tokens=24)
+    ids = [engine.encode([p], params)[0] for p in PROMPTS]
+    expected = [reference_text(engine, reference, i, 24) for i in ids]
+    alone = [engine.generate([i], params)[0] for i in ids]
+    assert [(c.text, c.completion_tokens) for c in alone] == expected
+    # Joined one by one at different steps, so rows of different lengths share every step.
+    items = [WorkItem(stream=0, row=i, prompt_ids=p, params=params) for i, p in enumerate(ids)]
+    joins = {2: [items[1]], 5: [items[2], items[3]], 9: [items[4]]}
+    polls = 0
+
+    def poll(free: int) -> list[WorkItem]:
+        nonlocal polls
+        polls += 1
+        return joins.get(polls, [])
+
+    events: list[tuple[WorkItem, Delta]] = []
+    engine.run(items[:1], events.extend, poll=poll, max_batch_size=8)
+    joined = collect((d for _, d in events), len(items), [len(i) for i in ids])
+    assert [(c.text, c.completion_tokens) for c in joined] == expected
+
+
+def test_rows_leaving_out_of_order_keep_the_others_answers(pair) -> None:
+    engine, reference = pair
+    lengths = [3, 17, 1, 9, 24]  # rows end at different steps, slots are refilled from the back
+    ids = [engine.encode([p], SamplingParams(max_new_tokens=24))[0] for p in PROMPTS]
+    params = [SamplingParams(max_new_tokens=n) for n in lengths]
+    got = engine.generate(ids, params)
+    for completion, prompt, n in zip(got, ids, lengths, strict=True):
+        assert (completion.text, completion.completion_tokens) == reference_text(engine, reference, prompt, n)
+
+
+def test_buffers_are_kept_between_batches_and_grow_only_when_a_row_outgrows_them(tiny_causal: Path) -> None:
+    engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1))
+    cache = engine.slots
+    assert cache is not None
+    [ids] = engine.encode(["Return"], SamplingParams(max_new_tokens=4))
+    engine.generate([ids], SamplingParams(max_new_tokens=4))
+    first = cache.slot_layers[0].keys
+    assert first is not None and cache.capacity == 64
+    engine.generate([ids], SamplingParams(max_new_tokens=4))
+    assert cache.slot_layers[0].keys is first  # same buffer: no allocation for the next request
+    long = engine.generate([ids], SamplingParams(max_new_tokens=100, stop=()))[0]
+    assert cache.capacity == 128 and long.completion_tokens > 0
+    assert (
+        engine.generate([ids], SamplingParams(max_new_tokens=4))[0].text
+        == engine.generate([ids], SamplingParams(max_new_tokens=4))[0].text
+    )
+
+
+def test_a_step_writes_one_entry_per_row_at_its_own_position() -> None:
+    prefill = DynamicCache()
+    keys = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).reshape(2, 1, 3, 2)
+    prefill.update(keys, -keys, 0)
+    cache = SlotCache(num_layers=1)
+    cache.reserve(2, 3, like=prefill)
+    cache.load(0, prefill, source_row=0, start=1, length=2)  # left-padded prompt of 2 tokens
+    cache.load(1, prefill, source_row=1, start=0, length=3)
+    mask, positions = cache.begin_step(2, torch.float32, additive=False)
+    assert positions.tolist() == [2, 3] and mask[:, 0, 0].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    new = torch.full((2, 1, 1, 2), 100.0)
+    k, _ = cache.update(new, new, 0)
+    cache.end_step(2)
+    assert k.shape == (2, 1, 4, 2)
+    assert k[0, 0, :3].tolist() == [[2, 3], [4, 5], [100, 100]]
+    assert k[1, 0].tolist() == [[6, 7], [8, 9], [10, 11], [100, 100]]
+    cache.move(1, 0)  # the last row fills the hole of a row that left
+    assert cache.host_lengths[:2] == [4, 0] and cache.slot_layers[0].keys[0, 0, 3].tolist() == [100, 100]
