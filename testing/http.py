@@ -1,8 +1,11 @@
-"""HTTP probes that never raise: a free port, a status code, a JSON body (None when not reachable)."""
+"""HTTP probes that never raise (a free port, a status code, a JSON body: None when not reachable), and an ASGI
+app served on a local port."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -43,3 +46,25 @@ def post_ok(url: str, body: dict[str, Any], timeout: float = 300) -> bool:
         return httpx.post(url, json=body, timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@contextmanager
+def serve_asgi(app: Any, port: int | None = None) -> Iterator[str]:
+    """Run the ASGI ``app`` with uvicorn on 127.0.0.1 (a free port by default) in a thread; yields its URL."""
+    import threading
+
+    import uvicorn
+
+    from testing.polling import wait_for
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, name=f"asgi-{port}", daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), timeout=20, interval=0.05, what=f"uvicorn on {port}")
+    assert server.started, f"the app did not start on port {port}"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

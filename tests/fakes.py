@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from engine.types import (
     collect,
 )
 from serving.backend import ModelStatus, resolve_model
+from serving.models import ModelState
+from serving.pool.progress import PHASES, ColdStartBoard
 from settings import ModelConfig, Settings
 
 
@@ -118,4 +121,129 @@ class FakeBackend:
             max_replicas=model.max_replicas,
             priority=model.priority,
             waking=waking,
+        )
+
+
+# Words with characters of 2, 3 and 4 bytes in UTF-8, so that pieces of text carry multi-byte characters.
+TEXT = (
+    "The replica loads its weights, warms up, and answers token by token; a café → a naïve "
+    "docstring returns the value 𝑥 and the socket module provides access to the interface."
+)
+WORDS = TEXT.split()
+
+
+@dataclass
+class WakingBackend(FakeBackend):
+    """A :class:`FakeBackend` whose model answers like a slow one and wakes from zero like a real one.
+
+    It writes one word per token, ``token_delay_s`` apart, for the ``max_tokens`` asked (finish reason
+    ``length``). At zero (``scale_to_zero()``), the first request starts a replica that goes through the
+    cold-start phases ``phase_s`` each and reports them to the pool's own :class:`ColdStartBoard`, so that
+    ``waking`` and ``last_cold_start`` in the listings have the service's real shape; every request waits
+    for that one start. ``fail_next`` and ``break_next`` make the next call fail before its first token or
+    after some; ``cancelled`` counts the streams the HTTP layer closed before their end (a client left).
+
+    >>> from engine.types import SamplingParams
+    >>> from settings import build_settings
+    >>> backend = WakingBackend(build_settings({"MODEL_ID": "org/m"}), phase_s=0, token_delay_s=0)
+    >>> model = backend.settings.model_configs[0]
+    >>> backend.scale_to_zero()
+    >>> async def ask() -> list:
+    ...     request = GenerationRequest("t", SamplingParams(max_new_tokens=3), prompts=("Hi",))
+    ...     return [item async for item in backend.stream(model, request)]
+    >>> started, *tokens = asyncio.run(ask())
+    >>> "".join(d.text for step in tokens for d in step), tokens[-1][0].finish_reason
+    (' and the socket', 'length')
+    >>> status = asyncio.run(backend.status(model))
+    >>> status.state, list(status.last_cold_start["phases"])  # doctest: +NORMALIZE_WHITESPACE
+    (<ModelState.RUNNING: 'running'>,
+     ['process_start_s', 'imports_s', 'model_code_s', 'weights_s', 'warmup_s', 'first_generation_s'])
+    """
+
+    token_delay_s: float = 0.05
+    phase_s: float = 0.7
+    cancelled: int = 0
+    board: ColdStartBoard = field(default_factory=ColdStartBoard)
+    _failure: BaseException | None = None
+    _break: tuple[int, BaseException] | None = None
+    _wake: asyncio.Task | None = None
+    _replica: str = "fake-replica-0"
+    _first_generation: float | None = None  # when the woken replica's first request began, until it answers
+
+    def scale_to_zero(self) -> None:
+        """The model's replica goes away (its idle timeout passed)."""
+        self.state = "scaled_to_zero"
+        self._wake = None
+        self.board.observe(self.settings.model_configs[0].name, starting=0, running=0, now=time.time())
+
+    def fail_next(self, error: BaseException) -> None:
+        """The next call raises ``error`` before its first token."""
+        self._failure = error
+
+    def break_next(self, after_tokens: int, error: BaseException) -> None:
+        """The next stream sends ``after_tokens`` tokens, then raises ``error``."""
+        self._break = (after_tokens, error)
+
+    async def stream(self, model: ModelConfig, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        self.calls.append(request)
+        failure, self._failure = self._failure, None
+        broken, self._break = self._break, None
+        try:
+            if failure is not None:
+                raise failure
+            if self.state != "running":
+                await self._woken(model)
+            prompts = request.prompts or ("".join(m.content for m in request.messages),)
+            yield Started(self._replica, tuple(len(p) for p in prompts), queue_s=0.0)
+            limit = request.params.max_new_tokens
+            start = sum(map(ord, prompts[0])) % len(WORDS)
+            for index in range(limit):
+                if broken is not None and index == broken[0]:
+                    raise broken[1]
+                await asyncio.sleep(self.token_delay_s)
+                self._first_token(model)
+                word = " " + WORDS[(start + index) % len(WORDS)]
+                finish = "length" if index + 1 == limit else None
+                yield tuple(Delta(row, word, 1, (), finish_reason=finish) for row in range(request.rows))
+            self.finished += 1
+        except (GeneratorExit, asyncio.CancelledError):
+            self.cancelled += 1
+            raise
+        finally:
+            self.closed += 1
+
+    async def _woken(self, model: ModelConfig) -> None:
+        """Wait for the model's replica, starting it (once, however many requests wait)."""
+        if self._wake is None or self._wake.done():
+            self._wake = asyncio.get_running_loop().create_task(self._start_replica(model))
+        await asyncio.shield(self._wake)
+
+    async def _start_replica(self, model: ModelConfig) -> None:
+        self.state = "starting"
+        self._replica = f"fake-replica-{time.monotonic_ns()}"
+        self.board.observe(model.name, starting=1, running=0, now=time.time())
+        for phase in PHASES[:-1]:  # first_generation ends with the first answer
+            await asyncio.sleep(self.phase_s)
+            self.board.report(model.name, self._replica, phase, self.phase_s, at=time.time())
+        self.state = "running"
+        self._first_generation = time.monotonic()
+
+    def _first_token(self, model: ModelConfig) -> None:
+        if self._first_generation is not None:
+            seconds, self._first_generation = time.monotonic() - self._first_generation, None
+            self.board.report(model.name, self._replica, "first_generation", seconds, at=time.time())
+
+    async def status(self, model: ModelConfig) -> ModelStatus:
+        running, starting = int(self.state == "running"), int(self.state == "starting")
+        return ModelStatus(
+            name=model.name,
+            model_id=model.model_id,
+            state=ModelState(self.state),
+            running=running,
+            starting=starting,
+            min_replicas=model.min_replicas,
+            max_replicas=model.max_replicas,
+            priority=model.priority,
+            last_cold_start=self.board.last_cold_start(model.name),
+            waking=self.board.waking(model.name, starting=starting, running=running, now=time.time()),
         )

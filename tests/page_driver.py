@@ -1,6 +1,6 @@
 """Drive the playground page in a browser: the services it is tested against, and what a person does on it.
 
-``Target`` is a service the page can be tested against (the stub of tests/page_stub.py, or the real graph);
+``Target`` is a service the page can be tested against (the service's app with a fake backend, or the real graph);
 ``probe_live`` finds which parts of the API contract a live service has, so that a test needing one it lacks
 skips and says which. ``Page`` clicks, types and reads the page the way a person does.
 """
@@ -32,7 +32,7 @@ class Target:
     api_key: str
     make_cold: Callable[[], None]  # returns once /v1/models says the model is at zero
     cancelled_streams: Callable[[], int] | None  # what the server saw; None where it cannot tell
-    stub: Any = None
+    fake: Any = None  # the fake backend (tests.fakes.WakingBackend) when the target is the app without Ray
     lacks: dict[str, str] = field(default_factory=dict)  # feature -> what the probe saw
 
     @property

@@ -1,8 +1,9 @@
 """The playground page in a real browser (headless Chromium driven by Selenium).
 
-Every test runs against each target of the ``target`` fixture: ``stub`` (tests/page_stub.py, the API contract
-with a fake slow model, no Ray) and ``live`` (the real graph on Ray Serve with a tiny checkpoint). A target that
-cannot run says why and is skipped; a missing browser skips, or fails when ``CI=true``.
+Every test runs against each target of the ``target`` fixture: ``fake`` (the service's own app, ``create_app``,
+served by uvicorn with the fake backend of tests/fakes.py: a slow model that wakes from zero, no Ray) and ``live``
+(the real graph on Ray Serve with a tiny checkpoint). A feature the live service lacks (``probe_live``) skips the
+tests that need it and says which; a missing browser skips, or fails when ``CI=true``.
 
 ``PAGE_SCREENSHOTS=DIR`` copies the screenshots the tests take into DIR (the README's come from there);
 ``PAGE_LIVE_MODEL=PATH`` has the live target serve that checkpoint instead of the tiny random one.
@@ -12,20 +13,37 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ray.serve.exceptions import BackPressureError
 
-from testing.http import free_port
-from testing.polling import wait_for
+from serving.api.errors import ApiError, from_exception
+from serving.app import create_app
+from serving.pool.errors import ModelUnavailableError, UnknownModelError
+from settings import Settings, build_settings
+from testing.http import serve_asgi
+from testing.polling import holds_for, wait_for
 from tests.browser import Browser, find_browser, network_events, save_screenshot, start_chromium, stop_chromium
+from tests.fakes import WakingBackend
 from tests.page_driver import API_KEY, Page, Target, probe_live
-from tests.page_stub import StubService, serve_stub
 
 WRONG_KEY = "not-the-key"
+FAKE_MODEL = "page-model"
+
+
+def fake_settings(auth: bool = True) -> Settings:
+    """The fake target's settings: the service's own limits, a quicker heartbeat, and a key unless ``auth`` is off."""
+    env = {
+        "MODEL_ID": "org/page-model",  # never loaded: the fake backend answers
+        "SERVED_MODEL_NAME": FAKE_MODEL,
+        "MAX_PROMPT_CHARS": "4000",
+        "STREAM_HEARTBEAT_S": "1",
+        "RETRY_AFTER_S": "3",
+    }
+    return build_settings(env | ({"API_KEY": API_KEY} if auth else {}))
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -43,25 +61,26 @@ def browser() -> Browser:
     return found
 
 
-@pytest.fixture(scope="module", params=["stub", "live"])
+@pytest.fixture(scope="module", params=["fake", "live"])
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
-    if request.param == "stub":
-        yield from _stub_target()
+    if request.param == "fake":
+        yield from _fake_target()
     else:
         yield _live_target(request)
 
 
-def _stub_target() -> Iterator[Target]:
-    stub = StubService(api_key=API_KEY, token_delay_s=0.05, phase_s=0.7, comment_every_s=1.0)
-    with serve_stub(stub, free_port()) as url:
+def _fake_target() -> Iterator[Target]:
+    settings = fake_settings()
+    backend = WakingBackend(settings, token_delay_s=0.05, phase_s=0.7)
+    with serve_asgi(create_app(backend, settings)) as url:
         yield Target(
-            name="stub",
+            name="fake",
             url=url,
-            model="stub-model",
+            model=FAKE_MODEL,
             api_key=API_KEY,
-            make_cold=lambda: stub.scale_to_zero("stub-model"),
-            cancelled_streams=lambda: stub.stats.streams_cancelled,
-            stub=stub,
+            make_cold=backend.scale_to_zero,
+            cancelled_streams=lambda: backend.cancelled,
+            fake=backend,
         )
 
 
@@ -90,9 +109,9 @@ def _live_target(request: pytest.FixtureRequest) -> Target:
     headers = {"Authorization": f"Bearer {API_KEY}"}
     models = service.client.get(f"{service.url}/v1/models", headers=headers, timeout=10)
     page = service.client.get(f"{service.url}/", timeout=10)
-    if models.status_code == 404 or page.status_code == 404:
-        pytest.skip("the live Gateway does not serve /v1/models and the page yet")
-    models.raise_for_status()
+    # Both are the Gateway's own routes: an error here (a 404 included) is a regression, never a reason to skip.
+    assert page.status_code == 200, f"the live Gateway answered {page.status_code} for the page"
+    assert models.status_code == 200, f"the live Gateway answered {models.status_code} for /v1/models: {models.text}"
     model = models.json()["data"][0]["id"]
 
     def make_cold() -> None:
@@ -200,26 +219,27 @@ def test_chat_answer_streams_and_grows(page: Page, target: Target, screenshots: 
     target.requires("chat", "token_streaming")
     page.open(mode="chat")
     _warm(target, page)
-    max_tokens = 40 if target.stub else 400
+    max_tokens = 40 if target.fake else 400
     page.set_number("max-tokens", max_tokens)
     page.set_number("temperature", 0)
     page.record_growth()
     page.send("Tell me about replicas")
-    # Read the answer's length from outside too, several times while it streams.
+    # Read the answer's length from outside too, at every look while it streams.
     seen = []
-    deadline = time.monotonic() + 60
-    while (a := page.answer()) is None or a["pending"]:
-        if a is not None:
+
+    def done() -> bool:
+        if (a := page.answer()) is not None and a["pending"]:
             seen.append(len(a["text"]))
-        assert time.monotonic() < deadline, "the answer did not finish within 60 s"
-        time.sleep(0.05)
+        return a is not None and not a["pending"]
+
+    wait_for(done, timeout=60, interval=0.05, what="the answer to finish")
     answer = page.finished()
     growth = page.growth()
     lengths = [n for _, n in growth]
     assert answer["text"].strip(), answer
     assert lengths == sorted(lengths), "the answer's text shrank while streaming"
     assert len(set(lengths)) >= 5, f"the answer arrived in fewer than 5 steps: {growth}"
-    if target.stub:  # 40 tokens 50 ms apart: slow enough to watch from outside
+    if target.fake:  # 40 tokens 50 ms apart: slow enough to watch from outside
         assert len({n for n in seen if n > 0}) >= 3, seen
     assert "first token" in answer["stats"] and "tokens/s" in answer["stats"], answer["stats"]
     assert "completion tokens" in answer["stats"], answer["stats"]
@@ -242,7 +262,7 @@ def test_stop_ends_the_answer_early_and_cancels_the_request(page: Page, target: 
     target.requires("token_streaming")
     page.open()
     _warm(target, page)
-    page.set_number("max-tokens", 1000 if target.stub else 1024)
+    page.set_number("max-tokens", 1000 if target.fake else 1024)
     # Greedy: a sampled answer of the tiny random model may draw its end of text before Stop is clicked.
     page.set_number("temperature", 0)
     cancelled_before = target.cancelled_streams() if target.cancelled_streams else 0
@@ -255,8 +275,8 @@ def test_stop_ends_the_answer_early_and_cancels_the_request(page: Page, target: 
     assert answer["stats"].startswith("Stopped"), answer["stats"]
     assert "Stopped" in page.status()
     length = len(answer["text"])
-    time.sleep(1.0)  # the condition here is an absence: the text must not grow during this second
-    assert len(page.answer()["text"]) == length, "the answer kept growing after Stop"
+    # An absence: the text must not grow. Watched for a second, every look asserting it.
+    holds_for(lambda: len(page.answer()["text"]) == length, seconds=1.0, interval=0.1, what="the answer's length")
     assert page.by_id("send").is_enabled() and not page.by_id("stop-button").is_enabled()
     # The browser cancelled the request...
     posts = page.posts()
@@ -297,8 +317,8 @@ def test_model_at_zero_says_so_and_keeps_the_wake_up_breakdown(page: Page, targe
     assert "Last wake-up" in page.by_id("model-state").text
     assert page.by_id("zero-notice").get_attribute("hidden")
     save_screenshot(page.driver, screenshots, f"woke-up-{target.name}")
-    time.sleep(2)  # the summary must stay: nothing polls it away
-    assert page.answer()["wakeDone"]
+    # The summary must stay (nothing polls it away): an absence, watched for 2 s, every look asserting it.
+    holds_for(lambda: page.answer()["wakeDone"], seconds=2, interval=0.2, what="the wake-up summary")
 
 
 def test_phases_appear_as_they_complete(page: Page, target: Target, screenshots: Path) -> None:
@@ -399,38 +419,48 @@ def test_phone_width(page: Page, target: Target, screenshots: Path) -> None:
     save_screenshot(page.driver, screenshots, f"phone-{target.name}")
 
 
-# ---------------------------------------------------------------------------------------------- stub only
+# ---------------------------------------------------------------------------------------------- fake only
 
 
-# Only the stub can fail on demand: these tests take the stub target alone.
-stub_only = pytest.mark.parametrize("target", ["stub"], indirect=True)
+# Only the fake backend can fail on demand: these tests take the fake target alone.
+fake_only = pytest.mark.parametrize("target", ["fake"], indirect=True)
 
 
 @pytest.fixture
-def stub(target: Target) -> StubService:
-    assert target.stub is not None
-    return target.stub
+def fake(target: Target) -> WakingBackend:
+    assert target.fake is not None
+    return target.fake
 
 
-@stub_only
+def _proxy_rate_limit() -> ApiError:
+    # The service itself never answers 429 (a full queue is a 503); a proxy in front of it may.
+    return ApiError(429, "rate_limited", "Too many requests.", headers={"Retry-After": "2"})
+
+
+@fake_only
 @pytest.mark.parametrize(
-    ("status", "message", "retry_after", "expected"),
+    ("error", "expected"),
     [
-        (404, "The model 'x' does not exist. Served: stub-model.", None, "does not serve this model"),
-        (503, "At capacity.", 3, "at capacity"),
-        (429, "Too many requests.", 2, "at capacity"),
-        (504, "No answer within 30 s (REQUEST_TIMEOUT_S).", None, "time limit"),
-        (500, "Internal error.", None, "The service failed (HTTP 500)"),
+        (lambda: UnknownModelError("x", [FAKE_MODEL]), "does not serve this model"),
+        (lambda: BackPressureError(num_queued_requests=8, max_queued_requests=8), "at capacity"),
+        (lambda: ModelUnavailableError(FAKE_MODEL, waited_s=30.0, retry_after_s=4), "at capacity"),
+        (_proxy_rate_limit, "at capacity"),
+        (TimeoutError, "time limit"),
+        (lambda: RuntimeError("a bug in the model server"), "The service failed (HTTP 500)"),
     ],
+    ids=["404-unknown-model", "503-queue-full", "503-no-room", "429-proxy", "504-timeout", "500-internal"],
 )
 def test_error_statuses_read_as_what_to_do(
-    page: Page, stub: StubService, status: int, message: str, retry_after: int | None, expected: str
+    page: Page, fake: WakingBackend, error: Callable[[], BaseException], expected: str
 ) -> None:
+    # What the service answers for this failure, from its own error factory: the page must show its message.
+    answered = from_exception(error(), "openai", fake.settings.retry_after_s)
+    retry_after = int((answered.headers or {}).get("Retry-After", 0))
     page.open()
-    stub.fail_next(status, message, retry_after=retry_after)
+    fake.fail_next(error())
     page.send("Hello")
     answer = page.finished(timeout=20)
-    assert answer["error"] and expected in answer["error"] and message in answer["error"], answer
+    assert answer["error"] and expected in answer["error"] and answered.message in answer["error"], answer
     if retry_after:
         assert f"Try again in {retry_after} s" in answer["error"], answer
         assert answer["countdown"] and "send again in" in answer["countdown"], answer
@@ -438,8 +468,9 @@ def test_error_statuses_read_as_what_to_do(
     assert page.by_id("prompt").get_attribute("value") == "Hello"
 
 
-@stub_only
-def test_refusals_from_the_service_name_the_setting(page: Page, stub: StubService) -> None:
+@fake_only
+def test_refusals_from_the_service_name_the_setting(page: Page, fake: WakingBackend) -> None:
+    calls = len(fake.calls)
     page.open()
     page.set_number("max-tokens", 5000)
     page.send("Hello")
@@ -450,28 +481,31 @@ def test_refusals_from_the_service_name_the_setting(page: Page, stub: StubServic
     page.by_id("send").click()
     answer = page.finished(timeout=20)
     assert "Too large for this service" in answer["error"] and "5000 characters" in answer["error"], answer
+    assert len(fake.calls) == calls, "a refused request reached the model"
 
 
-@stub_only
-def test_error_event_mid_stream_keeps_the_partial_answer(page: Page, stub: StubService) -> None:
+@fake_only
+def test_error_event_mid_stream_keeps_the_partial_answer(page: Page, fake: WakingBackend) -> None:
     page.open()
-    stub.break_next_stream(after_tokens=5, message="No answer within 30 s (REQUEST_TIMEOUT_S).")
+    fake.break_next(after_tokens=5, error=TimeoutError())
+    said = from_exception(TimeoutError(), "openai", fake.settings.retry_after_s).message
     page.set_number("max-tokens", 20)
     page.send("Hello")
     answer = page.finished(timeout=20)
     assert len(answer["text"].split()) == 5, answer
     assert "error" in answer["classes"], answer
-    assert "The answer broke off: No answer within 30 s" in answer["error"], answer
+    assert f"The answer broke off: {said}" in answer["error"], answer
 
 
 def test_page_under_a_route_prefix(driver: Any, browser: Browser) -> None:
     from fastapi import FastAPI
 
-    stub = StubService(api_key=None, token_delay_s=0.01)
+    settings = fake_settings(auth=False)
+    backend = WakingBackend(settings, token_delay_s=0.01)
     parent = FastAPI()
-    parent.mount("/team/llm", stub.create_app())
-    with serve_stub(stub, free_port(), app=parent) as url:
-        target = Target("prefixed", f"{url}/team/llm", "stub-model", "", lambda: None, None, stub)
+    parent.mount("/team/llm", create_app(backend, settings))
+    with serve_asgi(parent) as url:
+        target = Target("prefixed", f"{url}/team/llm", FAKE_MODEL, "", lambda: None, None, backend)
         page = Page(driver, target)
         page.driver.get(f"{url}/team/llm")  # no trailing slash: the page redirects to add it
         page.wait(lambda: page.model_option() is not None, 20, "the model in the picker")
@@ -483,8 +517,8 @@ def test_page_under_a_route_prefix(driver: Any, browser: Browser) -> None:
         assert answer["text"].strip() and answer["error"] is None, answer
 
 
-@stub_only
-def test_network_error_says_the_service_is_unreachable(page: Page, stub: StubService) -> None:
+@fake_only
+def test_network_error_says_the_service_is_unreachable(page: Page) -> None:
     page.open()
     page.driver.execute_cdp_cmd("Network.enable", {})
     page.driver.execute_cdp_cmd(
@@ -496,8 +530,8 @@ def test_network_error_says_the_service_is_unreachable(page: Page, stub: StubSer
     assert "Could not reach the service" in answer["error"], answer
 
 
-@stub_only
-def test_sse_parser_reassembles_events_split_anywhere(page: Page, stub: StubService) -> None:
+@fake_only
+def test_sse_parser_reassembles_events_split_anywhere(page: Page) -> None:
     page.open()
     result = page.driver.execute_async_script(
         """

@@ -16,6 +16,7 @@ MODULES = [
     "deploy.grafana.evaluate",
     "serving.api.access",
     "testing.polling",
+    "tests.fakes",
 ]
 
 

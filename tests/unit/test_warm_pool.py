@@ -9,7 +9,6 @@ import doctest
 import importlib.util
 import logging
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,6 +25,7 @@ from serving.pool.apps import model_app, model_defaults, spec_from_entry, spec_o
 from serving.pool.spec import PoolSettings
 from serving.warm_pool import PoolOff, PoolPlan
 from settings import REPO_ROOT, ModelConfig, build_settings
+from testing.polling import holds_for, wait_for
 
 # --- what a Ray upgrade must not change silently ------------------------------------------------------
 
@@ -270,12 +270,10 @@ def test_a_taken_warm_worker_holds_the_refill_until_its_replica_has_answered(
     kv.put("w/7/n1/42/x", "{}")
     holder = threading.Thread(target=warm_pool._hold_until_answered, args=("w/7/n1/42/x",))
     holder.start()
-    wait = time.monotonic() + 10
-    while "t/7/n1/42/x" not in kv.data and time.monotonic() < wait:
-        time.sleep(0.01)
+    wait_for(lambda: "t/7/n1/42/x" in kv.data, timeout=10, interval=0.01, what="the worker to be taken")
     assert list(kv.data) == ["t/7/n1/42/x"]  # held: no longer warm, and the manager does not refill yet
-    holder.join(0.3)
-    assert holder.is_alive()  # still loading or answering
+    # Still loading or answering: the hold must last. An absence, watched for 0.3 s, every look asserting it.
+    holds_for(lambda: holder.is_alive() and list(kv.data) == ["t/7/n1/42/x"], seconds=0.3, interval=0.02, what="hold")
     warm_pool.replica_answered()
     holder.join(5)
     assert not holder.is_alive() and kv.data == {}
