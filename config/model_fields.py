@@ -76,7 +76,25 @@ class ModelFields(BaseModel):
     )
 
     # --- replicas and autoscaling ----------------------------------------------------------
-    num_gpus_per_replica: float = Field(default=0, ge=0, description="GPUs per model replica (fractions allowed).")
+    num_gpus_per_replica: float = Field(
+        default=0,
+        ge=0,
+        description="GPUs per model replica. Below 1: replicas share one GPU; a whole number above 1: the model's "
+        "layers are spread over that many GPUs.",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Share of each of the replica's GPUs (of its share, for a fraction) that weights and the "
+        "key/value cache may take; the rest is left for activations.",
+    )
+    cpu_offload_gb: float = Field(
+        default=0,
+        ge=0,
+        description="Host memory (GB) for the weights that do not fit the replica's GPUs (slow: they cross to the "
+        "GPU at every step). 0: a model that does not fit fails its load.",
+    )
     num_cpus_per_replica: float = Field(
         default=1, gt=0, description="CPUs per model replica; also the number of torch threads on CPU."
     )
@@ -171,6 +189,13 @@ class ModelFields(BaseModel):
             problems.append(
                 f"DEVICE=cpu with NUM_GPUS_PER_REPLICA={self.num_gpus_per_replica:g} would reserve GPUs it never uses"
             )
+        if self.num_gpus_per_replica > 1 and not float(self.num_gpus_per_replica).is_integer():
+            problems.append(
+                f"NUM_GPUS_PER_REPLICA ({self.num_gpus_per_replica:g}) must be a whole number above 1 (Ray gives a "
+                "replica either a share of one GPU or whole GPUs)"
+            )
+        if self.cpu_offload_gb > 0 and self.resolved_device != "cuda":
+            problems.append(f"CPU_OFFLOAD_GB ({self.cpu_offload_gb:g}) applies to GPU replicas only")
         if self.autoscaling_look_back_s <= self.metrics_push_interval_s:
             problems.append(
                 f"AUTOSCALING_LOOK_BACK_S ({self.autoscaling_look_back_s:g}) must be longer than "

@@ -23,6 +23,7 @@ from engine.chat import encode_chat, render_chat
 from engine.continuous import ContinuousBatch, new_cache, supports
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import PromptTooLongError
+from engine.loading import load_weights, placement_facts, touch_weights
 from engine.logprobs import TokenTexts
 from engine.sampling import BatchState, Row, RowSampler, RowStopper
 from engine.timing import PhaseTimer
@@ -70,6 +71,17 @@ class EngineConfig:
     num_threads: int | None = None
     max_prompt_tokens: int | None = None
     continuous_batching: bool = True
+    # Placement (engine.placement): the replica's GPUs, how much of each to use, and room for the
+    # key/value cache of max_batch_size rows of the longest sequence a request may make.
+    num_gpus: float = 0.0
+    gpu_memory_utilization: float = 0.9
+    cpu_offload_gb: float = 0.0
+    max_batch_size: int = 16
+    max_new_tokens_limit: int | None = None
+    # Budgets in bytes per device (GPU index or "cpu") instead of the computed ones: forces a split
+    # between a GPU and host memory, or, on CPU, an offload of what does not fit to disk.
+    max_memory: dict[int | str, int] | None = None
+    label: str | None = None  # how messages name the model, e.g. "model 'big'"
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
@@ -109,7 +121,7 @@ class CpuHead(torch.nn.Linear):
 def _use_cpu_head(model: Any) -> None:
     """Compute the model's output projection with :class:`CpuHead` (same module, same parameters)."""
     head = model.get_output_embeddings()
-    if type(head) is torch.nn.Linear:
+    if type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter:  # not a quantized weight
         head.__class__ = CpuHead
 
 
@@ -174,27 +186,23 @@ class TextGenerator:
         with timer.phase("model_code"):  # the architecture's module and what it pulls in (seconds, once)
             model_cls = _model_class(model_config, remote)
         with timer.phase("weights"):
-            # Straight onto the target device and dtype: no CPU copy of a GPU model, no float32
-            # detour for a half-precision one.
-            model = model_cls.from_pretrained(
-                config.model_id,
-                config=model_config,
-                dtype=dtype,
-                device_map=config.device if config.device == "cuda" else None,
-                trust_remote_code=remote,
-            )
+            # Straight onto the target devices and dtype: no CPU copy of a GPU model, no float32
+            # detour for a half-precision one; spread over the replica's GPUs when it has several.
+            model, placed = load_weights(model_cls, model_config, config, dtype)
             model.eval()
-        if config.device == "cpu":
+        if config.device == "cpu" and placed.device_map is None:
             _use_cpu_head(model)
         timer.facts.update(_weights_facts(model, timer.phases["weights"]))
+        timer.facts["placement"] = {**placement_facts(model), **placed.describe()}
         engine = cls(model, tokenizer, config)
         with timer.phase("warmup"):
+            timer.facts.update(touch_weights(model))
             engine.warm_up()
         logger.info(
-            "loaded model=%s class=%s device=%s dtype=%s threads=%s context=%s batching=%s phases=%s",
+            "loaded model=%s class=%s placement=%s dtype=%s threads=%s context=%s batching=%s phases=%s",
             config.model_id,
             type(model).__name__,
-            config.device,
+            timer.facts["placement"],
             str(dtype).removeprefix("torch."),
             torch.get_num_threads(),
             engine.context_length,

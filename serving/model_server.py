@@ -45,6 +45,10 @@ class ModelServerConfig(Protocol):
     dtype: Literal["auto", "float32", "float16", "bfloat16"]
     model_load_timeout_s: float
     max_prompt_tokens: int | None
+    max_new_tokens_limit: int
+    num_gpus_per_replica: float
+    gpu_memory_utilization: float
+    cpu_offload_gb: float
     max_batch_size: int
     batch_wait_timeout_s: float
     chat_template: str | None  # the template's text (CHAT_TEMPLATE resolved), or None
@@ -105,6 +109,12 @@ class ModelServer:
             trust_remote_code=config.trust_remote_code,
             num_threads=config.torch_threads,
             max_prompt_tokens=config.max_prompt_tokens,
+            num_gpus=config.num_gpus_per_replica,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            cpu_offload_gb=config.cpu_offload_gb,
+            max_batch_size=config.max_batch_size,
+            max_new_tokens_limit=config.max_new_tokens_limit,
+            label=f"model {config.name!r}",
         )
         self._engine = _load_with_timeout(
             lambda: TextGenerator.load(engine_config, self._timer), config.model_load_timeout_s, config.model_id

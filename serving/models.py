@@ -75,6 +75,8 @@ class ModelStatus:
             "priority": self.priority,
             "last_cold_start": self.last_cold_start,
             "waking": self.waking,
+            # Where the last started replica put the weights (devices, bytes each, dtype, quantization).
+            "placement": ((self.last_cold_start or {}).get("details") or {}).get("placement"),
         }
 
     entry = card  # the name the page's stub and older callers use

@@ -71,6 +71,9 @@ def test_first_generate_from_zero_replicas(service: Service) -> None:
     assert list(phases) == [f"{p}_s" for p in PHASES], phases
     assert phases["weights_s"] >= 0 and phases["first_generation_s"] > 0
     assert report["details"]["weights_bytes"] > 0 and report["total_s"] <= elapsed + 1
+    placement = {"devices": {"cpu": report["details"]["weights_bytes"]}, "dtype": "float32", "quantization": None}
+    assert health["placement"] == report["details"]["placement"] and health["placement"].items() >= placement.items()
+    assert report["details"]["touched_bytes"] == report["details"]["weights_bytes"]  # the warm-up mapped them all
     print(f"cold start to first answer: {elapsed:.2f}s; phases: {report}")
 
 

@@ -12,6 +12,8 @@ MODULES = [
     "engine.work",
     "engine.detokenize",
     "engine.timing",
+    "engine.placement",
+    "engine.quantization",
     "observability.metrics",
     "deploy.grafana.evaluate",
     "serving.api.access",

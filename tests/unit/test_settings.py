@@ -24,6 +24,9 @@ BAD_VALUES = [
     ("REPETITION_PENALTY", "0", "greater than 0"),
     ("NUM_GPUS_PER_REPLICA", "-1", "greater than or equal to 0"),
     ("NUM_CPUS_PER_REPLICA", "0", "greater than 0"),
+    ("GPU_MEMORY_UTILIZATION", "0", "greater than 0"),
+    ("GPU_MEMORY_UTILIZATION", "1.5", "less than or equal to 1"),
+    ("CPU_OFFLOAD_GB", "-1", "greater than or equal to 0"),
     ("MIN_REPLICAS", "-1", "greater than or equal to 0"),
     ("MAX_REPLICAS", "0", "greater than or equal to 1"),
     ("MAX_REPLICAS", "two", "valid integer"),
@@ -133,6 +136,8 @@ def test_several_errors_are_reported_together() -> None:
         ({"DEVICE": "cuda"}, "DEVICE=cuda needs NUM_GPUS_PER_REPLICA > 0"),
         ({"DEVICE": "cpu", "NUM_GPUS_PER_REPLICA": "1"}, "DEVICE=cpu with NUM_GPUS_PER_REPLICA=1"),
         ({"MAX_QUEUED_REQUESTS": "0"}, "MAX_QUEUED_REQUESTS must be -1"),
+        ({"NUM_GPUS_PER_REPLICA": "2.5"}, "NUM_GPUS_PER_REPLICA (2.5) must be a whole number above 1"),
+        ({"CPU_OFFLOAD_GB": "4"}, "CPU_OFFLOAD_GB (4) applies to GPU replicas only"),
         ({"AUTOSCALING_LOOK_BACK_S": "1", "METRICS_PUSH_INTERVAL_S": "2"}, "AUTOSCALING_LOOK_BACK_S (1)"),
     ],
 )
