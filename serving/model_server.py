@@ -1,8 +1,9 @@
-"""The model deployment: loads the engine once per replica, streams each request's tokens.
+"""The model deployment: loads the engine it is given once per replica, streams each request's tokens.
 
-torch and transformers are imported inside the constructor, not at module level, so that the
-Gateway (which imports this module for its types) and ``serve run`` stay light; no request
-imports them either (the batcher and the work items are plain Python).
+The engine is an argument (``engine``: a loader, like ray.llm's ``LLMServer(engine_cls=...)``), so a
+test hands the server a fake engine and runs it without Ray. The default, :func:`text_generator`,
+imports torch and transformers inside the constructor, not at module level, so that the graph and
+``serve run`` stay light; no request imports them either (the batcher and work items are plain Python).
 
 Called through a Serve DeploymentHandle::
 
@@ -19,16 +20,20 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from typing import Any, Literal, Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from engine.batcher import Batcher, RequestStream
-from engine.types import Completion, Delta, GenerationRequest, Started, StreamItem, collect
+from engine.timing import PhaseTimer
+from engine.types import ChatMessage, Completion, Delta, GenerationRequest, SamplingParams, Started, StreamItem, collect
+from engine.work import OnStep, Poll, WorkItem
 from observability import metrics
 from serving import warm_pool
 from serving.pool.reporter import PhaseReporter
+from settings import ModelConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -36,28 +41,46 @@ logger = logging.getLogger("ray.serve")
 REPORTED_PHASES = ("imports", "model_code", "weights", "warmup")
 
 
-class ModelServerConfig(Protocol):
-    """The per-model settings a replica reads (``settings.ModelConfig`` has them)."""
+class Engine(Protocol):
+    """What the model server needs of an engine (``engine.model.TextGenerator`` is the real one)."""
 
-    name: str  # the served name: the metrics' model label
-    model_id: str
-    trust_remote_code: bool
-    dtype: Literal["auto", "float32", "float16", "bfloat16"]
-    model_load_timeout_s: float
-    max_prompt_tokens: int | None
-    max_new_tokens_limit: int
-    num_gpus_per_replica: float
-    gpu_memory_utilization: float
-    cpu_offload_gb: float
-    max_batch_size: int
-    batch_wait_timeout_s: float
-    chat_template: str | None  # the template's text (CHAT_TEMPLATE resolved), or None
+    def run(
+        self, items: Sequence[WorkItem], on_step: OnStep, poll: Poll | None = None, max_batch_size: int | None = None
+    ) -> None: ...
 
-    @property
-    def resolved_device(self) -> Literal["cpu", "cuda"]: ...
+    def encode(self, prompts: Sequence[str], params: SamplingParams) -> list[list[int]]: ...
 
-    @property
-    def torch_threads(self) -> int: ...
+    def encode_chat(
+        self, messages: Sequence[ChatMessage], params: SamplingParams, template: str | None = None
+    ) -> list[int]: ...
+
+
+# (the model's config, the replica's phase timer) -> a loaded engine; runs under MODEL_LOAD_TIMEOUT_S.
+EngineLoader = Callable[[ModelConfig, PhaseTimer], Engine]
+
+
+def text_generator() -> EngineLoader:
+    """The real engine's loader. Importing it (torch, transformers) is the replica's "imports" phase."""
+    from engine.model import EngineConfig, TextGenerator
+
+    def load(config: ModelConfig, timer: PhaseTimer) -> Engine:
+        engine_config = EngineConfig(
+            model_id=config.model_id,
+            device=config.resolved_device,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            num_threads=config.torch_threads,
+            max_prompt_tokens=config.max_prompt_tokens,
+            num_gpus=config.num_gpus_per_replica,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            cpu_offload_gb=config.cpu_offload_gb,
+            max_batch_size=config.max_batch_size,
+            max_new_tokens_limit=config.max_new_tokens_limit,
+            label=f"model {config.name!r}",
+        )
+        return TextGenerator.load(engine_config, timer)
+
+    return load
 
 
 def _process_start_time() -> float | None:
@@ -79,16 +102,20 @@ class ModelServer:
     ``config.chat_template`` (the text of a Jinja chat template), when set, replaces the tokenizer's
     own for chat requests. With ``pool`` (the application of the pool controller), the replica
     reports each start-up phase to it as the phase ends, so that listings show a wake-up as it
-    happens. Example (inside a Serve graph; one deployment per model)::
+    happens. ``engine`` loads the engine (default: :func:`text_generator`, the real one). Example
+    (inside a Serve graph; one deployment per model)::
 
         server = ModelServer.options(**model.deployment_options()).bind(model, "llm")
+
+    and without Ray, with a fake engine (``ModelServer.func_or_class`` is the plain class)::
+
+        server = ModelServer.func_or_class(model, engine=lambda config, timer: FakeEngine())
     """
 
-    def __init__(self, config: ModelServerConfig, pool: str | None = None) -> None:
+    def __init__(self, config: ModelConfig, pool: str | None = None, engine: EngineLoader | None = None) -> None:
         self._constructed_at = time.time()
         warm = warm_pool.worker_report()  # a warm worker's process started long before this replica
         process_started = None if warm["warm_worker"] else _process_start_time()
-        from engine.timing import PhaseTimer
 
         self._name = config.name
         self._reporter = PhaseReporter(pool, config.name) if pool else None
@@ -96,33 +123,19 @@ class ModelServer:
         self._timer = PhaseTimer(on_phase=self._phase_ended)
         with self._timer.phase("imports"):  # torch, transformers and the engine: the first import in this process
             from engine.chat import check_template
-            from engine.model import EngineConfig, TextGenerator
 
-        chat_template = getattr(config, "chat_template", None)
-        if chat_template is not None:
-            check_template(chat_template)
-        self._chat_template = chat_template
-        engine_config = EngineConfig(
-            model_id=config.model_id,
-            device=config.resolved_device,
-            dtype=config.dtype,
-            trust_remote_code=config.trust_remote_code,
-            num_threads=config.torch_threads,
-            max_prompt_tokens=config.max_prompt_tokens,
-            num_gpus=config.num_gpus_per_replica,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            cpu_offload_gb=config.cpu_offload_gb,
-            max_batch_size=config.max_batch_size,
-            max_new_tokens_limit=config.max_new_tokens_limit,
-            label=f"model {config.name!r}",
-        )
+            load = engine or text_generator()
+
+        if config.chat_template is not None:
+            check_template(config.chat_template)
+        self._chat_template = config.chat_template
         self._engine = _load_with_timeout(
-            lambda: TextGenerator.load(engine_config, self._timer), config.model_load_timeout_s, config.model_id
+            lambda: load(config, self._timer), config.model_load_timeout_s, config.model_id
         )
         self._batcher = Batcher(self._engine.run, config.max_batch_size, config.batch_wait_timeout_s)
         self._sampler = metrics.BatchSampler(self._name, self._batcher.stats)
         self._requests = 0
-        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._replica = _replica_id()
         ready = time.time()
         self._cold_start: dict[str, Any] | None = {
             "replica": self._replica,
@@ -231,6 +244,14 @@ class ModelServer:
         metrics.cold_start(self._name, {name: seconds})  # each phase as it ends (first_generation has none)
         if self._reporter is not None:
             self._reporter.phase(name, seconds, details)
+
+
+def _replica_id() -> str:
+    """The Serve replica's id; "local" when the server runs outside Serve (a test with a fake engine)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:  # not inside a replica
+        return "local"
 
 
 def _load_with_timeout(load: Any, timeout_s: float, model_id: str) -> Any:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from engine.types import MAX_SEED, MAX_TOP_K
+from serving.models import ModelState
 
 Text = Annotated[str, StringConstraints(min_length=1)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -139,7 +140,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    state: Literal["running", "starting", "scaled_to_zero", "evicted", "unknown"]
+    state: ModelState
 
 
 class ModelList(BaseModel):
