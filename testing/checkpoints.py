@@ -138,6 +138,29 @@ def build_tiny_causal(
     return path
 
 
+def build_tiny_causal_that_stops(path: Path) -> Path:
+    """A tiny GPT-2 (:func:`build_tiny_causal`) whose every next token is its end of text, whatever the prompt
+    and the sampling: its answers stop at once rather than run to the limit.
+
+    The final layer norm ignores its input and outputs a large multiple of the end-of-text embedding, so the
+    end of text's logit (the hidden state times that embedding, the output layer being tied to the input one)
+    is larger than any other by hundreds.
+    """
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    build_tiny_causal(path)
+    model = GPT2LMHeadModel.from_pretrained(path)
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        embedding = model.transformer.wte.weight
+        embedding[eos] *= 10
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(embedding[eos] * 1000)
+    model.save_pretrained(path)
+    return path
+
+
 def random_checkpoint(
     shape: str = "gpt2-small", root: Path = CACHE, dtype: str = "float32", full_vocab: bool = False
 ) -> Path:

@@ -12,6 +12,7 @@ from engine.errors import PromptTooLongError
 from engine.model import CpuHead, EngineConfig, TextGenerator
 from engine.types import Delta, GenerationRequest, SamplingParams, collect
 from engine.work import WorkItem
+from testing.checkpoints import build_tiny_causal_that_stops
 
 PROMPTS = [
     "Return the number",
@@ -26,6 +27,13 @@ SAMPLED = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=40
 @pytest.fixture(scope="module")
 def causal(tiny_causal: Path) -> TextGenerator:
     return TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1))
+
+
+@pytest.fixture(scope="module")
+def stops_at_once(tmp_path_factory: pytest.TempPathFactory) -> TextGenerator:
+    """A model whose answers are their end of text at once: the checks below see answers that stop too."""
+    path = build_tiny_causal_that_stops(tmp_path_factory.mktemp("tiny-stops"))
+    return TextGenerator.load(EngineConfig(model_id=str(path), num_threads=1))
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +120,9 @@ def test_every_step_reports_one_delta_per_running_row_in_one_call(causal: TextGe
     )
 
 
-def test_completion_is_the_generated_text_only(causal: TextGenerator) -> None:
+@pytest.mark.parametrize("model", ["causal", "stops_at_once"])
+def test_completion_is_the_generated_text_only(request: pytest.FixtureRequest, model: str) -> None:
+    causal: TextGenerator = request.getfixturevalue(model)
     [completion] = run(causal, [PROMPTS[1]], [GREEDY])
     assert not completion.text.startswith(PROMPTS[1])
     assert completion.prompt_tokens == len(causal.encode([PROMPTS[1]], GREEDY)[0])
@@ -268,8 +278,12 @@ def test_presence_and_frequency_penalties_change_the_output_per_row(causal: Text
         assert batched[1] == run(causal, [PROMPTS[1]], [GREEDY])[0]
 
 
+@pytest.mark.parametrize("model", ["causal", "stops_at_once"])
 @pytest.mark.parametrize("sampled", [False, True])
-def test_logprobs_are_the_raw_distribution_of_a_direct_forward_pass(causal: TextGenerator, sampled: bool) -> None:
+def test_logprobs_are_the_raw_distribution_of_a_direct_forward_pass(
+    request: pytest.FixtureRequest, model: str, sampled: bool
+) -> None:
+    causal: TextGenerator = request.getfixturevalue(model)
     # Sampling, temperature and penalties change the choice, never the reported log-probabilities.
     params = SamplingParams(max_new_tokens=8, logprobs=3)
     if sampled:
