@@ -106,7 +106,8 @@ def test_a_missing_field_or_rpc_is_named() -> None:
 def test_without_support_the_model_deployment_is_unchanged_and_one_warning_says_why(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(warm_pool, "unsupported_reason", lambda: "RPC NodeManagerService.PrestartWorkers is missing")
+    missing = "RPC NodeManagerService.PrestartWorkers is missing"
+    monkeypatch.setattr(warm_pool.replica, "unsupported_reason", lambda: missing)
     options = {"ray_actor_options": {"num_cpus": 1}}
     with caplog.at_level(logging.WARNING, logger=warm_pool.__name__):
         assert warm_pool.model_options(options, warm_workers=2) == options
@@ -247,7 +248,7 @@ class _MemoryKv:
 
 def test_managers_sharing_a_runtime_env_keep_one_pool_led_by_one_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
     kv, clock = _MemoryKv(), [1000.0]
-    monkeypatch.setattr(warm_pool.time, "time", lambda: clock[0])
+    monkeypatch.setattr(warm_pool.manager.time, "time", lambda: clock[0])
     managers = {}
     for name in ("a", "b"):  # two model deployments: same runtime env, so the same hash
         managers[name] = warm_pool.RayletCluster(None, 7, {"CPU": 1}, manager=name)
@@ -265,10 +266,10 @@ def test_a_taken_warm_worker_holds_the_refill_until_its_replica_has_answered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     kv = _MemoryKv()
-    monkeypatch.setattr(warm_pool, "_kv", lambda: kv)
-    monkeypatch.setattr(warm_pool, "_answered", threading.Event())
+    monkeypatch.setattr(warm_pool.worker, "_kv", lambda: kv)
+    monkeypatch.setattr(warm_pool.worker, "_answered", threading.Event())
     kv.put("w/7/n1/42/x", "{}")
-    holder = threading.Thread(target=warm_pool._hold_until_answered, args=("w/7/n1/42/x",))
+    holder = threading.Thread(target=warm_pool.worker._hold_until_answered, args=("w/7/n1/42/x",))
     holder.start()
     wait_for(lambda: "t/7/n1/42/x" in kv.data, timeout=10, interval=0.01, what="the worker to be taken")
     assert list(kv.data) == ["t/7/n1/42/x"]  # held: no longer warm, and the manager does not refill yet
@@ -281,9 +282,9 @@ def test_a_taken_warm_worker_holds_the_refill_until_its_replica_has_answered(
 
 def test_a_hold_ends_after_its_time_limit_without_an_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     kv = _MemoryKv()
-    monkeypatch.setattr(warm_pool, "_kv", lambda: kv)
-    monkeypatch.setattr(warm_pool, "_answered", threading.Event())
-    warm_pool._hold_until_answered("w/7/n1/42/x", timeout_s=0.05)
+    monkeypatch.setattr(warm_pool.worker, "_kv", lambda: kv)
+    monkeypatch.setattr(warm_pool.worker, "_answered", threading.Event())
+    warm_pool.worker._hold_until_answered("w/7/n1/42/x", timeout_s=0.05)
     assert kv.data == {}
 
 
@@ -364,8 +365,9 @@ def test_the_cuda_guard_spots_the_driver_library() -> None:
 
 
 def test_the_examples_in_the_module_run() -> None:
-    result = doctest.testmod(warm_pool)
-    assert result.attempted >= 4 and result.failed == 0
+    parts = (warm_pool.common, warm_pool.replica, warm_pool.worker, warm_pool.plan, warm_pool.manager)
+    results = [doctest.testmod(part) for part in parts]
+    assert sum(r.attempted for r in results) >= 4 and sum(r.failed for r in results) == 0
 
 
 def test_a_worker_seen_by_no_round_still_arrives_by_its_mark() -> None:
