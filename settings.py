@@ -130,6 +130,12 @@ class Settings(BaseSettings, ModelFields):
     max_prompt_chars: int = Field(
         default=32_000, ge=1, description="Longest prompt in characters, checked at the edge (longer: 413)."
     )
+    max_output_tokens_per_request: int = Field(
+        default=32_768,
+        ge=1,
+        description="Output budget of one request: completions x max tokens x (1 + log-probability alternatives "
+        "per token); more: 400 naming it. Bounds the Gateway's work and memory for one answer.",
+    )
     max_body_bytes: int = Field(
         default=1_000_000, ge=1024, description="Largest request body in bytes (larger: 413, before it is parsed)."
     )
@@ -259,6 +265,13 @@ class Settings(BaseSettings, ModelFields):
             models=self.models,
             models_file=self.models_file,
         )
+        budget = self.max_output_tokens_per_request
+        for model in self._model_configs:
+            if model.max_new_tokens_limit > budget:
+                raise ValueError(
+                    f"MAX_OUTPUT_TOKENS_PER_REQUEST ({budget}) is below model {model.name!r}'s "
+                    f"MAX_NEW_TOKENS_LIMIT ({model.max_new_tokens_limit}): a request at the limit would be refused"
+                )
         self._api_keys = read_keys(self.api_key, self.api_keys_file)
         if self.admin_api_key is not None:
             check_admin_key_is_not_a_user_key(self.admin_api_key, self._api_keys)

@@ -65,14 +65,15 @@ class ModelFields(BaseModel):
         default=0.7, ge=0, le=2, description="Default sampling temperature; 0 means greedy decoding."
     )
     top_p: float = Field(default=0.9, gt=0, le=1, description="Default nucleus-sampling probability mass.")
-    top_k: int = Field(default=0, ge=0, description="Default top-k filter; 0 disables it.")
+    top_k: int = Field(default=0, ge=0, le=2**31 - 1, description="Default top-k filter; 0 disables it.")
     repetition_penalty: float = Field(
         default=1.0, gt=0, le=10, description="Default repetition penalty; 1.0 disables it."
     )
     max_prompt_tokens: int | None = Field(
         default=None,
         ge=1,
-        description="Longest prompt in tokens (longer: 413). Unset: the model's context length is the only limit.",
+        description="Longest prompt in tokens (longer: 413). Unset: derived from the model's context, "
+        "min(context, MAX_BATCH_TOKENS) - 1 (room for one new token).",
     )
 
     # --- replicas and autoscaling ----------------------------------------------------------
@@ -135,6 +136,13 @@ class ModelFields(BaseModel):
 
     # --- batching and backpressure ---------------------------------------------------------
     max_batch_size: int = Field(default=16, ge=1, description="Most prompts generated together in one batch.")
+    max_batch_tokens: int = Field(
+        default=16384,
+        ge=2,
+        description="Key/value cache one batch may hold, in tokens: rows x the batch's width (the longest row, "
+        "padding included, plus the tokens still to generate). A row joins a running batch only when it fits; "
+        "a single prompt plus its max_new_tokens above it is refused (413).",
+    )
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, le=1, description="How long a batch waits for more prompts once the first arrives."
     )
@@ -200,6 +208,15 @@ class ModelFields(BaseModel):
             problems.append(
                 f"AUTOSCALING_LOOK_BACK_S ({self.autoscaling_look_back_s:g}) must be longer than "
                 f"METRICS_PUSH_INTERVAL_S ({self.metrics_push_interval_s:g})"
+            )
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens >= self.max_batch_tokens:
+            problems.append(
+                f"MAX_PROMPT_TOKENS ({self.max_prompt_tokens}) must be below MAX_BATCH_TOKENS "
+                f"({self.max_batch_tokens}): a batch must hold the prompt and a token to generate"
+            )
+        if self.max_new_tokens >= self.max_batch_tokens:
+            problems.append(
+                f"MAX_NEW_TOKENS ({self.max_new_tokens}) must be below MAX_BATCH_TOKENS ({self.max_batch_tokens})"
             )
         if self.max_queued_requests == 0:
             problems.append("MAX_QUEUED_REQUESTS must be -1 (unbounded) or at least 1, got 0")

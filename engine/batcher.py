@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from engine.admission import BatchShape, TokenBudget
 from engine.errors import RowFailedError, StepFailedError
 from engine.types import Delta, SamplingParams
 from engine.work import RunBatch, WorkItem
@@ -115,10 +116,13 @@ class Batcher:
             ...  # tuple of Delta, one per row that advanced
     """
 
-    def __init__(self, run_batch: RunBatch, max_batch_size: int, wait_timeout_s: float) -> None:
+    def __init__(
+        self, run_batch: RunBatch, max_batch_size: int, wait_timeout_s: float, budget: TokenBudget | None = None
+    ) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.wait_timeout_s = wait_timeout_s
+        self.budget = budget or TokenBudget(None)  # which queued rows fit the running batch (engine.admission)
         self._queue: deque[WorkItem] = deque()  # items not yet taken by the engine
         self._lock = threading.Lock()  # the engine thread takes items and counts too
         self._streams: dict[int, RequestStream] = {}
@@ -132,6 +136,7 @@ class Batcher:
         self.rows_running = 0  # taken by the engine, not finished
         self.rows_cancelled = 0  # rows whose reader went away before they finished (total)
         self.tokens_generated = 0  # total
+        self.budget_waits = 0  # polls that left a row queued because the batch's token budget was full (total)
 
     # --- requests --------------------------------------------------------------------------
     def open(
@@ -179,6 +184,7 @@ class Batcher:
             "streams_open": len(self._streams),
             "rows_cancelled": self.rows_cancelled,
             "tokens_generated": self.tokens_generated,
+            "budget_waits": self.budget_waits,
         }
 
     def _close(self, stream: RequestStream) -> None:
@@ -193,16 +199,27 @@ class Batcher:
                 self._queue = deque(item for item in self._queue if item.stream != stream.key)
 
     # --- the engine side ----------------------------------------------------------------------
-    def _take(self, n: int) -> list[WorkItem]:
-        """Up to ``n`` queued items that are still wanted (called from either thread)."""
+    def _take(self, n: int, shape: BatchShape | None = None) -> list[WorkItem]:
+        """Up to ``n`` queued items that are still wanted and fit the batch of ``shape`` (either thread).
+
+        The first item that does not fit the token budget stays at the head of the queue, and so
+        does everything behind it: it joins when enough rows have left.
+        """
         taken: list[WorkItem] = []
         now = time.monotonic()
+        admission = self.budget.round(shape)
         with self._lock:
             while self._queue and len(taken) < n:
-                item = self._queue.popleft()
-                if not item.cancelled:
-                    item.admitted_at = now
-                    taken.append(item)
+                item = self._queue[0]
+                if item.cancelled:
+                    self._queue.popleft()
+                    continue
+                if not admission.admit(len(item.prompt_ids), item.params.max_new_tokens):
+                    self.budget_waits += 1
+                    break
+                self._queue.popleft()
+                item.admitted_at = now
+                taken.append(item)
             self.rows_running += len(taken)
         return taken
 
@@ -224,8 +241,8 @@ class Batcher:
                 continue
             ran: list[WorkItem] = list(batch)
 
-            def poll(free: int, ran: list[WorkItem] = ran) -> list[WorkItem]:
-                more = self._take(free)
+            def poll(free: int, shape: BatchShape | None = None, ran: list[WorkItem] = ran) -> list[WorkItem]:
+                more = self._take(free, shape)
                 ran.extend(more)
                 return more
 

@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from engine.admission import BatchShape
 from engine.kvcache import SlotCache
 from engine.logprobs import TokenTexts
 from engine.sampling import Row, choose, ended_rows
@@ -147,6 +148,11 @@ class ContinuousBatch:
         tokens, logprobs = choose(logits, self.rows, None, self.texts)
         self.last[:n] = torch.tensor(tokens, dtype=torch.long, device=self.device)
         return self._record(tokens, logprobs, 0)
+
+    def shape(self) -> BatchShape:
+        """The batch as its token budget sees it (``engine.admission``): its width, the tokens still to come."""
+        width = max((len(r.prompt_ids) + len(r.generated) for r in self.rows), default=0)
+        return BatchShape(width=width, remaining=tuple(r.params.max_new_tokens - len(r.generated) for r in self.rows))
 
     def _record(self, tokens: list[int], logprobs: list, start: int) -> Events:
         """Advance rows ``start:start + len(tokens)`` by their new tokens; drop the rows that ended."""

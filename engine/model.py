@@ -69,7 +69,8 @@ class EngineConfig:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     trust_remote_code: bool = False
     num_threads: int | None = None
-    max_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = None  # None: min(context, max_batch_tokens) - 1
+    max_batch_tokens: int | None = None  # key/value cache per batch, in tokens (engine.admission)
     continuous_batching: bool = True
     # Placement (engine.placement): the replica's GPUs, how much of each to use, and room for the
     # key/value cache of max_batch_size rows of the longest sequence a request may make.
@@ -236,12 +237,28 @@ class TextGenerator:
         self._check_fits(0, len(ids), params.max_new_tokens, False)
         return ids
 
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """MAX_PROMPT_TOKENS, or when unset: the context and the batch budget, less one token to generate."""
+        if self.config.max_prompt_tokens is not None:
+            return self.config.max_prompt_tokens
+        bounds = [b for b in (self.context_length, self.config.max_batch_tokens) if b is not None]
+        return min(bounds) - 1 if bounds else None
+
     def _check_fits(self, index: int, n_prompt: int, max_new: int, many: bool) -> None:
         which = f"prompt {index}" if many else "the prompt"
+        # Unset, the derived limit (max_prompt_tokens) follows from the two checks below, whose messages say more.
         limit = self.config.max_prompt_tokens
         if limit is not None and n_prompt > limit:
             raise PromptTooLongError(
                 f"{which} has {n_prompt} tokens; this service accepts at most {limit} (MAX_PROMPT_TOKENS)."
+            )
+        budget = self.config.max_batch_tokens
+        if budget is not None and n_prompt + max_new > budget:
+            raise PromptTooLongError(
+                f"{which} has {n_prompt} tokens and max_new_tokens is {max_new}: together they need more key/value "
+                f"cache than one batch may hold ({budget} tokens, MAX_BATCH_TOKENS). Shorten the prompt or lower "
+                f"max_new_tokens to {max(budget - n_prompt, 0)}."
             )
         if n_prompt == 0 and not self.is_encoder_decoder:
             raise PromptTooLongError(f"{which} encodes to no tokens; send some text.")
@@ -310,7 +327,7 @@ class TextGenerator:
                 _emit(on_step, batch.admit([self._row(item) for item in pending]))
             dropped = batch.drop_cancelled()
             free = max_batch_size - len(batch.rows)
-            pending = list(poll(free)) if poll is not None and free > 0 else []
+            pending = list(poll(free, batch.shape())) if poll is not None and free > 0 else []
             if batch.rows:
                 _emit(on_step, dropped + batch.step())
             else:

@@ -41,7 +41,8 @@ class WorkItem:
 
 # on_step(events): the rows that advanced in one decoding step, each with its Delta (index = row).
 OnStep = Callable[[list[tuple[WorkItem, Delta]]], None]
-# poll(free_slots): more items to join the running batch (continuous batching), or none.
-Poll = Callable[[int], Sequence[WorkItem]]
+# poll(free_slots, shape): more items to join the running batch (continuous batching), or none;
+# ``shape`` (engine.admission.BatchShape) lets the batch's token budget decide which fit.
+Poll = Callable[..., Sequence[WorkItem]]
 # run_batch(items, on_step, poll, max_batch_size): the engine's run().
 RunBatch = Callable[[Sequence[WorkItem], OnStep, Poll | None, int], None]

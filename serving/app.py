@@ -26,6 +26,7 @@ from serving.api import access, native, sse
 from serving.api.admin import admin_router
 from serving.api.auth import BEARER, KeyCheck, require
 from serving.api.body import StrictJSONMiddleware
+from serving.api.budget import check_output_budget
 from serving.api.errors import ApiError, Family, api_error, family_of, from_exception, http_error, invalid
 from serving.api.gate import HeaderGate, guards
 from serving.api.native_schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
@@ -222,6 +223,7 @@ class Calls:
         self, request: Request, model: ModelConfig, call: GenerationRequest, family: Family
     ) -> tuple[Started, list[Completion], dict]:
         """The whole answer; ``x-cold-start`` says how long it waited for a replica to start."""
+        check_output_budget(call, self.settings.max_output_tokens_per_request)
         record, cold = await self._begin(request, model, stream=False)
         try:
             started, done = await asyncio.wait_for(self.backend.generate(model, call), self.settings.request_timeout_s)
@@ -249,6 +251,7 @@ class Calls:
     ) -> StreamingResponse:
         """SSE; errors before the model server takes the request still get their own status."""
         settings = self.settings
+        check_output_budget(call, self.settings.max_output_tokens_per_request)
         record, cold = await self._begin(request, model, stream=True)
         try:
             stream = await ModelCall.open(

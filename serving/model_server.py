@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from engine.admission import TokenBudget
 from engine.batcher import Batcher, RequestStream
 from engine.timing import PhaseTimer
 from engine.types import ChatMessage, Completion, Delta, GenerationRequest, SamplingParams, Started, StreamItem, collect
@@ -71,6 +72,7 @@ def text_generator() -> EngineLoader:
             trust_remote_code=config.trust_remote_code,
             num_threads=config.torch_threads,
             max_prompt_tokens=config.max_prompt_tokens,
+            max_batch_tokens=config.max_batch_tokens,
             num_gpus=config.num_gpus_per_replica,
             gpu_memory_utilization=config.gpu_memory_utilization,
             cpu_offload_gb=config.cpu_offload_gb,
@@ -132,7 +134,12 @@ class ModelServer:
         self._engine = _load_with_timeout(
             lambda: load(config, self._timer), config.model_load_timeout_s, config.model_id
         )
-        self._batcher = Batcher(self._engine.run, config.max_batch_size, config.batch_wait_timeout_s)
+        self._batcher = Batcher(
+            self._engine.run,
+            config.max_batch_size,
+            config.batch_wait_timeout_s,
+            budget=TokenBudget(config.max_batch_tokens),
+        )
         self._sampler = metrics.BatchSampler(self._name, self._batcher.stats)
         self._requests = 0
         self._replica = _replica_id()

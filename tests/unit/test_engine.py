@@ -231,7 +231,7 @@ def test_prompts_joining_mid_generation_match_their_solo_output(causal: TextGene
     joins = {3: items[1], 6: items[2], 7: items[3]}  # poll -> item
     polls = 0
 
-    def poll(free: int) -> list[WorkItem]:
+    def poll(free: int, shape: object = None) -> list[WorkItem]:
         nonlocal polls
         polls += 1
         return [joins[polls]] if polls in joins else []
@@ -247,7 +247,7 @@ def test_joining_respects_max_batch_size(causal: TextGenerator) -> None:
     queue = items[1:]
     asked: list[int] = []
 
-    def poll(free: int) -> list[WorkItem]:
+    def poll(free: int, shape: object = None) -> list[WorkItem]:
         asked.append(free)
         taken, queue[:] = queue[:free], queue[free:]
         return taken

@@ -113,7 +113,7 @@ def test_a_joining_rows_failed_prefill_aborts_them_and_the_running_rows_go_on(ca
     items = [WorkItem(stream=0, row=i, prompt_ids=p, params=GREEDY) for i, p in enumerate(ids)]
     polls = 0
 
-    def poll(free: int) -> list[WorkItem]:
+    def poll(free: int, shape: object = None) -> list[WorkItem]:
         nonlocal polls
         polls += 1
         return [items[2]] if polls == 2 else []
