@@ -55,7 +55,7 @@ def test_greedy_equals_generate_alone_and_joined_mid_batch(pair) -> None:
     joins = {2: [items[1]], 5: [items[2], items[3]], 9: [items[4]]}
     polls = 0
 
-    def poll(free: int) -> list[WorkItem]:
+    def poll(free: int, shape: object = None) -> list[WorkItem]:
         nonlocal polls
         polls += 1
         return joins.get(polls, [])
