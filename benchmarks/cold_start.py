@@ -1,6 +1,7 @@
 """Cold start: from a request at zero model replicas to its answer, phase by phase.
 
     python -m benchmarks.cold_start [--model PATH] [--runs 7] [--new-tokens 32]
+    python -m benchmarks.cold_start --sizes [--runs 3]   # by checkpoint size: benchmarks/cold_start_sizes.py
 
 One local Ray instance runs the service with two models at zero replicas on the same checkpoint
 (``MODELS_FILE``): ``bench`` starts its replicas in the warm worker pool (WARM_WORKERS=1),
@@ -154,6 +155,7 @@ def one_cold_start(urls: dict[str, str], system: str, new_tokens: int) -> dict[s
             "weights_gb_per_s": report["weights_gb_per_s"],
             "warmup_s": report["warmup_s"],
             "first_generation_s": report["first_generation_s"],
+            "placement": report.get("placement"),
             "last_cold_start": last,
         }
         accounted = sum(run.get(key) or 0 for _, key in PHASES[:-1])
@@ -309,8 +311,16 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=3.0, help="IDLE_TIMEOUT_S between runs")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--name", default="cold_start")
+    parser.add_argument("--sizes", action="store_true", help="wake cost by checkpoint size (cold_start_sizes.py)")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="with --sizes: keep the big checkpoints")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.sizes:
+        from benchmarks.cold_start_sizes import run_sizes
+
+        name = "cold_start_sizes" if args.name == "cold_start" else args.name
+        run_sizes(args.runs, args.cpus, args.idle, args.new_tokens, args.keep_checkpoints, name)
+        return
     model = args.model or random_checkpoint("gpt2-small")
     load = os.getloadavg()
     floor = import_floor() | read_floor(model)

@@ -213,9 +213,15 @@ class TextGenerator:
         return engine
 
     def warm_up(self) -> None:
-        """One tiny generation, so the first request does not pay for lazy initialisation."""
-        ids = self.tokenizer("Hello", add_special_tokens=True)["input_ids"] or [self.pad_id]
-        self.generate([ids], SamplingParams(max_new_tokens=2))
+        """One forward pass (a one-token answer): every weight read once, lazy initialisation done.
+
+        ``load`` has mapped every weight's pages before (``touch_weights``). A second token would
+        read every weight again: on CPU a pass costs the weights' size at memory speed (about
+        0.2 s per GB here), paid again by every wake-up, and the first request warms the decode
+        step's few remaining paths itself.
+        """
+        ids = self.tokenizer("Hello", add_special_tokens=True)["input_ids"][:1] or [self.pad_id]
+        self.generate([ids], SamplingParams(max_new_tokens=1))
 
     # --- requests ------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], params: SamplingParams) -> list[list[int]]:

@@ -57,6 +57,9 @@ SHAPES = {
     "gpt2-small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_size": 50257},
     # About 1B parameters (GPU loading benchmark).
     "gpt2-1b": {"n_layer": 18, "n_embd": 2048, "n_head": 16, "n_positions": 2048, "vocab_size": 50257},
+    # About 1.2 GB and 2.8 GB in float32 (303M and 700M parameters): the wake cost by size.
+    "gpt2-1.2gb": {"n_layer": 20, "n_embd": 1024, "n_head": 16, "n_positions": 1024, "vocab_size": 50257},
+    "gpt2-2.8gb": {"n_layer": 22, "n_embd": 1536, "n_head": 16, "n_positions": 1024, "vocab_size": 50257},
 }
 
 
