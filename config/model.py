@@ -75,6 +75,8 @@ class ModelConfig(ModelFields):
             "graceful_shutdown_wait_loop_s": 1.0,
             # Loading a large model can take minutes; Ray's 30 s default would kill a healthy replica.
             "health_check_timeout_s": max(30.0, self.model_load_timeout_s),
+            # A stalled engine (check_health) is found within this period plus Serve's failure threshold.
+            "health_check_period_s": min(10.0, self.engine_stall_timeout_s / 2),
             "logging_config": {"log_level": log_level},
         }
 

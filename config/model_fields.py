@@ -146,6 +146,12 @@ class ModelFields(BaseModel):
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, le=1, description="How long a batch waits for more prompts once the first arrives."
     )
+    engine_stall_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A model replica whose engine has work and has not finished a decoding step in this time "
+        "reports unhealthy: its requests get 503 and Serve replaces it (health checked every min(10, this / 2) s).",
+    )
     max_ongoing_requests: int = Field(
         default=32, ge=1, description="Requests one model replica works on at once; more wait in the queue."
     )

@@ -137,6 +137,7 @@ class Batcher:
         self.rows_cancelled = 0  # rows whose reader went away before they finished (total)
         self.tokens_generated = 0  # total
         self.budget_waits = 0  # polls that left a row queued because the batch's token budget was full (total)
+        self._progress_at: float | None = None  # while a batch runs: when it began or last finished a step
 
     # --- requests --------------------------------------------------------------------------
     def open(
@@ -247,6 +248,7 @@ class Batcher:
                 return more
 
             def on_step(events: list[tuple[WorkItem, Delta]]) -> None:
+                self._progress_at = time.monotonic()
                 with self._lock:
                     for item, delta in events:
                         self.tokens_generated += delta.tokens
@@ -257,6 +259,7 @@ class Batcher:
 
             started = loop.time()
             error: BaseException | None = None
+            self._progress_at = time.monotonic()
             try:
                 await loop.run_in_executor(self._executor, self._run_batch, batch, on_step, poll, self.max_batch_size)
             except Exception as exc:  # every reader of a failed batch hears of it; the next batch runs
@@ -266,6 +269,8 @@ class Batcher:
                     "it; the replica carries on, retry the request"
                 )
                 error.__cause__ = exc
+            finally:
+                self._progress_at = None
             # Dispatches were queued on the loop before this await resumed, so a row not finished
             # here never will be: fail its reader rather than leave it waiting.
             with self._lock:
@@ -280,6 +285,19 @@ class Batcher:
             self.batch_sizes[len(ran)] += 1
             self.busy_s += loop.time() - started
             logger.debug("batch of %d rows ran in %.3fs", len(ran), loop.time() - started)
+
+    def stalled_s(self) -> float:
+        """How long the engine has worked on a batch without finishing a step (0 when idle)."""
+        at = self._progress_at
+        return 0.0 if at is None else time.monotonic() - at
+
+    def fail_open_streams(self, error: BaseException) -> int:
+        """Fail every open stream with ``error`` and cancel its rows (a stalled engine); how many."""
+        streams = list(self._streams.values())
+        for stream in streams:
+            stream._fail(error)
+            self._close(stream)
+        return len(streams)
 
     def _request_ids(self, items: Sequence[WorkItem]) -> str:
         streams = (self._streams.get(key) for key in dict.fromkeys(item.stream for item in items))

@@ -28,6 +28,7 @@ from ray.serve.exceptions import RayServeException
 
 from engine.admission import TokenBudget
 from engine.batcher import Batcher, RequestStream
+from engine.errors import StepFailedError
 from engine.timing import PhaseTimer
 from engine.types import ChatMessage, Completion, Delta, GenerationRequest, SamplingParams, Started, StreamItem, collect
 from engine.work import OnStep, Poll, WorkItem
@@ -141,6 +142,7 @@ class ModelServer:
             budget=TokenBudget(config.max_batch_tokens),
         )
         self._sampler = metrics.BatchSampler(self._name, self._batcher.stats)
+        self._stall_timeout_s = config.engine_stall_timeout_s
         self._requests = 0
         self._replica = _replica_id()
         ready = time.time()
@@ -211,6 +213,24 @@ class ModelServer:
             report = {**started.cold_start, "first_generation_s": round(time.monotonic() - begun, 4)}
             started = Started(started.replica, started.prompt_tokens, started.queue_s, report)
         return started, collect(deltas, request.rows, started.prompt_tokens, request.n)
+
+    async def check_health(self) -> None:
+        """Serve's health check: unhealthy when the engine has work and no step has ended for ENGINE_STALL_TIMEOUT_S.
+
+        A hung engine thread cannot be stopped from here; its requests are failed at once (503,
+        retryable) rather than left to hang, and Serve replaces the replica.
+        """
+        stalled = self._batcher.stalled_s()
+        if stalled <= self._stall_timeout_s:
+            return
+        failed = self._batcher.fail_open_streams(
+            StepFailedError(
+                f"the model's engine made no progress for {stalled:.0f}s (ENGINE_STALL_TIMEOUT_S="
+                f"{self._stall_timeout_s:g}); this replica is being replaced, retry the request"
+            )
+        )
+        logger.error("engine stalled for %.1fs: failed %d open requests, reporting unhealthy", stalled, failed)
+        raise RuntimeError(f"engine made no progress for {stalled:.0f}s (ENGINE_STALL_TIMEOUT_S)")
 
     async def stats(self) -> dict[str, Any]:
         """This replica's counters: batches, rows running and cancelled, queue, open streams, tokens,

@@ -34,6 +34,7 @@ from serving.pool.errors import (
     ModelUnavailableError,
     ModelValidationError,
     PoolError,
+    TooManyWaitersError,
     UnknownModelError,
 )
 
@@ -224,4 +225,6 @@ def _pool_error(exc: BaseException, family: Family) -> ApiError | None:
         return api_error("not_found", str(exc), param="model")
     if isinstance(exc, ModelUnavailableError):
         return api_error("no_room", str(exc), retry_after_s=exc.retry_after_s)
+    if isinstance(exc, TooManyWaitersError):
+        return api_error("overloaded", str(exc), code="too_many_waiters", retry_after_s=exc.retry_after_s)
     return None

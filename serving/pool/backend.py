@@ -48,7 +48,7 @@ class PoolBackend:
 
     async def _handle(self, model: ModelConfig) -> DeploymentHandle:
         # ModelUnavailableError (no room in time) and UnknownModelError (unloaded since resolve) go up as they are.
-        return await self._client.acquire(model.name, timeout_s=self._timeout_s)
+        return await self._client.acquire(model.name, timeout_s=self._timeout_s, max_waiters=model.max_queued_requests)
 
     async def stream(self, model: ModelConfig, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         handle = await self._handle(model)

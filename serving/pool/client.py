@@ -4,7 +4,10 @@ Every Gateway replica holds one ``PoolClient`` over the pool controller's handle
 (/v1/models, /healthz) read a snapshot at most ``refresh_s`` old, one controller call however many
 probes. A request takes ``await client.acquire(name, timeout_s)``: for a model that is admitted (the
 usual case) it returns the model's handle at once; for an evicted one it waits at the pool controller
-for room and raises ``ModelUnavailableError`` (503 + Retry-After) when ``timeout_s`` passes first.
+for room and raises ``ModelUnavailableError`` (503 + Retry-After) when ``timeout_s`` passes first. The
+waiters per model are bounded (the model's MAX_QUEUED_REQUESTS): past the bound a request gets
+``TooManyWaitersError`` (503 + Retry-After) at once, so a burst for an evicted model cannot pile up
+in the Gateway; probes and listings never wait behind them (they read the snapshot).
 
 A request whose model was admitted but has no room yet waits in Serve's handle queue (its replica is
 requested, so the cluster autoscaler may add a node). When the Gateway gives up on it, it must call
@@ -18,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.models import ModelStatus
-from serving.pool.errors import ModelUnavailableError, PoolError, UnknownModelError
+from serving.pool.errors import ModelUnavailableError, PoolError, TooManyWaitersError, UnknownModelError
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,6 +48,7 @@ class PoolClient:
         self._snapshot: list[ModelStatus] = []
         self._at = float("-inf")
         self._lock = asyncio.Lock()
+        self._waiters: Counter[str] = Counter()  # model -> requests waiting for room in acquire()
         self._handles: dict[tuple[str, str], DeploymentHandle] = {}
 
     async def snapshot(self, max_age_s: float | None = None) -> list[ModelStatus]:
@@ -71,11 +76,31 @@ class PoolClient:
                 return model
         raise UnknownModelError(name, [model.name for model in models])
 
-    async def acquire(self, name: str, timeout_s: float) -> DeploymentHandle:
-        """The handle of ``name`` once it may take requests; waits for room up to ``timeout_s``."""
+    async def acquire(self, name: str, timeout_s: float, max_waiters: int = -1) -> DeploymentHandle:
+        """The handle of ``name`` once it may take requests; waits for room up to ``timeout_s``.
+
+        At most ``max_waiters`` requests (-1: no bound) wait for room for one model in this Gateway
+        replica; one more gets TooManyWaitersError (503 + Retry-After) at once, without waiting.
+        """
+        entry = await self.entry(name)
+        if entry.admitted:
+            return await self._handle(entry.app, entry.deployment)
+        if 0 <= max_waiters <= self._waiters[name]:
+            raise TooManyWaitersError(name, max_waiters, self._retry_after_s)
+        self._waiters[name] += 1
+        try:
+            return await self._wait_for_room(name, timeout_s)
+        finally:
+            self._waiters[name] -= 1
+
+    def waiters(self, name: str) -> int:
+        """Requests of this Gateway replica waiting for room for ``name`` now."""
+        return self._waiters[name]
+
+    async def _wait_for_room(self, name: str, timeout_s: float) -> DeploymentHandle:
         started = time.monotonic()
         deadline = started + timeout_s
-        entry = await self.entry(name)
+        entry = await self.entry(name, max_age_s=0)
         while not entry.admitted:
             try:
                 if not await self._controller.acquire.remote(name, max(0.0, deadline - time.monotonic())):

@@ -69,3 +69,19 @@ class ModelUnavailableError(PoolError):
 
     def __reduce__(self):
         return (type(self), (self.name, self.waited_s, self.retry_after_s))
+
+
+class TooManyWaitersError(PoolError):
+    """Too many requests already wait for room for this model (-> 503 with ``Retry-After`` at once)."""
+
+    def __init__(self, name: str, bound: int, retry_after_s: int) -> None:
+        super().__init__(
+            f"model {name!r} is waiting for room on the cluster and {bound} requests already wait for it "
+            f"(MAX_QUEUED_REQUESTS); retry in {retry_after_s}s"
+        )
+        self.name = name
+        self.bound = bound
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.bound, self.retry_after_s))

@@ -45,6 +45,7 @@ BAD_VALUES = [
     ("WARM_WORKERS", "one", "valid integer"),
     ("MAX_BATCH_SIZE", "0", "greater than or equal to 1"),
     ("MAX_BATCH_TOKENS", "1", "greater than or equal to 2"),
+    ("ENGINE_STALL_TIMEOUT_S", "0", "greater than 0"),
     ("MAX_BATCH_TOKENS", "lots", "valid integer"),
     ("MAX_OUTPUT_TOKENS_PER_REQUEST", "0", "greater than or equal to 1"),
     ("BATCH_WAIT_TIMEOUT_S", "2", "less than or equal to 1"),

@@ -1,0 +1,83 @@
+"""Requests for an evicted model wait in bounded numbers: past the model's bound, 503 with Retry-After at once,
+and listings never wait behind the waiters."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from serving.api.errors import from_exception
+from serving.models import ModelStatus
+from serving.pool.client import PoolClient
+from serving.pool.errors import TooManyWaitersError
+
+
+class Method:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+class Controller:
+    """The pool controller's two calls the client makes: an evicted model whose room comes on ``room``."""
+
+    def __init__(self) -> None:
+        self.room = asyncio.Event()
+        self.acquires = 0
+        self.snapshot = Method(self._snapshot)
+        self.acquire = Method(self._acquire)
+
+    async def _snapshot(self) -> list[ModelStatus]:
+        admitted = self.room.is_set()
+        return [ModelStatus("big", "org/big", "running" if admitted else "evicted", admitted=admitted, app="big")]
+
+    async def _acquire(self, name: str, timeout_s: float) -> bool:
+        self.acquires += 1
+        try:
+            await asyncio.wait_for(self.room.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+async def test_past_the_bound_a_request_is_refused_at_once_and_listings_stay_quick(monkeypatch) -> None:
+    controller = Controller()
+    client = PoolClient(controller, refresh_s=0.0, retry_after_s=3)  # type: ignore[arg-type]
+
+    async def handle(app: str, deployment: str | None) -> str:
+        return f"handle of {app}"
+
+    monkeypatch.setattr(client, "_handle", handle)
+    waiting = [asyncio.create_task(client.acquire("big", timeout_s=30, max_waiters=4)) for _ in range(4)]
+    while client.waiters("big") < 4:
+        await asyncio.sleep(0.001)
+    began = time.monotonic()
+    with pytest.raises(TooManyWaitersError) as refused:
+        await client.acquire("big", timeout_s=30, max_waiters=4)
+    assert time.monotonic() - began < 0.5  # at once: it never waited for room
+    error = from_exception(refused.value, "openai", 1)
+    assert (error.status, error.kind, error.headers) == (503, "too_many_waiters", {"Retry-After": "3"})
+    assert "MAX_QUEUED_REQUESTS" in error.message
+    assert [m.name for m in await client.snapshot()] == ["big"]  # the listing does not wait behind them
+    assert controller.acquires == 4
+    controller.room.set()
+    assert await asyncio.gather(*waiting) == ["handle of big"] * 4
+    assert client.waiters("big") == 0
+    assert await client.acquire("big", timeout_s=1, max_waiters=0) == "handle of big"  # admitted: no bound
+
+
+async def test_minus_one_is_unbounded_and_a_timed_out_waiter_leaves_the_count(monkeypatch) -> None:
+    controller = Controller()
+    client = PoolClient(controller, refresh_s=0.0, retry_after_s=1)  # type: ignore[arg-type]
+    from serving.pool.errors import ModelUnavailableError
+
+    results = await asyncio.gather(
+        *(client.acquire("big", timeout_s=0.05, max_waiters=-1) for _ in range(50)), return_exceptions=True
+    )
+    assert all(isinstance(r, ModelUnavailableError) for r in results)
+    assert client.waiters("big") == 0
