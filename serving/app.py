@@ -3,31 +3,25 @@
 ``create_app`` takes the backend as an argument, so the whole HTTP layer runs in tests with a fake
 one; in the service the backend holds a Ray Serve handle per model (``serving.gateway``). Routes
 stay short: each dialect (``serving.api.native``, ``serving.api.openai*``) translates and renders,
-``serving.backend.ModelCall`` drives a request's stream, ``serving.api.errors`` maps failures.
+``serving.api.calls`` drives a request to its model and back (within REQUEST_TIMEOUT_S, heartbeats
+while a model wakes), ``serving.api.errors`` maps every failure.
 This module must not import torch or transformers: it runs in the light Gateway.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Security
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import JSONResponse
 
-from engine.types import Completion, GenerationRequest, Started
-from observability import metrics
-from serving.api import access, native, sse
+from serving.api import access, native
 from serving.api.admin import admin_router
 from serving.api.auth import BEARER, KeyCheck, require
 from serving.api.body import StrictJSONMiddleware
-from serving.api.budget import check_output_budget
-from serving.api.errors import ApiError, Family, api_error, family_of, from_exception, http_error, invalid
+from serving.api.calls import Calls
+from serving.api.errors import install_error_handlers
 from serving.api.gate import HeaderGate, guards
 from serving.api.native_schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
 from serving.api.openai import OpenAIDialect
@@ -35,7 +29,7 @@ from serving.api.openai_chat import CHAT
 from serving.api.openai_completions import COMPLETIONS
 from serving.api.openai_responses import ChatCompletionResponse, CompletionResponse
 from serving.api.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIError
-from serving.backend import ModelBackend, ModelCall
+from serving.backend import ModelBackend
 from serving.page import mount_page
 from settings import ModelConfig, Settings
 
@@ -99,7 +93,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         access.of(request).model = model.name  # the access line names it even if the request fails later
         return model
 
-    _install_error_handlers(app, settings.retry_after_s)
+    install_error_handlers(app, settings.retry_after_s)
     if settings.admin_api_key is not None:  # without the key the admin API does not exist (404)
         app.include_router(admin_router(backend, KeyCheck([settings.admin_api_key])))  # type: ignore[arg-type]
     app.add_middleware(StrictJSONMiddleware, max_body_bytes=settings.max_body_bytes)
@@ -181,153 +175,6 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
 
 def _json(body: Any, headers: dict[str, str]) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), headers=headers)
-
-
-class Calls:
-    """How a route reaches a model, streamed or not, within REQUEST_TIMEOUT_S.
-
-    What a call learns (the model, its tokens, queue time, first token) goes to the request's
-    access record (``serving.api.access``); a request that finds its model at zero counts a wake.
-    """
-
-    def __init__(self, backend: ModelBackend, settings: Settings) -> None:
-        self.backend = backend
-        self.settings = settings
-        self._waking: set[str] = set()  # models whose current wake a request has counted already
-
-    async def _begin(self, request: Request, model: ModelConfig, stream: bool) -> tuple[access.Access, bool]:
-        """The request's access record, and whether its model was not running when it arrived."""
-        record = access.of(request)
-        record.model, record.stream = model.name, stream
-        state = (await self.backend.status(model)).state
-        if state in ("scaled_to_zero", "evicted") and model.name not in self._waking:
-            self._waking.add(model.name)
-            metrics.model_woke(model.name, "request")
-        return record, state != "running"
-
-    def _failure(self, record: access.Access, exc: Exception, family: Family) -> ApiError:
-        return self._counted(record, from_exception(exc, family, self.settings.retry_after_s), exc)
-
-    @staticmethod
-    def _counted(record: access.Access, error: ApiError, exc: BaseException | None = None) -> ApiError:
-        """``error``, counted as a rejection when it turns the request away at capacity."""
-        from ray.serve.exceptions import BackPressureError
-
-        if isinstance(exc, BackPressureError):
-            metrics.rejected(record.route, record.model, "queue_full")
-        elif error.kind == "no_room":  # the pool found the model no room in time
-            metrics.rejected(record.route, record.model, "no_room")
-        return error
-
-    async def unary(
-        self, request: Request, model: ModelConfig, call: GenerationRequest, family: Family
-    ) -> tuple[Started, list[Completion], dict]:
-        """The whole answer; ``x-cold-start`` says how long it waited for a replica to start."""
-        check_output_budget(call, self.settings.max_output_tokens_per_request)
-        record, cold = await self._begin(request, model, stream=False)
-        try:
-            started, done = await asyncio.wait_for(self.backend.generate(model, call), self.settings.request_timeout_s)
-        except TimeoutError:
-            raise self._counted(record, await self.timed_out(model, family)) from None
-        except Exception as exc:  # the model's failures become statuses here, not in Starlette's error path
-            raise self._failure(record, exc, family) from None
-        finally:
-            self._waking.discard(model.name)  # the model is up, or this wake failed
-        record.started(started)
-        record.finished(done)
-        if not cold:
-            return started, done, {}
-        record.cold_start_s = time.monotonic() - record.arrived
-        return started, done, {"x-cold-start": f"{record.cold_start_s:.3f}"}
-
-    async def streamed(
-        self,
-        request: Request,
-        model: ModelConfig,
-        call: GenerationRequest,
-        render: Callable[[AsyncIterator[Any]], AsyncIterator[str]],
-        render_error: Callable[[ApiError], str],
-        family: Family,
-    ) -> StreamingResponse:
-        """SSE; errors before the model server takes the request still get their own status."""
-        settings = self.settings
-        check_output_budget(call, self.settings.max_output_tokens_per_request)
-        record, cold = await self._begin(request, model, stream=True)
-        try:
-            stream = await ModelCall.open(
-                self.backend.stream(model, call), settings.request_timeout_s, wait_s=settings.stream_heartbeat_s
-            )
-        except TimeoutError:
-            self._waking.discard(model.name)
-            raise self._counted(record, await self.timed_out(model, family)) from None
-        except Exception as exc:
-            self._waking.discard(model.name)
-            raise self._failure(record, exc, family) from None
-
-        async def waiting(elapsed: float) -> str:
-            status = await self.backend.status(model)
-            phase = (status.waking or {}).get("current") or status.state.replace("_", " ")
-            return f"waking {model.name}: {phase} ({elapsed:.0f} s)"
-
-        async def watched(items: AsyncIterator[Any]) -> AsyncIterator[Any]:
-            async for item in record.meter(items):
-                if isinstance(item, Started):
-                    self._waking.discard(model.name)
-                    if cold:
-                        record.cold_start_s = time.monotonic() - record.arrived
-                yield item
-
-        async def body() -> AsyncIterator[str]:
-            try:
-                async for chunk in render(watched(stream.items(settings.stream_heartbeat_s, waiting))):
-                    yield chunk
-            except TimeoutError:
-                error = self._counted(record, await self.timed_out(model, family))
-                record.error = error.kind
-                yield render_error(error)
-            except Exception as exc:  # the status is sent already: the error becomes an event
-                error = self._failure(record, exc, family)
-                record.error = error.kind
-                yield render_error(error)
-            finally:
-                self._waking.discard(model.name)
-
-        return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-
-    async def timed_out(self, model: ModelConfig, family: Family) -> ApiError:
-        """504 for a slow answer; 503 with Retry-After when the model was still waiting for room."""
-        if await self.backend.waiting_for_room(model):
-            retry = self.settings.retry_after_s
-            message = (
-                f"model {model.name!r} found no room on the cluster within REQUEST_TIMEOUT_S "
-                f"(models of higher priority hold it); retry in {retry} s"
-            )
-            return api_error("no_room", message, retry_after_s=retry)
-        return from_exception(TimeoutError(), family, self.settings.retry_after_s)
-
-
-def _install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
-    """Every error a route can raise leaves in its family's shape (OpenAI's under /v1)."""
-
-    def family(request: Request) -> Family:
-        return family_of(request.url.path.removeprefix(request.scope.get("root_path", "")) or "/")
-
-    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return invalid(exc.errors(), family(request)).response(family(request))
-
-    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response(family(request))
-
-    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return http_error(exc.status_code, str(exc.detail), getattr(exc, "headers", None)).response(family(request))
-
-    async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        return from_exception(exc, family(request), retry_after_s).response(family(request))
-
-    app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
-    app.add_exception_handler(ApiError, on_api_error)  # type: ignore[arg-type]
-    app.add_exception_handler(StarletteHTTPException, on_http)  # type: ignore[arg-type]
-    app.add_exception_handler(Exception, on_error)
 
 
 __all__ = ["create_app"]

@@ -23,9 +23,12 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import ChatTemplateError, PromptTooLongError, RequestError, RowFailedError, StepFailedError
 from serving.pool.errors import (
@@ -228,3 +231,27 @@ def _pool_error(exc: BaseException, family: Family) -> ApiError | None:
     if isinstance(exc, TooManyWaitersError):
         return api_error("overloaded", str(exc), code="too_many_waiters", retry_after_s=exc.retry_after_s)
     return None
+
+
+def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+    """Every error a route can raise leaves in its family's shape (OpenAI's under /v1)."""
+
+    def family(request: Request) -> Family:
+        return family_of(request.url.path.removeprefix(request.scope.get("root_path", "")) or "/")
+
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return invalid(exc.errors(), family(request)).response(family(request))
+
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response(family(request))
+
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return http_error(exc.status_code, str(exc.detail), getattr(exc, "headers", None)).response(family(request))
+
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        return from_exception(exc, family(request), retry_after_s).response(family(request))
+
+    app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, on_error)
