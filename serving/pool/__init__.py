@@ -8,7 +8,9 @@
 - ``store``: the pool's records in Ray's GCS store.
 - ``controller``: the ``PoolController`` deployment; ``admin``: its admin operations.
 - ``client``: ``PoolClient``, the Gateway's view; ``reporter``: a model replica's progress reports.
-- ``apps``: the service's models as pool models (entry validation, the ModelServer's app factory).
+- ``apps``: the service's models as pool models (entry validation, the ModelServer's app factory,
+  ``MODEL_APPS``, which the graph hands to the controller).
+- ``errors``: what the pool refuses; ``serving.api.errors`` maps each to a status (no HTTP here).
 
 Modules that import Ray Serve or torch are not imported here, so ``serving.pool`` stays light.
 """
