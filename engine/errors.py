@@ -26,3 +26,21 @@ class RowFailedError(RuntimeError):
 class StepFailedError(RuntimeError):
     """A decoding step itself failed (out of memory, a device error): every row in that step
     ended, the engine carries on with the next batch, and the request may be retried as it is."""
+
+
+class InvalidFieldError(RequestError):
+    """A request field the model cannot honour as given (a token id outside the vocabulary...).
+
+    ``param`` names the field (dotted, as the API names it), so the answer can point at it.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple:  # crosses a Ray handle with its field named
+        return (type(self), (self.args[0], self.param))
+
+
+class ConstraintError(InvalidFieldError):
+    """A schema, regex or grammar the grammar library refuses to compile."""

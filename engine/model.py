@@ -25,7 +25,9 @@ from engine.detokenize import IncrementalDetokenizer
 from engine.errors import PromptTooLongError
 from engine.loading import load_weights, placement_facts, touch_weights
 from engine.logprobs import TokenTexts
+from engine.processors import LogitsRules
 from engine.sampling import BatchState, Row, RowSampler, RowStopper
+from engine.scoring import check_token_prompts
 from engine.timing import PhaseTimer
 from engine.types import ChatMessage, Completion, Delta, SamplingParams, collect
 from engine.work import OnStep, Poll, WorkItem
@@ -165,6 +167,10 @@ class TextGenerator:
         eos = self._generation_config.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self.texts = TokenTexts(tokenizer)
+        head = model.get_output_embeddings()
+        vocab_size = head.weight.shape[0] if head is not None else model.config.vocab_size
+        self.vocab_size = int(vocab_size)
+        self.rules = LogitsRules(tokenizer, self.vocab_size, self.eos_ids)  # logit bias, min_tokens, grammars
         # Iteration-level batching where our own loop can drive the model; static batches
         # through generate() otherwise (see engine.continuous).
         self.continuous = config.continuous_batching and supports(model)
@@ -227,6 +233,13 @@ class TextGenerator:
     def encode(self, prompts: Sequence[str], params: SamplingParams) -> list[list[int]]:
         """Token ids per prompt; raises PromptTooLongError when a prompt cannot fit."""
         encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        for index, ids in enumerate(encoded):
+            self._check_fits(index, len(ids), params.max_new_tokens, len(prompts) > 1)
+        return encoded
+
+    def encode_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        """Token-id prompts, used as they are (no special tokens added), checked like text prompts."""
+        encoded = check_token_prompts(prompts, self.vocab_size)
         for index, ids in enumerate(encoded):
             self._check_fits(index, len(ids), params.max_new_tokens, len(prompts) > 1)
         return encoded
@@ -323,7 +336,9 @@ class TextGenerator:
         return collect((delta for _, delta in events), len(items), [len(ids) for ids in prompt_ids])
 
     def _row(self, item: WorkItem) -> Row:
-        return Row(item, IncrementalDetokenizer(self.tokenizer, item.params.stop))
+        row = Row(item, IncrementalDetokenizer(self.tokenizer, item.params.stop))
+        row.processors = self.rules.for_row(item.params)
+        return row
 
     def _run_continuous(self, items: list[WorkItem], on_step: OnStep, poll: Poll | None, max_batch_size: int) -> None:
         batch = ContinuousBatch(self.model, self.pad_id, self.eos_ids, self.texts, self.slots)

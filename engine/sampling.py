@@ -24,6 +24,7 @@ from transformers import LogitsProcessor, StoppingCriteria
 
 from engine.detokenize import IncrementalDetokenizer
 from engine.logprobs import TokenTexts, token_logprob
+from engine.processors import RowProcessors, apply_row_processors
 from engine.types import MAX_SEED, Delta, FinishReason, SamplingParams, TokenLogprob
 from engine.work import OnStep, WorkItem
 
@@ -42,6 +43,7 @@ class Row:
     # The static path computes a step's log-probabilities before it knows the chosen token.
     raw_logprobs: torch.Tensor | None = field(default=None, repr=False)
     failure: BaseException | None = field(default=None, repr=False)  # set when this row failed alone
+    processors: RowProcessors | None = field(default=None, repr=False)  # None: a free row, nothing to apply
 
     def __post_init__(self) -> None:
         if not self.params.greedy:
@@ -87,10 +89,15 @@ class Row:
 
     def _advance(self, token: int, eos: Collection[int], logprob: TokenLogprob | None, limit: bool | None) -> Delta:
         assert self.detokenizer is not None
+        params = self.params
         self.generated.append(token)
-        text = self.detokenizer.add(token)
+        if self.processors is not None:
+            self.processors.accept(token)
+        # A stop_token_ids token ends the row and, as in vLLM, is not part of the text.
+        text = self.detokenizer.add(token) if token not in params.stop_token_ids else ""
         reason: FinishReason | None = None
-        if self.detokenizer.stopped or (limit is not False and token in eos):
+        stop_token = token in params.stop_token_ids
+        if self.detokenizer.stopped or (limit is not False and token in eos and not params.ignore_eos) or stop_token:
             reason = "stop"
         elif limit is not False and len(self.generated) >= self.params.max_new_tokens:
             reason = "length"
@@ -225,6 +232,7 @@ def pick_tokens(
     ]
     if counted:
         _presence_frequency_penalties(logits, counted, [rows[i] for i in counted])
+    apply_row_processors(logits, rows)
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled:
@@ -258,7 +266,7 @@ class RowSampler(LogitsProcessor):
 
     def __init__(self, state: BatchState) -> None:
         self.state = state
-        self._custom = any(_needs_sampler(r.params) for r in state.rows)
+        self._custom = any(_needs_sampler(r.params) or r.processors is not None for r in state.rows)
         self._logprobs = any(r.params.logprobs is not None for r in state.rows)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

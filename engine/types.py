@@ -34,6 +34,28 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What a row's output must match, compiled by the engine into a grammar (``engine.constraints``).
+
+    ``kind``: ``json_schema`` (``spec`` is the schema as JSON text; ``strict`` False lets objects
+    carry properties the schema does not list), ``json_object`` (any JSON object), ``regex``,
+    ``choice`` (``spec`` is a JSON list of the allowed strings) or ``grammar`` (EBNF).
+
+        >>> Constraint("json_object").key
+        ('json_object', '', True)
+    """
+
+    kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+    spec: str = ""
+    strict: bool = True
+    param: str = "response_format"  # the request field it came from, named in a refusal
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        return (self.kind, self.spec, self.strict)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Generation parameters with every default filled in, as one row decodes them.
 
@@ -57,6 +79,14 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    # Per-row logits processors (``engine.processors``); the defaults cost a row nothing.
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_tokens: int = 0  # EOS and stop_token_ids are barred until this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # more ids that end the row, like EOS (not shown in the text)
+    ignore_eos: bool = False
+    min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (after temperature)
+    constraint: Constraint | None = None
+    prompt_logprobs: int | None = None  # each prompt token's log-probability, with this many alternatives
 
     @property
     def greedy(self) -> bool:
@@ -90,16 +120,17 @@ class GenerationRequest:
     prompts: tuple[str, ...] = ()
     messages: tuple[ChatMessage, ...] = ()
     n: int = 1
+    token_prompts: tuple[tuple[int, ...], ...] = ()  # prompts given as token ids, used as they are
 
     def __post_init__(self) -> None:
-        if bool(self.prompts) == bool(self.messages):
-            raise ValueError("a GenerationRequest has either prompts or messages")
+        if sum(map(bool, (self.prompts, self.messages, self.token_prompts))) != 1:
+            raise ValueError("a GenerationRequest has either prompts, token prompts or messages")
         if self.n < 1:
             raise ValueError("n must be at least 1")
 
     @property
     def num_prompts(self) -> int:
-        return len(self.prompts) if self.prompts else 1
+        return len(self.prompts or self.token_prompts) or 1
 
     @property
     def rows(self) -> int:
@@ -188,6 +219,10 @@ class Started:
     prompt_tokens: tuple[int, ...]  # per prompt (a chat is one prompt)
     queue_s: float = 0.0
     cold_start: dict[str, Any] | None = None
+    # Per prompt, with params.prompt_logprobs: each prompt token's entry. The first token has no
+    # log-probability (nothing precedes it): its entry gives its text only (logprob 0, no alternatives).
+    prompt_logprobs: tuple[tuple[TokenLogprob, ...], ...] | None = None
+    prompt_texts: tuple[str, ...] | None = None  # token-id prompts decoded, for echo
 
 
 # What a model server's stream yields: a Started, then batches of deltas in the order produced.

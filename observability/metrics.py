@@ -127,6 +127,13 @@ RUNNING = _gauge(
     ("model",),
 )
 WAITING = _gauge("num_requests_waiting", "Rows waiting in the replica for the engine.", ("model",))
+GRAMMAR_COMPILE = _histogram(
+    "grammar_compile_seconds",
+    "Time to have a request's grammar constraint (response_format, a tool's parameters) ready: a compile, "
+    "or a lookup when cached is 'true'.",
+    ("model", "cached"),
+    TTFT_BUCKETS,
+)
 COLD_START = {
     phase: _histogram(
         f"cold_start_{phase}_seconds",
@@ -139,7 +146,8 @@ COLD_START = {
 
 ALL: tuple[Metric, ...] = (
     REQUESTS, E2E_LATENCY, TTFT, ITL, REJECTED, WAKES, QUEUE_TIME, PROMPT_TOKENS, GENERATION_TOKENS,
-    REQUEST_PROMPT_TOKENS, REQUEST_GENERATION_TOKENS, ROWS_FINISHED, RUNNING, WAITING, *COLD_START.values(),
+    REQUEST_PROMPT_TOKENS, REQUEST_GENERATION_TOKENS, ROWS_FINISHED, RUNNING, WAITING, GRAMMAR_COMPILE,
+    *COLD_START.values(),
 )  # fmt: skip
 
 
@@ -194,6 +202,10 @@ def request_finished(model: str, generated: int, reasons: Mapping[str, int]) -> 
     for reason, rows in reasons.items():
         if rows > 0:
             record(ROWS_FINISHED, rows, model=model, finished_reason="abort" if reason == "cancelled" else reason)
+
+
+def grammar_compiled(model: str, seconds: float, cached: bool) -> None:
+    record(GRAMMAR_COMPILE, seconds, model=model, cached="true" if cached else "false")
 
 
 def batch(model: str, running: int, waiting: int) -> None:

@@ -15,6 +15,7 @@ Called through a Serve DeploymentHandle::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -135,6 +136,7 @@ class ModelServer:
         self._engine = _load_with_timeout(
             lambda: load(config, self._timer), config.model_load_timeout_s, config.model_id
         )
+        self._engine.rules.on_compile = lambda seconds, cached: metrics.grammar_compiled(self._name, seconds, cached)
         self._batcher = Batcher(
             self._engine.run,
             config.max_batch_size,
@@ -167,6 +169,12 @@ class ModelServer:
         self._requests += 1
         self._sampler.ensure_running()
         prompt_ids = self._encode(request)
+        extras = await self._prompt_extras(request, prompt_ids)
+        if request.params.max_new_tokens == 0:  # scoring only (echo with logprobs): nothing to generate
+            yield self._started(prompt_ids, None, arrived, extras)
+            yield tuple(Delta(row, "", 0, finish_reason="length") for row in range(request.rows))
+            metrics.request_finished(self._name, 0, {"length": request.rows})
+            return
         rows = request.row_inputs(prompt_ids)  # row p * n + c: choice c of prompt p
         stream = self._batcher.open([ids for ids, _ in rows], [params for _, params in rows], request.request_id)
         started: Started | None = None
@@ -174,7 +182,7 @@ class ModelServer:
         try:
             async for deltas in stream:
                 if started is None:
-                    started = self._started(prompt_ids, stream, arrived)
+                    started = self._started(prompt_ids, stream, arrived, extras)
                     yield started
                 generated += sum(d.tokens for d in deltas)
                 reasons.update(d.finish_reason for d in deltas if d.finish_reason is not None)
@@ -211,7 +219,7 @@ class ModelServer:
         assert started is not None
         if started.cold_start is not None:
             report = {**started.cold_start, "first_generation_s": round(time.monotonic() - begun, 4)}
-            started = Started(started.replica, started.prompt_tokens, started.queue_s, report)
+            started = dataclasses.replace(started, cold_start=report)
         return started, collect(deltas, request.rows, started.prompt_tokens, request.n)
 
     async def check_health(self) -> None:
@@ -238,18 +246,38 @@ class ModelServer:
         return {**self._batcher.stats(), "requests": self._requests, "tasks": len(asyncio.all_tasks())}
 
     def _encode(self, request: GenerationRequest) -> list[list[int]]:
+        self._engine.rules.check(request.params)  # logit bias ids, grammar compiled (cached) before queueing
         if request.messages:
             return [self._engine.encode_chat(request.messages, request.params, self._chat_template)]
+        if request.token_prompts:
+            return self._engine.encode_ids(request.token_prompts, request.params)
         return self._engine.encode(list(request.prompts), request.params)
 
-    def _started(self, prompt_ids: list[list[int]], stream: RequestStream, arrived: float) -> Started:
-        admitted = stream.admitted_at
+    async def _prompt_extras(self, request: GenerationRequest, prompt_ids: list[list[int]]) -> dict[str, Any]:
+        """What Started carries beside the counts: prompt log-probabilities, token-id prompts' text."""
+        from engine.scoring import prompt_logprobs
+
+        extras: dict[str, Any] = {}
+        if request.token_prompts:
+            extras["prompt_texts"] = tuple(self._engine.tokenizer.decode(ids) for ids in prompt_ids)
+        top = request.params.prompt_logprobs
+        if top is not None:  # one forward pass per prompt, beside the batch loop's thread
+            extras["prompt_logprobs"] = tuple(
+                [await asyncio.to_thread(prompt_logprobs, self._engine, ids, top) for ids in prompt_ids]
+            )
+        return extras
+
+    def _started(
+        self, prompt_ids: list[list[int]], stream: RequestStream | None, arrived: float, extras: dict[str, Any]
+    ) -> Started:
+        admitted = stream.admitted_at if stream is not None else arrived
         cold_start, self._cold_start = self._cold_start, None  # the first request served carries it
         started = Started(
             replica=self._replica,
             prompt_tokens=tuple(len(ids) for ids in prompt_ids),
             queue_s=round(max(0.0, (admitted or arrived) - arrived), 6),
             cold_start=cold_start,
+            **extras,
         )
         metrics.queued(self._name, started.queue_s)
         metrics.prompt_tokens(self._name, sum(started.prompt_tokens))

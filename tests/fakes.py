@@ -50,8 +50,15 @@ class FakeBackend:
     async def resolve(self, requested: str | None) -> ModelConfig:
         return resolve_model(self.settings.model_configs, requested)
 
+    @staticmethod
+    def _prompts(request: GenerationRequest) -> tuple[str, ...]:
+        """Text prompts; a chat is its contents joined; token ids as their numbers joined by spaces."""
+        if request.token_prompts:
+            return tuple(" ".join(map(str, ids)) for ids in request.token_prompts)
+        return request.prompts or ("".join(m.content for m in request.messages),)
+
     def _texts(self, request: GenerationRequest) -> list[str]:
-        prompts = request.prompts or ("".join(m.content for m in request.messages),)
+        prompts = self._prompts(request)
         return [fake_text(prompts[row // request.n], row) for row in range(request.rows)]
 
     async def stream(self, model: ModelConfig, request: GenerationRequest) -> AsyncIterator[StreamItem]:
@@ -61,8 +68,9 @@ class FakeBackend:
                 await asyncio.sleep(self.start_delay_s)
             if self.fail_before is not None:
                 raise self.fail_before
-            prompts = request.prompts or ("".join(m.content for m in request.messages),)
-            yield Started("fake-replica", tuple(len(p) for p in prompts), queue_s=0.0)
+            prompts = self._prompts(request)
+            texts = prompts if request.token_prompts else None  # the replica decodes token-id prompts for echo
+            yield Started("fake-replica", tuple(len(p) for p in prompts), queue_s=0.0, prompt_texts=texts)
             texts = self._texts(request)
             sent = 0
             width = max(len(t) for t in texts)

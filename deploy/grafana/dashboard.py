@@ -148,6 +148,12 @@ PANELS: tuple[Panel, ...] = (
         style="bargauge",
     ),
     Panel(
+        "Grammar compile time (structured output, tools)",
+        "s",
+        _quantiles(metrics.GRAMMAR_COMPILE, ("model", "cached")),
+        "Time to have a constrained request's grammar ready in the replica: a compile (cached=false) or a cache hit.",
+    ),
+    Panel(
         "Model wakes and rejections",
         "short",
         (

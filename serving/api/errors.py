@@ -195,7 +195,7 @@ def from_exception(exc: BaseException, family: Family, retry_after_s: int) -> Ap
             return api_error("budget", text, code="prompt_too_long", param="prompt")
         if isinstance(err, ChatTemplateError):
             return api_error("bad_request", text, code="chat_template", param="messages")
-        return api_error("validation", text, code="invalid_request", family=family)
+        return api_error("validation", text, code="invalid_request", family=family, param=getattr(err, "param", None))
     if isinstance(cause, StepFailedError):  # the engine's step failed, not this request: retry
         return api_error("unavailable", str(cause), code="engine_step_failed", retry_after_s=retry_after_s)
     if isinstance(cause, RowFailedError):  # this request's own row failed; its message names no internals

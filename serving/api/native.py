@@ -43,10 +43,15 @@ def translate(body: GenerateRequest, model: ModelConfig, settings: Settings, req
     return GenerationRequest(request_id, params, prompts=tuple(prompts))
 
 
+# SamplingParams fields only the OpenAI routes set (the native response does not echo them).
+OPENAI_ONLY = ("presence_penalty", "frequency_penalty", "logprobs", "logit_bias", "min_tokens", "stop_token_ids",
+               "ignore_eos", "min_p", "constraint", "prompt_logprobs")  # fmt: skip
+
+
 def echoed_kwargs(params: SamplingParams) -> dict:
     """The generation_kwargs a response echoes: the values used, defaults included."""
     out = params.as_dict()
-    for extension in ("presence_penalty", "frequency_penalty", "logprobs"):
+    for extension in OPENAI_ONLY:
         out.pop(extension)
     return out
 

@@ -15,6 +15,7 @@ when ``stream_options.include_usage`` asks, then ``data: [DONE]``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -27,6 +28,7 @@ from pydantic import BaseModel
 from engine.types import Completion, Delta, GenerationRequest, Started
 from serving.api import sse
 from serving.api.errors import ApiError, api_error
+from serving.api.openai_params import sampling_extras
 from serving.api.openai_responses import Chunk, Usage, wire
 from serving.api.openai_schemas import OpenAIRequest
 from settings import ModelConfig, Settings
@@ -80,9 +82,14 @@ class OpenAIDialect(ABC, Generic[RequestT]):
         self._log_unknown(body, request_id)
         if body.stream_options is not None and not body.stream:
             raise invalid_value("stream_options", "only allowed with stream: true")
-        if body.logit_bias:
-            raise unsupported("logit_bias", "not supported by this service; remove it")
-        return self._translate(body, model, settings, request_id)
+        request = self._translate(body, model, settings, request_id)
+        extras = sampling_extras(body, request.params.max_new_tokens)
+        if request.params.constraint is not None:  # the dialect's own (a tool choice)
+            if extras["constraint"] is not None:
+                param = extras["constraint"].param.split(".")[0]
+                raise invalid_value(param, f"cannot be combined with {request.params.constraint.param}")
+            extras["constraint"] = request.params.constraint
+        return dataclasses.replace(request, params=dataclasses.replace(request.params, **extras))
 
     @abstractmethod
     def _translate(

@@ -87,8 +87,6 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
             value = getattr(body, name)
             if value is not None and value != "none":
                 raise unsupported(name, "tool calling is not supported; remove it")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise unsupported("response_format", f"{body.response_format.type!r} is not supported; only 'text'")
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid_value("top_logprobs", "needs logprobs: true")
         if (

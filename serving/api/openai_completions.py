@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from engine.types import Completion, Delta, GenerationRequest, Started, TokenLogprob
 from serving.api.openai import OpenAIDialect, StreamState, finish_reason, invalid_value, unsupported, usage
@@ -19,15 +21,17 @@ from serving.api.params import check_limits, sampling_params
 from settings import ModelConfig, Settings
 
 
-def completion_logprobs(logprobs: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs:
+def completion_logprobs(logprobs: Sequence[TokenLogprob], offset: int, unscored: int = 0) -> CompletionLogprobs:
+    """The legacy logprobs of ``logprobs``, their text offsets counted from ``offset``. The first
+    ``unscored`` entries (an echoed prompt's first token) have no log-probability: null."""
     offsets = []
     for entry in logprobs:
         offsets.append(offset)
         offset += len(entry.token)
     return CompletionLogprobs(
         tokens=[e.token for e in logprobs],
-        token_logprobs=[e.logprob for e in logprobs],
-        top_logprobs=[_top_by_text(e.top) for e in logprobs],
+        token_logprobs=[e.logprob if i >= unscored else None for i, e in enumerate(logprobs)],
+        top_logprobs=[_top_by_text(e.top) if i >= unscored else None for i, e in enumerate(logprobs)],
         text_offset=offsets,
     )
 
@@ -41,24 +45,48 @@ def _top_by_text(top: Sequence) -> dict[str, float]:
     return by_text
 
 
+def _prompts(prompt: Any) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """Text prompts, or token-id prompts (a list of ints is one prompt, a list of such lists several)."""
+    if isinstance(prompt, str):
+        return (prompt,), ()
+    if not prompt:  # [] passes the schema as an empty list of token ids
+        raise invalid_value("prompt", "send a prompt (the list is empty)")
+    if isinstance(prompt[0], str):
+        return tuple(prompt), ()
+    if isinstance(prompt[0], int):
+        return (), (tuple(prompt),)
+    if any(not ids for ids in prompt):
+        raise invalid_value("prompt", "a token-id prompt is empty; send at least one id")
+    return (), tuple(tuple(ids) for ids in prompt)
+
+
+def echoed(request: GenerationRequest, started: Started | None, row: int) -> str:
+    """The prompt of ``row`` as echo shows it (a token-id prompt: its decoded text)."""
+    prompt = row // request.n
+    if started is not None and started.prompt_texts is not None:
+        return started.prompt_texts[prompt]
+    return request.prompts[prompt]
+
+
+def prompt_entries(started: Started | None, request: GenerationRequest, row: int) -> tuple:
+    if started is None or started.prompt_logprobs is None:
+        return ()
+    return started.prompt_logprobs[row // request.n]
+
+
 class CompletionsDialect(OpenAIDialect[CompletionRequest]):
     id_prefix = "cmpl"
 
     def _translate(
         self, body: CompletionRequest, model: ModelConfig, settings: Settings, request_id: str
     ) -> GenerationRequest:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        if not prompts:  # [] passes the schema as an empty list of token ids
-            raise invalid_value("prompt", "send a prompt (the list is empty)")
-        if any(not isinstance(p, str) for p in prompts):
-            raise unsupported("prompt", "token-id prompts are not supported; send the prompt as text")
+        prompts, token_prompts = _prompts(body.prompt)
         if body.suffix is not None:
             raise unsupported("suffix", "insertion (suffix) is not supported; remove it")
         if body.best_of is not None and body.best_of != body.n:
             raise unsupported("best_of", f"only best_of == n is supported (got best_of={body.best_of}, n={body.n})")
-        if body.echo and body.logprobs is not None:
-            raise unsupported("echo", "echo with logprobs (prompt log-probabilities) is not supported")
-        check_limits(prompts, body.n, settings)  # type: ignore[arg-type]
+        # Token-id prompts count against MAX_PROMPTS_PER_REQUEST here, and MAX_PROMPT_TOKENS in the replica.
+        check_limits(prompts or [""] * len(token_prompts), body.n, settings)
         params = sampling_params(
             model,
             max_tokens=body.max_tokens,
@@ -72,7 +100,9 @@ class CompletionsDialect(OpenAIDialect[CompletionRequest]):
             stop=body.stop,
             logprobs=body.logprobs,
         )
-        return GenerationRequest(request_id, params, prompts=tuple(prompts), n=body.n)  # type: ignore[arg-type]
+        if body.echo and body.logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
+        return GenerationRequest(request_id, params, prompts=prompts, n=body.n, token_prompts=token_prompts)
 
     def response(
         self,
@@ -84,10 +114,10 @@ class CompletionsDialect(OpenAIDialect[CompletionRequest]):
     ) -> CompletionResponse:
         choices = []
         for row, completion in enumerate(done):
-            prefix = request.prompts[row // request.n] if body.echo else ""
+            prefix = echoed(request, started, row) if body.echo else ""
             logprobs = None
             if body.logprobs is not None:
-                logprobs = completion_logprobs(completion.logprobs, len(prefix))
+                logprobs = self._logprobs(request, started, row, completion.logprobs)
             choices.append(
                 CompletionChoice(
                     index=row,
@@ -104,13 +134,25 @@ class CompletionsDialect(OpenAIDialect[CompletionRequest]):
             usage=usage(started, sum(c.completion_tokens for c in done)),
         )
 
+    def _logprobs(
+        self, request: GenerationRequest, started: Started | None, row: int, generated: Sequence[TokenLogprob]
+    ) -> CompletionLogprobs:
+        """A row's legacy logprobs: the echoed prompt's tokens first (with echo), then the generated ones."""
+        prompt = prompt_entries(started, request, row)
+        return completion_logprobs((*prompt, *generated), 0, unscored=1 if prompt else 0)
+
     # --- streaming ---------------------------------------------------------------------------------
     def _open_row(self, state: StreamState, row: int) -> Iterable[list[CompletionChoice]]:
         state.rows[row] = 0  # the text offset of the row's next token
         if state.body.echo:
-            prompt = state.request.prompts[row // state.request.n]
-            state.rows[row] = len(prompt)
-            yield [CompletionChoice(index=row, text=prompt, finish_reason=None)]
+            prompt = echoed(state.request, state.started, row)
+            logprobs = None
+            if state.body.logprobs is not None:
+                logprobs = self._logprobs(state.request, state.started, row, ())
+                state.rows[row] = sum(len(t) for t in logprobs.tokens)
+            else:
+                state.rows[row] = len(prompt)
+            yield [CompletionChoice(index=row, text=prompt, logprobs=logprobs, finish_reason=None)]
 
     def _delta_choices(self, state: StreamState, delta: Delta) -> Iterable[list[CompletionChoice]]:
         if not delta.text and delta.finish_reason is None and not delta.logprobs:

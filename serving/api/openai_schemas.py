@@ -33,6 +33,22 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(default=False, description="Send a last chunk with the token usage.")
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = Field(default=None, description="true: objects carry exactly the listed properties.")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"] = Field(description="text, json_object or json_schema.")
+    json_schema: JsonSchemaFormat | None = Field(default=None, description="With type json_schema: the schema.")
+
+
 class OpenAIRequest(_Request):
     """Fields the two routes share."""
 
@@ -48,13 +64,36 @@ class OpenAIRequest(_Request):
     stream_options: StreamOptions | None = Field(default=None, description="Only with stream: true.")
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (400 unless empty).")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, max_length=1024, description="Token id (as a string) -> bias from -100 to 100 added to its logit."
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None, description="text, json_object, or json_schema (constrained decoding: the answer matches it)."
+    )
+    # Metadata the SDK may send: accepted, not used.
     user: str | None = Field(default=None, description="End-user id; metadata, not used.")
-    # Extensions beyond OpenAI's API (as vLLM accepts them).
+    store: Any = Field(default=None, description="Metadata; not used (nothing is stored).")
+    metadata: Any = Field(default=None, description="Metadata; not used.")
+    service_tier: Any = Field(default=None, description="Metadata; not used.")
+    prompt_cache_key: Any = Field(default=None, description="Metadata; not used.")
+    safety_identifier: Any = Field(default=None, description="Metadata; not used.")
+    # Extensions beyond OpenAI's API (as vLLM accepts them, in the SDK's extra_body).
     top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="Extension: top-k filter. Default: TOP_K.")
     repetition_penalty: float | None = Field(
         default=None, gt=0, le=10, description="Extension: CTRL-style repetition penalty. Default: REPETITION_PENALTY."
     )
+    min_p: float | None = Field(default=None, ge=0, le=1, description="Extension: drop tokens below min_p x the top.")
+    min_tokens: int = Field(default=0, ge=0, description="Extension: no EOS or stop_token_ids before this many tokens.")
+    stop_token_ids: list[int] | None = Field(
+        default=None, max_length=64, description="Extension: token ids that end a choice, like EOS."
+    )
+    ignore_eos: bool = Field(default=False, description="Extension: keep generating past EOS.")
+    guided_json: dict[str, Any] | str | None = Field(default=None, description="Extension: a JSON schema to match.")
+    guided_regex: str | None = Field(default=None, description="Extension: a regular expression to match.")
+    guided_choice: list[str] | None = Field(
+        default=None, min_length=1, max_length=256, description="Extension: answer one of these strings."
+    )
+    guided_grammar: str | None = Field(default=None, description="Extension: an EBNF grammar to match.")
 
 
 class CompletionRequest(OpenAIRequest):
@@ -67,13 +106,17 @@ class CompletionRequest(OpenAIRequest):
     )
 
     prompt: Text | Annotated[list[Text], Field(min_length=1)] | list[int] | list[list[int]] = Field(
-        description="A string or a list of strings (token-id prompts are not supported)."
+        description="A string, a list of strings, a list of token ids, or a list of such lists."
     )
-    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate. Default: MAX_NEW_TOKENS.")
+    max_tokens: int | None = Field(
+        default=None, ge=0, description="Tokens to generate (0: none, to score the prompt). Default: MAX_NEW_TOKENS."
+    )
     logprobs: int | None = Field(
         default=None, ge=0, le=5, description="Log-probabilities of the chosen token and this many alternatives."
     )
-    echo: bool = Field(default=False, description="Put the prompt before the completion.")
+    echo: bool = Field(
+        default=False, description="Put the prompt before the completion (with logprobs: the prompt's too)."
+    )
     suffix: str | None = Field(default=None, description="Not supported (400).")
     best_of: int | None = Field(default=None, ge=1, description="Only best_of == n is supported.")
 
@@ -91,12 +134,6 @@ class ChatMessageIn(BaseModel):
     role: str = Field(description="system, user or assistant (developer is read as system).")
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, description="Not supported (400).")
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    type: str = Field(description="Only 'text' is supported.")
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -120,7 +157,6 @@ class ChatCompletionRequest(OpenAIRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Default: MAX_NEW_TOKENS.")
     logprobs: bool = Field(default=False, description="Return the chosen tokens' log-probabilities.")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Alternatives per token (needs logprobs).")
-    response_format: ResponseFormat | None = Field(default=None, description="Only {'type': 'text'}.")
     tools: list[Any] | None = Field(default=None, description="Not supported (400 unless empty).")
     tool_choice: Any = Field(default=None, description="Not supported (400 unless 'none').")
     functions: list[Any] | None = Field(default=None, description="Not supported (400 unless empty).")

@@ -1,0 +1,142 @@
+"""Per-row logits processors: logit bias, min_tokens, min_p and grammar constraints.
+
+A row whose parameters ask for none of them has no processors (``Row.processors`` is None) and
+costs nothing: :func:`apply_row_processors` returns at once for a batch of such rows. Rows with a
+grammar get their allowed-token masks filled one by one and applied to the batch's logits in one
+call (xgrammar's ``apply_token_bitmask_inplace``), as vLLM does; other rows are untouched.
+
+They act after the repetition/presence/frequency penalties and before the choice of token (argmax,
+or sampling with temperature, top-k and top-p); log-probabilities stay those of the raw logits.
+
+Example::
+
+    rules = LogitsRules(tokenizer, vocab_size=50257, eos_ids=[50256])
+    rules.check(params)              # InvalidFieldError / ConstraintError before the row is queued
+    row.processors = rules.for_row(params)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from engine.constraints import GrammarCache
+from engine.errors import InvalidFieldError
+from engine.types import SamplingParams
+
+
+def needs_processors(params: SamplingParams) -> bool:
+    return bool(params.logit_bias or params.min_tokens or params.min_p or params.constraint is not None)
+
+
+class LogitsRules:
+    """One model's factory of row processors: its vocabulary, EOS ids and compiled grammars."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        eos_ids: Sequence[int],
+        on_compile: Callable[[float, bool], None] | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_ids = tuple(eos_ids)
+        self.on_compile = on_compile  # (seconds, cached): the replica records the compile-time metric
+        self._grammars: GrammarCache | None = None  # xgrammar is loaded by the first constraint
+
+    @property
+    def grammars(self) -> GrammarCache:
+        if self._grammars is None:
+            self._grammars = GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids, self._compiled)
+        return self._grammars
+
+    def _compiled(self, seconds: float, cached: bool) -> None:
+        if self.on_compile is not None:
+            self.on_compile(seconds, cached)
+
+    def check(self, params: SamplingParams) -> None:
+        """Refuse what this model cannot honour, and compile the row's grammar (cached) now, before
+        the row is queued: a refusal is the request's error, and decoding never waits for a compile."""
+        for param, ids in (
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidFieldError(
+                    f"{param}: token id {bad[0]} is outside this model's vocabulary (0 to {self.vocab_size - 1})",
+                    param=param,
+                )
+        if params.constraint is not None:
+            self.grammars.get(params.constraint)
+
+    def for_row(self, params: SamplingParams) -> RowProcessors | None:
+        if not needs_processors(params):
+            return None
+        matcher = None
+        if params.constraint is not None:
+            grammars = self.grammars
+            matcher = grammars.matcher(grammars.get(params.constraint, record=False))
+        return RowProcessors(params, self.eos_ids, matcher)
+
+
+class RowProcessors:
+    """One row's processors and its grammar's state (engine thread only)."""
+
+    def __init__(self, params: SamplingParams, eos_ids: Sequence[int], matcher: Any = None) -> None:
+        self.params = params
+        self.matcher = matcher
+        self.generated = 0
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias, strict=True)
+            self._bias = (torch.tensor(ids), torch.tensor(values, dtype=torch.float32))
+        self._barred = torch.tensor(sorted({*eos_ids, *params.stop_token_ids}))
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Bias, min_tokens and min_p on one row's logits (vocabulary,), in place."""
+        params = self.params
+        if self._bias is not None:
+            ids, values = self._bias
+            logits.index_add_(0, ids.to(logits.device), values.to(logits.device, logits.dtype))
+        if self.generated < params.min_tokens and len(self._barred):
+            logits[self._barred.to(logits.device)] = float("-inf")
+        if params.min_p > 0 and not params.greedy:
+            # p >= min_p * p_max after temperature  <=>  logit >= max_logit + T * ln(min_p)
+            floor = logits.max() + params.temperature * math.log(params.min_p)
+            logits.masked_fill_(logits < floor, float("-inf"))
+
+    def accept(self, token: int) -> None:
+        self.generated += 1
+        if self.matcher is not None and not self.matcher.is_terminated():
+            self.matcher.accept_token(token)
+
+
+def apply_row_processors(logits: torch.Tensor, rows: Sequence[Any]) -> None:
+    """Each row's processors (``rows[i].processors``) on ``logits[i]`` (rows x vocabulary), in place."""
+    constrained: list[int] = []
+    for i, row in enumerate(rows):
+        processors = row.processors
+        if processors is None:
+            continue
+        processors.apply(logits[i])
+        if processors.matcher is not None:
+            constrained.append(i)
+    if not constrained:
+        return
+    import xgrammar
+
+    bitmask = xgrammar.allocate_token_bitmask(len(rows), logits.shape[-1])
+    for i in constrained:
+        matcher = rows[i].processors.matcher
+        if not matcher.is_terminated():
+            matcher.fill_next_token_bitmask(bitmask, i)
+    # The kernel walks memory as if rows were contiguous; a decode step's logits are a strided view.
+    target = logits if logits.is_contiguous() else logits.contiguous()
+    xgrammar.apply_token_bitmask_inplace(target, bitmask.to(logits.device), indices=constrained)
+    if target is not logits:
+        logits.copy_(target)

@@ -1,0 +1,158 @@
+"""Per-row logits processors and grammar constraints on a tiny random model: a random model never
+writes valid JSON by chance, so only the constraint makes these answers parse."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.errors import ConstraintError, InvalidFieldError
+from engine.model import EngineConfig, TextGenerator
+from engine.scoring import prompt_logprobs
+from engine.types import Constraint, SamplingParams
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 6},
+        "rank": {"type": "integer", "minimum": 0, "maximum": 99},
+        "open": {"type": "boolean"},
+        "kind": {"enum": ["a", "b"]},
+    },
+    "required": ["city", "rank", "open", "kind"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_causal: Path) -> TextGenerator:
+    return TextGenerator.load(EngineConfig(model_id=str(tiny_causal)))
+
+
+def ids(engine: TextGenerator, text: str = "Return the") -> list[int]:
+    return engine.encode([text], SamplingParams(max_new_tokens=1))[0]
+
+
+def constrained(kind: str, spec: str = "", **params) -> SamplingParams:
+    return SamplingParams(max_new_tokens=80, constraint=Constraint(kind, spec), **params)  # type: ignore[arg-type]
+
+
+def valid(text: str) -> dict:
+    value = json.loads(text)
+    assert set(value) == {"city", "rank", "open", "kind"} and isinstance(value["rank"], int)
+    assert 0 <= value["rank"] <= 99 and isinstance(value["open"], bool) and value["kind"] in ("a", "b")
+    assert isinstance(value["city"], str) and len(value["city"]) <= 6
+    return value
+
+
+def test_a_free_row_has_no_processors(engine: TextGenerator) -> None:
+    assert engine.rules.for_row(SamplingParams(max_new_tokens=4, temperature=0.7, top_k=5)) is None
+
+
+def test_the_unconstrained_model_writes_no_json(engine: TextGenerator) -> None:
+    [free] = engine.generate([ids(engine)], SamplingParams(max_new_tokens=40))
+    with pytest.raises(ValueError):
+        json.loads(free.text)
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_json_schema_rows_match_beside_free_and_sampled_rows(engine: TextGenerator, continuous: bool) -> None:
+    engine.continuous = continuous  # False: the static path through generate()
+    try:
+        schema = constrained("json_schema", json.dumps(SCHEMA))
+        sampled = replace(schema, temperature=1.0, seed=5)
+        free = SamplingParams(max_new_tokens=12)
+        done = engine.generate([ids(engine)] * 4, [schema, free, sampled, free])
+    finally:
+        engine.continuous = True
+    valid(done[0].text) and valid(done[2].text)
+    assert done[0].finish_reason == done[2].finish_reason == "stop"
+    [alone] = engine.generate([ids(engine)], SamplingParams(max_new_tokens=12))
+    assert done[1].text == done[3].text == alone.text  # free rows are untouched by their neighbours
+
+
+def test_json_object_choice_and_regex(engine: TextGenerator) -> None:
+    kinds = [
+        constrained("json_object"),
+        constrained("choice", '["yes", "no way"]'),
+        constrained("regex", r"[a-c]{3}-\d"),
+    ]
+    out = engine.generate([ids(engine)] * 3, kinds)
+    assert isinstance(json.loads(out[0].text), dict)
+    assert out[1].text in ("yes", "no way")
+    assert len(out[2].text) == 5 and set(out[2].text[:3]) <= set("abc") and out[2].text[3] == "-"
+
+
+def test_a_schema_the_library_refuses_names_the_field_and_the_reason(engine: TextGenerator) -> None:
+    bad = Constraint("json_schema", json.dumps({"type": "objectx"}), param="response_format.json_schema.schema")
+    with pytest.raises(ConstraintError) as caught:
+        engine.rules.check(SamplingParams(max_new_tokens=4, constraint=bad))
+    assert caught.value.param == "response_format.json_schema.schema"
+    assert 'Unsupported type "objectx"' in str(caught.value) and ".cc:" not in str(caught.value)
+
+
+def test_compiles_are_cached_and_reported(engine: TextGenerator) -> None:
+    seen: list[bool] = []
+    engine.rules.on_compile = lambda seconds, cached: seen.append(cached)
+    params = constrained("regex", r"x{2}\d+")
+    engine.rules.check(params)
+    engine.rules.check(params)
+    engine.rules.on_compile = None
+    assert seen == [False, True]
+
+
+def test_logit_bias_forces_and_bars_tokens(engine: TextGenerator) -> None:
+    target = engine.tokenizer.convert_tokens_to_ids("Ġthe")
+    [forced] = engine.generate([ids(engine)], SamplingParams(max_new_tokens=5, logit_bias=((target, 100.0),)))
+    assert forced.text == " the" * 5
+    [free] = engine.generate([ids(engine)], SamplingParams(max_new_tokens=5))
+    first = engine.tokenizer(free.text)["input_ids"][0]
+    [barred] = engine.generate([ids(engine)], SamplingParams(max_new_tokens=5, logit_bias=((first, -100.0),)))
+    assert engine.tokenizer(barred.text)["input_ids"][0] != first
+    with pytest.raises(InvalidFieldError, match="logit_bias: token id 99999"):
+        engine.rules.check(SamplingParams(max_new_tokens=1, logit_bias=((99999, 1.0),)))
+
+
+def test_stop_token_ids_min_tokens_and_ignore_eos(engine: TextGenerator) -> None:
+    [free] = engine.generate([ids(engine)], SamplingParams(max_new_tokens=6))
+    third = engine.tokenizer(free.text)["input_ids"][2]
+    [stopped] = engine.generate([ids(engine)], SamplingParams(max_new_tokens=6, stop_token_ids=(third,)))
+    assert stopped.finish_reason == "stop" and stopped.completion_tokens <= 3
+    eos = engine.eos_ids[0]
+    early = SamplingParams(max_new_tokens=6, logit_bias=((eos, 100.0),))  # EOS first, at once
+    [ends] = engine.generate([ids(engine)], early)
+    assert ends.completion_tokens == 1 and ends.finish_reason == "stop"
+    [held] = engine.generate([ids(engine)], replace(early, min_tokens=4))
+    assert held.completion_tokens == 5 and held.finish_reason == "stop"  # EOS barred for 4 tokens
+    [ignored] = engine.generate([ids(engine)], replace(early, ignore_eos=True))
+    assert ignored.completion_tokens == 6 and ignored.finish_reason == "length"
+
+
+def test_min_p_keeps_only_the_likely_tokens(engine: TextGenerator) -> None:
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, min_p=1.0)  # only the likeliest survives
+    [greedy] = engine.generate([ids(engine)], SamplingParams(max_new_tokens=8))
+    assert [engine.generate([ids(engine)], replace(params, seed=s))[0].text for s in (1, 2)] == [greedy.text] * 2
+
+
+def test_prompt_logprobs_are_the_models_log_softmax(engine: TextGenerator) -> None:
+    prompt = ids(engine, "The socket module provides access")
+    entries = prompt_logprobs(engine, prompt, top=1)
+    with torch.no_grad():
+        expected = engine.model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    assert len(entries) == len(prompt) and entries[0].logprob == 0.0 and entries[0].top == ()
+    for j in range(1, len(prompt)):
+        assert entries[j].logprob == pytest.approx(float(expected[j - 1, prompt[j]]), abs=1e-5)
+        assert entries[j].top[0].logprob == pytest.approx(float(expected[j - 1].max()), abs=1e-5)
+
+
+def test_token_id_prompts_answer_as_their_text(engine: TextGenerator) -> None:
+    prompt = ids(engine)
+    params = SamplingParams(max_new_tokens=6)
+    assert engine.encode_ids([prompt], params) == [prompt]
+    assert engine.generate(engine.encode_ids([prompt], params), params) == engine.generate([prompt], params)
+    with pytest.raises(InvalidFieldError, match="outside this model's vocabulary"):
+        engine.encode_ids([[1, 10**6]], params)
