@@ -33,6 +33,30 @@ CACHE_SIZE = 256  # compiled grammars kept per model (a compiled JSON schema is 
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: ")  # "[01:20:44] /project/cpp/x.cc:83: " before the reason
 
 
+# A JSON string character: anything but a quote, a backslash or a control character.
+_STRING_CHAR = '[^"\\\\\\x00-\\x1f]'
+
+
+def bounded_strings(node: Any) -> Any:
+    """The schema with ``minLength``/``maxLength`` strings rewritten as the equivalent ``pattern``.
+
+    xgrammar 0.2.8 compiles a length-bounded string to a character class that admits raw control
+    characters (invalid JSON: a random model writes them); the pattern bars them and keeps the bounds.
+    A string that has a pattern or a format of its own keeps its length bounds as they are.
+    """
+    if isinstance(node, list):
+        return [bounded_strings(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: bounded_strings(value) for key, value in node.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if bounded and out.get("type", "string") == "string" and "pattern" not in out and "format" not in out:
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        if isinstance(low, int) and (high == "" or isinstance(high, int)):
+            out["pattern"] = f"^{_STRING_CHAR}{{{low},{high}}}$"
+    return out
+
+
 def refusal_reason(exc: BaseException) -> str:
     """The library's reason, without its source location."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -94,9 +118,8 @@ class GrammarCache:
         begun = time.perf_counter()
         try:
             if constraint.kind == "json_schema":
-                compiled = compiler.compile_json_schema(
-                    constraint.spec, any_whitespace=False, strict_mode=constraint.strict
-                )
+                schema = json.dumps(bounded_strings(json.loads(constraint.spec)))
+                compiled = compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=constraint.strict)
             elif constraint.kind == "json_object":
                 compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
             elif constraint.kind == "regex":

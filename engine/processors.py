@@ -45,6 +45,9 @@ class LogitsRules:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_ids = tuple(eos_ids)
+        # xgrammar reads special tokens (<pad>, <s>...) as their literal text, fit for a JSON string;
+        # the text we send leaves them out, so a constrained row must never choose one.
+        self.special_ids = tuple(sorted(set(getattr(tokenizer, "all_special_ids", ())) - set(eos_ids)))
         self.on_compile = on_compile  # (seconds, cached): the replica records the compile-time metric
         self._grammars: GrammarCache | None = None  # xgrammar is loaded by the first constraint
 
@@ -81,14 +84,17 @@ class LogitsRules:
         if params.constraint is not None:
             grammars = self.grammars
             matcher = grammars.matcher(grammars.get(params.constraint, record=False))
-        return RowProcessors(params, self.eos_ids, matcher)
+        return RowProcessors(params, self.eos_ids, matcher, self.special_ids if matcher is not None else ())
 
 
 class RowProcessors:
     """One row's processors and its grammar's state (engine thread only)."""
 
-    def __init__(self, params: SamplingParams, eos_ids: Sequence[int], matcher: Any = None) -> None:
+    def __init__(
+        self, params: SamplingParams, eos_ids: Sequence[int], matcher: Any = None, barred: Sequence[int] = ()
+    ) -> None:
         self.params = params
+        self._always_barred = torch.tensor(barred, dtype=torch.long) if barred else None
         self.matcher = matcher
         self.generated = 0
         self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -103,6 +109,8 @@ class RowProcessors:
         if self._bias is not None:
             ids, values = self._bias
             logits.index_add_(0, ids.to(logits.device), values.to(logits.device, logits.dtype))
+        if self._always_barred is not None:
+            logits[self._always_barred.to(logits.device)] = float("-inf")
         if self.generated < params.min_tokens and len(self._barred):
             logits[self._barred.to(logits.device)] = float("-inf")
         if params.min_p > 0 and not params.greedy:

@@ -18,7 +18,7 @@ from engine.types import Constraint, SamplingParams
 SCHEMA = {
     "type": "object",
     "properties": {
-        "city": {"type": "string", "maxLength": 6},
+        "city": {"type": "string", "pattern": "^[A-Z][a-z]{2,5}$"},
         "rank": {"type": "integer", "minimum": 0, "maximum": 99},
         "open": {"type": "boolean"},
         "kind": {"enum": ["a", "b"]},
@@ -45,7 +45,7 @@ def valid(text: str) -> dict:
     value = json.loads(text)
     assert set(value) == {"city", "rank", "open", "kind"} and isinstance(value["rank"], int)
     assert 0 <= value["rank"] <= 99 and isinstance(value["open"], bool) and value["kind"] in ("a", "b")
-    assert isinstance(value["city"], str) and len(value["city"]) <= 6
+    assert isinstance(value["city"], str) and 3 <= len(value["city"]) <= 6 and value["city"].isalpha()
     return value
 
 
@@ -73,6 +73,14 @@ def test_json_schema_rows_match_beside_free_and_sampled_rows(engine: TextGenerat
     assert done[0].finish_reason == done[2].finish_reason == "stop"
     [alone] = engine.generate([ids(engine)], SamplingParams(max_new_tokens=12))
     assert done[1].text == done[3].text == alone.text  # free rows are untouched by their neighbours
+
+
+def test_length_bounded_strings_never_hold_control_characters(engine: TextGenerator) -> None:
+    # xgrammar 0.2.8 lets a maxLength string hold raw control characters; the schema is rewritten to bar them.
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 8}}, "required": ["s"]}
+    params = [replace(constrained("json_schema", json.dumps(schema)), temperature=1.0, seed=s) for s in range(4, 10)]
+    for done in engine.generate([ids(engine)] * len(params), params):
+        assert set(json.loads(done.text)) == {"s"}  # json.loads refuses control characters in strings
 
 
 def test_json_object_choice_and_regex(engine: TextGenerator) -> None:
