@@ -52,6 +52,12 @@ class ModelFields(BaseModel):
         description="Chat template (Jinja) for /v1/chat/completions, or the path of a file holding one. "
         "Unset: the tokenizer's own template.",
     )
+    tool_parser: Literal["hermes", "json"] = Field(
+        default="hermes",
+        description="How /v1/chat/completions reads tool calls in the model's text with tool_choice auto: "
+        "hermes (<tool_call>{...}</tool_call>, Hermes and Qwen models) or json (the whole answer a JSON call or "
+        "list of calls).",
+    )
     priority: int = Field(
         default=0, ge=0, le=100, description="Model priority: higher may evict lower on a full cluster (0 lowest)."
     )

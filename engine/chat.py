@@ -7,6 +7,7 @@ which then replaces it. The rendered chat ends with the generation prompt (the a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,32 @@ NO_TEMPLATE = (
 )
 
 
-def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], template: str | None = None) -> str:
+def message_dict(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it: tool calls with their arguments as objects (as vLLM
+    hands them: Hermes/Qwen/Llama templates write ``arguments | tojson``), a tool reply with its call id."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def render_chat(
+    tokenizer: Any, messages: Sequence[ChatMessage], template: str | None = None, tools: str | None = None
+) -> str:
     """The chat as the model reads it, ending with the generation prompt.
 
     Raises ChatTemplateError when there is no template, or when the template refuses the messages
@@ -33,10 +59,14 @@ def render_chat(tokenizer: Any, messages: Sequence[ChatMessage], template: str |
 
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(NO_TEMPLATE)
-    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    conversation = [message_dict(m) for m in messages]
     try:
         text = tokenizer.apply_chat_template(
-            conversation, chat_template=template, tokenize=False, add_generation_prompt=True
+            conversation,
+            tools=json.loads(tools) if tools else None,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=True,
         )
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"the chat template rejected these messages: {exc}") from None

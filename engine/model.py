@@ -245,14 +245,18 @@ class TextGenerator:
         return encoded
 
     def encode_chat(
-        self, messages: Sequence[ChatMessage], params: SamplingParams, template: str | None = None
+        self,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams,
+        template: str | None = None,
+        tools: str | None = None,
     ) -> list[int]:
         """Token ids of a chat rendered with the model's chat template (or ``template``).
 
         Raises ChatTemplateError when there is no template or it refuses the messages, and
         PromptTooLongError when the rendered chat cannot fit.
         """
-        ids = encode_chat(self.tokenizer, render_chat(self.tokenizer, messages, template))
+        ids = encode_chat(self.tokenizer, render_chat(self.tokenizer, messages, template, tools))
         self._check_fits(0, len(ids), params.max_new_tokens, False)
         return ids
 

@@ -29,7 +29,7 @@ MAX_TOP_K = 2**31 - 1  # the schemas' bound; the engine also clamps top_k to the
 # A temperature below this samples as greedy: in float32 the scaled scores overflow (or the
 # distribution is a point mass anyway), and an overflowed row would pick an arbitrary token.
 MIN_SAMPLING_TEMPERATURE = 1e-5
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 T = TypeVar("T")
 
 
@@ -100,9 +100,24 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant made: ``arguments`` is the JSON text of its arguments object."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatMessage:
+    """One message of a chat. An assistant's may carry ``tool_calls``; a ``tool`` message answers the
+    call ``tool_call_id`` (and names the function in ``name`` when the client gave it)."""
+
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,7 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] = ()
     n: int = 1
     token_prompts: tuple[tuple[int, ...], ...] = ()  # prompts given as token ids, used as they are
+    tools: str | None = None  # a chat's tools, the JSON text of OpenAI's list, for the chat template
 
     def __post_init__(self) -> None:
         if sum(map(bool, (self.prompts, self.messages, self.token_prompts))) != 1:

@@ -248,7 +248,7 @@ class ModelServer:
     def _encode(self, request: GenerationRequest) -> list[list[int]]:
         self._engine.rules.check(request.params)  # logit bias ids, grammar compiled (cached) before queueing
         if request.messages:
-            return [self._engine.encode_chat(request.messages, request.params, self._chat_template)]
+            return [self._engine.encode_chat(request.messages, request.params, self._chat_template, request.tools)]
         if request.token_prompts:
             return self._engine.encode_ids(request.token_prompts, request.params)
         return self._engine.encode(list(request.prompts), request.params)

@@ -43,6 +43,7 @@ class FakeBackend:
     start_delay_s: float = 0.0
     delta_delay_s: float = 0.0
     state: str = "running"
+    finish_reason: str = "length"  # how every row of the fake model ends
     calls: list[GenerationRequest] = field(default_factory=list)
     closed: int = 0
     finished: int = 0
@@ -82,7 +83,7 @@ class FakeBackend:
                         continue
                     last = start + 2 >= len(text)
                     logprobs = self._logprobs(piece, request.params.logprobs)
-                    deltas.append(Delta(row, piece, 1, logprobs, finish_reason="length" if last else None))
+                    deltas.append(Delta(row, piece, 1, logprobs, finish_reason=self.finish_reason if last else None))
                 if self.fail_after is not None and sent >= self.fail_after[0]:
                     raise self.fail_after[1]
                 sent += len(deltas)

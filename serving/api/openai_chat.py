@@ -6,10 +6,12 @@ last chunk with ``finish_reason``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 
-from engine.types import ChatMessage, Completion, Delta, GenerationRequest, Started, TokenLogprob
+from engine.tool_parsers import Extracted
+from engine.types import ChatMessage, Completion, Delta, GenerationRequest, Started, TokenLogprob, ToolCall
 from serving.api.openai import OpenAIDialect, StreamState, finish_reason, invalid_value, unsupported, usage
 from serving.api.openai_responses import (
     ChatChoice,
@@ -19,15 +21,18 @@ from serving.api.openai_responses import (
     ChatLogprobs,
     ChatMessageOut,
     DeltaMessage,
+    FunctionCallOut,
     TokenLogprobOut,
+    ToolCallOut,
     TopLogprobOut,
     Usage,
 )
 from serving.api.openai_schemas import ChatCompletionRequest
+from serving.api.openai_tools import StreamedTools, tool_call, tool_plan, tools_json
 from serving.api.params import check_limits, sampling_params
 from settings import ModelConfig, Settings
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 def chat_messages(body: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
@@ -36,17 +41,21 @@ def chat_messages(body: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
         where = f"messages.{i}"
         role = ROLES.get(message.role)
         if role is None:
-            what = "tool and function messages are not supported" if message.role in ("tool", "function") else (
-                f"unknown role {message.role!r}; use system, user or assistant"
+            what = "function messages are replaced by tool messages" if message.role == "function" else (
+                f"unknown role {message.role!r}; use system, user, assistant or tool"
             )  # fmt: skip
             raise unsupported(f"{where}.role", what)
-        for extra in ("tool_calls", "function_call", "audio", "refusal"):
+        for extra in ("function_call", "audio", "refusal"):
             if (message.model_extra or {}).get(extra):
                 raise unsupported(f"{where}.{extra}", "not supported by this service")
-        if message.name is not None:
+        if message.name is not None and role != "tool":
             raise unsupported(f"{where}.name", "participant names are not supported; remove it")
+        if message.tool_calls and role != "assistant":
+            raise invalid_value(f"{where}.tool_calls", "only assistant messages carry tool calls")
+        if role == "tool" and not message.tool_call_id:
+            raise invalid_value(f"{where}.tool_call_id", "required on tool messages (the id of the call answered)")
         content = message.content
-        if content is None:
+        if content is None and not message.tool_calls:
             raise invalid_value(f"{where}.content", "required")
         if isinstance(content, list):
             texts = []
@@ -57,7 +66,10 @@ def chat_messages(body: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
                     raise invalid_value(f"{where}.content.{j}.text", "required")
                 texts.append(part.text)
             content = "".join(texts)
-        messages.append(ChatMessage(role, content))  # type: ignore[arg-type]
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ())
+        tool_call_id = message.tool_call_id if role == "tool" else None
+        name = message.name if role == "tool" else None
+        messages.append(ChatMessage(role, content or "", calls, tool_call_id, name))  # type: ignore[arg-type]
     return tuple(messages)
 
 
@@ -81,12 +93,10 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
     def _translate(
         self, body: ChatCompletionRequest, model: ModelConfig, settings: Settings, request_id: str
     ) -> GenerationRequest:
-        if body.tools or body.functions:
-            raise unsupported("tools" if body.tools else "functions", "tool calling is not supported; remove it")
-        for name in ("tool_choice", "function_call"):
-            value = getattr(body, name)
-            if value is not None and value != "none":
-                raise unsupported(name, "tool calling is not supported; remove it")
+        if body.functions or body.function_call not in (None, "none"):
+            name = "functions" if body.functions else "function_call"
+            raise unsupported(name, "the legacy functions API is not supported; send tools and tool_choice")
+        plan = tool_plan(body, model)
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid_value("top_logprobs", "needs logprobs: true")
         if (
@@ -113,7 +123,9 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
             stop=body.stop,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
-        return GenerationRequest(request_id, params, messages=messages, n=body.n)
+        if plan is not None:
+            params = dataclasses.replace(params, constraint=plan.constraint())
+        return GenerationRequest(request_id, params, messages=messages, n=body.n, tools=tools_json(body))
 
     def response(
         self,
@@ -123,37 +135,58 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
         started: Started,
         done: list[Completion],
     ) -> ChatCompletionResponse:
+        plan = tool_plan(body, model)
+        choices = []
+        for row, c in enumerate(done):
+            answer = plan.read(c.text) if plan is not None else Extracted(c.text)
+            calls = [tool_call(call) for call in answer.calls]
+            choices.append(
+                ChatChoice(
+                    index=row,
+                    message=ChatMessageOut(
+                        content=answer.content if calls else c.text,
+                        tool_calls=[_call_out(call) for call in calls] or None,
+                    ),
+                    logprobs=chat_logprobs(c.logprobs) if body.logprobs else None,
+                    finish_reason="tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason,  # type: ignore[arg-type]
+                )
+            )
         return ChatCompletionResponse(
             id=f"{self.id_prefix}-{request.request_id}",
             created=int(time.time()),
             model=model.name,
-            choices=[
-                ChatChoice(
-                    index=row,
-                    message=ChatMessageOut(content=c.text),
-                    logprobs=chat_logprobs(c.logprobs) if body.logprobs else None,
-                    finish_reason=c.finish_reason,  # type: ignore[arg-type]
-                )
-                for row, c in enumerate(done)
-            ],
+            choices=choices,
             usage=usage(started, sum(c.completion_tokens for c in done)),
         )
 
     # --- streaming ---------------------------------------------------------------------------------
     def _open_row(self, state: StreamState, row: int) -> Iterable[list[ChatChunkChoice]]:
+        plan = tool_plan(state.body, state.model)
+        state.rows[row] = StreamedTools(plan) if plan is not None and plan.mode != "none" else None
         yield [ChatChunkChoice(index=row, delta=DeltaMessage(role="assistant", content=""))]
 
     def _delta_choices(self, state: StreamState, delta: Delta) -> Iterable[list[ChatChunkChoice]]:
-        if delta.text or delta.logprobs:
+        tools: StreamedTools | None = state.rows.get(delta.index)
+        reason = finish_reason(delta)
+        if tools is not None:
+            for message in tools.feed(delta.text, ended=reason is not None):
+                yield [ChatChunkChoice(index=delta.index, delta=message)]
+            if reason == "stop" and tools.called:
+                reason = "tool_calls"
+        elif delta.text or delta.logprobs:
             logprobs = chat_logprobs(delta.logprobs) if state.body.logprobs else None
             yield [ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text), logprobs=logprobs)]
-        if (reason := finish_reason(delta)) is not None:
+        if reason is not None:
             yield [ChatChunkChoice(index=delta.index, delta=DeltaMessage(), finish_reason=reason)]
 
     def _chunk(self, state: StreamState, choices: list, usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=state.id, created=state.created, model=state.model.name, choices=choices, usage=usage
         )
+
+
+def _call_out(call: ToolCall) -> ToolCallOut:
+    return ToolCallOut(id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments))
 
 
 CHAT = ChatDialect()

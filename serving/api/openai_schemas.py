@@ -128,12 +128,58 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(default="{}", max_length=100_000, description="JSON text of the arguments.")
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
-    role: str = Field(description="system, user or assistant (developer is read as system).")
+    role: str = Field(description="system, user, assistant or tool (developer is read as system).")
     content: str | list[TextPart] | None = None
-    name: str | None = Field(default=None, description="Not supported (400).")
+    name: str | None = Field(default=None, description="Only on tool messages: the function's name.")
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=64, description="An assistant's calls.")
+    tool_call_id: str | None = Field(default=None, description="A tool message: the call it answers.")
+
+
+class FunctionIn(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Letters, digits, _ . - (at most 64).")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="A JSON schema of the arguments object.")
+    strict: bool | None = None
+
+
+class ToolIn(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["function"] = Field(description="Only function tools.")
+    function: FunctionIn
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -157,11 +203,15 @@ class ChatCompletionRequest(OpenAIRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Default: MAX_NEW_TOKENS.")
     logprobs: bool = Field(default=False, description="Return the chosen tokens' log-probabilities.")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Alternatives per token (needs logprobs).")
-    tools: list[Any] | None = Field(default=None, description="Not supported (400 unless empty).")
-    tool_choice: Any = Field(default=None, description="Not supported (400 unless 'none').")
+    tools: list[ToolIn] | None = Field(default=None, max_length=128, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description="none, auto (the default with tools: the model's text is read by TOOL_PARSER), required (a call "
+        "of one of the tools, constrained), or a named function (a call of it, constrained).",
+    )
     functions: list[Any] | None = Field(default=None, description="Not supported (400 unless empty).")
     function_call: Any = Field(default=None, description="Not supported (400 unless 'none').")
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one call per answer.")
 
 
 # --- models and errors --------------------------------------------------------------------------

@@ -16,18 +16,30 @@ from settings import ModelConfig
 TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"
 
 
+class NoRules:
+    """The engine's logits rules with nothing to refuse (the real ones: tests/unit/test_processors.py)."""
+
+    on_compile = None
+
+    def check(self, params: SamplingParams) -> None:
+        pass
+
+
 class FakeEngine:
     """One token a step per row: the row's prompt length as text; prompts of over 8 words are too long."""
 
     def __init__(self) -> None:
         self.chats: list[tuple[Sequence[ChatMessage], str | None]] = []
+        self.rules = NoRules()
 
     def encode(self, prompts: Sequence[str], params: SamplingParams) -> list[list[int]]:
         if any(len(p.split()) > 8 for p in prompts):
             raise PromptTooLongError("the prompt has more than 8 tokens")
         return [list(range(len(p.split()))) for p in prompts]
 
-    def encode_chat(self, messages: Sequence[ChatMessage], params: SamplingParams, template: str | None = None):
+    def encode_chat(
+        self, messages: Sequence[ChatMessage], params: SamplingParams, template: str | None = None, tools=None
+    ):
         self.chats.append((messages, template))
         return [0] * len(messages)
 

@@ -61,6 +61,7 @@ BAD_VALUES = [
     ("MODEL_ID", "/no/such/model", "no model checkpoint"),
     ("DEVICE", "tpu", "'auto', 'cpu' or 'cuda'"),
     ("DTYPE", "int8", "'auto', 'float32', 'float16' or 'bfloat16'"),
+    ("TOOL_PARSER", "mistral", "'hermes' or 'json'"),
     ("TRUST_REMOTE_CODE", "maybe", "valid boolean"),
     ("HOST", "", "at least 1 character"),
     ("PORT", "70000", "less than or equal to 65535"),
