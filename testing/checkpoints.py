@@ -62,6 +62,17 @@ SHAPES = {
     "gpt2-2.8gb": {"n_layer": 22, "n_embd": 1536, "n_head": 16, "n_positions": 1024, "vocab_size": 50257},
 }
 
+# A Hermes-style template for tool calling: the tools in a system block, an assistant's calls as
+# <tool_call>{...}</tool_call>, a tool's answer with the id of the call it answers.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>{% for t in tools %}{{ t.function.name }}:{{ t.function.parameters | tojson }};"
+    "{% endfor %}\n{% endif %}{% for m in messages %}{% if m.tool_calls %}<|assistant|>{% for c in m.tool_calls %}"
+    '<tool_call>{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}</tool_call>'
+    "{% endfor %}\n{% elif m.role == 'tool' %}<|tool|>{{ m.tool_call_id }}={{ m.content }}\n"
+    "{% else %}<|{{ m.role }}|>{{ m.content }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
 
 def random_gpt2(path: Path, seed: int = 0, dtype: str = "float32", **config: Any) -> Any:
     """Save a GPT-2 with random weights (seeded) of the shape ``config`` (``GPT2Config`` fields) at ``path``;

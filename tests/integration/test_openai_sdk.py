@@ -221,11 +221,12 @@ def test_errors_are_the_sdk_exception_classes(url: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         sdk.completions.create(model=MODEL, prompt="x", temperature=3)
     assert info.value.body["param"] == "temperature"
-    with pytest.raises(openai.BadRequestError, match="tool calling"):
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
         sdk.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "x"}],
             tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
         )
     with pytest.raises(openai.AuthenticationError):
         client(url, key="sk-wrong-key-000").models.list()

@@ -1,6 +1,6 @@
-"""Structured output, sampling extras and prompt scoring on real Ray Serve, through the official
-`openai` SDK and `langchain-openai`, against a tiny random checkpoint: a random model never writes
-valid JSON by chance, so every answer that parses here was made so by constrained decoding."""
+"""Structured output, tool calls, sampling extras and prompt scoring on real Ray Serve, through the
+official `openai` SDK and `langchain-openai`, against a tiny random checkpoint: a random model never
+writes valid JSON by chance, so every answer that parses here was made so by constrained decoding."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 from pydantic import BaseModel, Field
 
+from testing.checkpoints import TOOLS_TEMPLATE
 from tests.integration.conftest import Service, deploy
 
 MODEL = "tiny-structured"
@@ -26,10 +27,21 @@ class City(BaseModel):
     region: Literal["north", "south"]
 
 
+class Weather(BaseModel):
+    """The weather forecast for a city."""
+
+    city: str = Field(pattern=r"^[A-Z][a-z]{2,7}$")
+    days: int = Field(ge=1, le=7)
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "Weather", "parameters": Weather.model_json_schema()}}
+
+
 @pytest.fixture(scope="module")
 def service(serve_port: int, tiny_chat: Path) -> Service:
     env = {"MODEL_ID": str(tiny_chat), "SERVED_MODEL_NAME": MODEL, "API_KEY": KEY, "MIN_REPLICAS": "1",
-           "MAX_NEW_TOKENS": "64", "MAX_NEW_TOKENS_LIMIT": "128", "TEMPERATURE": "0"}  # fmt: skip
+           "MAX_NEW_TOKENS": "64", "MAX_NEW_TOKENS_LIMIT": "128", "TEMPERATURE": "0",
+           "CHAT_TEMPLATE": TOOLS_TEMPLATE}  # fmt: skip
     return deploy(serve_port, env)
 
 
@@ -166,3 +178,41 @@ def test_token_id_prompts_answer_as_their_text(sdk: openai.OpenAI, local) -> Non
     assert one.choices[0].text == by_text.choices[0].text
     with pytest.raises(openai.BadRequestError, match="outside this model's vocabulary"):
         sdk.completions.create(model=MODEL, prompt=[1, 10**7], max_tokens=2)
+
+
+def test_langchain_bind_tools_with_a_named_choice(service: Service) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL, base_url=f"{service.url}/v1", api_key=KEY, max_tokens=100, temperature=0)
+    message = llm.bind_tools([Weather], tool_choice="Weather").invoke("Weather in Oslo?")
+    [call] = message.tool_calls
+    assert call["name"] == "Weather" and call["id"].startswith("call_")
+    Weather(**call["args"])
+
+
+def test_a_streamed_required_tool_call(sdk: openai.OpenAI) -> None:
+    stream = sdk.chat.completions.create(
+        model=MODEL, messages=ask("Weather in Oslo?"), tools=[WEATHER_TOOL], tool_choice="required",
+        parallel_tool_calls=False, max_tokens=100, stream=True,
+    )  # fmt: skip
+    chunks = [c.choices[0] for c in stream if c.choices]
+    deltas = [d for c in chunks for d in c.delta.tool_calls or ()]
+    assert deltas and {d.index for d in deltas} == {0} and deltas[0].id.startswith("call_")
+    assert deltas[0].function.name == "Weather" and chunks[-1].finish_reason == "tool_calls"
+    Weather.model_validate_json("".join(d.function.arguments or "" for d in deltas))
+
+
+def test_a_conversation_with_tool_calls_and_tool_answers_renders(sdk: openai.OpenAI) -> None:
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "Weather", "arguments": '{"city": "Oslo", "days": 2}'},
+    }
+    messages = [*ask("Weather in Oslo?"), {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]  # fmt: skip
+    plain = sdk.chat.completions.create(model=MODEL, messages=ask("Weather in Oslo?"), max_tokens=4)
+    out = sdk.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=4)
+    # The tools, the call and its answer are all in the prompt the template rendered.
+    template_text = len(str(Weather.model_json_schema())) + len("sunny, 21 C") + len(call["function"]["arguments"])
+    assert out.usage.prompt_tokens > plain.usage.prompt_tokens + template_text // 8
+    assert out.choices[0].message.content is not None

@@ -15,20 +15,13 @@ from engine.tool_parsers import PARSERS
 from engine.types import ChatMessage, GenerationRequest, ToolCall
 from serving.app import create_app
 from settings import build_settings
+from testing.checkpoints import TOOLS_TEMPLATE
 from tests.fakes import FakeBackend
 
 MODEL = "tiny"
 WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
 TIME = {"type": "function", "function": {"name": "time", "parameters": {"type": "object", "properties": {}}}}
-TOOLS_TEMPLATE = (
-    "{% if tools %}<|system|>{% for t in tools %}{{ t.function.name }}:{{ t.function.parameters | tojson }};"
-    "{% endfor %}\n{% endif %}{% for m in messages %}{% if m.tool_calls %}<|assistant|>{% for c in m.tool_calls %}"
-    '<tool_call>{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}</tool_call>'
-    "{% endfor %}\n{% elif m.role == 'tool' %}<|tool|>{{ m.tool_call_id }}={{ m.content }}\n"
-    "{% else %}<|{{ m.role }}|>{{ m.content }}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 # --- parsers -------------------------------------------------------------------------------------------
