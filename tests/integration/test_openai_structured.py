@@ -78,11 +78,16 @@ def test_sdk_parse_with_a_pydantic_model(sdk: openai.OpenAI) -> None:
     assert all(isinstance(c.message.parsed, City) for c in sampled.choices)
 
 
-def test_json_object_and_a_streamed_json_schema_answer(sdk: openai.OpenAI) -> None:
+def test_json_object_and_a_streamed_json_schema_answer(sdk: openai.OpenAI, local) -> None:
+    # Greedy, this random model writes digits forever inside an object; a bias on "}" (allowed only
+    # where the object may close) lets it end. Unconstrained, the same bias never makes JSON.
+    close = {str(local[0].convert_tokens_to_ids("}")): 3}
     out = sdk.chat.completions.create(
-        model=MODEL, messages=ask(), max_tokens=60, response_format={"type": "json_object"}
+        model=MODEL, messages=ask(), max_tokens=60, response_format={"type": "json_object"}, logit_bias=close
     )
-    assert isinstance(json.loads(out.choices[0].message.content), dict)
+    assert isinstance(json.loads(out.choices[0].message.content), dict) and out.choices[0].finish_reason == "stop"
+    free = sdk.chat.completions.create(model=MODEL, messages=ask(), max_tokens=60, logit_bias=close)
+    assert not (free.choices[0].message.content or "").startswith("{")
     schema = {
         "type": "json_schema",
         "json_schema": {"name": "City", "schema": City.model_json_schema(), "strict": True},
