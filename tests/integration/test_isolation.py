@@ -1,0 +1,184 @@
+"""One shared service on real Ray Serve, and clients that try to hurt each other: a hostile neighbour in the same
+batch as greedy requests, a keyless flood of 1 MB bodies, an oversized output, a batch at its token budget, and
+(on an application of its own) an engine that hangs and is replaced."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from ray import serve
+
+from engine.errors import StepFailedError
+from engine.timing import PhaseTimer
+from engine.types import Delta, GenerationRequest, SamplingParams, Started
+from engine.work import OnStep, Poll, WorkItem
+from serving.model_server import ModelServer
+from settings import ModelConfig, build_settings
+from testing.checkpoints import build_tiny_causal
+from testing.polling import wait_for
+from tests.integration.conftest import Service, deploy, model_deployment
+
+KEY = "sk-isolation-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BATCH_TOKENS = 1000
+
+
+@pytest.fixture(scope="module")
+def service(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    model = build_tiny_causal(tmp_path_factory.mktemp("tiny-512"), n_positions=512)
+    env = {
+        "MODEL_ID": str(model), "SERVED_MODEL_NAME": "tiny", "API_KEY": KEY, "MIN_REPLICAS": "1",
+        "MAX_REPLICAS": "1", "MAX_BATCH_SIZE": "16", "MAX_NEW_TOKENS": "16", "MAX_BATCH_TOKENS": str(BATCH_TOKENS),
+        "BATCH_WAIT_TIMEOUT_S": "0.05", "WARM_WORKERS": "0",
+    }  # fmt: skip
+    svc = deploy(serve_port, env)
+    wait_for(lambda: svc.model_status()["state"] == "running", timeout=180, what="the model to run")
+    yield svc
+    svc.client.close()
+
+
+def complete(svc: Service, prompt: str, max_tokens: int = 24, **extra) -> httpx.Response:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    return svc.client.post(f"{svc.url}/v1/completions", json=body, headers=AUTH, timeout=120)
+
+
+def text(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [choice["text"] for choice in response.json()["choices"]]
+
+
+def model_stats() -> dict:
+    name = model_deployment()
+    return serve.get_deployment_handle(name, name).stats.remote().result(timeout_s=30)
+
+
+HOSTILE = {
+    "n": 8, "temperature": 1e-30, "top_p": 1e-50, "top_k": 2**31 - 1, "seed": 2**63 - 1, "logprobs": 5,
+    "presence_penalty": 2, "frequency_penalty": -2, "stop": ["\ud7ff", "}}}", " "], "max_tokens": 40,
+}  # fmt: skip
+
+
+def test_a_hostile_neighbour_in_the_same_batch_leaves_greedy_answers_as_they_are_alone(service: Service) -> None:
+    prompts = ["Return the number of", "The socket module provides"]
+    alone = [text(complete(service, p)) for p in prompts]
+    before = model_stats()["batches"]
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(3):
+            hostile = [pool.submit(complete, service, "x" * 50, **HOSTILE) for _ in range(2)]
+            greedy = [pool.submit(complete, service, p) for p in prompts]
+            assert [text(f.result()) for f in greedy] == alone
+            for f in hostile:
+                assert len(text(f.result())) == 8
+    stats = model_stats()
+    # They shared batches: fewer engine calls than the requests sent.
+    assert stats["batches"] - before < 3 * 4, stats
+
+
+def test_an_output_over_the_budget_is_400_naming_it(service: Service) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 16, "logprobs": True,
+            "top_logprobs": 20, "max_tokens": 480}  # fmt: skip
+    response = service.client.post(f"{service.url}/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+    assert response.status_code == 400, response.text
+    assert "MAX_OUTPUT_TOKENS_PER_REQUEST" in response.json()["error"]["message"]
+
+
+def test_a_batch_at_its_token_budget_admits_the_row_later(service: Service) -> None:
+    prompts = ["Return the", "Raise the", "A Ray"]  # 2 x (prompt + 400) fits 1000 tokens; 3 rows do not
+    alone = [text(complete(service, p, max_tokens=400)) for p in prompts]
+    waits = model_stats()["budget_waits"]
+    with ThreadPoolExecutor(3) as pool:
+        together = [text(f.result()) for f in [pool.submit(complete, service, p, max_tokens=400) for p in prompts]]
+    assert together == alone
+    assert model_stats()["budget_waits"] > waits
+
+
+def test_a_keyless_flood_of_1mb_bodies_leaves_an_authorised_clients_latency_flat(service: Service) -> None:
+    def authorised_latencies(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            began = time.monotonic()
+            text(complete(service, "Return the", max_tokens=2))
+            times.append(time.monotonic() - began)
+        return times
+
+    alone = statistics.median(authorised_latencies(8))
+    body = b"[" + b",".join([b"[[[[[[[[1]]]]]]]]"] * 58_000) + b"]"  # ~1 MB of small lists: costly to parse
+    stop = threading.Event()
+    refused: list[int] = []
+
+    def flood() -> None:
+        with httpx.Client() as client:
+            while not stop.is_set():
+                r = client.post(f"{service.url}/v1/chat/completions", content=body,
+                                headers={"Content-Type": "application/json"}, timeout=30)  # fmt: skip
+                refused.append(r.status_code)
+
+    threads = [threading.Thread(target=flood) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(refused) >= 6, timeout=30, what="the flood to start")
+        during = statistics.median(authorised_latencies(8))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert set(refused) == {401}
+    # Each keyless request costs a header lookup: the authorised client's median stays near its own.
+    assert during <= max(3 * alone, alone + 0.5), (alone, during, len(refused))
+
+
+# --- an engine that hangs: Serve replaces its replica ---------------------------------------------------
+
+
+class HangingEngine:
+    """Answers one token a step; a batch holding a row of exactly 5 prompt tokens hangs (forever, for Serve)."""
+
+    def encode(self, prompts: Sequence[str], params: SamplingParams) -> list[list[int]]:
+        return [list(range(len(p.split()))) for p in prompts]
+
+    def run(self, items: Sequence[WorkItem], on_step: OnStep, poll: Poll | None = None, max_batch_size=None) -> None:
+        if any(len(item.prompt_ids) == 5 for item in items):
+            threading.Event().wait()
+        on_step([(item, Delta(item.row, "ok", 1, finish_reason="length")) for item in items])
+
+
+def hanging_engine(config: ModelConfig, timer: PhaseTimer) -> HangingEngine:
+    return HangingEngine()
+
+
+def test_a_hung_engine_fails_its_requests_with_503_and_serve_replaces_the_replica(
+    service: Service, tmp_path: Path
+) -> None:
+    env = {"MODEL_ID": str(Path(service.settings.model_configs[0].model_id)), "MIN_REPLICAS": "1",
+           "MAX_REPLICAS": "1", "ENGINE_STALL_TIMEOUT_S": "2", "GRACEFUL_SHUTDOWN_TIMEOUT_S": "1"}  # fmt: skip
+    [config] = build_settings(env).model_configs
+    options = {**config.deployment_options(), "name": "hanging"}
+    handle = serve.run(ModelServer.options(**options).bind(config, engine=hanging_engine), name="hanging",
+                       route_prefix=None)  # fmt: skip
+    try:
+        ok = GenerationRequest("ok", SamplingParams(max_new_tokens=1), prompts=("a b",))
+        first, _ = handle.generate.remote(ok).result(timeout_s=60)
+        hang = GenerationRequest("hang", SamplingParams(max_new_tokens=1), prompts=("a b c d e",))
+        began = time.monotonic()
+        with pytest.raises(StepFailedError, match="no progress"):
+            handle.generate.remote(hang).result(timeout_s=60)
+        assert time.monotonic() - began < 30  # failed by the health check, not left to hang
+
+        def replaced() -> Started | None:
+            try:
+                started, _ = handle.generate.remote(ok).result(timeout_s=10)
+            except Exception:
+                return None
+            return started if started.replica != first.replica else None
+
+        wait_for(replaced, timeout=120, interval=1, what="Serve to replace the unhealthy replica")
+    finally:
+        serve.delete("hanging")
