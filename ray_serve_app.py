@@ -32,6 +32,8 @@ def pool_graph(settings: Settings) -> Application:
         request_timeout_s=settings.request_timeout_s,
         retry_after_s=settings.retry_after_s,
         log_level=settings.log_level,
+        admin_allow_remote_code=settings.admin_allow_remote_code,
+        admin_models=settings.admin_model_patterns,
     )
     specs = [spec_of(config) for config in settings.model_configs]
     controller = PoolController.options(ray_actor_options=settings.control_actor_options())

@@ -163,6 +163,22 @@ class Settings(BaseSettings, ModelFields):
         "whitespace stripped), none of the API keys. Unset: /admin answers 404.",
     )
 
+    admin_allow_remote_code: bool = Field(
+        default=False,
+        description="Whether /admin may load a model with trust_remote_code (its checkpoint's own Python code runs "
+        "on a worker). Off: such a load is refused (422 naming trust_remote_code).",
+    )
+    admin_models: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Comma-separated shell-style patterns of the model ids /admin may load: hub ids "
+        "('HuggingFaceTB/*') and directories ('/models/*'). Unset: any model id.",
+    )
+    docs_need_key: bool = Field(
+        default=True,
+        description="With API keys set, /docs, /redoc and /openapi.json need a key too (false: open, as without "
+        "keys). They list every route, /admin included.",
+    )
     gateway_node_label: str | None = Field(
         default=None,
         description="A Ray node label 'key=value': the Gateway and the pool controller (and Serve's task that "
@@ -225,6 +241,17 @@ class Settings(BaseSettings, ModelFields):
     @classmethod
     def _admin_key(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None else read_admin_key(value)
+
+    @field_validator("admin_models")
+    @classmethod
+    def _admin_models(cls, value: str | None) -> str | None:
+        if value is not None and not [p for p in value.split(",") if p.strip()]:
+            raise ValueError("holds no pattern (only commas or spaces); unset it to let /admin load any model id")
+        return value
+
+    @property
+    def admin_model_patterns(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in (self.admin_models or "").split(",") if p.strip())
 
     @field_validator("gateway_node_label")
     @classmethod

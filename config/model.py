@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from config.model_fields import ModelFields, is_local_path
+from config.model_fields import STORED, ModelFields, is_local_path
 
 # What a served model name may contain: it is the `model` clients send and names the deployment.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
@@ -32,9 +32,11 @@ class ModelConfig(ModelFields):
     def from_stored(cls, data: Mapping[str, Any]) -> ModelConfig:
         """A configuration validated when it was written (``model_dump(mode="json")``), read back as data.
 
-        No validator runs again: a checkpoint path or a template file is not looked up on another node.
+        Its shape and bounds are checked again (a record written by an older version, with a field since
+        renamed, raises ``ValidationError``), but nothing is looked up on this node's disk: a checkpoint
+        path or a template file may exist only where the replicas run.
         """
-        return cls.model_construct(**data)
+        return cls.model_validate(dict(data), context={STORED: True})
 
     @property
     def deployment_name(self) -> str:

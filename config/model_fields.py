@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "pydoc-gpt-mini"
@@ -21,6 +21,13 @@ IDLE_TIMEOUT_ALIAS = "RAY_SERVE_AUTOSCALER_IDLE_TIMEOUT_S"
 
 def is_local_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~"))
+
+
+STORED = "stored"  # validation context key: a record read back from the pool's store (no disk lookups)
+
+
+def _stored(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(STORED))
 
 
 class ModelFields(BaseModel):
@@ -170,10 +177,11 @@ class ModelFields(BaseModel):
 
     @field_validator("model_id")
     @classmethod
-    def _local_model_exists(cls, value: str) -> str:
+    def _local_model_exists(cls, value: str, info: ValidationInfo) -> str:
         # A path-like MODEL_ID must exist now, not fail minutes later inside a replica. Hub IDs
-        # ("org/name") cannot be checked offline; from_pretrained reports those.
-        if is_local_path(value):
+        # ("org/name") cannot be checked offline; from_pretrained reports those. A stored record was
+        # checked where it was written: its path may exist only on the nodes that run replicas.
+        if is_local_path(value) and not _stored(info):
             path = Path(value).expanduser()
             if not (path / "config.json").is_file():
                 raise ValueError(f"no model checkpoint (config.json) in directory {str(path)!r}")
@@ -181,9 +189,9 @@ class ModelFields(BaseModel):
 
     @field_validator("chat_template")
     @classmethod
-    def _template_text(cls, value: str | None) -> str | None:
+    def _template_text(cls, value: str | None, info: ValidationInfo) -> str | None:
         # The template travels as text: a replica on another node cannot read this machine's file.
-        if value is None or "{{" in value or "{%" in value:
+        if value is None or "{{" in value or "{%" in value or _stored(info):
             return value
         path = Path(value).expanduser()
         if not path.is_file():

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 
 from serving.api import access, native
 from serving.api.admin import admin_router
-from serving.api.auth import BEARER, KeyCheck, require
+from serving.api.auth import BEARER, KeyCheck, bearer_token, require
 from serving.api.body import StrictJSONMiddleware
 from serving.api.calls import Calls
 from serving.api.errors import install_error_handlers
@@ -99,18 +99,21 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
     app.add_middleware(StrictJSONMiddleware, max_body_bytes=settings.max_body_bytes)
     # Added after (so run before) the body checks: a request without its key never has its body read.
     admin_keys = KeyCheck([settings.admin_api_key]) if settings.admin_api_key is not None else None
-    app.add_middleware(HeaderGate, rules=guards(keys, admin_keys))
+    app.add_middleware(HeaderGate, rules=guards(keys, admin_keys, docs=settings.docs_need_key))
     # Outermost of ours: it sees every answer, the body checks' and the gate's refusals included.
     app.add_middleware(access.AccessLog, routes=app.router.routes, retry_after_s=settings.retry_after_s)
     calls = Calls(backend, settings)
 
     @app.get("/healthz", response_model=HealthResponse, summary="Liveness and every model's state")
-    async def healthz() -> HealthResponse:
-        """Answered by the Gateway alone: probes never start a model replica."""
+    async def healthz(request: Request) -> HealthResponse:
+        """Answered by the Gateway alone: probes never start a model replica. With keys set, a caller
+        without one gets only each model's id and state; details (model ids, paths, replicas, timings)
+        need a key."""
         statuses = await backend.statuses()
-        return HealthResponse(
-            status="ok", auth="required" if keys.required else "none", models=[s.card() for s in statuses]
-        )
+        token = bearer_token(request) or ""
+        detailed = not keys.required or keys.accepts(token) or (admin_keys is not None and admin_keys.accepts(token))
+        models = [s.card() if detailed else {"id": s.name, "state": str(s.state)} for s in statuses]
+        return HealthResponse(status="ok", auth="required" if keys.required else "none", models=models)
 
     @app.get("/v1/models", response_model=ModelList, responses=OPENAI_ERRORS, dependencies=auth, summary="Models")
     async def list_models() -> ModelList:

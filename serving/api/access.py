@@ -36,6 +36,7 @@ from observability import metrics
 from serving.api.errors import family_of, from_exception
 
 logger = logging.getLogger("ray.serve")
+audit_logger = logging.getLogger("ray.serve.audit")  # its own name: an operator can route it elsewhere
 
 SCOPE_KEY = "llm_serve.access"
 CLIENT_GONE = 499  # the status counted for a request whose client left before the answer began
@@ -117,6 +118,31 @@ queue_s=0.002 ttft_s=0.200 total_s=0.500 request_id=req-1'
             elif isinstance(item, tuple):
                 self.deltas(item)
             yield item
+
+
+ADMIN_ACTIONS = {"GET": "list", "HEAD": "list", "POST": "load", "PATCH": "update", "DELETE": "unload"}
+
+
+def audit_line(record: Access, method: str) -> str:
+    """One line per /admin call, refused ones included: who did what is in the request id; never a key.
+
+    >>> record = Access("req-1", "/admin/models/{name:path}")
+    >>> record.model, record.status = "mini", 200
+    >>> audit_line(record, "DELETE")
+    'audit route=/admin/models/{name:path} action=unload model=mini result=ok status=200 request_id=req-1'
+    """
+    status = record.status if record.status is not None else CLIENT_GONE
+    result = (
+        "ok"
+        if isinstance(status, int) and status < 400
+        else "refused"
+        if isinstance(status, int) and status < 500
+        else "failed"
+    )
+    fields = [("route", record.route), ("action", ADMIN_ACTIONS.get(method, method.lower())),
+              ("model", record.model or "-"), ("result", result), ("status", status),
+              ("request_id", record.request_id)]  # fmt: skip
+    return "audit " + " ".join(f"{key}={value}" for key, value in fields)
 
 
 def _seconds(value: float | None) -> str | None:
@@ -203,10 +229,19 @@ class AccessLog:
             total_s = time.monotonic() - record.arrived
             metrics.request_done(record.route, record.model, record.status or CLIENT_GONE, total_s)
             logger.info(record.line(), extra={"request_id": record.request_id})
+            path = scope["path"].removeprefix(scope.get("root_path", ""))
+            if path == "/admin" or path.startswith("/admin/"):
+                audit_logger.info(audit_line(record, scope["method"]), extra={"request_id": record.request_id})
 
-    def _route(self, scope: dict[str, Any]) -> str:
+    def _route(self, scope: dict[str, Any], routes: Sequence[BaseRoute] | None = None) -> str:
         """The template of the route that serves ``scope`` (405s included), else ``other``."""
-        for route in self.routes:
+        for route in self.routes if routes is None else routes:
+            included = getattr(route, "original_router", None)  # FastAPI's include_router (/admin)
+            if included is not None:
+                found = self._route(scope, included.routes)
+                if found != "other":
+                    return found
+                continue
             match, _ = route.matches(scope)
             if match != Match.NONE:
                 return getattr(route, "path", None) or "other"

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Protocol
 from fastapi import APIRouter, Body, Depends, Query, Request, Security
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.api import access
 from serving.api.auth import BEARER, KeyCheck, require
 from serving.api.native_schemas import ErrorResponse
 
@@ -75,20 +76,28 @@ def admin_router(backend: AdminBackend, admin_keys: KeyCheck) -> APIRouter:
 
     @router.post("/models", status_code=201, summary="Load a model (the fields of a MODELS_FILE entry)")
     async def load_model(
-        entry: Annotated[dict[str, Any], Body(examples=[LOAD_EXAMPLE])],
+        request: Request, entry: Annotated[dict[str, Any], Body(examples=[LOAD_EXAMPLE])]
     ) -> dict[str, Any]:
         """Validated like a MODELS_FILE entry over the environment's per-model values (422 names the field).
-        The model starts at zero replicas unless its floor (MIN_REPLICAS or keep-hot priority) says otherwise."""
+        The model starts at zero replicas unless its floor (MIN_REPLICAS or keep-hot priority) says otherwise.
+        Refused: ``trust_remote_code`` unless ADMIN_ALLOW_REMOTE_CODE, a model id outside ADMIN_MODELS, a name
+        that is a Serve application the pool did not create (the service's own included)."""
+        if isinstance(entry.get("name"), str):
+            access.of(request).model = entry["name"][:128]  # the audit line names it
         return await backend.load(entry)
 
     @router.patch("/models/{name:path}", summary="Change a model's priority or replica bounds")
-    async def update(name: str, change: ModelChange) -> dict[str, Any]:
+    async def update(request: Request, name: str, change: ModelChange) -> dict[str, Any]:
+        access.of(request).model = name
         return await backend.update(name, change.priority, change.min_replicas, change.max_replicas)
 
     @router.delete("/models/{name:path}", summary="Unload a model (its requests in flight finish first)")
     async def unload(
-        name: str, wait_s: Annotated[float, Query(ge=0, le=600, description="Wait this long for the drain.")] = 0.0
+        request: Request,
+        name: str,
+        wait_s: Annotated[float, Query(ge=0, le=600, description="Wait this long for the drain.")] = 0.0,
     ) -> dict[str, Any]:
+        access.of(request).model = name
         return await backend.unload(name, wait_s)
 
     return router

@@ -7,8 +7,9 @@ sits between the access log and the body checks (``serving.app``) and answers fr
 
 - with API keys set, a request to a key-guarded path without a valid key gets its 401 here. Guarded:
   ``/generate``, ``/v1/...``, and every request that carries a body (POST, PUT, PATCH, DELETE) except
-  under ``/admin``, which takes the admin key (ADMIN_API_KEY) instead. GET/HEAD elsewhere (``/healthz``,
-  the page, the docs) stay open, as probes need;
+  under ``/admin``, which takes the admin key (ADMIN_API_KEY) instead; ``/docs``, ``/redoc`` and
+  ``/openapi.json`` too unless DOCS_NEED_KEY=false (they list /admin). GET/HEAD elsewhere (``/healthz``,
+  which then tells a keyless caller only each model's state, and the page) stay open, as probes need;
 - ``x-request-disconnect-disabled: ?1`` is refused (400): Serve would stop watching for the client's
   disconnect, so a generation would run on, up to REQUEST_TIMEOUT_S, after its client left.
 
@@ -44,13 +45,20 @@ class Guard:
         return inside and (self.every_method or method in BODY_METHODS)
 
 
-def guards(api_keys: KeyCheck, admin_keys: KeyCheck | None) -> list[Guard]:
-    """The service's rules, first match wins (see the module docstring)."""
+DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")  # they list every route, /admin included
+
+
+def guards(api_keys: KeyCheck, admin_keys: KeyCheck | None, docs: bool = True) -> list[Guard]:
+    """The service's rules, first match wins (see the module docstring); ``docs``: with keys set, the
+    documentation needs a key too (DOCS_NEED_KEY)."""
     rules: list[Guard] = []
     if admin_keys is not None:
         rules.append(Guard("/admin", admin_keys, "admin key", "ADMIN_API_KEY"))
     if api_keys.required:
-        rules += [Guard("/v1", api_keys), Guard("/generate", api_keys), Guard("", api_keys, every_method=False)]
+        rules += [Guard("/v1", api_keys), Guard("/generate", api_keys)]
+        if docs:
+            rules += [Guard(path, api_keys) for path in DOCS_PATHS]
+        rules.append(Guard("", api_keys, every_method=False))
     return rules
 
 

@@ -8,11 +8,32 @@ admin call and the pool's loop never interleave. A change is in the GCS store be
 from __future__ import annotations
 
 import asyncio
+import fnmatch
+import posixpath
 import time
 from typing import Any
 
-from serving.pool.errors import ModelExistsError, UnknownModelError
+from ray import serve
+
+from serving.pool.errors import ModelExistsError, ModelValidationError, UnknownModelError
 from serving.pool.logic import PoolModel
+from serving.pool.spec import ModelSpec
+
+
+def model_id_allowed(model_id: str, patterns: tuple[str, ...]) -> bool:
+    """Whether ``model_id`` (a hub id or a directory) matches one of ``patterns`` (shell-style, ``*``).
+
+    A directory is matched in its normal form, and one that climbs out (``..``) matches nothing.
+
+    >>> model_id_allowed("HuggingFaceTB/SmolLM2-360M", ("HuggingFaceTB/*",))
+    True
+    >>> model_id_allowed("/models/../etc/x", ("/models/*",)), model_id_allowed("/models/a/", ("/models/*",))
+    (False, True)
+    """
+    if ".." in model_id.replace("\\", "/").split("/"):
+        return False
+    candidate = posixpath.normpath(model_id) if model_id.startswith(("/", "./", "~")) else model_id
+    return any(fnmatch.fnmatchcase(candidate, pattern) for pattern in patterns)
 
 
 class AdminMixin:
@@ -25,7 +46,8 @@ class AdminMixin:
             raise UnknownModelError(name, served)
 
     async def list_models(self) -> list[dict[str, Any]]:
-        """Every model with its configuration (as loaded) and its state."""
+        """Every model with its configuration (as loaded) and its state; stored records that could not
+        be restored are listed as ``failed``, with why."""
         now = time.time()
         out = []
         for name, state in sorted(self._logic.models.items()):
@@ -33,16 +55,61 @@ class AdminMixin:
             config = self._apps.public_config(state.spec.config)
             entry.update(source=state.source, config=config, unloading=state.drain == "unload")
             out.append(entry)
+        out += [{"id": name, "state": "failed", "error": why} for name, why in sorted(self._failed.items())]
         return out
+
+    def _check_admin_policy(self, spec: ModelSpec) -> None:
+        """What the operator lets /admin load: no checkpoint code unless allowed, only allowed model ids."""
+        if spec.config.get("trust_remote_code") and not self._settings.admin_allow_remote_code:
+            raise ModelValidationError(
+                "trust_remote_code",
+                "refused: /admin does not load models that run their checkpoint's own code "
+                "(the operator allows it with ADMIN_ALLOW_REMOTE_CODE=true)",
+            )
+        self._check_model_id(spec.model_id)
+
+    def _check_model_id(self, model_id: str) -> None:
+        patterns = self._settings.admin_models
+        if patterns and not model_id_allowed(model_id, patterns):
+            raise ModelValidationError(
+                "model_id",
+                f"{model_id!r} is not among the models /admin may load (ADMIN_MODELS: {', '.join(patterns)})",
+            )
+
+    def _reserved_apps(self) -> set[str]:
+        """Serve applications a model may not become: the service's own, and every one the pool did not create."""
+        ours = {state.spec.app for state in self._logic.models.values()} | self._deleting
+        return ({self._pool} | set(serve.status().applications)) - ours
+
+    async def _until_deleted(self, app: str, timeout_s: float = 60.0) -> None:
+        """A model reloaded under the name of one this pool just unloaded waits for Serve to remove the old one."""
+        deadline = time.monotonic() + timeout_s
+        while app in self._deleting:
+            if app not in await asyncio.to_thread(lambda: serve.status().applications):
+                self._deleting.discard(app)
+            elif time.monotonic() > deadline:
+                raise ModelExistsError(f"Serve is still deleting application {app!r}; retry in a few seconds")
+            else:
+                await asyncio.sleep(0.2)
 
     async def load(self, entry: dict[str, Any]) -> dict[str, Any]:
         """Add a model (same fields as a MODELS_FILE entry); it starts at zero unless its floor says otherwise."""
+        requested = entry.get("model_id", self._defaults.get("model_id")) if isinstance(entry, dict) else None
+        if isinstance(requested, str):  # before validation looks the path up: no disk probe for what is refused
+            self._check_model_id(requested)
         spec = self._apps.spec_from_entry(entry, self._defaults)
+        self._check_admin_policy(spec)
         async with self._lock:
-            if spec.name in self._logic.models:
+            if spec.app in await asyncio.to_thread(self._reserved_apps):
+                raise ModelExistsError(
+                    f"{spec.name!r} is reserved: Serve application {spec.app!r} is the service's own or was not "
+                    "deployed by the model pool; choose another name"
+                )
+            if spec.name in self._logic.models or spec.name in self._failed:
                 raise ModelExistsError(f"model {spec.name!r} is already served; unload it first")
-            if spec.app == self._pool or any(s.spec.app == spec.app for s in self._logic.models.values()):
+            if any(s.spec.app == spec.app for s in self._logic.models.values()):
                 raise ModelExistsError(f"{spec.name!r} would be Serve application {spec.app!r}, which is taken")
+            await self._until_deleted(spec.app)
             state = PoolModel(spec, source="admin", created=time.time())
             self._logic.add(state)
             try:
@@ -59,6 +126,10 @@ class AdminMixin:
         Returns ``{"id", "unloaded": bool}``; ``wait_s`` > 0 waits that long for the drain to end.
         """
         async with self._lock:
+            if name in self._failed:  # a stored record that could not be restored: forget it
+                await asyncio.to_thread(self._store.delete_record, name)
+                del self._failed[name]
+                return {"id": name, "unloaded": True}
             self._require(name)
             self._logic.begin_unload(name)
             await self._publish()

@@ -9,6 +9,9 @@ none comes in REQUEST_TIMEOUT_S (the routes answer 503 with Retry-After). No HTT
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import time
 from collections.abc import AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
@@ -18,6 +21,8 @@ from serving.models import ModelState, ModelStatus, resolve_model
 from serving.pool.client import PoolClient
 from serving.pool.errors import UnknownModelError
 from settings import ModelConfig, Settings
+
+logger = logging.getLogger("ray.serve")
 
 
 class PoolBackend:
@@ -34,13 +39,24 @@ class PoolBackend:
         self._client = PoolClient(controller, refresh_s=refresh_s, retry_after_s=settings.retry_after_s)
         self._timeout_s = settings.request_timeout_s
         self._configs: dict[str, ModelConfig] = {}
+        self._configs_at = -math.inf  # when they were fetched (monotonic)
+        self._refresh_s = refresh_s
         self._streams: dict[str, DeploymentHandle] = {}
 
     async def _models(self) -> list[ModelConfig]:
         names = [status.name for status in await self._client.snapshot()]
-        if any(name not in self._configs for name in names):  # a model loaded since: fetch its configuration
-            configs = await self._controller.configs.remote()  # validated where written: read back as data
-            self._configs = {name: ModelConfig.from_stored(config) for name, config in configs.items()}
+        # Fetched again for a new name and at most every refresh_s, so that a model reloaded under the
+        # same name (new limits, new defaults) is served with its new configuration within one refresh.
+        stale = time.monotonic() - self._configs_at >= self._refresh_s
+        if stale or any(name not in self._configs for name in names):
+            configs = await self._controller.configs.remote()
+            self._configs_at = time.monotonic()
+            self._configs = {}
+            for name, config in configs.items():
+                try:  # validated where written; read back as data, no disk lookups
+                    self._configs[name] = ModelConfig.from_stored(config)
+                except ValueError:  # pydantic's ValidationError: the controller lists it as failed
+                    logger.exception("gateway: the stored configuration of %s does not validate; skipped", name)
         return [self._configs[name] for name in names if name in self._configs]
 
     async def resolve(self, requested: str | None) -> ModelConfig:

@@ -71,6 +71,8 @@ class PoolController(AdminMixin):
         self._defaults = defaults
         self._written: dict[str, Any] = {}  # what the store holds, to write changes only
         self._deployments: dict[str, str] = {}  # model -> its deployment's name, as Serve reports it
+        self._failed: dict[str, str] = {}  # stored records that could not be restored -> why (listed by /admin)
+        self._deleting: set[str] = set()  # applications of models this pool unloaded, until Serve has removed them
         self._changed = asyncio.Condition()
         self._lock = asyncio.Lock()  # one writer of the pool's state at a time: the loop or an admin call
         async with self._lock:
@@ -86,7 +88,9 @@ class PoolController(AdminMixin):
         live = set(await asyncio.to_thread(lambda: serve.status().applications))  # application names
         wanted = {spec.name: spec for spec in static}
         for name, record in records.items():
-            state = PoolModel.from_record(record)
+            state = self._restorable(name, record, live)
+            if state is None:
+                continue
             if state.source == "static" and name not in wanted:
                 self._logic.add(state)
                 self._logic.begin_unload(name)  # no longer configured: drained, then deleted
@@ -99,11 +103,30 @@ class PoolController(AdminMixin):
                 if state.spec.app not in live:
                     await self._deploy(state)
         for name, spec in wanted.items():
-            if name not in self._logic.models:
+            if spec.app == self._pool:
+                self._failed[name] = f"reserved: Serve application {spec.app!r} is the service's own; rename the model"
+                logger.error("pool: configured model %s not deployed: %s", name, self._failed[name])
+            elif name not in self._logic.models:
                 state = PoolModel(spec, source="static", base=spec.to_json(), created=time.time())
                 self._logic.add(state)
                 await self._deploy(state)
         await self._publish()
+
+    def _restorable(self, name: str, record: dict[str, Any], live: set[str]) -> PoolModel | None:
+        """The stored record as a model, or None (listed as failed, with why) when it no longer validates
+        (written by another version, say) or names a reserved application. Never raises: one bad record
+        must not keep the pool, or the service, from starting."""
+        try:
+            state = PoolModel.from_record(record)
+            self._apps.public_config(state.spec.config)  # the stored configuration's shape, no disk lookups
+        except Exception as exc:
+            self._failed[name] = f"stored record no longer valid: {_why(exc)}"
+        else:
+            if state.spec.app != self._pool:
+                return state
+            self._failed[name] = f"reserved: Serve application {state.spec.app!r} is the service's own"
+        logger.error("pool: stored model %s skipped: %s", name, self._failed[name])
+        return None
 
     async def _deploy(self, state: PoolModel) -> None:
         spec = state.spec
@@ -155,6 +178,7 @@ class PoolController(AdminMixin):
             for event in step.events:
                 logger.info("pool: %s", event)
             for name, app in step.unloaded:
+                self._deleting.add(app)
                 await asyncio.to_thread(serve.delete, app, _blocking=False)
                 await asyncio.to_thread(self._store.delete_model, name, app)
                 self._board.forget(name)
@@ -246,16 +270,35 @@ class PoolController(AdminMixin):
         self._board.report(model, replica, phase, seconds, at, details)
 
     def __del__(self) -> None:
-        """When the main application is deleted (not redeployed), its models go with it."""
+        """When the main application is deleted (not redeployed), its models go with it.
+
+        Only on a confirmed delete: Serve must answer that the application is gone or being deleted.
+        A status call that fails (a GCS blip, a head restart) deletes nothing: the models and their
+        records stay, and the next controller replica restores them."""
         try:
             app = serve.status().applications.get(self._pool)
-            if app is not None and app.status != "DELETING":
-                return  # an upgrade or a restart of this replica: the pool carries on
         except Exception:
-            pass  # Serve is shutting down: its applications go anyway; forget the records
+            logger.warning(
+                "pool: stopping without a confirmed delete of %s; its models and records are kept", self._pool
+            )
+            return
+        if app is not None and app.status != "DELETING":
+            return  # an upgrade or a restart of this replica: the pool carries on
         for state in list(self._logic.models.values()):
             try:
                 serve.delete(state.spec.app, _blocking=False)
             except Exception:
                 logger.warning("pool: could not delete %s", state.spec.app, exc_info=True)
         self._store.clear()
+
+
+def _why(exc: Exception) -> str:
+    """A short reason for a record that failed to load: the fields and pydantic's messages, no values."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            parts = [f"{'.'.join(str(p) for p in e.get('loc', ())) or 'record'}: {e.get('msg')}" for e in errors()]
+            return "; ".join(parts[:3])
+        except Exception:
+            pass
+    return f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -73,6 +73,8 @@ class PoolSettings:
     retry_after_s: int = 5  # Retry-After when no room came in time
     loop_interval_s: float = 0.5  # how often the controller observes Serve and decides
     log_level: str = "INFO"  # LOG_LEVEL, for the model deployments the pool deploys
+    admin_allow_remote_code: bool = False  # ADMIN_ALLOW_REMOTE_CODE: may /admin load trust_remote_code models
+    admin_models: tuple[str, ...] = ()  # ADMIN_MODELS: model id patterns /admin may load (empty: any)
 
     def __post_init__(self) -> None:
         if self.keep_hot_priority < 0:

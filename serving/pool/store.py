@@ -57,13 +57,19 @@ class PoolStore:
         out = {}
         for key in keys:
             name = key.decode()[len(prefix) :]
-            record = self._get(key.decode())
+            try:
+                record = self._get(key.decode())
+            except ValueError as exc:  # not JSON: left for the controller to list as failed
+                record = {"unreadable": f"not JSON ({exc.__class__.__name__})"}
             if record is not None:
                 out[name] = record
         return out
 
     def put_record(self, name: str, record: dict[str, Any]) -> None:
         self._put(f"{self.pool}/model/{name}", record)
+
+    def delete_record(self, name: str) -> None:
+        self._delete(f"{self.pool}/model/{name}")
 
     def delete_model(self, name: str, app: str) -> None:
         for key in (f"{self.pool}/model/{name}", directive_key(self.pool, app), stats_key(self.pool, app)):

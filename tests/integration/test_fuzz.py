@@ -71,7 +71,7 @@ def fuzz(base_url: str, headers: dict[str, str], model: str) -> Report:
     EXAMPLES cases generated from the schema and EXAMPLES generated against it."""
     report = Report()
     started = time.monotonic()
-    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", headers=headers)  # with keys: needs one
     for result in schema.get_all_operations():
         operation = result.ok()
         name = f"{operation.method.upper()} {operation.path}"

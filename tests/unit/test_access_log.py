@@ -178,3 +178,44 @@ async def test_a_client_that_leaves_mid_stream_is_logged_and_its_model_stream_cl
     assert line["status"] == "200" and line["error"] == "client_gone" and line["request_id"] == "gone-1"
     assert backend.closed == 1 and backend.finished == 0  # the model's stream was stopped, not run to its end
     assert re.fullmatch(r"\d+", line["completion_tokens"])
+
+
+class AdminFake(FakeBackend):
+    """The fake backend with the admin calls /admin makes."""
+
+    async def list_models(self) -> list[dict]:
+        return []
+
+    async def load(self, entry: dict) -> dict:
+        return {"id": entry["name"]}
+
+    async def unload(self, name: str, wait_s: float) -> dict:
+        return {"id": name, "unloaded": True}
+
+
+def test_every_admin_call_leaves_an_audit_line_without_the_key(tiny_causal: Path, caplog) -> None:
+    admin_key = "adm-audit-0123456789"
+    settings = build_settings({"MODEL_ID": str(tiny_causal), "API_KEY": KEY, "ADMIN_API_KEY": admin_key})
+    client = TestClient(create_app(AdminFake(settings), settings), raise_server_exceptions=False)
+    caplog.set_level(logging.INFO, logger="ray.serve")
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    calls = [
+        client.get("/admin/models", headers=admin),
+        client.post("/admin/models", json={"name": "mini", "model_id": "org/mini"}, headers=admin),
+        client.delete("/admin/models/mini", headers=admin),
+        client.post("/admin/models", json={"name": "mini"}, headers={"Authorization": f"Bearer {KEY}"}),
+    ]
+    assert [c.status_code for c in calls] == [200, 201, 200, 401]
+    audits = [r for r in caplog.records if r.name == "ray.serve.audit"]
+    fields = [dict(f.split("=", 1) for f in r.getMessage().split()[1:]) for r in audits]
+    assert [(f["action"], f["model"], f["result"], f["status"]) for f in fields] == [
+        ("list", "-", "ok", "200"),
+        ("load", "mini", "ok", "201"),
+        ("unload", "mini", "ok", "200"),
+        ("load", "-", "refused", "401"),  # refused before the body was read: no name to give
+    ]
+    access = [r.getMessage() for r in caplog.records if r.getMessage().startswith("access ")]
+    assert [f["request_id"] for f in fields] == [line.rsplit("request_id=", 1)[1] for line in access]
+    assert [f["route"] for f in fields] == ["/admin/models", "/admin/models", "/admin/models/{name:path}",
+                                            "/admin/models"]  # fmt: skip
+    assert not any(admin_key in r.getMessage() or KEY in r.getMessage() for r in caplog.records)

@@ -155,11 +155,26 @@ def test_routes_need_a_key_when_keys_are_set(locked, method, route, body) -> Non
         assert response.status_code == 200, response.text
 
 
-def test_probes_and_docs_stay_open_and_never_show_a_key(locked) -> None:
+def test_healthz_tells_a_keyless_caller_only_each_models_state(locked) -> None:
     health = locked.get("/healthz")
     assert health.status_code == 200 and health.json()["auth"] == "required"
-    for path in ("/healthz", "/docs", "/openapi.json"):
-        response = locked.get(path)
-        assert response.status_code == 200
-        assert KEY not in response.text and OTHER_KEY not in response.text
-    assert "HTTPBearer" in locked.get("/openapi.json").text
+    assert health.json()["models"] == [{"id": "tiny", "state": "running"}]  # no model id, path, replicas, times
+    for key in (KEY, "sk-wrong-key-000"):
+        detailed = locked.get("/healthz", headers={"Authorization": f"Bearer {key}"}).json()["models"][0]
+        assert ("root" in detailed and "replicas" in detailed) is (key == KEY)
+        assert KEY not in str(detailed)
+
+
+def test_docs_need_a_key_when_keys_are_set_unless_docs_need_key_is_false(locked, tiny_causal: Path) -> None:
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        refused = locked.get(path)
+        assert refused.status_code == 401 and "/admin" not in refused.text, path
+        allowed = locked.get(path, headers={"Authorization": f"Bearer {KEY}"})
+        assert allowed.status_code == 200 and KEY not in allowed.text and OTHER_KEY not in allowed.text
+    assert "HTTPBearer" in locked.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).text
+    env = {"MODEL_ID": str(tiny_causal), "API_KEY": KEY, "DOCS_NEED_KEY": "false"}
+    settings = build_settings(env)
+    open_docs = TestClient(create_app(FakeBackend(settings), settings))
+    for path in ("/docs", "/openapi.json"):
+        assert open_docs.get(path).status_code == 200
+    assert open_docs.get("/v1/models").status_code == 401  # the API itself still needs the key

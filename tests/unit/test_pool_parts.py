@@ -22,7 +22,7 @@ from settings import DailyTime
 CHICAGO = ZoneInfo("America/Chicago")
 
 
-@pytest.mark.parametrize("module", ["spec", "schedule", "progress", "logic", "errors", "policy", "apps"])
+@pytest.mark.parametrize("module", ["spec", "schedule", "progress", "logic", "errors", "policy", "apps", "admin"])
 def test_examples_in_docstrings_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(f"serving.pool.{module}"))
     assert result.failed == 0 and result.attempted > 0
@@ -207,3 +207,42 @@ def test_a_repeated_wall_time_fires_at_its_first_occurrence_and_a_skipped_one_at
     daily = DailyTime.parse("01:30 America/Chicago")
     second_pass = datetime(2026, 11, 1, 7, 5, tzinfo=UTC)  # 01:05 CST, the hour's second pass
     assert not crossed(daily, second_pass, second_pass + timedelta(minutes=40))
+
+
+def test_the_controller_deletes_models_only_on_a_confirmed_delete_of_its_application(monkeypatch) -> None:
+    """Serve's status call failing (a GCS blip, a head restart) is no confirmation: nothing is deleted.
+
+    Serve cannot be made to fail its status call on demand, so the call is replaced here; the rest of
+    the path (a real delete of the main application) runs on real Serve in tests/integration/test_pool.py.
+    """
+    from types import SimpleNamespace
+
+    from serving.pool import controller as module
+
+    deleted: list[str] = []
+    cleared: list[bool] = []
+    spec = ModelSpec("mini", model_id="/models/mini")
+    fake = SimpleNamespace(
+        _pool="llm",
+        _logic=SimpleNamespace(models={"mini": SimpleNamespace(spec=spec)}),
+        _store=SimpleNamespace(clear=lambda: cleared.append(True)),
+    )
+    monkeypatch.setattr(module.serve, "delete", lambda app, _blocking=False: deleted.append(app))
+    teardown = module.PoolController.func_or_class.__del__
+
+    def status_fails():
+        raise ConnectionError("GCS unavailable")
+
+    monkeypatch.setattr(module.serve, "status", status_fails)
+    teardown(fake)
+    assert deleted == [] and cleared == []  # kept: the next controller replica restores them
+
+    running = SimpleNamespace(applications={"llm": SimpleNamespace(status="RUNNING")})
+    monkeypatch.setattr(module.serve, "status", lambda: running)
+    teardown(fake)
+    assert deleted == [] and cleared == []  # an upgrade or a restart of the replica
+
+    for gone in ({}, {"llm": SimpleNamespace(status="DELETING")}):
+        monkeypatch.setattr(module.serve, "status", lambda gone=gone: SimpleNamespace(applications=gone))
+        teardown(fake)
+    assert deleted == ["mini", "mini"] and cleared == [True, True]  # confirmed: the models go with it

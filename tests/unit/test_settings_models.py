@@ -194,3 +194,22 @@ def test_keys_reach_only_the_gateway(tiny_causal: Path) -> None:
 
     walk(build_graph(build_settings({"MODEL_ID": str(tiny_causal), **keys})))
     assert given == {"Gateway": {"API_KEY", "ADMIN_API_KEY"}, "PoolController": set()}
+
+
+def test_a_stored_configuration_is_read_back_without_touching_the_disk(tmp_path: Path, tiny_causal: Path) -> None:
+    from pydantic import ValidationError
+
+    from settings import ModelConfig
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    written = ModelConfig.model_validate({"name": "m", "model_id": str(tiny_causal), "chat_template": str(template)})
+    stored = written.model_dump(mode="json")
+    # On a node without the checkpoint (weights mounted only on GPU workers): read back as it was written.
+    elsewhere = stored | {"model_id": "/mnt/weights/only-on-workers"}
+    assert ModelConfig.from_stored(elsewhere).model_id == "/mnt/weights/only-on-workers"
+    assert ModelConfig.from_stored(stored) == written
+    with pytest.raises(ValidationError, match="max_replicas"):  # its shape is still checked
+        ModelConfig.from_stored(stored | {"max_replicas": "many"})
+    with pytest.raises(ValidationError, match="renamed_field"):  # a record from another version
+        ModelConfig.from_stored(stored | {"renamed_field": 1})
