@@ -79,8 +79,6 @@ class ModelStatus:
             "placement": ((self.last_cold_start or {}).get("details") or {}).get("placement"),
         }
 
-    entry = card  # the name the page's stub and older callers use
-
     def admin_view(self) -> dict[str, Any]:
         """The card plus the pool's side, as ``/admin`` shows it."""
         pool = {"admitted": self.admitted, "waiting_for_room": self.waiting_for_room, "app": self.app}

@@ -17,6 +17,10 @@ MODULES = [
     "observability.metrics",
     "deploy.grafana.evaluate",
     "serving.api.access",
+    "serving.api.errors",
+    "serving.models",
+    "config.schedule",
+    "config.model",
     "testing.polling",
     "tests.fakes",
 ]
