@@ -61,7 +61,10 @@ class SlotLayer(CacheLayerMixin):
         cache = self.cache
         assert self.keys is not None and self.values is not None
         rows = key_states.shape[0]
-        slots, positions = cache.row_index[:rows], cache.lengths[:rows]
+        # A model split over several GPUs keeps each layer's buffers on its layer's device; the
+        # index tensors live on the first layer's (a no-op there, a few bytes copied elsewhere).
+        device = self.keys.device
+        slots, positions = cache.row_index[:rows].to(device), cache.lengths[:rows].to(device)
         # Index tensors on dims 0 and 2 select [rows, heads, head_dim]: one entry per row, in place.
         self.keys[slots, :, positions] = key_states[:, :, -1]
         self.values[slots, :, positions] = value_states[:, :, -1]

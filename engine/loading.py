@@ -58,10 +58,20 @@ def checkpoint_bytes(model_id: str, dtype_bytes: int | None) -> int | None:
     return total
 
 
-def shape_bytes(model_cls: Any, model_config: Any, dtype: torch.dtype) -> int:
-    """Bytes of the model's parameters and buffers at ``dtype``, from a copy built on the meta device."""
-    with torch.device("meta"):
-        model = model_cls._from_config(model_config, dtype=dtype)
+def shape_bytes(model_cls: Any, model_config: Any, dtype: torch.dtype) -> int | None:
+    """Bytes of the model's parameters and buffers at ``dtype``, from a copy built on the meta device.
+
+    None when the model cannot be built that way: its fit is then checked after loading.
+    """
+    try:
+        with torch.device("meta"):
+            if hasattr(model_cls, "_from_config"):
+                model = model_cls._from_config(model_config, dtype=dtype)
+            else:  # an Auto class: the checkpoint's own code (TRUST_REMOTE_CODE)
+                model = model_cls.from_config(model_config, dtype=dtype, trust_remote_code=True)
+    except Exception:
+        logger.warning("could not size the model from its config; its fit is checked after loading", exc_info=True)
+        return None
     return _tensor_bytes(_unique_tensors(model))
 
 

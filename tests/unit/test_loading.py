@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.loading import checkpoint_bytes, placement_facts
+from engine.loading import checkpoint_bytes, placement_facts, shape_bytes
 from engine.model import EngineConfig, TextGenerator
 from engine.placement import PlacementError
 from engine.quantization import QuantizationError, check
@@ -42,6 +42,17 @@ def test_checkpoint_size_from_its_headers(tiny_causal: Path, plain: TextGenerato
     assert stored == _weights(plain.model)
     assert checkpoint_bytes(str(tiny_causal), 2) == stored // 2
     assert checkpoint_bytes("org/not-downloaded", 4) is None
+
+
+def test_checkpoint_size_from_the_models_shape(tiny_causal: Path, plain: TextGenerator) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel
+
+    config = AutoConfig.from_pretrained(tiny_causal)
+    size = sum(t.numel() * t.element_size() for t in {id(t): t for t in plain.model.buffers()}.values())
+    size += _weights(plain.model)
+    assert shape_bytes(GPT2LMHeadModel, config, torch.float32) == size
+    assert shape_bytes(AutoModelForCausalLM, config, torch.float32) == size  # the class for remote code
+    assert shape_bytes(GPT2LMHeadModel, object(), torch.float32) is None  # unknown: checked after loading
 
 
 def test_a_cpu_budget_offloads_the_rest_and_answers_the_same(tiny_causal: Path, plain: TextGenerator) -> None:
