@@ -116,7 +116,9 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(service: Service, bo
 
 
 def test_malformed_json_is_400(service: Service) -> None:
-    response = service.client.post(f"{service.url}/generate", content=b"{oops", timeout=30)
+    response = service.client.post(
+        f"{service.url}/generate", content=b"{oops", headers={"Content-Type": "application/json"}, timeout=30
+    )
     assert response.status_code == 400
 
 
