@@ -1,0 +1,190 @@
+"""Isolation under sharing: an authorised client's latency alone, beside a keyless 1 MB flood, beside maximal
+log-probability requests; the Gateway's and the model replica's memory during each.
+
+One service (API key set, the embedded model's shape: a tiny GPT-2 of 512 positions), three phases side by
+side in one run:
+
+- ``alone``: one authorised client sends short completions (4 tokens) back to back;
+- ``flood``: the same client, while 6 clients post 1 MB bodies of small nested lists without a key;
+- ``logprobs``: the same client, while 3 clients send the largest chat the output budget allows
+  (n=3, max_tokens=480, top_logprobs=20: 30,240 of MAX_OUTPUT_TOKENS_PER_REQUEST's 32,768).
+
+The Gateway's and the replica's resident memory are sampled (psutil, by the actors' PIDs) every 0.2 s.
+Writes benchmarks/results/isolation.json and .png. Run: ``python -m benchmarks.isolation``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.common import RESULTS, summary, write_results
+from ray_serve_app import build_graph
+from settings import build_settings
+from testing.checkpoints import CHAT_TEMPLATE, build_tiny_causal
+from testing.http import ok
+from testing.polling import wait_for
+from testing.serve import local_serve
+
+logger = logging.getLogger(__name__)
+KEY = "sk-bench-isolation-0123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+FLOOD_BODY = b"[" + b",".join([b"[[[[[[[[1]]]]]]]]"] * 58_000) + b"]"  # 1.04 MB
+
+
+def actor_pids() -> dict[str, int]:
+    """The Gateway's and the model replica's PIDs: this Ray's worker processes descend from this driver."""
+    import os
+
+    import psutil
+
+    pids = {}
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith("ray::ServeReplica:llm:Gateway"):
+            pids["gateway"] = proc.pid
+        elif title.startswith("ray::ServeReplica:bench:"):
+            pids["replica"] = proc.pid
+    return pids
+
+
+class MemorySampler(threading.Thread):
+    def __init__(self, pids: dict[str, int]) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.procs = {role: psutil.Process(pid) for role, pid in pids.items()}
+        self.peak: dict[str, int] = dict.fromkeys(self.procs, 0)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for role, proc in self.procs.items():
+                self.peak[role] = max(self.peak[role], proc.memory_info().rss)
+            time.sleep(0.2)
+
+    def reset(self) -> dict[str, float]:
+        peaks = {role: round(value / 2**20, 1) for role, value in self.peak.items()}
+        self.peak = dict.fromkeys(self.procs, 0)
+        return peaks
+
+
+def authorised(url: str, seconds: float) -> list[float]:
+    body = {"model": "bench", "prompt": "Return the", "max_tokens": 4, "temperature": 0}
+    times: list[float] = []
+    with httpx.Client() as client:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            began = time.monotonic()
+            response = client.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=60)
+            response.raise_for_status()
+            times.append(time.monotonic() - began)
+    return times
+
+
+def background(url: str, kind: str, clients: int, stop: threading.Event, counts: dict[int, int]) -> list:
+    def flood() -> None:
+        with httpx.Client() as client:
+            while not stop.is_set():
+                headers = {"Content-Type": "application/json"}
+                status = client.post(f"{url}/v1/chat/completions", content=FLOOD_BODY, headers=headers, timeout=60)
+                counts[status.status_code] = counts.get(status.status_code, 0) + 1
+
+    def logprobs() -> None:
+        body = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 480,
+                "logprobs": True, "top_logprobs": 20, "temperature": 1.0}  # fmt: skip
+        with httpx.Client() as client:
+            while not stop.is_set():
+                status = client.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=300)
+                counts[status.status_code] = counts.get(status.status_code, 0) + 1
+
+    threads = [threading.Thread(target=flood if kind == "flood" else logprobs, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="authorised client's time per phase")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    from ray import serve
+
+    model = build_tiny_causal(Path("/tmp/bench-isolation-model"), n_positions=512)
+    env = {"MODEL_ID": str(model), "SERVED_MODEL_NAME": "bench", "API_KEY": KEY, "MIN_REPLICAS": "1",
+           "MAX_REPLICAS": "1", "WARM_WORKERS": "0", "TEMPERATURE": "0", "CHAT_TEMPLATE": CHAT_TEMPLATE}  # fmt: skip
+    settings = build_settings(env)
+    with local_serve(num_cpus=2) as port:
+        url = f"http://127.0.0.1:{port}"
+        serve.run(build_graph(settings), name="llm", route_prefix="/", blocking=False)
+        wait_for(lambda: ok(f"{url}/healthz"), timeout=120, what="the Gateway")
+        wait_for(lambda: authorised(url, 0.01), timeout=300, what="the model")
+        pids = actor_pids()
+        sampler = MemorySampler(pids)
+        sampler.start()
+        phases: dict[str, Any] = {}
+        for name, kind, clients in (("alone", None, 0), ("flood", "flood", 6), ("logprobs", "logprobs", 3)):
+            stop = threading.Event()
+            counts: dict[int, int] = {}
+            threads = background(url, kind, clients, stop, counts) if kind else []
+            time.sleep(2 if kind else 0)  # let the background load start
+            sampler.reset()
+            latencies = authorised(url, args.seconds)
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=300)
+            phases[name] = {"latency_s": summary(latencies), "rss_peak_mib": sampler.reset(),
+                            "background_statuses": counts, "background_clients": clients}  # fmt: skip
+            logger.info("%s: %s", name, phases[name])
+        sampler.stop.set()
+        serve.delete("llm")
+    alone = phases["alone"]["latency_s"]
+    for name in ("flood", "logprobs"):
+        phases[name]["p50_ratio"] = round(phases[name]["latency_s"]["median"] / alone["median"], 2)
+        phases[name]["p95_ratio"] = round(phases[name]["latency_s"]["p95"] / alone["p95"], 2)
+    data = {"phases": phases, "seconds_per_phase": args.seconds, "flood_body_bytes": len(FLOOD_BODY)}
+    path = write_results("isolation", data)
+    plot(phases, RESULTS / "isolation.png")
+    logger.info("wrote %s", path)
+
+
+def plot(phases: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(phases)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    p50 = [phases[n]["latency_s"]["median"] * 1000 for n in names]
+    p95 = [phases[n]["latency_s"]["p95"] * 1000 for n in names]
+    xs = range(len(names))
+    left.bar([x - 0.2 for x in xs], p50, 0.4, label="p50")
+    left.bar([x + 0.2 for x in xs], p95, 0.4, label="p95")
+    left.set_xticks(list(xs), names)
+    left.set_ylabel("authorised client latency (ms)")
+    left.legend()
+    roles = sorted({role for n in names for role in phases[n]["rss_peak_mib"]})
+    for i, role in enumerate(roles):
+        right.bar([x + (i - 0.5) * 0.4 for x in xs], [phases[n]["rss_peak_mib"].get(role, 0) for n in names], 0.4,
+                  label=role)  # fmt: skip
+    right.set_xticks(list(xs), names)
+    right.set_ylabel("peak RSS (MiB)")
+    right.legend()
+    fig.suptitle("Isolation: 4-token completions alone, beside a keyless 1 MB flood, beside maximal logprobs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
