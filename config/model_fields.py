@@ -48,7 +48,8 @@ class ModelFields(BaseModel):
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto",
-        description="Weights dtype. auto: float32 on CPU; bfloat16 on CUDA where supported, else float16.",
+        description="Weights dtype. auto: on CPU bfloat16 where the CPU has it natively (AVX512-BF16 or AMX), "
+        "else float32; on CUDA bfloat16 where supported, else float16.",
     )
     model_load_timeout_s: float = Field(
         default=900.0, gt=0, description="A replica that has not loaded its model in this time fails and is retried."

@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from engine.chat import encode_chat, render_chat
 from engine.continuous import ContinuousBatch, new_cache, supports
+from engine.cpu import auto_cpu_dtype, fuse_activations
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import PromptTooLongError
 from engine.loading import load_weights, placement_facts, touch_weights
@@ -62,7 +63,7 @@ class EngineConfig:
 
     Example::
 
-        >>> EngineConfig(model_id="facebook/opt-125m", device="cpu").resolved_dtype()
+        >>> EngineConfig(model_id="facebook/opt-125m", device="cpu", dtype="float32").resolved_dtype()
         torch.float32
     """
 
@@ -87,11 +88,18 @@ class EngineConfig:
     label: str | None = None  # how messages name the model, e.g. "model 'big'"
 
     def resolved_dtype(self) -> torch.dtype:
+        return self.dtype_choice()[0]
+
+    def dtype_choice(self) -> tuple[torch.dtype, str]:
+        """The weights' dtype and why: as set, or for ``auto`` what the device does natively."""
         if self.dtype != "auto":
-            return DTYPES[self.dtype]
+            return DTYPES[self.dtype], "DTYPE"
         if self.device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "auto: cuda supports bfloat16"
+            return torch.float16, "auto: cuda without bfloat16"
+        dtype, why = auto_cpu_dtype()
+        return dtype, f"auto: {why}"
 
 
 def _model_class(model_config: Any, trust_remote_code: bool) -> Any:
@@ -184,7 +192,8 @@ class TextGenerator:
         hf_logging.disable_progress_bar()  # a per-tensor progress bar in every replica's log helps no one
         if config.device == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
-        dtype = config.resolved_dtype()
+        dtype, dtype_reason = config.dtype_choice()
+        timer.facts["dtype_reason"] = dtype_reason  # beside placement's dtype in the cold-start report
         remote = config.trust_remote_code
         with timer.phase("config"):
             model_config = AutoConfig.from_pretrained(config.model_id, trust_remote_code=remote)
@@ -199,6 +208,7 @@ class TextGenerator:
             model.eval()
         if config.device == "cpu" and placed.device_map is None:
             _use_cpu_head(model)
+        fuse_activations(model)
         timer.facts.update(_weights_facts(model, timer.phases["weights"]))
         timer.facts["placement"] = {**placement_facts(model), **placed.describe()}
         engine = cls(model, tokenizer, config)
@@ -206,11 +216,12 @@ class TextGenerator:
             timer.facts.update(touch_weights(model))
             engine.warm_up()
         logger.info(
-            "loaded model=%s class=%s placement=%s dtype=%s threads=%s context=%s batching=%s phases=%s",
+            "loaded model=%s class=%s placement=%s dtype=%s (%s) threads=%s context=%s batching=%s phases=%s",
             config.model_id,
             type(model).__name__,
             timer.facts["placement"],
             str(dtype).removeprefix("torch."),
+            dtype_reason,
             torch.get_num_threads(),
             engine.context_length,
             "continuous" if engine.continuous else "static",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.cpu import auto_cpu_dtype
 from serving.pool.progress import PHASES
 from testing.polling import wait_for
 from tests.integration.conftest import Service, deploy, replica_states, running_replicas
@@ -71,7 +72,9 @@ def test_first_generate_from_zero_replicas(service: Service) -> None:
     assert list(phases) == [f"{p}_s" for p in PHASES], phases
     assert phases["weights_s"] >= 0 and phases["first_generation_s"] > 0
     assert report["details"]["weights_bytes"] > 0 and report["total_s"] <= elapsed + 1
-    placement = {"devices": {"cpu": report["details"]["weights_bytes"]}, "dtype": "float32", "quantization": None}
+    dtype = str(auto_cpu_dtype()[0]).removeprefix("torch.")  # DTYPE=auto: bfloat16 where the CPU has it
+    placement = {"devices": {"cpu": report["details"]["weights_bytes"]}, "dtype": dtype, "quantization": None}
+    assert report["details"]["dtype_reason"].startswith("auto: ")
     assert health["placement"] == report["details"]["placement"] and health["placement"].items() >= placement.items()
     assert report["details"]["touched_bytes"] == report["details"]["weights_bytes"]  # the warm-up mapped them all
     print(f"cold start to first answer: {elapsed:.2f}s; phases: {report}")

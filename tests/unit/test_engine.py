@@ -26,7 +26,7 @@ SAMPLED = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=40
 
 @pytest.fixture(scope="module")
 def causal(tiny_causal: Path) -> TextGenerator:
-    return TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1))
+    return TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1, dtype="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_seq2seq_model_serves_the_same_api(seq2seq: TextGenerator) -> None:
 
 
 def test_resolved_dtype() -> None:
-    assert EngineConfig(model_id="x").resolved_dtype() == torch.float32
+    assert EngineConfig(model_id="x", dtype="float32").resolved_dtype() == torch.float32
     assert EngineConfig(model_id="x", dtype="bfloat16").resolved_dtype() == torch.bfloat16
 
 

@@ -26,7 +26,7 @@ def _weights(model: torch.nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def plain(tiny_causal: Path) -> TextGenerator:
-    return TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1))
+    return TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1, dtype="float32"))
 
 
 def _with_quantization(src: Path, dst: Path, quantization_config: dict) -> Path:
@@ -59,7 +59,7 @@ def test_a_cpu_budget_offloads_the_rest_and_answers_the_same(tiny_causal: Path, 
     size = _weights(plain.model)
     timer = PhaseTimer()
     budget = int(size * 0.7)  # room for the embeddings and the largest layer, not for every layer
-    config = EngineConfig(model_id=str(tiny_causal), num_threads=1, max_memory={"cpu": budget})
+    config = EngineConfig(model_id=str(tiny_causal), num_threads=1, dtype="float32", max_memory={"cpu": budget})
     split = TextGenerator.load(config, timer)
     where = timer.facts["placement"]
     assert where["mode"] == "split" and where["offload"] == "disk"
@@ -77,7 +77,7 @@ def test_a_budget_too_small_for_the_first_layers_is_refused(tiny_causal: Path) -
 
 def test_the_plain_cpu_report(plain: TextGenerator, tiny_causal: Path) -> None:
     timer = PhaseTimer()
-    TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1), timer)
+    TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1, dtype="float32"), timer)
     assert timer.facts["placement"] == {
         "devices": {"cpu": _weights(plain.model)},
         "dtype": "float32",
@@ -129,7 +129,7 @@ def test_a_torchao_int8_checkpoint_loads_through_its_own_config(tmp_path: Path) 
     tok.save_pretrained(tmp_path / "int8")
 
     timer = PhaseTimer()
-    engine = TextGenerator.load(EngineConfig(model_id=str(tmp_path / "int8"), num_threads=1), timer)
+    engine = TextGenerator.load(EngineConfig(model_id=str(tmp_path / "int8"), num_threads=1, dtype="float32"), timer)
     where = timer.facts["placement"]
     assert where["quantization"] == {"method": "torchao"}
     # The linear layers' weights in int8 (a quarter of float32), the embeddings and norms as they were.

@@ -1,0 +1,52 @@
+"""DTYPE=auto on a CPU follows its flags; the fused activation computes what GPT-2's own does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.activations import NewGELUActivation
+
+from engine.cpu import auto_cpu_dtype, cpu_flags, fuse_activations
+from engine.model import EngineConfig, TextGenerator
+from engine.timing import PhaseTimer
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+        ({"amx_tile", "amx_bf16"}, torch.bfloat16),
+        ({"avx512f", "avx2"}, torch.float32),
+        (set(), torch.float32),
+    ],
+)
+def test_auto_picks_bfloat16_only_where_the_cpu_has_it_natively(flags: set[str], expected: torch.dtype) -> None:
+    dtype, why = auto_cpu_dtype(flags)
+    assert dtype == expected and why
+
+
+def test_flags_are_read_from_the_cpuinfo_flags_line(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512_bf16\nbugs\t: none\n")
+    assert cpu_flags(info) == {"fpu", "sse", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_fused_gelu_equals_gpt2s_own_up_to_rounding() -> None:
+    model = torch.nn.Sequential(NewGELUActivation(), torch.nn.Sequential(NewGELUActivation()))
+    x = torch.randn(4, 3072)
+    expected = model(x)
+    assert fuse_activations(model) == 2
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_auto_engine_reports_its_dtype_and_why(tiny_causal: Path) -> None:
+    timer = PhaseTimer()
+    engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1), timer)
+    expected, _ = auto_cpu_dtype()
+    assert engine.model.dtype == expected
+    assert timer.facts["placement"]["dtype"] == str(expected).removeprefix("torch.")
+    assert timer.facts["dtype_reason"].startswith("auto: ")
