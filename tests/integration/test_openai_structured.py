@@ -41,7 +41,7 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "Weather", "parameters"
 def service(serve_port: int, tiny_chat: Path) -> Service:
     env = {"MODEL_ID": str(tiny_chat), "SERVED_MODEL_NAME": MODEL, "API_KEY": KEY, "MIN_REPLICAS": "1",
            "MAX_NEW_TOKENS": "64", "MAX_NEW_TOKENS_LIMIT": "128", "TEMPERATURE": "0",
-           "CHAT_TEMPLATE": TOOLS_TEMPLATE}  # fmt: skip
+           "CHAT_TEMPLATE": TOOLS_TEMPLATE, "DTYPE": "float32"}  # fmt: skip  # float32: compared with `local`
     return deploy(serve_port, env)
 
 

@@ -30,7 +30,7 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def engine(tiny_causal: Path) -> TextGenerator:
-    return TextGenerator.load(EngineConfig(model_id=str(tiny_causal)))
+    return TextGenerator.load(EngineConfig(model_id=str(tiny_causal), dtype="float32"))
 
 
 def ids(engine: TextGenerator, text: str = "Return the") -> list[int]:
