@@ -147,8 +147,7 @@ class PoolController(AdminMixin):
                 logger.exception("pool: a round of the pool loop failed; retrying")
             await asyncio.sleep(self._settings.loop_interval_s)
 
-    def _observe(self) -> tuple[dict[str, dict[str, int]], dict[str, bool], dict[str, float]]:
-        import ray
+    def _observe(self) -> tuple[dict[str, dict[str, int]], dict[str, bool], dict[str, dict[str, float]]]:
 
         apps = {state.spec.app: name for name, state in list(self._logic.models.items())}
         states: dict[str, dict[str, int]] = {}
@@ -159,17 +158,38 @@ class PoolController(AdminMixin):
                 states[apps[app_name]] = {str(k): v for k, v in status.replica_states.items()}
                 self._deployments[apps[app_name]] = deployment
         busy = {name: bool((self._store.stats(app) or {}).get("busy")) for app, name in apps.items()}
-        return states, busy, ray.available_resources()
+        return states, busy, free_per_node()
+
+    def _replica_nodes(self) -> dict[str, tuple[str, ...]]:
+        """The node of each live replica, by model (empty when Ray cannot say: placement then unknown)."""
+        apps = {state.spec.app: name for name, state in list(self._logic.models.items())}
+        try:
+            from ray._private import state as ray_state  # the GCS's actor table; no dashboard needed
+
+            actors = ray_state.actors(actor_state_name="ALIVE")
+        except Exception:
+            logger.warning("pool: could not read the replicas' nodes; eviction assumes nothing of placement")
+            return {}
+        out: dict[str, list[str]] = {}
+        for actor in actors.values():
+            kind, _, rest = str(actor.get("ActorClassName", "")).partition(":")
+            app = rest.partition(":")[0]
+            if kind == "ServeReplica" and app in apps:
+                out.setdefault(apps[app], []).append(str(actor.get("Address", {}).get("NodeID", "")))
+        return {name: tuple(nodes) for name, nodes in out.items()}
 
     async def _tick(self) -> None:
         states, busy, free = await asyncio.to_thread(self._observe)
+        nodes = await asyncio.to_thread(self._replica_nodes)
         now = time.time()
         today = self._clock().timestamp()
         daily = self._settings.daily
         async with self._lock:
             for name in list(self._logic.models):
                 constructing = self._board.constructing(name, now)
-                seen = Seen.from_replica_states(states.get(name, {}), constructing, busy.get(name, False))
+                seen = Seen.from_replica_states(
+                    states.get(name, {}), constructing, busy.get(name, False), nodes.get(name, ())
+                )
                 self._board.observe(name, seen.starting, seen.running, now)
                 self._logic.observe(name, seen)
                 self._logic.models[name].last_cold_start = self._board.last_cold_start(name)
@@ -290,6 +310,13 @@ class PoolController(AdminMixin):
             except Exception:
                 logger.warning("pool: could not delete %s", state.spec.app, exc_info=True)
         self._store.clear()
+
+
+def free_per_node() -> dict[str, dict[str, float]]:
+    """Each alive node's free resources: a replica fits only where one node has room for all of it."""
+    from ray._private import state as ray_state
+
+    return ray_state.available_resources_per_node()
 
 
 def _why(exc: Exception) -> str:

@@ -17,11 +17,12 @@ Rules (issue 10):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from serving.models import ModelState
-from serving.pool.spec import ModelSpec, Resources, add, check_bounds, fits
+from serving.pool.spec import ModelSpec, Resources, add, check_bounds, fits_on_a_node, per_node
 
 Drain = Literal["evict", "daily", "unload"]
 
@@ -35,15 +36,19 @@ class Seen:
     stopping: int = 0
     constructing: int = 0  # starting replicas that reported from their constructor: placed on a node
     busy: bool = False  # requests in flight or queued (the policy's view over its look-back window)
+    nodes: tuple[str, ...] = ()  # the node of each replica that holds resources (when known)
 
     @classmethod
-    def from_replica_states(cls, states: dict[str, int], constructing: int = 0, busy: bool = False) -> Seen:
+    def from_replica_states(
+        cls, states: dict[str, int], constructing: int = 0, busy: bool = False, nodes: tuple[str, ...] = ()
+    ) -> Seen:
         return cls(
             running=states.get("RUNNING", 0) + states.get("UPDATING", 0),
             starting=states.get("STARTING", 0) + states.get("RECOVERING", 0),
             stopping=states.get("STOPPING", 0) + states.get("PENDING_MIGRATION", 0),
             constructing=constructing,
             busy=busy,
+            nodes=nodes,
         )
 
 
@@ -139,7 +144,10 @@ class PoolLogic:
     def observe(self, name: str, seen: Seen) -> None:
         self.models[name].seen = seen
 
-    def step(self, now: float, free: Resources, daily_due: bool = False) -> Step:
+    def step(self, now: float, free: Resources | Mapping[str, Resources], daily_due: bool = False) -> Step:
+        """One round. ``free``: the free resources of each node (``{node: {"CPU": ...}}``); a flat
+        mapping is one node. A replica fits only where one node has room for all of it."""
+        free = per_node(free)
         step = Step()
         if daily_due:
             for state in self.models.values():
@@ -181,24 +189,25 @@ class PoolLogic:
         if state.suspended and state.drain is None and seen.running > 0:
             state.suspended = False  # woken on demand after SCALE_TO_ZERO_AT: the floor holds again
 
-    def _track_pending(self, state: PoolModel, free: Resources, now: float) -> None:
+    def _track_pending(self, state: PoolModel, free: dict[str, dict[str, float]], now: float) -> None:
         unplaced = state.seen.starting - min(state.seen.starting, state.seen.constructing)
-        if unplaced > 0 and not fits(state.spec.resources, free) and state.drain is None:
+        if unplaced > 0 and not fits_on_a_node(state.spec.resources, free) and state.drain is None:
             if state.pending_since is None:
                 state.pending_since = now
         else:
             state.pending_since = None
 
-    def choose_victims(self, name: str, free: Resources) -> list[str] | None:
-        """Models to evict so that one replica of ``name`` fits; [] if it will fit, None if it cannot."""
+    def choose_victims(self, name: str, free: Resources | Mapping[str, Resources]) -> list[str] | None:
+        """Models to evict so that one replica of ``name`` fits on one node; [] if it will fit, None if
+        it cannot."""
         wanting = self.models[name]
         need = wanting.spec.resources
         # Victims already draining will free what they hold: count it before choosing more.
-        available = dict(free)
+        available = per_node(free)
         for state in self.models.values():
             if state.drain == "evict":
-                available = add(available, state.spec.resources, state.placed)
-        if fits(need, available):
+                _release(available, state)
+        if fits_on_a_node(need, available):
             return []
         candidates = [
             state
@@ -214,8 +223,8 @@ class PoolLogic:
         chosen = []
         for state in candidates:
             chosen.append(state.spec.name)
-            available = add(available, state.spec.resources, state.placed)
-            if fits(need, available):
+            _release(available, state)
+            if fits_on_a_node(need, available):
                 return chosen
         return None
 
@@ -252,3 +261,14 @@ class PoolLogic:
         if seen.starting > 0:
             return ModelState.STARTING
         return ModelState.EVICTED if self.models[name].evicted else ModelState.SCALED_TO_ZERO
+
+
+def _release(nodes: dict[str, dict[str, float]], state: PoolModel) -> None:
+    """Count what ``state``'s placed replicas hold as free on their nodes (on the one node, when the
+    observation did not say where, and nothing is credited when several nodes leave that unknown)."""
+    where = list(state.seen.nodes[: state.placed])
+    if not where and len(nodes) == 1:
+        where = [next(iter(nodes))] * state.placed
+    for node in where:
+        if node in nodes:
+            nodes[node] = add(nodes[node], state.spec.resources)

@@ -132,6 +132,28 @@ def fits(need: Resources, available: Resources) -> bool:
     return all(available.get(name, 0.0) + 1e-9 >= amount for name, amount in need.items() if amount > 0)
 
 
+def per_node(free: Resources | Mapping[str, Resources]) -> dict[str, dict[str, float]]:
+    """Free resources by node; a flat mapping (one node, or tests) is one node named ``cluster``.
+
+    >>> per_node({"CPU": 2.0}), per_node({"n1": {"CPU": 1.0}})
+    ({'cluster': {'CPU': 2.0}}, {'n1': {'CPU': 1.0}})
+    """
+    if all(isinstance(value, Mapping) for value in free.values()) and free:
+        return {node: dict(resources) for node, resources in free.items()}  # type: ignore[union-attr]
+    return {"cluster": dict(free)}  # type: ignore[arg-type]
+
+
+def fits_on_a_node(need: Resources, nodes: Mapping[str, Resources]) -> bool:
+    """Whether one node has room for ``need``: a replica cannot span nodes.
+
+    >>> fits_on_a_node({"CPU": 2}, {"n1": {"CPU": 1.0}, "n2": {"CPU": 1.0}})  # two free CPUs, on two nodes
+    False
+    >>> fits_on_a_node({"CPU": 2}, {"n1": {"CPU": 1.0}, "n2": {"CPU": 2.0}})
+    True
+    """
+    return any(fits(need, available) for available in nodes.values())
+
+
 def add(a: Resources, b: Resources, times: float = 1) -> dict[str, float]:
     out = dict(a)
     for name, amount in b.items():

@@ -196,3 +196,27 @@ def test_records_round_trip() -> None:
     state.evicted, state.drain = True, "evict"
     again = PoolModel.from_record(state.record())
     assert again.record() == state.record() and again.spec == state.spec
+
+
+def test_a_replica_fits_only_where_one_node_has_room_for_it() -> None:
+    """One free CPU on each of two nodes is no room for a 2-CPU replica: the lower priority is evicted."""
+    pool = PoolLogic(keep_hot_priority=5, eviction_grace_s=0)
+    pool.add(PoolModel(ModelSpec("low", "id", priority=0, resources={"CPU": 1})))
+    pool.add(PoolModel(ModelSpec("big", "id", priority=1, resources={"CPU": 2})))
+    pool.observe("low", Seen(running=1, nodes=("n2",)))
+    pool.observe("big", Seen(starting=1))  # requested, not placed
+    spread = {"n1": {"CPU": 1.0}, "n2": {"CPU": 1.0}}
+    assert pool.step(now=0.0, free=spread).evicted == [("low", "big")]  # 2 CPUs free in total: not enough
+    # Evicting it frees its CPU on its own node, n2: then n2 holds the replica.
+    assert pool.choose_victims("big", spread) == []  # low is draining: counted as free on n2 already
+
+
+def test_room_on_one_node_is_room() -> None:
+    pool = PoolLogic(keep_hot_priority=5, eviction_grace_s=0)
+    pool.add(PoolModel(ModelSpec("low", "id", priority=0, resources={"CPU": 1})))
+    pool.add(PoolModel(ModelSpec("big", "id", priority=1, resources={"CPU": 2})))
+    pool.observe("low", Seen(running=1, nodes=("n1",)))
+    pool.observe("big", Seen(starting=1))
+    assert pool.step(now=0.0, free={"n1": {"CPU": 0.0}, "n2": {"CPU": 2.0}}).evicted == []
+    # A victim on the wrong node does not make room: with n1's CPU freed, still no node has 2.
+    assert pool.choose_victims("big", {"n1": {"CPU": 0.0}, "n2": {"CPU": 1.0}}) is None
