@@ -71,7 +71,19 @@ class FakeBackend:
                 raise self.fail_before
             prompts = self._prompts(request)
             texts = prompts if request.token_prompts else None  # the replica decodes token-id prompts for echo
-            yield Started("fake-replica", tuple(len(p) for p in prompts), queue_s=0.0, prompt_texts=texts)
+            scored = None
+            if request.params.prompt_logprobs is not None:  # one "token" per character, the first unscored
+                scored = tuple(
+                    tuple(TokenLogprob(ch, tuple(ch.encode()), 0.0 if i == 0 else -1.0 - i) for i, ch in enumerate(p))
+                    for p in prompts
+                )
+            yield Started(
+                "fake-replica", tuple(len(p) for p in prompts), queue_s=0.0, prompt_texts=texts, prompt_logprobs=scored
+            )
+            if request.params.max_new_tokens == 0:  # scoring only, as the model server answers it
+                yield tuple(Delta(row, "", 0, finish_reason="length") for row in range(request.rows))
+                self.finished += 1
+                return
             texts = self._texts(request)
             sent = 0
             width = max(len(t) for t in texts)

@@ -126,3 +126,19 @@ def test_echo_with_logprobs_asks_for_the_prompts_logprobs(client, backend) -> No
     assert backend.calls[0].params.prompt_logprobs == 1 and backend.calls[0].params.max_new_tokens == 0
     client.post("/v1/completions", json={**body, "echo": False, "max_tokens": 3})
     assert backend.calls[1].params.prompt_logprobs is None
+
+
+def test_echoed_prompt_logprobs_come_first_with_the_first_null_whole_and_streamed(client) -> None:
+    body = {"model": MODEL, "prompt": "abc", "echo": True, "logprobs": 1, "max_tokens": 0}
+    [choice] = client.post("/v1/completions", json=body).json()["choices"]
+    lp = choice["logprobs"]
+    assert choice["text"] == "abc" and lp["tokens"] == ["a", "b", "c"] and lp["text_offset"] == [0, 1, 2]
+    assert lp["token_logprobs"] == [None, -2.0, -3.0] and lp["top_logprobs"][0] is None
+    more = client.post("/v1/completions", json={**body, "max_tokens": 4}).json()["choices"][0]["logprobs"]
+    assert more["token_logprobs"][:3] == [None, -2.0, -3.0] and len(more["tokens"]) > 3
+    assert more["text_offset"][3] == 3  # the generated tokens' offsets follow the prompt's
+    text = client.post("/v1/completions", json={**body, "max_tokens": 4, "stream": True}).text
+    parts = [json.loads(b[6:]) for b in text.split("\n\n") if b.startswith("data: {")]
+    first = parts[0]["choices"][0]
+    assert first["text"] == "abc" and first["logprobs"]["token_logprobs"] == [None, -2.0, -3.0]
+    assert parts[1]["choices"][0]["logprobs"]["text_offset"][0] == 3
