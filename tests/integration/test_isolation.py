@@ -17,13 +17,14 @@ from ray import serve
 
 from engine.errors import StepFailedError
 from engine.timing import PhaseTimer
-from engine.types import Delta, GenerationRequest, SamplingParams, Started
+from engine.types import GenerationRequest, SamplingParams, Started
 from engine.work import OnStep, Poll, WorkItem
 from serving.model_server import ModelServer
 from settings import ModelConfig, build_settings
 from testing.checkpoints import build_tiny_causal
 from testing.polling import wait_for
 from tests.integration.conftest import Service, deploy, model_deployment
+from tests.unit.test_model_server import FakeEngine
 
 KEY = "sk-isolation-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -138,16 +139,13 @@ def test_a_keyless_flood_of_1mb_bodies_leaves_an_authorised_clients_latency_flat
 # --- an engine that hangs: Serve replaces its replica ---------------------------------------------------
 
 
-class HangingEngine:
-    """Answers one token a step; a batch holding a row of exactly 5 prompt tokens hangs (forever, for Serve)."""
-
-    def encode(self, prompts: Sequence[str], params: SamplingParams) -> list[list[int]]:
-        return [list(range(len(p.split()))) for p in prompts]
+class HangingEngine(FakeEngine):
+    """The model server tests' fake engine; a batch holding a row of exactly 5 prompt tokens hangs (for good)."""
 
     def run(self, items: Sequence[WorkItem], on_step: OnStep, poll: Poll | None = None, max_batch_size=None) -> None:
         if any(len(item.prompt_ids) == 5 for item in items):
             threading.Event().wait()
-        on_step([(item, Delta(item.row, "ok", 1, finish_reason="length")) for item in items])
+        super().run(items, on_step, poll, max_batch_size)
 
 
 def hanging_engine(config: ModelConfig, timer: PhaseTimer) -> HangingEngine:
