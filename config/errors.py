@@ -36,7 +36,10 @@ def describe(error: Mapping[str, Any], env: bool = True) -> str:
         if not secret and isinstance(value, str | int | float | bool) and repr(value) not in message
         else ""
     )
-    return f"{name}: {message[:1].lower()}{message[1:]}{shown}"
+    # "Input should be ..." reads as "input should be ..."; a message that opens with a name (MAX_NEW_TOKENS) keeps it.
+    if message[1:2].islower():
+        message = message[:1].lower() + message[1:]
+    return f"{name}: {message}{shown}"
 
 
 def check_aliases(environ: Mapping[str, str]) -> None:

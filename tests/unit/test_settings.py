@@ -206,3 +206,9 @@ def test_bad_setting_stops_the_graph_import_with_exit_code() -> None:
     assert "MAX_NEW_TOKENS: input should be a valid integer" in result.stderr
     assert "'abc'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_message_that_opens_with_a_variable_keeps_its_name() -> None:
+    with pytest.raises(SettingsError) as info:
+        build_settings({"MAX_NEW_TOKENS": "300", "MAX_NEW_TOKENS_LIMIT": "200"})
+    assert "MAX_NEW_TOKENS (300) must not exceed MAX_NEW_TOKENS_LIMIT" in str(info.value)
