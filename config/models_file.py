@@ -27,17 +27,17 @@ def model_configs(
 ) -> tuple[ModelConfig, ...]:
     """Every served model, validated, with unique names and deployments (ValueError otherwise)."""
     if models is not None:
-        configs = _models_from_pairs(defaults, models)
+        configs, where = _models_from_pairs(defaults, models), "MODELS"
     elif models_file is not None:
-        configs = _models_from_file(defaults, models_file)
+        configs, where = _models_from_file(defaults, models_file), f"MODELS_FILE {str(models_file)!r}"
     else:
         name = served_model_name or default_served_name(model_id)
-        configs = (_model_from_entry(defaults, {"name": name, "model_id": model_id}, "MODEL_ID"),)
+        configs, where = (_model_from_entry(defaults, {"name": name, "model_id": model_id}, "MODEL_ID"),), "MODEL_ID"
     names = [c.name for c in configs]
     deployments = [c.deployment_name for c in configs]
     duplicates = sorted({n for n in names if names.count(n) > 1} | {d for d in deployments if deployments.count(d) > 1})
     if duplicates:
-        raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        raise ValueError(f"{where}: model names must be unique; repeated: {', '.join(duplicates)}")
     return configs
 
 

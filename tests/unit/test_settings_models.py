@@ -87,8 +87,18 @@ def test_a_models_file_that_repeats_a_name_is_refused(tmp_path: Path) -> None:
     path.write_text("models:\n  - {name: x, model_id: org/x}\n  - {name: x, model_id: org/y}\n")
     with pytest.raises(SettingsError) as info:
         build_settings({"MODELS_FILE": str(path)})
-    # The check runs on the models once read, wherever they came from: its message names the repeated name only.
-    assert str(info.value).splitlines()[-1].strip() == "model names must be unique; repeated: x", info.value
+    # Like every settings error, it names the variable (and the file) before the repeated name.
+    expected = f"MODELS_FILE {str(path)!r}: model names must be unique; repeated: x"
+    assert str(info.value).splitlines()[-1].strip() == expected, info.value
+
+
+@pytest.mark.parametrize(
+    "models", ["a=org/a,a=org/b", '[{"name": "a", "model_id": "org/a"}, {"name": "a", "model_id": "org/b"}]']
+)
+def test_a_models_list_that_repeats_a_name_names_the_variable(models: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        build_settings({"MODELS": models})
+    assert str(info.value).splitlines()[-1].strip() == "MODELS: model names must be unique; repeated: a", info.value
 
 
 @pytest.mark.parametrize(
@@ -97,8 +107,8 @@ def test_a_models_file_that_repeats_a_name_is_refused(tmp_path: Path) -> None:
         ({"MODELS": "a"}, "expected name=model_id pairs"),
         ({"MODELS": "a=org/a", "MODEL_ID": "org/b"}, "not both"),
         ({"MODELS": "a=org/a", "SERVED_MODEL_NAME": "x"}, "each entry has its own name"),
-        ({"MODELS": "a=org/a,a=org/b"}, "unique"),
-        ({"MODELS": "a/b=org/a,a--b=org/b"}, "unique"),
+        ({"MODELS": "a=org/a,a=org/b"}, "MODELS: model names must be unique; repeated: a"),
+        ({"MODELS": "a/b=org/a,a--b=org/b"}, "MODELS: model names must be unique; repeated: a--b"),
         ({"MODELS": "bad name=org/a"}, "should match pattern"),
         ({"MODELS": ",,"}, "lists no model"),
     ],
