@@ -279,7 +279,7 @@ class TextGenerator:
         bounds = [b for b in (self.context_length, self.config.max_batch_tokens) if b is not None]
         return min(bounds) - 1 if bounds else None
 
-    def _check_fits(self, index: int, n_prompt: int, max_new: int, many: bool) -> None:
+    def _check_fits(self, index: int, n_prompt: int, max_new_tokens: int, many: bool) -> None:
         which = f"prompt {index}" if many else "the prompt"
         # Unset, the derived limit (max_prompt_tokens) follows from the two checks below, whose messages say more.
         limit = self.config.max_prompt_tokens
@@ -288,11 +288,11 @@ class TextGenerator:
                 f"{which} has {n_prompt} tokens; this service accepts at most {limit} (MAX_PROMPT_TOKENS)."
             )
         budget = self.config.max_batch_tokens
-        if budget is not None and n_prompt + max_new > budget:
+        if budget is not None and n_prompt + max_new_tokens > budget:
             raise PromptTooLongError(
-                f"{which} has {n_prompt} tokens and max_new_tokens is {max_new}: together they need more key/value "
-                f"cache than one batch may hold ({budget} tokens, MAX_BATCH_TOKENS). Shorten the prompt or lower "
-                f"max_new_tokens to {max(budget - n_prompt, 0)}."
+                f"{which} has {n_prompt} tokens and max_new_tokens is {max_new_tokens}: together they need more "
+                f"key/value cache than one batch may hold ({budget} tokens, MAX_BATCH_TOKENS). Shorten the "
+                f"prompt or lower max_new_tokens to {max(budget - n_prompt, 0)}."
             )
         if n_prompt == 0 and not self.is_encoder_decoder:
             raise PromptTooLongError(f"{which} encodes to no tokens; send some text.")
@@ -300,14 +300,14 @@ class TextGenerator:
         if ctx is None:
             return
         if self.is_encoder_decoder:
-            if n_prompt > ctx or max_new > ctx:
+            if n_prompt > ctx or max_new_tokens > ctx:
                 raise PromptTooLongError(
-                    f"{which} has {n_prompt} tokens and max_new_tokens is {max_new}; the model reads and "
+                    f"{which} has {n_prompt} tokens and max_new_tokens is {max_new_tokens}; the model reads and "
                     f"writes at most {ctx} tokens each. Shorten the prompt or lower max_new_tokens."
                 )
-        elif n_prompt + max_new > ctx:
+        elif n_prompt + max_new_tokens > ctx:
             raise PromptTooLongError(
-                f"{which} has {n_prompt} tokens and max_new_tokens is {max_new}: together they exceed the "
+                f"{which} has {n_prompt} tokens and max_new_tokens is {max_new_tokens}: together they exceed the "
                 f"model's context of {ctx} tokens. Shorten the prompt or lower max_new_tokens to "
                 f"{max(ctx - n_prompt, 0)}."
             )

@@ -30,8 +30,8 @@ def translate(body: GenerateRequest, model: ModelConfig, settings: Settings, req
     kwargs = body.generation_kwargs
     params = sampling_params(
         model,
-        max_tokens=kwargs.max_new_tokens,
-        max_tokens_param="generation_kwargs.max_new_tokens",
+        max_new_tokens=kwargs.max_new_tokens,
+        max_new_tokens_field="generation_kwargs.max_new_tokens",
         temperature=kwargs.temperature,
         top_p=kwargs.top_p,
         top_k=kwargs.top_k,

@@ -108,11 +108,11 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
         messages = chat_messages(body)
         # A chat is one prompt: its messages together count against MAX_PROMPT_CHARS.
         check_limits(["".join(m.content for m in messages)], body.n, settings, prompt_param="messages")
-        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        new_name = body.max_completion_tokens is not None  # max_tokens is its deprecated alias
         params = sampling_params(
             model,
-            max_tokens=limit,
-            max_tokens_param="max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
+            max_new_tokens=body.max_completion_tokens if new_name else body.max_tokens,
+            max_new_tokens_field="max_completion_tokens" if new_name else "max_tokens",
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,

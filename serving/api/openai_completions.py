@@ -89,7 +89,7 @@ class CompletionsDialect(OpenAIDialect[CompletionRequest]):
         check_limits(prompts or [""] * len(token_prompts), body.n, settings)
         params = sampling_params(
             model,
-            max_tokens=body.max_tokens,
+            max_new_tokens=body.max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,

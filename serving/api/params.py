@@ -18,8 +18,8 @@ from settings import ModelConfig, Settings
 def sampling_params(
     model: ModelConfig,
     *,
-    max_tokens: int | None = None,
-    max_tokens_param: str = "max_tokens",
+    max_new_tokens: int | None = None,
+    max_new_tokens_field: str = "max_tokens",
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -33,6 +33,9 @@ def sampling_params(
 ) -> SamplingParams:
     """Resolved parameters: what the request set, the model's defaults for the rest.
 
+    The token cap is ``max_new_tokens`` from here to the engine; ``max_new_tokens_field`` is only
+    the name the client used for it (``max_tokens``, ``max_completion_tokens``...), for the error.
+
     Example::
 
         >>> from settings import ModelConfig
@@ -40,22 +43,23 @@ def sampling_params(
         >>> sampling_params(model, stop="\\n").as_dict()["stop"], sampling_params(model).max_new_tokens
         (['\\n'], 8)
     """
-    max_new = max_tokens if max_tokens is not None else model.max_new_tokens
-    if max_new > model.max_new_tokens_limit:
+    if max_new_tokens is None:
+        max_new_tokens = model.max_new_tokens
+    if max_new_tokens > model.max_new_tokens_limit:
         raise api_error(
             "validation",
-            f"{max_tokens_param}: {max_new} is above this model's limit of {model.max_new_tokens_limit} "
+            f"{max_new_tokens_field}: {max_new_tokens} is above this model's limit of {model.max_new_tokens_limit} "
             "(MAX_NEW_TOKENS_LIMIT)",
             family=family,
-            param=max_tokens_param,
-            details=[{"field": max_tokens_param, "message": "above the limit", "input": max_new}],
+            param=max_new_tokens_field,
+            details=[{"field": max_new_tokens_field, "message": "above the limit", "input": max_new_tokens}],
         )
     temp = temperature if temperature is not None else model.temperature
     if seed is None and temp > 0:
         # Sampling always runs from a known seed (the native API echoes it), so any answer can be reproduced.
         seed = secrets.randbelow(2**31)
     return SamplingParams(
-        max_new_tokens=max_new,
+        max_new_tokens=max_new_tokens,
         temperature=temp,
         top_p=top_p if top_p is not None else model.top_p,
         top_k=top_k if top_k is not None else model.top_k,
