@@ -42,6 +42,11 @@ class ModelFields(BaseModel):
         description="Hugging Face hub ID (e.g. facebook/opt-125m) or local checkpoint directory. "
         "Defaults to the embedded model in models/pydoc-gpt-mini.",
     )
+    task: Literal["generate", "embed"] = Field(
+        default="generate",
+        description="What the model serves: generate (text: /v1/completions, /v1/chat/completions, /generate) or "
+        "embed (vectors: /v1/embeddings; the checkpoint's sentence-transformers pooling, else mean pooling).",
+    )
     trust_remote_code: bool = Field(default=False, description="Allow model code shipped with a hub checkpoint to run.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="Where the model runs. auto: cuda when NUM_GPUS_PER_REPLICA > 0, else cpu."
@@ -149,7 +154,9 @@ class ModelFields(BaseModel):
     )
 
     # --- batching and backpressure ---------------------------------------------------------
-    max_batch_size: int = Field(default=16, ge=1, description="Most prompts generated together in one batch.")
+    max_batch_size: int = Field(
+        default=16, ge=1, description="Most prompts generated (or inputs embedded) together in one batch."
+    )
     max_batch_tokens: int = Field(
         default=16384,
         ge=2,

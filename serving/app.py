@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.responses import JSONResponse
 
-from serving.api import access, native
+from serving.api import access, native, openai_embeddings
 from serving.api.admin import admin_router
 from serving.api.auth import BEARER, KeyCheck, bearer_token, require
 from serving.api.body import StrictJSONMiddleware
@@ -27,9 +27,11 @@ from serving.api.native_schemas import ErrorResponse, GenerateRequest, GenerateR
 from serving.api.openai import OpenAIDialect
 from serving.api.openai_chat import CHAT
 from serving.api.openai_completions import COMPLETIONS
+from serving.api.openai_embeddings import EmbeddingsRequest, EmbeddingsResponse
 from serving.api.openai_responses import ChatCompletionResponse, CompletionResponse
 from serving.api.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIError
 from serving.backend import ModelBackend
+from serving.models import check_route
 from serving.page import mount_page
 from settings import ModelConfig, Settings
 
@@ -128,6 +130,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
     async def openai_route(dialect: OpenAIDialect, body: Any, request: Request) -> Any:
         """Both OpenAI routes: translate, then stream or answer whole, in the dialect's shapes."""
         model = await resolve(request, body.model)
+        check_route(model, request.url.path.removeprefix(request.scope.get("root_path", "")))
         call = dialect.translate(body, model, settings, request_id(request))
         if body.stream:
             render = lambda items: dialect.stream(body, model, call, items)  # noqa: E731
@@ -165,12 +168,27 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
     async def generate(body: GenerateRequest, request: Request) -> Any:
         """Completions for `prompt` or `prompts`. A model at zero replicas starts first (the call waits)."""
         model = await resolve(request, body.model)
+        check_route(model, "/generate")
         call = native.translate(body, model, settings, request_id(request))
         if body.stream:
             render = lambda items: native.stream(model, call, items)  # noqa: E731
             return await calls.streamed(request, model, call, render, native.stream_error, "native")
         _, done, headers = await calls.unary(request, model, call, "native")
         return _json(native.response(model, call, done), headers)
+
+    @app.post(
+        "/v1/embeddings",
+        response_model=EmbeddingsResponse,
+        responses=OPENAI_ERRORS,
+        dependencies=auth,
+        summary="OpenAI embeddings (a model with TASK=embed)",
+    )
+    async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
+        """Unit vectors for `input` (text, texts or token ids), pooled as the checkpoint declares."""
+        model = await resolve(request, body.model)
+        check_route(model, "/v1/embeddings")
+        result, headers = await calls.embedded(request, model, openai_embeddings.translate(body, request_id(request)))
+        return _json(openai_embeddings.response(body, model, result), headers)
 
     mount_page(app)
     return app

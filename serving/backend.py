@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from engine.embedding_types import EmbeddingRequest, EmbeddingResult
 from engine.types import Completion, GenerationRequest, Started, StreamItem
 from serving.models import ModelStatus, resolve_model
 from settings import ModelConfig
@@ -36,6 +37,8 @@ class ModelBackend(Protocol):
     def stream(self, model: ModelConfig, request: GenerationRequest) -> AsyncIterator[StreamItem]: ...
 
     async def generate(self, model: ModelConfig, request: GenerationRequest) -> tuple[Started, list[Completion]]: ...
+
+    async def embed(self, model: ModelConfig, request: EmbeddingRequest) -> EmbeddingResult: ...
 
     async def statuses(self) -> list[ModelStatus]: ...
 

@@ -29,7 +29,8 @@ from ray.serve.exceptions import RayServeException
 
 from engine.admission import TokenBudget
 from engine.batcher import Batcher, RequestStream
-from engine.errors import StepFailedError
+from engine.embedding_types import EmbeddingRequest, EmbeddingResult
+from engine.errors import InvalidFieldError, StepFailedError
 from engine.timing import PhaseTimer
 from engine.types import ChatMessage, Completion, Delta, GenerationRequest, SamplingParams, Started, StreamItem, collect
 from engine.work import OnStep, Poll, WorkItem
@@ -87,6 +88,24 @@ def text_generator() -> EngineLoader:
     return load
 
 
+def embedder() -> EngineLoader:
+    """The loader of an ``embed`` model: an encoder, its pooling, no generation (``engine.embeddings``)."""
+    from engine.embeddings import Embedder, EmbedderConfig
+
+    def load(config: ModelConfig, timer: PhaseTimer) -> Any:
+        embed_config = EmbedderConfig(
+            model_id=config.model_id,
+            device=config.resolved_device,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            num_threads=config.torch_threads,
+            max_prompt_tokens=config.max_prompt_tokens,
+        )
+        return Embedder.load(embed_config, timer)
+
+    return load
+
+
 def _process_start_time() -> float | None:
     """Epoch time this process started (Linux), to time the replica process start-up."""
     try:
@@ -128,7 +147,7 @@ class ModelServer:
         with self._timer.phase("imports"):  # torch, transformers and the engine: the first import in this process
             from engine.chat import check_template
 
-            load = engine or text_generator()
+            load = engine or (embedder() if config.task == "embed" else text_generator())
 
         if config.chat_template is not None:
             check_template(config.chat_template)
@@ -136,14 +155,20 @@ class ModelServer:
         self._engine = _load_with_timeout(
             lambda: load(config, self._timer), config.model_load_timeout_s, config.model_id
         )
-        self._engine.rules.on_compile = lambda seconds, cached: metrics.grammar_compiled(self._name, seconds, cached)
-        self._batcher = Batcher(
-            self._engine.run,
-            config.max_batch_size,
-            config.batch_wait_timeout_s,
-            budget=TokenBudget(config.max_batch_tokens),
-        )
-        self._sampler = metrics.BatchSampler(self._name, self._batcher.stats)
+        self._task = config.task
+        if config.task == "embed":  # an encoder: /v1/embeddings only, batched by its own small batcher
+            from engine.embeddings import EmbeddingBatcher
+
+            self._embeddings = EmbeddingBatcher(self._engine.embed, config.max_batch_size)
+        else:
+            self._engine.rules.on_compile = lambda s, cached: metrics.grammar_compiled(self._name, s, cached)
+            self._batcher = Batcher(
+                self._engine.run,
+                config.max_batch_size,
+                config.batch_wait_timeout_s,
+                budget=TokenBudget(config.max_batch_tokens),
+            )
+            self._sampler = metrics.BatchSampler(self._name, self._batcher.stats)
         self._stall_timeout_s = config.engine_stall_timeout_s
         self._requests = 0
         self._replica = _replica_id()
@@ -165,6 +190,8 @@ class ModelServer:
         The request is validated and encoded first: PromptTooLongError and ChatTemplateError are
         raised before anything is yielded. Stopping the stream early cancels the request's rows.
         """
+        if self._task == "embed":
+            raise InvalidFieldError(f"model {self._name!r} is an embedding model; it serves /v1/embeddings", "model")
         arrived = time.monotonic()
         self._requests += 1
         self._sampler.ensure_running()
@@ -222,12 +249,32 @@ class ModelServer:
             started = dataclasses.replace(started, cold_start=report)
         return started, collect(deltas, request.rows, started.prompt_tokens, request.n)
 
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """Unit vectors for every input (an ``embed`` model); bad inputs raise ``InvalidFieldError``."""
+        if self._task != "embed":
+            raise InvalidFieldError(f"model {self._name!r} generates text; it serves no embeddings", "model")
+        arrived = time.monotonic()
+        self._requests += 1
+        self._engine.check_dimensions(request.dimensions)
+        engine = self._engine
+        ids = engine.encode_texts(request.texts) if request.texts else engine.check_ids(request.token_inputs)
+        vectors = await self._embeddings.embed(ids, request.dimensions)
+        cold_start, self._cold_start = self._cold_start, None
+        if cold_start is not None:
+            cold_start = {**cold_start, "first_generation_s": round(time.monotonic() - arrived, 4)}
+            self._first_generation_done(cold_start)
+        tokens = sum(len(row) for row in ids)
+        metrics.prompt_tokens(self._name, tokens)
+        return EmbeddingResult(vectors, tokens, replica=self._replica, cold_start=cold_start)
+
     async def check_health(self) -> None:
         """Serve's health check: unhealthy when the engine has work and no step has ended for ENGINE_STALL_TIMEOUT_S.
 
         A hung engine thread cannot be stopped from here; its requests are failed at once (503,
         retryable) rather than left to hang, and Serve replaces the replica.
         """
+        if self._task == "embed":  # one forward pass per batch, no decoding loop to stall
+            return
         stalled = self._batcher.stalled_s()
         if stalled <= self._stall_timeout_s:
             return
@@ -243,7 +290,8 @@ class ModelServer:
     async def stats(self) -> dict[str, Any]:
         """This replica's counters: batches, rows running and cancelled, queue, open streams, tokens,
         requests received, and the asyncio tasks alive on its event loop (``tasks``: this call's own included)."""
-        return {**self._batcher.stats(), "requests": self._requests, "tasks": len(asyncio.all_tasks())}
+        counters = self._embeddings.stats() if self._task == "embed" else self._batcher.stats()
+        return {**counters, "requests": self._requests, "tasks": len(asyncio.all_tasks())}
 
     def _encode(self, request: GenerationRequest) -> list[list[int]]:
         self._engine.rules.check(request.params)  # logit bias ids, grammar compiled (cached) before queueing

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from serving.pool.errors import ModelRequiredError, UnknownModelError
+from serving.pool.errors import ModelRequiredError, UnknownModelError, WrongTaskError
 from settings import ModelConfig
 
 
@@ -42,6 +42,7 @@ class ModelStatus:
     name: str
     model_id: str
     state: ModelState
+    task: str = "generate"  # generate or embed: which routes serve the model
     running: int = 0
     starting: int = 0
     min_replicas: int = 0
@@ -65,6 +66,8 @@ class ModelStatus:
             "created": self.created,
             "owned_by": "llm-serve",
             "root": self.model_id,
+            "task": self.task,
+            "routes": list(routes_of(self.task)),
             "state": str(self.state),
             "replicas": {
                 "running": self.running,
@@ -83,6 +86,27 @@ class ModelStatus:
         """The card plus the pool's side, as ``/admin`` shows it."""
         pool = {"admitted": self.admitted, "waiting_for_room": self.waiting_for_room, "app": self.app}
         return self.card() | pool | {"deployment": self.deployment}
+
+
+TASK_ROUTES = {
+    "generate": ("/v1/completions", "/v1/chat/completions", "/generate"),
+    "embed": ("/v1/embeddings",),
+}
+
+
+def routes_of(task: str) -> tuple[str, ...]:
+    """The routes that serve a model of ``task`` (``generate`` or ``embed``)."""
+    return TASK_ROUTES[task]
+
+
+def check_route(model: ModelConfig, route: str) -> None:
+    """Raise ``WrongTaskError`` when ``model`` is not served by ``route`` (an embedding model on /generate...)."""
+    if route not in routes_of(model.task):
+        served = ", ".join(routes_of(model.task))
+        what = "an embedding model" if model.task == "embed" else "a text generation model"
+        raise WrongTaskError(
+            f"model {model.name!r} is {what} (task {model.task}); it is served by {served}, not {route}"
+        )
 
 
 def resolve_model(models: Sequence[ModelConfig], requested: str | None) -> ModelConfig:

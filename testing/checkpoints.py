@@ -225,3 +225,44 @@ def build_tiny_seq2seq(path: Path, seed: int = 0) -> Path:
     )
     BartForConditionalGeneration(config).save_pretrained(path)
     return path
+
+
+def build_tiny_encoder(
+    path: Path, seed: int = 0, pooling: str | None = None, hidden_size: int = 32, n_layer: int = 2
+) -> Path:
+    """A small BERT encoder with random weights (an embedding model), context 128 tokens.
+
+    ``pooling`` (``mean``, ``cls`` or ``lasttoken``) writes a sentence-transformers ``modules.json`` and
+    ``1_Pooling/config.json`` declaring it; None writes neither (the server then pools by mean).
+    """
+    import json
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = build_tokenizer(path)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        num_hidden_layers=n_layer,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+    )
+    BertModel(config).eval().save_pretrained(path)
+    if pooling is not None:
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ]
+        (path / "modules.json").write_text(json.dumps(modules))
+        (path / "1_Pooling").mkdir(exist_ok=True)
+        modes = {f"pooling_mode_{m}": pooling == short for m, short in _POOLING_KEYS.items()}
+        (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": hidden_size, **modes}))
+    return path
+
+
+_POOLING_KEYS = {"cls_token": "cls", "mean_tokens": "mean", "lasttoken": "lasttoken", "max_tokens": "max"}

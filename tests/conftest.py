@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from testing.checkpoints import CHAT_TEMPLATE, build_tiny_causal, build_tiny_seq2seq
+from testing.checkpoints import CHAT_TEMPLATE, build_tiny_causal, build_tiny_encoder, build_tiny_seq2seq
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,3 +27,9 @@ def tiny_chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_seq2seq(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_seq2seq(tmp_path_factory.mktemp("tiny-bart"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT encoder whose sentence-transformers config declares cls pooling."""
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"), pooling="cls")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.embedding_types import EmbeddingRequest, EmbeddingResult
 from engine.types import (
     Completion,
     Delta,
@@ -48,8 +49,15 @@ class FakeBackend:
     closed: int = 0
     finished: int = 0
 
+    embedders: dict[str, Any] = field(default_factory=dict)  # model name -> a ModelServer with a real encoder
+
     async def resolve(self, requested: str | None) -> ModelConfig:
         return resolve_model(self.settings.model_configs, requested)
+
+    async def embed(self, model: ModelConfig, request: EmbeddingRequest) -> EmbeddingResult:
+        if self.fail_before is not None:
+            raise self.fail_before
+        return await self.embedders[model.name].embed(request)
 
     @staticmethod
     def _prompts(request: GenerationRequest) -> tuple[str, ...]:
@@ -138,6 +146,7 @@ class FakeBackend:
             name=model.name,
             model_id=model.model_id,
             state=self.state,  # type: ignore[arg-type]
+            task=model.task,
             min_replicas=model.min_replicas,
             max_replicas=model.max_replicas,
             priority=model.priority,

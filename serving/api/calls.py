@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from engine.embedding_types import EmbeddingRequest, EmbeddingResult
 from engine.types import Completion, GenerationRequest, Started
 from observability import metrics
 from serving.api import access, sse
@@ -82,6 +83,24 @@ class Calls:
             return started, done, {}
         record.cold_start_s = time.monotonic() - record.arrived
         return started, done, {"x-cold-start": f"{record.cold_start_s:.3f}"}
+
+    async def embedded(
+        self, request: Request, model: ModelConfig, call: EmbeddingRequest
+    ) -> tuple[EmbeddingResult, dict[str, str]]:
+        """An embedding model's vectors, within REQUEST_TIMEOUT_S; ``x-cold-start`` as for ``unary``."""
+        record, cold = await self._begin(request, model, stream=False)
+        try:
+            result = await asyncio.wait_for(self.backend.embed(model, call), self.settings.request_timeout_s)
+        except TimeoutError:
+            raise self._counted(record, await self.timed_out(model, "openai")) from None
+        except Exception as exc:
+            raise self._failure(record, exc, "openai") from None
+        finally:
+            self._waking.discard(model.name)
+        if not cold:
+            return result, {}
+        record.cold_start_s = time.monotonic() - record.arrived
+        return result, {"x-cold-start": f"{record.cold_start_s:.3f}"}
 
     async def streamed(
         self,

@@ -39,6 +39,7 @@ from serving.pool.errors import (
     PoolError,
     TooManyWaitersError,
     UnknownModelError,
+    WrongTaskError,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -226,6 +227,8 @@ def _pool_error(exc: BaseException, family: Family) -> ApiError | None:
         return api_error("conflict", str(exc))
     if isinstance(exc, UnknownModelError):
         return api_error("not_found", str(exc), param="model")
+    if isinstance(exc, WrongTaskError):
+        return api_error("bad_request", str(exc), code="wrong_task", param="model")
     if isinstance(exc, ModelUnavailableError):
         return api_error("no_room", str(exc), retry_after_s=exc.retry_after_s)
     if isinstance(exc, TooManyWaitersError):

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
 
+from engine.embedding_types import EmbeddingRequest, EmbeddingResult
 from engine.types import Completion, GenerationRequest, Started, StreamItem
 from serving.models import ModelState, ModelStatus, resolve_model
 from serving.pool.client import PoolClient
@@ -80,6 +81,15 @@ class PoolBackend:
     async def generate(self, model: ModelConfig, request: GenerationRequest) -> tuple[Started, list[Completion]]:
         handle = await self._handle(model)
         response = handle.generate.remote(request)
+        try:
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+
+    async def embed(self, model: ModelConfig, request: EmbeddingRequest) -> EmbeddingResult:
+        handle = await self._handle(model)
+        response = handle.embed.remote(request)
         try:
             return await response
         except asyncio.CancelledError:

@@ -245,6 +245,7 @@ class PoolController(AdminMixin):
             name=name,
             model_id=spec.model_id,
             state=self._logic.state(name),
+            task=spec.config.get("task", "generate"),
             running=seen.running,
             starting=seen.starting,
             min_replicas=spec.min_replicas,

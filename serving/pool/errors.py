@@ -85,3 +85,7 @@ class TooManyWaitersError(PoolError):
 
     def __reduce__(self):
         return (type(self), (self.name, self.bound, self.retry_after_s))
+
+
+class WrongTaskError(PoolError):
+    """A route the model does not serve: generation on an embedding model, or the reverse (-> 400 naming its routes)."""

@@ -62,6 +62,7 @@ BAD_VALUES = [
     ("DEVICE", "tpu", "'auto', 'cpu' or 'cuda'"),
     ("DTYPE", "int8", "'auto', 'float32', 'float16' or 'bfloat16'"),
     ("TOOL_PARSER", "mistral", "'hermes' or 'json'"),
+    ("TASK", "classify", "'generate' or 'embed'"),
     ("TRUST_REMOTE_CODE", "maybe", "valid boolean"),
     ("HOST", "", "at least 1 character"),
     ("PORT", "70000", "less than or equal to 65535"),
