@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
@@ -14,7 +15,7 @@ from fastapi.testclient import TestClient
 from transformers import AutoModel, AutoTokenizer
 
 from config.errors import SettingsError
-from engine.embeddings import Embedder, EmbedderConfig, declared_pooling, normalise, pool
+from engine.embeddings import Embedder, EmbedderConfig, EmbeddingBatcher, declared_pooling, normalise, pool
 from serving.api.openai_embeddings import encode_base64
 from serving.app import create_app
 from serving.model_server import ModelServer
@@ -174,3 +175,33 @@ def test_each_task_is_served_by_its_own_routes(service) -> None:
     cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert cards["enc"]["task"] == "embed" and cards["gen"]["task"] == "generate"
     assert cards["enc"]["routes"] == ["/v1/embeddings"]
+
+
+def test_batcher_shares_passes_between_requests_within_its_bound() -> None:
+    passes: list[int] = []
+
+    def fake_embed(batch, dimensions):  # each input's vector is its first token id
+        passes.append(len(batch))
+        return [[float(ids[0])] for ids in batch]
+
+    async def run() -> list:
+        batcher = EmbeddingBatcher(fake_embed, max_batch_size=4)
+        return await asyncio.gather(*(batcher.embed([[i], [i + 100]], None) for i in range(5)))
+
+    answers = asyncio.run(run())
+    assert answers == [[[float(i)], [float(i + 100)]] for i in range(5)]
+    assert sum(passes) == 10 and max(passes) == 4 and len(passes) == 3  # 10 inputs, at most 4 a pass
+
+
+def test_a_failed_pass_fails_its_requests_only() -> None:
+    def fake_embed(batch, dimensions):
+        if any(ids[0] == 13 for ids in batch):
+            raise RuntimeError("bad pass")
+        return [[1.0] for _ in batch]
+
+    async def run() -> tuple:
+        batcher = EmbeddingBatcher(fake_embed, max_batch_size=1)
+        return await asyncio.gather(batcher.embed([[13]], None), batcher.embed([[1]], None), return_exceptions=True)
+
+    failed, fine = asyncio.run(run())
+    assert isinstance(failed, RuntimeError) and fine == [[1.0]]
