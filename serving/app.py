@@ -2,9 +2,10 @@
 
 ``create_app`` takes the backend as an argument, so the whole HTTP layer runs in tests with a fake
 one; in the service the backend holds a Ray Serve handle per model (``serving.gateway``). Routes
-stay short: each dialect (``serving.api.native``, ``serving.api.openai*``) translates and renders,
-``serving.api.calls`` drives a request to its model and back (within REQUEST_TIMEOUT_S, heartbeats
-while a model wakes), ``serving.api.errors`` maps every failure.
+stay short: a route resolves its model and hands the body to its dialect (``serving.api.native``,
+``serving.api.openai`` with the routes' hooks in ``openai_completions`` / ``openai_chat``), which
+translates, reaches the model through the call driver (``serving.api.calls``: REQUEST_TIMEOUT_S,
+heartbeats while a model wakes) and renders; ``serving.api.errors`` maps every failure.
 This module must not import torch or transformers: it runs in the light Gateway.
 """
 
@@ -24,7 +25,6 @@ from serving.api.calls import Calls
 from serving.api.errors import install_error_handlers
 from serving.api.gate import HeaderGate, guards
 from serving.api.native_schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
-from serving.api.openai import OpenAIDialect
 from serving.api.openai_chat import CHAT
 from serving.api.openai_completions import COMPLETIONS
 from serving.api.openai_embeddings import EmbeddingsRequest, EmbeddingsResponse
@@ -90,9 +90,12 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
 
     auth = [Depends(api_key)]
 
-    async def resolve(request: Request, requested: str | None) -> ModelConfig:
+    async def resolve(request: Request, requested: str | None, route: str | None = None) -> ModelConfig:
+        """The model a request names; with ``route``, one that route serves (WrongTaskError otherwise)."""
         model = await backend.resolve(requested)
         access.of(request).model = model.name  # the access line names it even if the request fails later
+        if route is not None:
+            check_route(model, route)
         return model
 
     install_error_handlers(app, settings.retry_after_s)
@@ -127,17 +130,6 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         config = await resolve(request, model)
         return ModelCard(**(await backend.status(config)).card())
 
-    async def openai_route(dialect: OpenAIDialect, body: Any, request: Request) -> Any:
-        """Both OpenAI routes: translate, then stream or answer whole, in the dialect's shapes."""
-        model = await resolve(request, body.model)
-        check_route(model, request.url.path.removeprefix(request.scope.get("root_path", "")))
-        call = dialect.translate(body, model, settings, request_id(request))
-        if body.stream:
-            render = lambda items: dialect.stream(body, model, call, items)  # noqa: E731
-            return await calls.streamed(request, model, call, render, dialect.stream_error, "openai")
-        started, done, headers = await calls.unary(request, model, call, "openai")
-        return _json(dialect.response(body, model, call, started, done), headers)
-
     @app.post(
         "/v1/completions",
         response_model=CompletionResponse,
@@ -146,7 +138,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         summary="OpenAI completions (streams with stream: true)",
     )
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await openai_route(COMPLETIONS, body, request)
+        return await COMPLETIONS.serve(body, await resolve(request, body.model, "/v1/completions"), request, calls)
 
     @app.post(
         "/v1/chat/completions",
@@ -156,7 +148,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         summary="OpenAI chat completions (streams with stream: true)",
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        return await openai_route(CHAT, body, request)
+        return await CHAT.serve(body, await resolve(request, body.model, "/v1/chat/completions"), request, calls)
 
     @app.post(
         "/generate",
@@ -167,14 +159,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
     )
     async def generate(body: GenerateRequest, request: Request) -> Any:
         """Completions for `prompt` or `prompts`. A model at zero replicas starts first (the call waits)."""
-        model = await resolve(request, body.model)
-        check_route(model, "/generate")
-        call = native.translate(body, model, settings, request_id(request))
-        if body.stream:
-            render = lambda items: native.stream(model, call, items)  # noqa: E731
-            return await calls.streamed(request, model, call, render, native.stream_error, "native")
-        _, done, headers = await calls.unary(request, model, call, "native")
-        return _json(native.response(model, call, done), headers)
+        return await native.serve(body, await resolve(request, body.model, "/generate"), request, calls)
 
     @app.post(
         "/v1/embeddings",
@@ -185,17 +170,13 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
     )
     async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
         """Unit vectors for `input` (text, texts or token ids), pooled as the checkpoint declares."""
-        model = await resolve(request, body.model)
-        check_route(model, "/v1/embeddings")
+        model = await resolve(request, body.model, "/v1/embeddings")
         result, headers = await calls.embedded(request, model, openai_embeddings.translate(body, request_id(request)))
-        return _json(openai_embeddings.response(body, model, result), headers)
+        answer = openai_embeddings.response(body, model, result)
+        return JSONResponse(answer.model_dump(mode="json"), headers=headers)
 
     mount_page(app)
     return app
-
-
-def _json(body: Any, headers: dict[str, str]) -> JSONResponse:
-    return JSONResponse(body.model_dump(mode="json"), headers=headers)
 
 
 __all__ = ["create_app"]

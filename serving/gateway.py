@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.app import create_app
-from serving.pool.backend import PoolBackend
+from serving.pool.client import PoolBackend
 from settings import Settings
 
 logger = logging.getLogger("ray.serve")

@@ -140,6 +140,16 @@ def api_error(
     return ApiError(status, code or default_code, message, param=param, details=details, headers=headers)
 
 
+def unsupported(param: str, what: str) -> ApiError:
+    """400: a feature this service does not have; the message starts with the field."""
+    return api_error("unsupported", f"{param}: {what}", param=param)
+
+
+def invalid_value(param: str, what: str) -> ApiError:
+    """400: a value this service cannot take; the message starts with the field."""
+    return api_error("bad_request", f"{param}: {what}", param=param)
+
+
 def http_error(status: int, detail: str, headers: dict[str, str] | None = None) -> ApiError:
     """Starlette's own refusals (no such route, wrong method), in the route family's shape."""
     code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")

@@ -9,18 +9,43 @@ Streamed (``"stream": true``), the answer is server-sent events::
     data: {...the same body as the non-streamed answer...}
 
 and on a failure after the stream began, ``event: error`` with the error body in the native shape.
+The route hands its body to :func:`serve`; the call driver (``serving.api.calls``) reaches the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
 from engine.types import Completion, Delta, GenerationRequest, SamplingParams, Started, collect
-from serving.api import sse
+from serving.api import access, sse
+from serving.api.calls import Calls
 from serving.api.errors import ApiError
 from serving.api.native_schemas import GenerateRequest, GenerateResponse, Usage
 from serving.api.params import check_limits, sampling_params
 from settings import ModelConfig, Settings
+
+
+async def serve(body: GenerateRequest, model: ModelConfig, request: Request, calls: Calls) -> Response:
+    """The route's whole work: translate, then answer whole or stream."""
+    call = translate(body, model, calls.settings, access.of(request).request_id)
+    if not body.stream:
+        _, done, headers = await calls.unary(request, model, call, "native")
+        return JSONResponse(response(model, call, done).model_dump(mode="json"), headers=headers)
+    items = await calls.stream(request, model, call, "native")  # ApiError (a status) until the model takes it
+
+    async def events() -> AsyncIterator[str]:
+        async with contextlib.aclosing(items):  # a client gone frees the request's rows at once
+            try:
+                async for text in stream(model, call, items):
+                    yield text
+            except Exception as exc:  # the status is sent already: the error becomes an event
+                yield stream_error(await calls.failed(request, model, exc, "native"))
+
+    return sse.response(events())
 
 
 def translate(body: GenerateRequest, model: ModelConfig, settings: Settings, request_id: str) -> GenerationRequest:

@@ -1,20 +1,23 @@
 """The OpenAI dialects: one object per route (completions, chat) that translates, answers and streams.
 
 Choices are numbered as OpenAI numbers them: choice ``p * n + c`` is the c-th completion of prompt
-p, which is the model server's row number. A dialect's three verbs are the route's whole work::
+p, which is the model server's row number. A route hands its body to its dialect, and the rest of
+the request's way is read from here, downwards::
 
-    dialect = COMPLETIONS                        # or CHAT
-    call = dialect.translate(body, model, settings, request_id)   # ApiError for a bad request
-    dialect.response(body, model, call, started, done)            # the JSON answer
-    dialect.stream(body, model, call, items)                      # SSE: typed chunks, then [DONE]
+    return await CHAT.serve(body, model, request, calls)    # or COMPLETIONS
 
-The stream loop is shared (:meth:`OpenAIDialect.stream`): heartbeats become comments, each row
-opens (``_open_row``), each delta becomes chunk choices (``_delta_choices``), a usage chunk follows
-when ``stream_options.include_usage`` asks, then ``data: [DONE]``.
+``serve`` translates (``translate``: the shared checks, the route's ``_translate`` hook, the
+extras of ``serving.api.openai_params``), reaches the model through the call driver
+(``serving.api.calls``), and renders: the JSON answer (``response``) or the stream
+(``stream``: heartbeats become comments, each row opens (``_open_row``), each delta becomes chunk
+choices (``_delta_choices``), a usage chunk follows when ``stream_options.include_usage`` asks,
+then ``data: [DONE]``; a failure after the start is an error event). The route's hooks
+(``openai_completions.py``, ``openai_chat.py``) call only leaves: schemas, responses, params, tools.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -23,13 +26,16 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from engine.types import Completion, Delta, GenerationRequest, Started
-from serving.api import sse
-from serving.api.errors import ApiError, api_error
+from serving.api import access, sse
+from serving.api.calls import Calls
+from serving.api.errors import ApiError, invalid_value
 from serving.api.openai_params import sampling_extras
-from serving.api.openai_responses import Chunk, Usage, wire
+from serving.api.openai_responses import Chunk, Usage, usage, wire
 from serving.api.openai_schemas import OpenAIRequest
 from settings import ModelConfig, Settings
 
@@ -37,24 +43,6 @@ logger = logging.getLogger("ray.serve")
 
 MAX_LOGGED_FIELDS = 10
 RequestT = TypeVar("RequestT", bound=OpenAIRequest)
-
-
-def unsupported(param: str, what: str) -> ApiError:
-    return api_error("unsupported", f"{param}: {what}", param=param)
-
-
-def invalid_value(param: str, what: str) -> ApiError:
-    return api_error("bad_request", f"{param}: {what}", param=param)
-
-
-def usage(started: Started, completion_tokens: int) -> Usage:
-    prompt = sum(started.prompt_tokens)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
-
-
-def finish_reason(delta: Delta) -> str | None:
-    """What a client sees of a row's end ("cancelled" is never sent: nobody is listening)."""
-    return delta.finish_reason if delta.finish_reason in ("stop", "length") else None
 
 
 @dataclass
@@ -75,6 +63,25 @@ class OpenAIDialect(ABC, Generic[RequestT]):
     """Schemas, translation and rendering of one OpenAI route."""
 
     id_prefix: ClassVar[str]
+
+    async def serve(self, body: RequestT, model: ModelConfig, request: Request, calls: Calls) -> Response:
+        """The route's whole work: translate, then answer whole or stream, in this route's shapes."""
+        call = self.translate(body, model, calls.settings, access.of(request).request_id)
+        if not body.stream:
+            started, done, headers = await calls.unary(request, model, call, "openai")
+            answer = self.response(body, model, call, started, done)
+            return JSONResponse(answer.model_dump(mode="json"), headers=headers)
+        items = await calls.stream(request, model, call, "openai")  # ApiError (a status) until the model takes it
+
+        async def events() -> AsyncIterator[str]:
+            async with contextlib.aclosing(items):  # a client gone frees the request's rows at once
+                try:
+                    async for text in self.stream(body, model, call, items):
+                        yield text
+                except Exception as exc:  # the status is sent already: the error becomes an event
+                    yield self.stream_error(await calls.failed(request, model, exc, "openai"))
+
+        return sse.response(events())
 
     # --- translation ----------------------------------------------------------------------------
     def translate(self, body: RequestT, model: ModelConfig, settings: Settings, request_id: str) -> GenerationRequest:

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 
 from engine.tool_parsers import Extracted
 from engine.types import ChatMessage, Completion, Delta, GenerationRequest, Started, TokenLogprob, ToolCall
-from serving.api.openai import OpenAIDialect, StreamState, finish_reason, invalid_value, unsupported, usage
+from serving.api.errors import invalid_value, unsupported
+from serving.api.openai import OpenAIDialect, StreamState
 from serving.api.openai_responses import (
     ChatChoice,
     ChatChunkChoice,
@@ -26,6 +27,8 @@ from serving.api.openai_responses import (
     ToolCallOut,
     TopLogprobOut,
     Usage,
+    finish_reason,
+    usage,
 )
 from serving.api.openai_schemas import ChatCompletionRequest
 from serving.api.openai_tools import StreamedTools, tool_call, tool_plan, tools_json

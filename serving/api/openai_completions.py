@@ -8,13 +8,16 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from engine.types import Completion, Delta, GenerationRequest, Started, TokenLogprob
-from serving.api.openai import OpenAIDialect, StreamState, finish_reason, invalid_value, unsupported, usage
+from serving.api.errors import invalid_value, unsupported
+from serving.api.openai import OpenAIDialect, StreamState
 from serving.api.openai_responses import (
     CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
     CompletionResponse,
     Usage,
+    finish_reason,
+    usage,
 )
 from serving.api.openai_schemas import CompletionRequest
 from serving.api.params import check_limits, sampling_params

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, field_serializer
 
+from engine.types import Delta, Started
+
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
@@ -150,6 +152,16 @@ class ChatCompletionChunk(BaseModel):
 
 
 Chunk = CompletionChunk | ChatCompletionChunk
+
+
+def usage(started: Started, completion_tokens: int) -> Usage:
+    prompt = sum(started.prompt_tokens)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+
+
+def finish_reason(delta: Delta) -> str | None:
+    """What a client sees of a row's end ("cancelled" is never sent: nobody is listening)."""
+    return delta.finish_reason if delta.finish_reason in ("stop", "length") else None
 
 
 def wire(chunk: Chunk) -> dict[str, Any]:

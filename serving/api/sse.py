@@ -9,12 +9,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
+
+from fastapi.responses import StreamingResponse
 
 MEDIA_TYPE = "text/event-stream"
 DONE = "data: [DONE]\n\n"
 # No proxy on the way may buffer the stream (nginx honours X-Accel-Buffering) or cache it.
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def response(events: AsyncIterator[str]) -> StreamingResponse:
+    """The HTTP response of a stream whose status is fixed once it starts."""
+    return StreamingResponse(events, media_type=MEDIA_TYPE, headers=HEADERS)
 
 
 def _json(payload: Any) -> str:

@@ -20,8 +20,7 @@ from ray import serve
 from engine.types import GenerationRequest, SamplingParams, Started
 from serving.api.errors import from_exception
 from serving.pool.apps import MODEL_APPS, spec_from_entry
-from serving.pool.backend import PoolBackend
-from serving.pool.client import PoolClient
+from serving.pool.client import PoolBackend, PoolClient
 from serving.pool.controller import PoolController
 from serving.pool.errors import ModelExistsError, ModelUnavailableError, ModelValidationError, UnknownModelError
 from serving.pool.spec import PoolSettings

@@ -17,7 +17,7 @@ from ray import serve
 
 from engine.types import GenerationRequest, SamplingParams
 from serving.pool.apps import MODEL_APPS, spec_from_entry
-from serving.pool.backend import PoolBackend
+from serving.pool.client import PoolBackend
 from serving.pool.controller import PoolController
 from serving.pool.errors import ModelExistsError, ModelValidationError
 from serving.pool.spec import PoolSettings
