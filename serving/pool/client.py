@@ -29,6 +29,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -196,17 +197,14 @@ class PoolBackend:
             response.cancel()  # also takes a request still queued for room out of the model's queue
 
     async def generate(self, model: ModelConfig, request: GenerationRequest) -> tuple[Started, list[Completion]]:
-        handle = await self._handle(model)
-        response = handle.generate.remote(request)
-        try:
-            return await response
-        except asyncio.CancelledError:
-            response.cancel()
-            raise
+        return await self._whole(model, "generate", request)
 
     async def embed(self, model: ModelConfig, request: EmbeddingRequest) -> EmbeddingResult:
-        handle = await self._handle(model)
-        response = handle.embed.remote(request)
+        return await self._whole(model, "embed", request)
+
+    async def _whole(self, model: ModelConfig, method: str, request: Any) -> Any:
+        """One model server call answered whole; a caller gone cancels it (also out of a room queue)."""
+        response = getattr(await self._handle(model), method).remote(request)
         try:
             return await response
         except asyncio.CancelledError:
