@@ -85,6 +85,8 @@ def test_a_killed_replica_is_a_fast_503_and_serve_replaces_it(service: Service, 
     caller = threading.Thread(target=call)
     caller.start()
     wait_for(lambda: stats()["rows_running"] >= 1, timeout=60, interval=0.05, what="the replica to take it")
+    if stream:  # the 200 goes out once the replica's first item reaches the Gateway, a moment after it takes the row
+        wait_for(lambda: "status" in outcome, timeout=60, interval=0.05, what="the stream's status line")
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     caller.join(timeout=TIMEOUT_S + 60)
