@@ -1,4 +1,4 @@
-"""CPU specifics of the engine: whether bfloat16 is native here, and fused activations.
+"""CPU specifics of the engine: whether bfloat16 is native here, fused activations, a faster output head.
 
 ``DTYPE=auto`` on a CPU picks bfloat16 only where the CPU computes it natively (AVX512-BF16 or
 AMX-BF16, read from the kernel's CPU flags): there oneDNN runs bfloat16 matrix products at about
@@ -64,3 +64,29 @@ def fuse_activations(model: Any) -> int:
                 setattr(module, name, GELUTanh())
                 replaced += 1
     return replaced
+
+
+class CpuHead(torch.nn.Linear):
+    """The output projection (hidden -> vocabulary) for several rows at once, fast on CPU.
+
+    With a few rows, ``x @ W.T`` through MKL runs at a third of the speed of ``W @ x.T`` for a
+    vocabulary-sized ``W`` (GPT-2-small: 38 ms against 13 ms for 2 rows on 2 cores, and the head
+    is the largest matrix of the model), so batched decoding lost most of its gain there. Same
+    weights and result (up to float rounding); one row keeps the plain path, fastest for it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows <= 1:
+            return super().forward(x)
+        out = (self.weight @ x.reshape(rows, x.shape[-1]).t()).t()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def use_cpu_head(model: Any) -> None:
+    """Compute the model's output projection with :class:`CpuHead` (same module, same parameters)."""
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter:  # not a quantized weight
+        head.__class__ = CpuHead

@@ -254,3 +254,14 @@ def _context(model_config: Any) -> int | None:
 
 def _gb(n: int | None) -> str:
     return "unknown" if n is None else f"{n / GB:.2f} GB"
+
+
+def weights_facts(model: Any, seconds: float) -> dict[str, Any]:
+    """Bytes of the loaded weights and the load rate, for the cold-start report."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()  # tied weights once
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    return {
+        "weights_bytes": size,
+        "weights_gb_per_s": round(size / seconds / 1e9, 3) if seconds > 0 else None,
+        "device": str(next(iter(tensors)).device) if tensors else None,
+    }

@@ -21,10 +21,10 @@ from transformers.utils import logging as hf_logging
 
 from engine.chat import encode_chat, render_chat
 from engine.continuous import ContinuousBatch, new_cache, supports
-from engine.cpu import auto_cpu_dtype, fuse_activations
+from engine.cpu import auto_cpu_dtype, fuse_activations, use_cpu_head
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import PromptTooLongError
-from engine.loading import load_weights, placement_facts, touch_weights
+from engine.loading import load_weights, placement_facts, touch_weights, weights_facts
 from engine.logprobs import TokenTexts
 from engine.processors import LogitsRules
 from engine.sampling import BatchState, Row, RowSampler, RowStopper
@@ -110,43 +110,6 @@ def _model_class(model_config: Any, trust_remote_code: bool) -> Any:
     return auto._model_mapping[type(model_config)]
 
 
-class CpuHead(torch.nn.Linear):
-    """The output projection (hidden -> vocabulary) for several rows at once, fast on CPU.
-
-    With a few rows, ``x @ W.T`` through MKL runs at a third of the speed of ``W @ x.T`` for a
-    vocabulary-sized ``W`` (GPT-2-small: 38 ms against 13 ms for 2 rows on 2 cores, and the head
-    is the largest matrix of the model), so batched decoding lost most of its gain there. Same
-    weights and result (up to float rounding); one row keeps the plain path, fastest for it.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows <= 1:
-            return super().forward(x)
-        out = (self.weight @ x.reshape(rows, x.shape[-1]).t()).t()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-
-def _use_cpu_head(model: Any) -> None:
-    """Compute the model's output projection with :class:`CpuHead` (same module, same parameters)."""
-    head = model.get_output_embeddings()
-    if type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter:  # not a quantized weight
-        head.__class__ = CpuHead
-
-
-def _weights_facts(model: Any, seconds: float) -> dict[str, Any]:
-    """Bytes of the loaded weights and the load rate, for the cold-start report."""
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()  # tied weights once
-    size = sum(t.numel() * t.element_size() for t in tensors)
-    return {
-        "weights_bytes": size,
-        "weights_gb_per_s": round(size / seconds / 1e9, 3) if seconds > 0 else None,
-        "device": str(next(iter(tensors)).device) if tensors else None,
-    }
-
-
 class TextGenerator:
     """A loaded model and tokenizer that generate for batches of rows.
 
@@ -207,9 +170,9 @@ class TextGenerator:
             model, placed = load_weights(model_cls, model_config, config, dtype)
             model.eval()
         if config.device == "cpu" and placed.device_map is None:
-            _use_cpu_head(model)
+            use_cpu_head(model)
         fuse_activations(model)
-        timer.facts.update(_weights_facts(model, timer.phases["weights"]))
+        timer.facts.update(weights_facts(model, timer.phases["weights"]))
         timer.facts["placement"] = {**placement_facts(model), **placed.describe()}
         engine = cls(model, tokenizer, config)
         with timer.phase("warmup"):

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.cpu import CpuHead
 from engine.errors import PromptTooLongError
-from engine.model import CpuHead, EngineConfig, TextGenerator
+from engine.model import EngineConfig, TextGenerator
 from engine.types import Delta, GenerationRequest, SamplingParams, collect
 from engine.work import WorkItem
 from testing.checkpoints import build_tiny_causal_that_stops
