@@ -203,8 +203,16 @@ def _imported_torch(pid: int) -> bool:
 def test_models_share_one_pool_per_node(url: str, tiny_causal: Path) -> None:
     env = {k: v for k, v in SETTINGS.items() if k != "SERVED_MODEL_NAME"}
     env |= {"MODELS": f"one={tiny_causal},two={tiny_causal}", "WARM_WORKERS": "1"}
+    earlier: set[int] = set()
     for app in {"broken", MODEL} & set(serve.status().applications):  # earlier tests' models: their own pools
+        earlier |= set(warm_pool.warm_pids(warm_pool.pool_status(app, app)))
         serve.delete(app)
+    # Their idle warm workers outlive them by up to ORPHAN_AFTER_S; counted here, they would read as a second pool.
+    wait_for(
+        lambda: not any(psutil.pid_exists(pid) for pid in earlier),
+        timeout=warm_pool.ORPHAN_AFTER_S + 30,
+        what="the earlier pools' warm workers to exit",
+    )
     serve.run(build_graph(build_settings(env)), name=APP, route_prefix="/", blocking=False)
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
 
