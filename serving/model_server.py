@@ -63,18 +63,25 @@ class Engine(Protocol):
 EngineLoader = Callable[[ModelConfig, PhaseTimer], Engine]
 
 
+def _loading_fields(config: ModelConfig) -> dict[str, Any]:
+    """What every engine's config takes from the model's: checkpoint, device, dtype, threads, prompt bound."""
+    return {
+        "model_id": config.model_id,
+        "device": config.resolved_device,
+        "dtype": config.dtype,
+        "trust_remote_code": config.trust_remote_code,
+        "num_threads": config.torch_threads,
+        "max_prompt_tokens": config.max_prompt_tokens,
+    }
+
+
 def text_generator() -> EngineLoader:
     """The real engine's loader. Importing it (torch, transformers) is the replica's "imports" phase."""
     from engine.model import EngineConfig, TextGenerator
 
     def load(config: ModelConfig, timer: PhaseTimer) -> Engine:
         engine_config = EngineConfig(
-            model_id=config.model_id,
-            device=config.resolved_device,
-            dtype=config.dtype,
-            trust_remote_code=config.trust_remote_code,
-            num_threads=config.torch_threads,
-            max_prompt_tokens=config.max_prompt_tokens,
+            **_loading_fields(config),
             max_batch_tokens=config.max_batch_tokens,
             num_gpus=config.num_gpus_per_replica,
             gpu_memory_utilization=config.gpu_memory_utilization,
@@ -94,12 +101,7 @@ def embedder() -> EngineLoader:
 
     def load(config: ModelConfig, timer: PhaseTimer) -> Any:
         embed_config = EmbedderConfig(
-            model_id=config.model_id,
-            device=config.resolved_device,
-            dtype=config.dtype,
-            trust_remote_code=config.trust_remote_code,
-            num_threads=config.torch_threads,
-            max_prompt_tokens=config.max_prompt_tokens,
+            **_loading_fields(config),
         )
         return Embedder.load(embed_config, timer)
 

@@ -14,6 +14,7 @@ from engine.tool_parsers import Extracted
 from engine.types import ChatMessage, Completion, Delta, GenerationRequest, Started, TokenLogprob, ToolCall
 from serving.api.errors import invalid_value, unsupported
 from serving.api.openai import OpenAIDialect, StreamState
+from serving.api.openai_params import sampling_fields
 from serving.api.openai_responses import (
     ChatChoice,
     ChatChunkChoice,
@@ -116,14 +117,7 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
             model,
             max_new_tokens=body.max_completion_tokens if new_name else body.max_tokens,
             max_new_tokens_field="max_completion_tokens" if new_name else "max_tokens",
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            repetition_penalty=body.repetition_penalty,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            seed=body.seed,
-            stop=body.stop,
+            **sampling_fields(body),
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
         if plan is not None:

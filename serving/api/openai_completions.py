@@ -10,6 +10,7 @@ from typing import Any
 from engine.types import Completion, Delta, GenerationRequest, Started, TokenLogprob
 from serving.api.errors import invalid_value, unsupported
 from serving.api.openai import OpenAIDialect, StreamState
+from serving.api.openai_params import sampling_fields
 from serving.api.openai_responses import (
     CompletionChoice,
     CompletionChunk,
@@ -93,14 +94,7 @@ class CompletionsDialect(OpenAIDialect[CompletionRequest]):
         params = sampling_params(
             model,
             max_new_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            repetition_penalty=body.repetition_penalty,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            seed=body.seed,
-            stop=body.stop,
+            **sampling_fields(body),
             logprobs=body.logprobs,
         )
         if body.echo and body.logprobs is not None:

@@ -82,6 +82,20 @@ def constraint(body: OpenAIRequest) -> Constraint | None:
     return found[0][1] if found else None
 
 
+def sampling_fields(body: OpenAIRequest) -> dict[str, Any]:
+    """The sampling fields both OpenAI routes carry under the same names, as ``sampling_params`` arguments."""
+    return {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "repetition_penalty": body.repetition_penalty,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "seed": body.seed,
+        "stop": body.stop,
+    }
+
+
 def sampling_extras(body: OpenAIRequest, max_new_tokens: int) -> dict[str, Any]:
     """The SamplingParams fields these request fields set (see ``engine.types.SamplingParams``)."""
     if body.min_tokens > max_new_tokens:
