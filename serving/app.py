@@ -12,7 +12,8 @@ This module must not import torch or transformers: it runs in the light Gateway.
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.responses import JSONResponse
@@ -36,6 +37,7 @@ from serving.page import mount_page
 from settings import ModelConfig, Settings
 
 logger = logging.getLogger("ray.serve")
+Route = TypeVar("Route", bound=Callable[..., Any])
 
 
 def _responses(model: type, codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
@@ -120,6 +122,11 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         models = [s.card() if detailed else {"id": s.name, "state": str(s.state)} for s in statuses]
         return HealthResponse(status="ok", auth="required" if keys.required else "none", models=models)
 
+    def post(path: str, answer: type, summary: str, native: bool = False) -> Callable[[Route], Route]:
+        """A model route: its answer's schema and its family's errors in the docs, the key required."""
+        errors = NATIVE_ERRORS if native else OPENAI_ERRORS
+        return app.post(path, response_model=answer, responses=errors, dependencies=auth, summary=summary)
+
     @app.get("/v1/models", response_model=ModelList, responses=OPENAI_ERRORS, dependencies=auth, summary="Models")
     async def list_models() -> ModelList:
         """Every served model with its state; never wakes one."""
@@ -130,44 +137,22 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         config = await resolve(request, model)
         return ModelCard(**(await backend.status(config)).card())
 
-    @app.post(
-        "/v1/completions",
-        response_model=CompletionResponse,
-        responses=OPENAI_ERRORS,
-        dependencies=auth,
-        summary="OpenAI completions (streams with stream: true)",
-    )
+    @post("/v1/completions", CompletionResponse, "OpenAI completions (streams with stream: true)")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await COMPLETIONS.serve(body, await resolve(request, body.model, "/v1/completions"), request, calls)
 
-    @app.post(
-        "/v1/chat/completions",
-        response_model=ChatCompletionResponse,
-        responses=OPENAI_ERRORS,
-        dependencies=auth,
-        summary="OpenAI chat completions (streams with stream: true)",
-    )
+    @post("/v1/chat/completions", ChatCompletionResponse, "OpenAI chat completions (streams with stream: true)")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await CHAT.serve(body, await resolve(request, body.model, "/v1/chat/completions"), request, calls)
 
-    @app.post(
-        "/generate",
-        response_model=GenerateResponse,
-        responses=NATIVE_ERRORS,
-        dependencies=auth,
-        summary="Generate a completion for each prompt (streams with stream: true)",
+    @post(
+        "/generate", GenerateResponse, "Generate a completion for each prompt (streams with stream: true)", native=True
     )
     async def generate(body: GenerateRequest, request: Request) -> Any:
         """Completions for `prompt` or `prompts`. A model at zero replicas starts first (the call waits)."""
         return await native.serve(body, await resolve(request, body.model, "/generate"), request, calls)
 
-    @app.post(
-        "/v1/embeddings",
-        response_model=EmbeddingsResponse,
-        responses=OPENAI_ERRORS,
-        dependencies=auth,
-        summary="OpenAI embeddings (a model with TASK=embed)",
-    )
+    @post("/v1/embeddings", EmbeddingsResponse, "OpenAI embeddings (a model with TASK=embed)")
     async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
         """Unit vectors for `input` (text, texts or token ids), pooled as the checkpoint declares."""
         model = await resolve(request, body.model, "/v1/embeddings")

@@ -7,9 +7,32 @@ through the Serve handle as the same type.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any, Self
+
 
 class PoolError(Exception):
-    """Base of the pool's refusals."""
+    """Base of the pool's refusals.
+
+    Pickling an exception rebuilds it from ``args``, which hold only the message once a refusal has
+    composed it; each refusal is rebuilt from the arguments it was made with instead, so that its
+    fields (``served``, ``retry_after_s``...) cross a Ray handle whole.
+
+    >>> import pickle
+    >>> pickle.loads(pickle.dumps(ModelUnavailableError("mini", 1.5, retry_after_s=3))).retry_after_s
+    3
+    """
+
+    _made_with: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        error = super().__new__(cls, *args)
+        error._made_with = (args, kwargs)
+        return error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        args, kwargs = self._made_with
+        return (partial(type(self), **kwargs) if kwargs else type(self), args)
 
 
 class ModelValidationError(PoolError):
@@ -24,9 +47,6 @@ class ModelValidationError(PoolError):
         self.field = field
         self.message = message
 
-    def __reduce__(self):  # keep both arguments across Ray's pickling
-        return (type(self), (self.field, self.message))
-
 
 class ModelExistsError(PoolError):
     """A model of that name is already served (-> 409)."""
@@ -40,9 +60,6 @@ class UnknownModelError(PoolError):
         self.name = name
         self.served = served
 
-    def __reduce__(self):
-        return (type(self), (self.name, self.served, str(self)))
-
 
 class ModelRequiredError(PoolError):
     """Several models are served and the request named none (-> 422 listing ``served``)."""
@@ -50,9 +67,6 @@ class ModelRequiredError(PoolError):
     def __init__(self, served: list[str]) -> None:
         super().__init__(f"this service serves several models; name one in `model`: {', '.join(served)}")
         self.served = served
-
-    def __reduce__(self):
-        return (type(self), (self.served,))
 
 
 class ModelUnavailableError(PoolError):
@@ -67,9 +81,6 @@ class ModelUnavailableError(PoolError):
         self.waited_s = waited_s
         self.retry_after_s = retry_after_s
 
-    def __reduce__(self):
-        return (type(self), (self.name, self.waited_s, self.retry_after_s))
-
 
 class TooManyWaitersError(PoolError):
     """Too many requests already wait for room for this model (-> 503 with ``Retry-After`` at once)."""
@@ -82,9 +93,6 @@ class TooManyWaitersError(PoolError):
         self.name = name
         self.bound = bound
         self.retry_after_s = retry_after_s
-
-    def __reduce__(self):
-        return (type(self), (self.name, self.bound, self.retry_after_s))
 
 
 class WrongTaskError(PoolError):

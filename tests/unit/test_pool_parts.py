@@ -12,7 +12,15 @@ from zoneinfo import ZoneInfo
 import pytest
 from ray.serve.config import AutoscalingConfig
 
-from serving.pool.errors import ModelExistsError, ModelValidationError, UnknownModelError
+from serving.pool.errors import (
+    ModelExistsError,
+    ModelRequiredError,
+    ModelUnavailableError,
+    ModelValidationError,
+    TooManyWaitersError,
+    UnknownModelError,
+    WrongTaskError,
+)
 from serving.pool.policy import decide
 from serving.pool.progress import ColdStartBoard
 from serving.pool.schedule import ShiftedClock, crossed
@@ -158,6 +166,28 @@ def test_a_pool_refusal_from_the_controller_replica_reads_as_its_own_message(err
     api_error = from_exception(wrapped, "openai", retry_after_s=1)
     assert (api_error.status, api_error.kind) == (status, kind)
     assert api_error.message == str(error) and "pid=" not in api_error.message
+
+
+@pytest.mark.parametrize(
+    ("error", "fields"),
+    [
+        (ModelValidationError("max_replicas", "must be at least 1"), {"field": "max_replicas"}),
+        (ModelExistsError("model 'urgent' is already in the pool"), {}),
+        (UnknownModelError("ghost", ["mini"]), {"name": "ghost", "served": ["mini"]}),
+        (UnknownModelError("ghost", ["mini"], message="gone"), {"served": ["mini"]}),
+        (ModelRequiredError(["a", "b"]), {"served": ["a", "b"]}),
+        (ModelUnavailableError("mini", 2.5, retry_after_s=3), {"waited_s": 2.5, "retry_after_s": 3}),
+        (TooManyWaitersError("mini", 64, 1), {"bound": 64, "retry_after_s": 1}),
+        (WrongTaskError("model 'e' serves /v1/embeddings only"), {}),
+    ],
+)
+def test_a_pool_refusal_crosses_pickling_with_its_fields(error, fields: dict) -> None:
+    """Ray pickles what the controller raises: the copy has the same type, message and fields."""
+    from ray import cloudpickle
+
+    copy = cloudpickle.loads(cloudpickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)
+    assert {name: getattr(copy, name) for name in fields} == fields
 
 
 # The 2026 changes: America/Chicago springs forward on 8 March (02:00 CST -> 03:00 CDT) and falls back on
