@@ -35,7 +35,8 @@ from engine.work import WorkItem
 
 Events = list[tuple[WorkItem, Delta]]
 logger = logging.getLogger(__name__)
-_MASKS = {"sdpa": False, "eager": True}  # attention implementation -> takes an additive (float) mask
+# attention implementation -> takes an additive (float) mask; engine.attention's runs SDPA's masks
+_MASKS = {"sdpa": False, "eager": True, "cpu_decode_sdpa": False}
 
 
 def supports(model: Any) -> bool:

@@ -90,3 +90,86 @@ def use_cpu_head(model: Any) -> None:
     head = model.get_output_embeddings()
     if type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter:  # not a quantized weight
         head.__class__ = CpuHead
+
+
+class PackedLinear(torch.nn.Module):
+    """A linear layer whose bfloat16 weight oneDNN has reordered once, at load, into its own blocked layout.
+
+    ``nn.Linear`` and GPT-2's ``Conv1D`` hand oneDNN a plain row-major weight at every call, which
+    it reads at about half the memory bandwidth its prepacked layout gets: on this project's CPU
+    (AVX512-BF16, one thread) a GPT-2-small decode step's matrix products take 17 ms packed
+    against 30 ms plain at 16 rows, and the vocabulary head 7 ms against 13 ms. Same products, same
+    oneDNN kernels underneath: results equal ``F.linear`` in bfloat16 (checked in the tests).
+    Torch's own compiler packs weights the same way (inductor's ``freezing``).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The packed kernel reads its input as dense rows: a strided view must be made dense first.
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=bfloat16"
+
+
+def can_pack(model: Any) -> bool:
+    """Whether :func:`pack_linears` applies: a bfloat16 model on a CPU with native bfloat16 and oneDNN."""
+    return (
+        model.dtype == torch.bfloat16
+        and model.device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and bool(cpu_flags() & set(NATIVE_BF16_FLAGS))
+    )
+
+
+def pack_linears(model: Any, rows_hint: int) -> dict[str, Any]:
+    """Replace the model's bfloat16 linear layers (and ``Conv1D``) by :class:`PackedLinear`; facts for the report.
+
+    Quantized or non-bfloat16 weights are left alone. A layer's original weight is freed with it,
+    except an output head tied to the input embeddings (the embedding lookup still needs the plain
+    matrix): its packed copy costs the head's bytes once more, which the facts state.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    tied = model.get_input_embeddings().weight if model.get_input_embeddings() is not None else None
+    packed = extra = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            weight = getattr(child, "weight", None)
+            if type(weight) is not torch.nn.Parameter or weight.dtype != torch.bfloat16:
+                continue
+            if type(child) in (torch.nn.Linear, CpuHead):
+                matrix = weight
+            elif type(child) is Conv1D:  # GPT-2's layers keep the weight as [in, out]
+                matrix = weight.t().contiguous()
+            else:
+                continue
+            setattr(module, name, PackedLinear(matrix, child.bias, rows_hint))
+            packed += 1
+            if tied is not None and weight is tied:
+                extra += weight.numel() * weight.element_size()
+    return {"packed_linears": packed, "packed_extra_bytes": extra}
+
+
+def prepare_cpu_model(model: Any, split: bool, rows_hint: int) -> dict[str, Any]:
+    """Everything the engine changes in a CPU model after loading it (``split``: offloaded, leave its layers).
+
+    The fused activation always; then either prepacked bfloat16 layers and the decode attention
+    (``engine.attention``), or, in float32, the faster output head. Returns facts for the report.
+    """
+    fuse_activations(model)
+    if split or model.device.type != "cpu" or getattr(model.config, "quantization_config", None) is not None:
+        return {}
+    if not can_pack(model):
+        use_cpu_head(model)
+        return {}
+    from engine.attention import use_decode_attention
+
+    facts = pack_linears(model, rows_hint)
+    facts["attention"] = use_decode_attention(model)
+    return facts

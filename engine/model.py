@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from engine.chat import encode_chat, render_chat
 from engine.continuous import ContinuousBatch, new_cache, supports
-from engine.cpu import auto_cpu_dtype, fuse_activations, use_cpu_head
+from engine.cpu import auto_cpu_dtype, prepare_cpu_model
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import PromptTooLongError
 from engine.loading import load_weights, placement_facts, touch_weights, weights_facts
@@ -138,9 +138,8 @@ class TextGenerator:
         eos = self._generation_config.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self.texts = TokenTexts(tokenizer)
-        head = model.get_output_embeddings()
-        vocab_size = head.weight.shape[0] if head is not None else model.config.vocab_size
-        self.vocab_size = int(vocab_size)
+        head = model.get_output_embeddings()  # a Linear, or engine.cpu's PackedLinear
+        self.vocab_size = int(getattr(head, "out_features", None) or model.config.vocab_size)
         self.rules = LogitsRules(tokenizer, self.vocab_size, self.eos_ids)  # logit bias, min_tokens, grammars
         # Iteration-level batching where our own loop can drive the model; static batches
         # through generate() otherwise (see engine.continuous).
@@ -169,14 +168,12 @@ class TextGenerator:
             # detour for a half-precision one; spread over the replica's GPUs when it has several.
             model, placed = load_weights(model_cls, model_config, config, dtype)
             model.eval()
-        if config.device == "cpu" and placed.device_map is None:
-            use_cpu_head(model)
-        fuse_activations(model)
         timer.facts.update(weights_facts(model, timer.phases["weights"]))
         timer.facts["placement"] = {**placement_facts(model), **placed.describe()}
         engine = cls(model, tokenizer, config)
         with timer.phase("warmup"):
             timer.facts.update(touch_weights(model))
+            timer.facts.update(prepare_cpu_model(model, placed.device_map is not None, config.max_batch_size))
             engine.warm_up()
         logger.info(
             "loaded model=%s class=%s placement=%s dtype=%s (%s) threads=%s context=%s batching=%s phases=%s",

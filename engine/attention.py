@@ -1,0 +1,82 @@
+"""Attention for one new token per row on CPU in bfloat16: the decode step's kernel, beside SDPA's for prefill.
+
+PyTorch's CPU SDPA (its flash kernel) is written for long queries: with one query per row and a
+mask, in bfloat16, a GPT-2-small decode step at 16 rows spent 19 ms in it, a quarter of the step,
+where two batched matrix products over the same keys and values take half that (the cache is read
+once either way). So a decoding step (query length 1, a prepared mask, bfloat16 on CPU) runs:
+
+    scores = keys @ query        # [rows, kv_heads, width, queries per kv head], one GEMV per head
+    probs  = softmax(scores * scale + mask) in float32
+    out    = probs^T @ values
+
+which is what transformers' eager attention computes (bfloat16 products, float32 softmax), with
+grouped-query heads folded into the product instead of repeated. Everything else (prefill, float32,
+GPUs, no mask) goes to SDPA unchanged. Registered with transformers' attention interface under
+:data:`NAME`, with SDPA's mask builder, so the model code calls it like any other implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "cpu_decode_sdpa"
+
+
+def decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-interface signature; returns ``[rows, 1, heads, head_dim]`` as SDPA's does."""
+    rows, heads, length, head_dim = query.shape
+    if (
+        length != 1
+        or attention_mask is None
+        or attention_mask.dtype != torch.bool
+        or query.dtype != torch.bfloat16
+        or query.device.type != "cpu"
+        or dropout
+        or kwargs.get("softcap") is not None
+        or attention_mask.shape[-2] != 1
+        or attention_mask.shape[1] not in (1, key.shape[1])
+    ):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    kv_heads, width = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scale = head_dim**-0.5 if scaling is None else scaling
+    # The cache's keys and values are views of larger buffers, dense within each (row, head): fold
+    # those two dimensions into bmm's batch. The small operands are made dense (bmm copies
+    # transposed ones anyway, at a higher cost).
+    keys, values = key.flatten(0, 1), value.flatten(0, 1)  # [rows * kv_heads, width, head_dim]
+    q = query.reshape(rows * kv_heads, group, head_dim).transpose(1, 2).contiguous()
+    scores = torch.bmm(keys, q).float().view(rows, kv_heads, width, group)
+    hidden = ~attention_mask.transpose(-1, -2)  # [rows or 1, 1 or kv_heads, width, 1]
+    probs = scores.mul_(scale).masked_fill_(hidden, float("-inf")).softmax(dim=-2).to(value.dtype)
+    probs = probs.view(rows * kv_heads, width, group).transpose(1, 2).contiguous()
+    out = torch.bmm(probs, values)  # [rows * kv_heads, group, head_dim]
+    return out.reshape(rows, 1, heads, head_dim), None
+
+
+AttentionInterface.register(NAME, decode_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_decode_attention(model: Any) -> str:
+    """Switch an SDPA model to :data:`NAME` (its prefill still runs SDPA); the implementation it now has."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.config._attn_implementation = NAME
+        for sub in model.modules():  # submodules may hold their own config object (e.g. a text sub-config)
+            config = getattr(sub, "config", None)
+            if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+                config._attn_implementation = NAME
+    return model.config._attn_implementation

@@ -1,0 +1,130 @@
+"""The bfloat16 CPU fast paths compute what the model's own layers do: prepacked linears and decode attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.pytorch_utils import Conv1D
+
+from engine.attention import NAME, decode_attention
+from engine.cpu import NATIVE_BF16_FLAGS, PackedLinear, cpu_flags, pack_linears, prepare_cpu_model
+from engine.model import EngineConfig, TextGenerator
+from engine.types import SamplingParams
+from testing.checkpoints import build_tokenizer
+
+native_bf16 = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and cpu_flags() & set(NATIVE_BF16_FLAGS)),
+    reason="this CPU has no native bfloat16: the engine keeps the plain layers here",
+)
+
+
+@native_bf16
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_linear_and_conv1d_in_bfloat16(bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=bias).to(torch.bfloat16)
+    conv = Conv1D(40, 96).to(torch.bfloat16)  # GPT-2's layer: weight [in, out]
+    model = torch.nn.ModuleDict({"linear": linear, "conv": conv})
+    inputs = [torch.randn(5, 96), torch.randn(3, 1, 96), torch.randn(2, 7, 192)[..., ::2]]  # the last one strided
+    inputs = [x.to(torch.bfloat16) for x in inputs]
+    expected = {name: [module(x) for x in inputs] for name, module in model.items()}
+    if not bias:
+        conv.bias = None  # Conv1D always has one; drop it to check the bias-free path as well
+        expected["conv"] = [x @ conv.weight for x in inputs]
+    model.get_input_embeddings = lambda: None  # what pack_linears asks of a model
+    assert pack_linears(model, rows_hint=16) == {"packed_linears": 2, "packed_extra_bytes": 0}
+    assert all(type(module) is PackedLinear for module in model.values())
+    for name, module in model.items():
+        for x, want in zip(inputs, expected[name], strict=True):
+            assert torch.equal(module(x), want), name
+
+
+def _attention_inputs(rows: int, heads: int, kv_heads: int, width: int):
+    torch.manual_seed(1)
+    capacity, dim = width + 13, 16  # the cache's buffers are longer than the step reads, as the slot cache's
+    keys = torch.randn(rows + 2, kv_heads, capacity, dim, dtype=torch.bfloat16)[:rows, :, :width]
+    values = torch.randn(rows + 2, kv_heads, capacity, dim, dtype=torch.bfloat16)[:rows, :, :width]
+    query = torch.randn(rows, heads, 1, dim, dtype=torch.bfloat16)
+    lengths = torch.tensor([width, 1, width // 2, 3][:rows])
+    mask = (torch.arange(width)[None, :] < lengths[:, None])[:, None, None, :]
+    return query, keys, values, mask
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2)])
+def test_decode_attention_equals_attention_computed_in_float32(heads: int, kv_heads: int) -> None:
+    query, keys, values, mask = _attention_inputs(rows=4, heads=heads, kv_heads=kv_heads, width=37)
+    module = torch.nn.Module()
+    out, weights = decode_attention(module, query, keys, values, mask, scaling=0.3)
+    assert weights is None and out.shape == (4, 1, heads, 16)
+    group = heads // kv_heads
+    k = keys.float().repeat_interleave(group, dim=1)
+    v = values.float().repeat_interleave(group, dim=1)
+    scores = (query.float() @ k.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+    want = (scores.softmax(-1) @ v).transpose(1, 2)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    # A row's answer does not depend on the rows beside it.
+    alone, _ = decode_attention(module, query[1:2], keys[1:2], values[1:2], mask[1:2], scaling=0.3)
+    assert torch.equal(alone, out[1:2])
+
+
+def test_everything_but_a_bfloat16_cpu_decode_step_is_sdpa() -> None:
+    module = torch.nn.Module()
+    query, keys, values, mask = _attention_inputs(rows=2, heads=4, kv_heads=4, width=9)
+    prefill = torch.randn(2, 4, 3, 16, dtype=torch.bfloat16)
+    cases = [
+        (prefill, keys, values, None),  # several queries (prefill)
+        (query, keys, values, None),  # no mask
+        (query.float(), keys.float(), values.float(), mask),  # float32
+    ]
+    for q, k, v, m in cases:
+        out, _ = decode_attention(module, q, k, v, m, scaling=0.25)
+        expected, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.25)
+        assert torch.equal(out, expected)
+
+
+def _tiny_llama(path: Path) -> Path:
+    """A random two-layer Llama with grouped-query attention (4 heads over 2 key/value heads)."""
+    tokenizer = build_tokenizer(path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@native_bf16
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_bfloat16_engine_answers_as_the_models_own_generate(
+    kind: str, tiny_causal: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    path = tiny_causal if kind == "gpt2" else _tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    engine = TextGenerator.load(EngineConfig(model_id=str(path), dtype="bfloat16", num_threads=1))
+    assert engine.model.config._attn_implementation == NAME
+    assert not any(type(m) in (torch.nn.Linear, Conv1D) for m in engine.model.modules())  # all packed
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    prompts = ["def add(a, b):", "import os", "Return the number of"]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    ids = engine.encode(prompts, params)
+    answers = engine.generate(ids, params)  # the three rows decode in one batch
+    for prompt_ids, answer in zip(ids, answers, strict=True):
+        with torch.inference_mode():
+            out = reference.generate(
+                torch.tensor([prompt_ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+        assert answer.text == tokenizer.decode(out[0, len(prompt_ids) :]), prompt_ids
+
+
+def test_a_float32_model_keeps_sdpa_and_its_plain_layers(tiny_causal: Path) -> None:
+    engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), dtype="float32", num_threads=1))
+    assert engine.model.config._attn_implementation == "sdpa"
+    assert not any(type(m) is PackedLinear for m in engine.model.modules())
+    assert prepare_cpu_model(engine.model, split=True, rows_hint=4) == {}  # an offloaded model is left alone
