@@ -56,6 +56,11 @@ class RequestStream:
         self._open_rows = len(items)
         self._wake = asyncio.Event()
         self._error: BaseException | None = None
+        # The engine's timings of this request: when the step that made its first token ended, and the
+        # time between the steps that made each row's consecutive tokens (metrics, streamed or not).
+        self.first_token_at: float | None = None
+        self.token_gaps: list[float] = []
+        self._row_token_at: dict[int, float] = {}
 
     @property
     def admitted_at(self) -> float | None:
@@ -88,7 +93,16 @@ class RequestStream:
         self.close()
 
     # --- called on the event loop by the batcher ---------------------------------------------
-    def _deliver(self, delta: Delta) -> None:
+    def _deliver(self, delta: Delta, at: float) -> None:
+        """``delta`` of one of this request's rows, from the engine step that ended at ``at``."""
+        if delta.tokens:
+            last = self._row_token_at.get(delta.index)
+            if last is None:
+                if self.first_token_at is None:
+                    self.first_token_at = at
+            else:  # several tokens in one step (text held back, then released) share its time
+                self.token_gaps.extend([(at - last) / delta.tokens] * delta.tokens)
+            self._row_token_at[delta.index] = at
         if delta.finish_reason in ("error", "aborted"):
             self._open_rows -= 1
             if self._error is None:
@@ -248,14 +262,14 @@ class Batcher:
                 return more
 
             def on_step(events: list[tuple[WorkItem, Delta]]) -> None:
-                self._progress_at = time.monotonic()
+                self._progress_at = now = time.monotonic()
                 with self._lock:
                     for item, delta in events:
                         self.tokens_generated += delta.tokens
                         if delta.finish_reason is not None and not item.finished:
                             item.finished = True
                             self.rows_running -= 1
-                loop.call_soon_threadsafe(self._dispatch, events)  # once per step, whatever the rows
+                loop.call_soon_threadsafe(self._dispatch, events, now)  # once per step, whatever the rows
 
             started = loop.time()
             error: BaseException | None = None
@@ -303,11 +317,11 @@ class Batcher:
         streams = (self._streams.get(key) for key in dict.fromkeys(item.stream for item in items))
         return ", ".join(stream.request_id or "?" for stream in streams if stream is not None)
 
-    def _dispatch(self, events: list[tuple[WorkItem, Delta]]) -> None:
+    def _dispatch(self, events: list[tuple[WorkItem, Delta]], at: float) -> None:
         for item, delta in events:
             stream = self._streams.get(item.stream)
             if stream is not None:  # a closed stream's rows may still report their last step
-                stream._deliver(delta)
+                stream._deliver(delta, at)
 
     async def close(self) -> None:
         if self._task is not None:

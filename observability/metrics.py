@@ -13,7 +13,9 @@ Where each is recorded, at the edge of its layer:
 - the Gateway (``serving.api.access``, ``serving.app``): requests by route, model and status, their
   end-to-end latency, time to first token and inter-token latency of streamed requests, requests
   rejected at capacity, and model wakes caused by a request;
-- the model replica: time queued before the engine took a request, prompt and generated tokens,
+- the model replica: for every request, streamed or whole, the engine's own timings (time queued
+  before the engine took it, time to its first token, time between its tokens, stamped when the
+  engine's step ends, so no network hop or coalescing is in them), prompt and generated tokens,
   rows running and waiting, finished rows by reason, and its cold-start phases.
 
 Call sites stay one line (``metrics.request_done(...)``). Recording never raises: a metric that
@@ -32,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from observability.sinks import MemorySink, Metric, RaySink, Sink, record, use_sink
 
@@ -106,9 +108,22 @@ WAKES = _counter("model_wakes", "Model wake-ups from zero replicas, by cause.", 
 # --- the model replica --------------------------------------------------------------------------------
 QUEUE_TIME = _histogram(
     "request_queue_time_seconds",
-    "Time a request waited in the model replica before the engine took it.",
+    "Every request, streamed or not: time it waited in the model replica before the engine took it.",
     ("model",),
     REQUEST_LATENCY_BUCKETS,
+)
+ENGINE_TTFT = _histogram(
+    "engine_time_to_first_token_seconds",
+    "Every request, streamed or not: time from its arrival at the model replica to the engine step that made "
+    "its first token (vLLM's time_to_first_token_seconds; the Gateway's adds the hops and a cold start).",
+    ("model",),
+    TTFT_BUCKETS,
+)
+ENGINE_ITL = _histogram(
+    "engine_inter_token_latency_seconds",
+    "Every request, streamed or not: time between the engine steps that made a row's consecutive tokens.",
+    ("model",),
+    ITL_BUCKETS,
 )
 PROMPT_TOKENS = _counter("prompt_tokens", "Prompt tokens of the requests the engine took.", ("model",))
 GENERATION_TOKENS = _counter("generation_tokens", "Tokens generated, cancelled rows included.", ("model",))
@@ -145,7 +160,8 @@ COLD_START = {
 }
 
 ALL: tuple[Metric, ...] = (
-    REQUESTS, E2E_LATENCY, TTFT, ITL, REJECTED, WAKES, QUEUE_TIME, PROMPT_TOKENS, GENERATION_TOKENS,
+    REQUESTS, E2E_LATENCY, TTFT, ITL, REJECTED, WAKES, QUEUE_TIME, ENGINE_TTFT, ENGINE_ITL, PROMPT_TOKENS,
+    GENERATION_TOKENS,
     REQUEST_PROMPT_TOKENS, REQUEST_GENERATION_TOKENS, ROWS_FINISHED, RUNNING, WAITING, GRAMMAR_COMPILE,
     *COLD_START.values(),
 )  # fmt: skip
@@ -182,6 +198,14 @@ def model_woke(model: str, cause: str) -> None:
 # --- the model replica's recorders --------------------------------------------------------------------
 def queued(model: str, seconds: float) -> None:
     record(QUEUE_TIME, seconds, model=model)
+
+
+def engine_timing(model: str, first_token_s: float | None, gaps: Sequence[float]) -> None:
+    """A request's timings as its engine steps made them: first token (None: it made none), then the gaps."""
+    if first_token_s is not None:
+        record(ENGINE_TTFT, first_token_s, model=model)
+    for gap in gaps:
+        record(ENGINE_ITL, gap, model=model)
 
 
 def prompt_tokens(model: str, tokens: int) -> None:

@@ -230,6 +230,8 @@ class ModelServer:
             stream.close()  # a reader that went away (disconnect, cancel) frees its rows
             reasons["cancelled"] += request.rows - sum(reasons.values())
             metrics.request_finished(self._name, generated, reasons)
+            first = stream.first_token_at
+            metrics.engine_timing(self._name, None if first is None else first - arrived, stream.token_gaps)
 
     async def generate(self, request: GenerationRequest) -> tuple[Started, list[Completion]]:
         """The whole answer: the same stream, collected in the replica (no per-token traffic).

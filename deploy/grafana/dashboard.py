@@ -111,7 +111,21 @@ PANELS: tuple[Panel, ...] = (
         "Queue time in the model replica",
         "s",
         _quantiles(metrics.QUEUE_TIME),
-        "How long requests waited in a model replica before the engine took them.",
+        "How long requests (streamed or not) waited in a model replica before the engine took them.",
+    ),
+    Panel(
+        "Time to first token in the engine (every request)",
+        "s",
+        _quantiles(metrics.ENGINE_TTFT),
+        "Arrival at the model replica to the engine step that made the first token, streamed or whole answers: "
+        "the engine's part of the Gateway's time to first token.",
+    ),
+    Panel(
+        "Inter-token latency in the engine (every request)",
+        "s",
+        _quantiles(metrics.ENGINE_ITL),
+        "Time between the engine steps that made a row's consecutive tokens, streamed or whole answers; "
+        "the Gateway's panel adds the hops and any coalescing.",
     ),
     Panel(
         "Tokens per second",

@@ -160,6 +160,9 @@ def test_the_replica_counts_what_the_answers_say(traffic: dict, samples: Samples
     assert total(samples, metrics.GENERATION_TOKENS.exported, model=MODEL) == generated
     assert total(samples, metrics.PROMPT_TOKENS.exported, model=MODEL) == prompt
     assert total(samples, f"{metrics.QUEUE_TIME.exported}_count", model=MODEL) == served
+    # The engine's own timings cover every request, whole answers (/generate, unary completions) included.
+    assert total(samples, f"{metrics.ENGINE_TTFT.exported}_count", model=MODEL) == served
+    assert total(samples, f"{metrics.ENGINE_ITL.exported}_count", model=MODEL) == generated - traffic["rows"]
     assert total(samples, f"{metrics.REQUEST_GENERATION_TOKENS.exported}_sum", model=MODEL) > 0
     assert total(samples, metrics.ROWS_FINISHED.exported, model=MODEL) == traffic["rows"]
     assert total(samples, metrics.ROWS_FINISHED.exported, model=MODEL, finished_reason="abort") == 0

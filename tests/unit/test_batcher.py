@@ -7,6 +7,7 @@ import contextlib
 import functools
 import threading
 import time
+import types
 from collections.abc import Sequence
 
 import pytest
@@ -138,10 +139,10 @@ async def test_one_loop_callback_per_engine_step() -> None:
     calls = 0
     dispatch = batcher._dispatch
 
-    def counting(events):
+    def counting(events, at):
         nonlocal calls
         calls += 1
-        dispatch(events)
+        dispatch(events, at)
 
     batcher._dispatch = counting  # type: ignore[method-assign]
     await asyncio.gather(*(answer(batcher, [n, n + 10], max_new=6) for n in range(4)))
@@ -278,4 +279,19 @@ async def test_admission_time_is_recorded_when_the_engine_takes_the_first_row() 
     async for _ in stream:
         pass
     assert stream.admitted_at is not None and stream.admitted_at - opened >= 0.04  # waited for company
+    await batcher.close()
+
+
+async def test_the_engine_times_each_token_when_its_step_ends_however_late_it_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = FakeEngine(join=True, step_s=0.001)
+    # The batcher's clock reads the engine's step count: step k ends at k seconds, whenever it is read.
+    monkeypatch.setattr("engine.batcher.time", types.SimpleNamespace(monotonic=lambda: float(engine.steps)))
+    batcher = Batcher(engine, max_batch_size=8, wait_timeout_s=0.0)
+    stream = batcher.open([[3], [4]], [params(20), params(10)])
+    async for _ in stream:
+        await asyncio.sleep(0.01)  # a slow reader: several steps per read, joined
+    assert stream.first_token_at == 1.0
+    assert stream.token_gaps == [1.0] * (19 + 9)  # every token after each row's first, one step apart
     await batcher.close()

@@ -10,6 +10,8 @@ from engine.errors import PromptTooLongError
 from engine.timing import PhaseTimer
 from engine.types import ChatMessage, Delta, GenerationRequest, SamplingParams, Started
 from engine.work import OnStep, Poll, WorkItem
+from observability import metrics
+from observability.sinks import MemorySink, use_sink
 from serving.model_server import ModelServer
 from settings import ModelConfig
 
@@ -107,6 +109,16 @@ async def test_generate_collects_every_choice(server: ModelServer) -> None:
     assert [c.text for c in completions] == ["3 3 3 ", "3 3 3 "]
     assert [c.finish_reason for c in completions] == ["length", "length"]
     assert started.cold_start is not None and "first_generation_s" in started.cold_start
+
+
+async def test_a_whole_answer_is_timed_by_the_engine_like_a_stream(server: ModelServer) -> None:
+    with use_sink(MemorySink()) as sink:
+        await server.generate(request("a b", "c", max_new=4))  # two rows, not streamed
+    (queued,) = sink.observations(metrics.QUEUE_TIME, model="fake")
+    (first,) = sink.observations(metrics.ENGINE_TTFT, model="fake")
+    gaps = sink.observations(metrics.ENGINE_ITL, model="fake")
+    assert 0 <= queued <= first
+    assert len(gaps) == 2 * 3 and all(gap >= 0 for gap in gaps)  # each row's tokens after its first
 
 
 async def test_a_chat_is_encoded_with_the_configured_template(server: ModelServer, engine: FakeEngine) -> None:
