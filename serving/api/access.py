@@ -25,7 +25,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,15 +109,6 @@ queue_s=0.002 ttft_s=0.200 total_s=0.500 request_id=req-1'
         if self.status is not None and not self.complete and self.error is None:
             fields.insert(-1, ("error", "client_gone"))  # the answer began and was never finished
         return "access " + " ".join(f"{key}={value}" for key, value in fields if value is not None)
-
-    async def meter(self, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """Pass a model call's items through, noting Started and every chunk of deltas."""
-        async for item in items:
-            if isinstance(item, Started):
-                self.started(item)
-            elif isinstance(item, tuple):
-                self.deltas(item)
-            yield item
 
 
 ADMIN_ACTIONS = {"GET": "list", "HEAD": "list", "POST": "load", "PATCH": "update", "DELETE": "unload"}
