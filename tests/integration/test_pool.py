@@ -193,7 +193,7 @@ async def test_scale_to_zero_at_takes_every_model_to_zero_and_they_wake_on_deman
     await wait_for_async(lambda: is_running(client, "hot"), 90, what="the keep-hot model to start")
     await generate(client, "warm", ["Write"])
     await wait_for_async(
-        lambda: is_running(client, "warm"), 5, what="the pool to see warm running"
+        lambda: is_running(client, "warm"), 30, what="the pool to see warm running"
     )  # it looks every 0.5 s
 
     clock.set(datetime(2026, 1, 5, 21, 0, 1, tzinfo=chicago))
@@ -204,7 +204,7 @@ async def test_scale_to_zero_at_takes_every_model_to_zero_and_they_wake_on_deman
         await asyncio.sleep(0.1)
 
     await generate(client, "hot", ["Write"])  # a request wakes it, and it keeps its floor again
-    await wait_for_async(lambda: is_running(client, "hot"), 5, what="the pool to see hot running")
+    await wait_for_async(lambda: is_running(client, "hot"), 30, what="the pool to see hot running")
     woke = time.monotonic()
     while time.monotonic() - woke < 3 * 2:
         assert await state(client, "hot") == "running"
@@ -245,7 +245,7 @@ async def test_admin_load_use_update_unload_and_the_pool_survives_its_controller
     items = [item async for item in backend.stream(model, request)]
     assert isinstance(items[0], Started) and items[0].cold_start is None and len(items) >= 2
     await wait_for_async(
-        lambda: backend_state(backend, "team/extra", "running"), 5, what="the backend to list extra running"
+        lambda: backend_state(backend, "team/extra", "running"), 30, what="the backend to list extra running"
     )
     with pytest.raises(UnknownModelError) as unknown:  # the pool's error; the routes map it to 404
         await backend.resolve("nope")

@@ -64,7 +64,7 @@ def test_first_generate_from_zero_replicas(service: Service) -> None:
             and (status["last_cold_start"] or {}).get("finished_at")
             and status
         ),
-        timeout=10,
+        timeout=60,
         what="the listing to show the model running with its cold start",
     )
     report = health["last_cold_start"]
@@ -139,6 +139,6 @@ def test_model_scales_to_zero_after_idle_timeout(service: Service) -> None:
     idle = time.monotonic() - last_answer
     print(f"model replica gone {idle:.1f}s after the last answer (IDLE_TIMEOUT_S={IDLE_TIMEOUT_S})")
     assert idle >= IDLE_TIMEOUT_S * 0.7, "the replica stopped well before the idle timeout"
-    wait_for(lambda: service.model_status()["state"] == "scaled_to_zero", timeout=10, what="the listing")
+    wait_for(lambda: service.model_status()["state"] == "scaled_to_zero", timeout=60, what="the listing")
     # and it wakes again
     assert service.generate({"prompt": "Raise"}).status_code == 200
