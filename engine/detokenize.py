@@ -9,11 +9,12 @@ part of the window's text that is new. Text is released only up to the last whol
 (an incomplete UTF-8 sequence decodes to U+FFFD and waits for its next byte), and never a part of
 a stop string: the longest tail of the text that could begin one is held back until the next
 tokens show whether it does. When a stop string appears the row ends, and its text is cut just
-before it.
+before it. With ``min_tokens``, as in vLLM, a stop string that ends within the text of the row's
+first ``min_tokens`` tokens does not count (it stays in the text); one that ends after it does.
 
 Invariant (property-tested in ``tests/unit/test_detokenize.py``): the pieces returned by ``add``
 and ``flush`` join to ``tokenizer.decode(ids, skip_special_tokens=True)`` of every token added,
-cut before the first stop string.
+cut before the first stop string (the first that ends past the first ``min_tokens`` tokens' text).
 
 Decoding never applies ``clean_up_tokenization_spaces`` (a rewrite of earlier text, e.g. " ." to
 ".", that no incremental scheme can honour); transformers' fast BPE tokenizers never apply it.
@@ -39,15 +40,20 @@ class IncrementalDetokenizer:
         ('', '', True)
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer: Any, stop: Sequence[str] = (), min_tokens: int = 0, skip_special_tokens: bool = True
+    ) -> None:
         self._decode = _decoder(tokenizer, skip_special_tokens)
         self.stop = tuple(s for s in stop if s)
+        self.min_tokens = min_tokens
         self.ids: list[int] = []
         self.stopped = False  # a stop string appeared: nothing more is released
         self._prefix = 0  # the window decoded at each step is ids[_prefix:]
         self._read = 0  # ids before this index are fully released
         self._sent = 0  # characters of the window's text already passed on
         self._held = ""  # released by the tokenizer, held back as a possible stop-string start
+        self._total = 0  # characters passed to _release so far (held ones included)
+        self._free = 0  # characters of the first min_tokens tokens: no stop string may end within them
 
     def add(self, token_id: int) -> str:
         """Take the next token; return the text that is now safe to show (often '')."""
@@ -83,7 +89,12 @@ class IncrementalDetokenizer:
         if not self.stop:
             return new
         text = self._held + new
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        begins = self._total - len(self._held)  # where ``text`` begins in the row's text
+        self._total += len(new)
+        if len(self.ids) <= self.min_tokens:
+            self._free = self._total
+        free = self._free - begins  # a stop string must end past this point of ``text``
+        cut = min((i for i in (text.find(s, max(0, free - len(s) + 1)) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
             self._held = ""

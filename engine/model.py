@@ -311,7 +311,7 @@ class TextGenerator:
         return collect((delta for _, delta in events), len(items), [len(ids) for ids in prompt_ids])
 
     def _row(self, item: WorkItem) -> Row:
-        row = Row(item, IncrementalDetokenizer(self.tokenizer, item.params.stop))
+        row = Row(item, IncrementalDetokenizer(self.tokenizer, item.params.stop, item.params.min_tokens))
         row.processors = self.rules.for_row(item.params)
         return row
 

@@ -1,10 +1,11 @@
-"""Per-row decoding rules for a batch: penalties, sampling, log-probabilities, and when a row ends.
+"""Per-row decoding state for a batch: one step's choice, log-probabilities, and when a row ends.
 
-Every row in a batch keeps its own temperature, top-p, top-k, repetition/presence/frequency
-penalties, seed, stop strings, token budget and log-probability request. :func:`choose` picks one
-step's tokens and :meth:`Row.advance` turns a token into the row's :class:`~engine.types.Delta`;
-both decoding loops use them: our own continuous loop (``engine.continuous``) and, for models it
-cannot drive, Hugging Face ``generate`` through :class:`RowSampler` and :class:`RowStopper`.
+Every row in a batch keeps its own sampling settings, stop strings, token budget and
+log-probability request. :func:`choose` picks one step's tokens (the maths is
+``engine.token_choice.pick_tokens``) and :meth:`Row.advance` turns a token into the row's
+:class:`~engine.types.Delta`; both decoding loops use them: our own continuous loop
+(``engine.continuous``) and, for models it cannot drive, Hugging Face ``generate`` through
+:class:`RowSampler` and :class:`RowStopper`.
 
 One row fails alone: a row whose scores are not finite, whose sampling raises, or whose
 detokenizer or stop strings raise gets ``Row.failure`` and ends with an ``error`` delta, while the
@@ -24,7 +25,8 @@ from transformers import LogitsProcessor, StoppingCriteria
 
 from engine.detokenize import IncrementalDetokenizer
 from engine.logprobs import TokenTexts, token_logprob
-from engine.processors import RowProcessors, apply_row_processors
+from engine.processors import RowProcessors
+from engine.token_choice import penalised, pick_tokens, row_draws
 from engine.types import MAX_SEED, Delta, FinishReason, SamplingParams, TokenLogprob
 from engine.work import OnStep, WorkItem
 
@@ -162,9 +164,9 @@ def pick_isolated(logits: torch.Tensor, rows: Sequence[Row], seen: Sequence[torc
     if not good:
         return tokens
     ok_rows = [rows[i] for i in good]
-    draws = _draws(ok_rows)
+    draws = row_draws(ok_rows)
     # pick_tokens changes its input in place; keep the scores as they were for a row-by-row retry.
-    work = logits[good] if bad or any(_penalised(r.params) for r in ok_rows) else logits
+    work = logits[good] if bad or any(penalised(r.params) for r in ok_rows) else logits
     try:
         for i, token in zip(
             good,
@@ -193,51 +195,6 @@ def _non_finite_rows(logits: torch.Tensor) -> set[int]:
         return set()
     broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
     return set(broken.nonzero().flatten().tolist()) if bool(broken.any()) else set()
-
-
-def _penalised(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-
-
-def _draws(rows: Sequence[Row]) -> torch.Tensor:
-    """One uniform draw per row from its own generator (greedy rows: 0, unused), taken once per step."""
-    return torch.cat([torch.zeros(1) if r.generator is None else torch.rand(1, generator=r.generator) for r in rows])
-
-
-def pick_tokens(
-    logits: torch.Tensor,
-    rows: Sequence[Row],
-    seen: Sequence[torch.Tensor | None] | None = None,
-    draws: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The next token of each row: greedy rows take the argmax, sampling rows sample with their settings.
-
-    ``seen[i]`` holds the tokens row ``i`` has seen (prompt and output) for rows with a repetition
-    penalty (default: the row's prompt and output); presence and frequency penalties count the
-    row's own output only (as OpenAI defines them). Penalties go to all the rows that ask at once,
-    one scatter each. ``logits`` (rows x vocab, float32) may be modified in place. ``draws``
-    (one uniform per row, :func:`_draws`) are taken here when not given.
-    """
-    if draws is None:
-        draws = _draws(rows)
-    repeat = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
-    if repeat:
-        ids = [seen[i] if seen is not None and seen[i] is not None else _seen(rows[i]) for i in repeat]
-        penalty = [rows[i].params.repetition_penalty for i in repeat]
-        _repetition_penalties(logits, repeat, ids, penalty)
-    counted = [
-        i
-        for i, row in enumerate(rows)
-        if (row.params.presence_penalty or row.params.frequency_penalty) and row.generated
-    ]
-    if counted:
-        _presence_frequency_penalties(logits, counted, [rows[i] for i in counted])
-    apply_row_processors(logits, rows)
-    chosen = logits.argmax(dim=-1)
-    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
-    if sampled:
-        chosen[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled], draws[sampled])
-    return chosen
 
 
 class BatchState:
@@ -319,81 +276,4 @@ class RowStopper(StoppingCriteria):
 
 
 def _needs_sampler(params: SamplingParams) -> bool:
-    return (
-        not params.greedy
-        or params.repetition_penalty != 1.0
-        or params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
-    )
-
-
-def _seen(row: Row) -> torch.Tensor:
-    return torch.tensor(row.prompt_ids + row.generated, dtype=torch.long)
-
-
-def _padded(sequences: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sequences`` as one [rows, longest] tensor (padded with each row's first id) and where it is real."""
-    width = max(len(s) for s in sequences)
-    ids = torch.zeros((len(sequences), width), dtype=torch.long)
-    real = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = seq
-        ids[i, len(seq) :] = seq[0] if len(seq) else 0
-        real[i, : len(seq)] = True
-    return ids.to(device), real.to(device)
-
-
-def _repetition_penalties(
-    logits: torch.Tensor, index: list[int], seen: Sequence[torch.Tensor], penalty: Sequence[float]
-) -> None:
-    """CTRL-style penalty (as transformers applies it) on each listed row's seen tokens, in place.
-
-    A padded id repeats a real one, so gathering and scattering it back writes the same value.
-    """
-    ids, _ = _padded([s.to(torch.long).cpu() for s in seen], logits.device)
-    where = torch.tensor(index, device=logits.device)
-    factor = torch.tensor(penalty, device=logits.device, dtype=logits.dtype)[:, None]
-    scores = logits[where]
-    picked = scores.gather(1, ids)
-    scores.scatter_(1, ids, torch.where(picked < 0, picked * factor, picked / factor))
-    logits[where] = scores
-
-
-def _presence_frequency_penalties(logits: torch.Tensor, index: list[int], rows: Sequence[Row]) -> None:
-    """OpenAI's penalties, in place: ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]``."""
-    ids, real = _padded([torch.tensor(row.generated, dtype=torch.long) for row in rows], logits.device)
-    counts = torch.zeros((len(rows), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
-    counts.scatter_add_(1, ids, real.to(logits.dtype))
-    presence = torch.tensor([r.params.presence_penalty for r in rows], device=logits.device, dtype=logits.dtype)
-    frequency = torch.tensor([r.params.frequency_penalty for r in rows], device=logits.device, dtype=logits.dtype)
-    where = torch.tensor(index, device=logits.device)
-    logits[where] -= presence[:, None] * (counts > 0) + frequency[:, None] * counts
-
-
-def _sample_rows(logits: torch.Tensor, rows: Sequence[Row], draws: torch.Tensor | None = None) -> torch.Tensor:
-    """Sample one token per row with the row's temperature, top-k, top-p and uniform draw.
-
-    ``draws`` holds one uniform per row (drawn from each row's generator when not given).
-    """
-    vocab = logits.shape[-1]
-    device = logits.device
-    if draws is None:
-        draws = _draws(rows)
-    temps = torch.tensor([r.params.temperature for r in rows], device=device, dtype=logits.dtype)
-    sorted_logits, sorted_ids = (logits / temps[:, None]).sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=device)
-    # top_k above the vocabulary keeps everything (and never reaches a tensor as a huge integer).
-    top_k = torch.tensor([min(r.params.top_k or vocab, vocab) for r in rows], device=device)
-    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    top_p = torch.tensor([r.params.top_p for r in rows], device=device, dtype=probs.dtype)
-    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it
-    # already does. The most likely token always stays (a top_p that is 0 in float32 keeps it alone).
-    mass_before = probs.cumsum(dim=-1) - probs
-    probs = probs.masked_fill((mass_before >= top_p[:, None]) & (ranks[None, :] > 0), 0.0)
-    cdf = probs.cumsum(dim=-1)
-    # One uniform draw per row from the row's own generator: the draw does not depend on the rest
-    # of the batch, so a seeded request samples the same tokens alone or batched.
-    draws = draws.to(device=device, dtype=cdf.dtype)
-    positions = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).clamp_(max=vocab - 1)
-    return sorted_ids.gather(1, positions).squeeze(1)
+    return not params.greedy or penalised(params)

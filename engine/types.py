@@ -81,7 +81,7 @@ class SamplingParams:
     logprobs: int | None = None
     # Per-row logits processors (``engine.processors``); the defaults cost a row nothing.
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
-    min_tokens: int = 0  # EOS and stop_token_ids are barred until this many tokens
+    min_tokens: int = 0  # EOS and stop_token_ids barred, stop strings not matched, until this many tokens
     stop_token_ids: tuple[int, ...] = ()  # more ids that end the row, like EOS (not shown in the text)
     ignore_eos: bool = False
     min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (after temperature)

@@ -83,7 +83,11 @@ class OpenAIRequest(_Request):
         default=None, gt=0, le=10, description="Extension: CTRL-style repetition penalty. Default: REPETITION_PENALTY."
     )
     min_p: float | None = Field(default=None, ge=0, le=1, description="Extension: drop tokens below min_p x the top.")
-    min_tokens: int = Field(default=0, ge=0, description="Extension: no EOS or stop_token_ids before this many tokens.")
+    min_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Extension: no EOS, stop_token_ids or stop string ends the answer before this many tokens.",
+    )
     stop_token_ids: list[int] | None = Field(
         default=None, max_length=64, description="Extension: token ids that end a choice, like EOS."
     )

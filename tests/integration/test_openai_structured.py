@@ -140,6 +140,15 @@ def test_logit_bias_min_tokens_and_stop_token_ids_show_in_the_tokens(sdk: openai
     the = tokenizer.convert_tokens_to_ids("Ġthe")
     forced = sdk.completions.create(model=MODEL, prompt="Return", max_tokens=5, logit_bias={str(the): 100}, logprobs=0)
     assert forced.choices[0].logprobs.tokens == [" the"] * 5
+    # min_tokens holds back stop strings too: "the" within the first 3 tokens does not end the answer.
+    bias = {str(the): 100}
+    stops = sdk.completions.create(model=MODEL, prompt="Return", max_tokens=8, logit_bias=bias, stop=["the"])
+    assert (stops.choices[0].text, stops.usage.completion_tokens) == (" ", 1)
+    held = sdk.completions.create(
+        model=MODEL, prompt="Return", max_tokens=8, logit_bias=bias, stop=["the"], extra_body={"min_tokens": 3}
+    )
+    choice = held.choices[0]
+    assert (choice.text, held.usage.completion_tokens, choice.finish_reason) == (" the the the ", 4, "stop")
     eos = tokenizer.eos_token_id
     early = {"logit_bias": {str(eos): 100}}
     ended = sdk.completions.create(model=MODEL, prompt="Return", max_tokens=8, extra_body=early)

@@ -106,6 +106,48 @@ def test_the_earliest_of_several_stop_strings_cuts_and_text_after_it_is_dropped(
     assert detok.add(ord("z")) == "" and detok.flush() == ""
 
 
+def test_a_stop_string_within_the_first_min_tokens_tokens_does_not_end_the_row() -> None:
+    detok = IncrementalDetokenizer(BytesTokenizer(), stop=("b",), min_tokens=3)
+    assert "".join(detok.add(b) for b in b"abab") == "aba" and detok.stopped  # the first "b" was token 2
+    # vLLM's rule: a stop string counts once it ends past the text of the first min_tokens tokens,
+    # even when it begins within it ("xy" spans tokens 2 and 3 here).
+    detok = IncrementalDetokenizer(BytesTokenizer(), stop=("xy",), min_tokens=2)
+    assert "".join(detok.add(b) for b in b"axy") == "a" and detok.stopped
+    detok = IncrementalDetokenizer(BytesTokenizer(), stop=("xy",), min_tokens=3)
+    assert "".join(detok.add(b) for b in b"axyz") + detok.flush() == "axyz" and not detok.stopped
+
+
+@pytest.mark.parametrize("which", ["multilingual", "embedded"])
+def test_min_tokens_matches_vllms_rule_on_real_text(which: str, request) -> None:
+    """Cut at the first stop string that ends past the decode of the first ``min_tokens`` tokens."""
+    tokenizer = (
+        AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR) if which == "embedded" else request.getfixturevalue(which)
+    )
+    rng = random.Random(99)
+    texts = [MULTILINGUAL[3], "a ab abc abcd ab a", "the cat and the hat and the bat"]
+    held_runs = 0
+    for _ in range(200):
+        text = rng.choice(texts)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        full = tokenizer.decode(ids, skip_special_tokens=True)
+        min_tokens = rng.randint(0, len(ids))
+        free = len(tokenizer.decode(ids[:min_tokens], skip_special_tokens=True))
+        stop = (rng.choice(["a", "ab", "the", "t", " a", "in", "xyz"]),)
+        cuts = [i for i in range(len(full)) if full.startswith(stop[0], i) and i + len(stop[0]) > free]
+        expected = full[: cuts[0]] if cuts else full
+        detok = IncrementalDetokenizer(tokenizer, stop, min_tokens=min_tokens)
+        emitted = ""
+        for token in ids:
+            emitted += detok.add(token)
+            assert expected.startswith(emitted), (text, stop, min_tokens, emitted)
+            if detok.stopped:
+                break
+        emitted += detok.flush()
+        assert emitted == expected and detok.stopped == bool(cuts), (text, stop, min_tokens)
+        held_runs += stop[0] in full[:free]
+    assert held_runs > 30  # many runs had a stop string within the first min_tokens tokens' text
+
+
 def test_a_stop_string_inside_one_token(multilingual) -> None:
     ids = multilingual("Return the number of items in the container.", add_special_tokens=False)["input_ids"]
     token = max(ids, key=lambda i: len(multilingual.decode([i])))

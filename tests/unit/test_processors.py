@@ -140,6 +140,21 @@ def test_stop_token_ids_min_tokens_and_ignore_eos(engine: TextGenerator) -> None
     assert ignored.completion_tokens == 6 and ignored.finish_reason == "length"
 
 
+def test_min_tokens_holds_back_stop_strings_as_vllm_does(engine: TextGenerator) -> None:
+    the = engine.tokenizer.convert_tokens_to_ids("Ġthe")
+    forced = SamplingParams(max_new_tokens=8, logit_bias=((the, 100.0),))  # " the the the ..."
+    [ends] = engine.generate([ids(engine)], replace(forced, stop=("the",)))
+    assert (ends.text, ends.completion_tokens, ends.finish_reason) == (" ", 1, "stop")
+    # "the" within the first 3 tokens' text (" the the the") does not count; the 4th token's does.
+    [held] = engine.generate([ids(engine)], replace(forced, stop=("the",), min_tokens=3))
+    assert (held.text, held.completion_tokens, held.finish_reason) == (" the the the ", 4, "stop")
+    # A stop string that begins within them and ends past them counts (" the th|e t|he").
+    [spans] = engine.generate([ids(engine)], replace(forced, stop=("e t",), min_tokens=2))
+    assert (spans.text, spans.completion_tokens, spans.finish_reason) == (" the th", 3, "stop")
+    [never] = engine.generate([ids(engine)], replace(forced, stop=("the",), min_tokens=8))
+    assert (never.text, never.finish_reason) == (" the" * 8, "length")
+
+
 def test_min_p_keeps_only_the_likely_tokens(engine: TextGenerator) -> None:
     params = SamplingParams(max_new_tokens=8, temperature=1.0, min_p=1.0)  # only the likeliest survives
     [greedy] = engine.generate([ids(engine)], SamplingParams(max_new_tokens=8))

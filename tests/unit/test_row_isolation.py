@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import sampling
+from engine import sampling, token_choice
 from engine.batcher import Batcher
 from engine.errors import RowFailedError, StepFailedError
 from engine.model import EngineConfig, TextGenerator
@@ -86,14 +86,14 @@ def test_a_row_whose_sampling_raises_fails_alone_and_seeded_neighbours_draw_noth
     ids = ids_of(causal, PROMPTS)
     hostile = replace(SEEDED, presence_penalty=1.5, seed=99)
     alone = [solo(causal, i, SEEDED) for i in ids[:2]]
-    apply = sampling._presence_frequency_penalties
+    apply = token_choice._presence_frequency_penalties
 
     def flaky(logits, index, rows):
         if any(row.params.presence_penalty == 1.5 for row in rows):
             raise RuntimeError("sampling failed for this row")
         apply(logits, index, rows)
 
-    monkeypatch.setattr(sampling, "_presence_frequency_penalties", flaky)
+    monkeypatch.setattr(token_choice, "_presence_frequency_penalties", flaky)
     together = causal.generate(ids, [SEEDED, SEEDED, hostile])
     # The hostile row fails at its second step (it has output to penalise then), after the batch
     # had drawn its uniforms: the row-by-row retry reuses them, so the seeded rows match.

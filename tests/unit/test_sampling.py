@@ -6,14 +6,8 @@ from collections import Counter
 
 import torch
 
-from engine.sampling import (
-    Row,
-    _presence_frequency_penalties,
-    _repetition_penalties,
-    _sample_rows,
-    ended_rows,
-    pick_tokens,
-)
+from engine.sampling import Row, ended_rows
+from engine.token_choice import _presence_frequency_penalties, _repetition_penalties, _sample_rows, pick_tokens
 from engine.types import SamplingParams
 from engine.work import WorkItem
 
