@@ -1,7 +1,8 @@
 """``POST /v1/chat/completions``: the chat dialect (messages rendered by the model's chat template).
 
 A stream follows OpenAI's chunk shapes: a first chunk per choice with the role, content deltas, a
-last chunk with ``finish_reason``.
+last chunk with ``finish_reason`` (``tool_calls`` after an auto or required call; a named
+``tool_choice`` ends with ``stop``, as OpenAI and vLLM answer it).
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
         for row, c in enumerate(done):
             answer = plan.read(c.text) if plan is not None else Extracted(c.text)
             calls = [tool_call(call) for call in answer.calls]
+            reason = plan.finish_reason(c.finish_reason, bool(calls)) if plan is not None else c.finish_reason
             choices.append(
                 ChatChoice(
                     index=row,
@@ -145,7 +147,7 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
                         tool_calls=[_call_out(call) for call in calls] or None,
                     ),
                     logprobs=chat_logprobs(c.logprobs) if body.logprobs else None,
-                    finish_reason="tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason,  # type: ignore[arg-type]
+                    finish_reason=reason,  # type: ignore[arg-type]
                 )
             )
         return ChatCompletionResponse(
@@ -168,8 +170,7 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
         if tools is not None:
             for message in tools.feed(delta.text, ended=reason is not None):
                 yield [ChatChunkChoice(index=delta.index, delta=message)]
-            if reason == "stop" and tools.called:
-                reason = "tool_calls"
+            reason = tools.plan.finish_reason(reason, tools.called)
         elif delta.text or delta.logprobs:
             logprobs = chat_logprobs(delta.logprobs) if state.body.logprobs else None
             yield [ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text), logprobs=logprobs)]

@@ -88,6 +88,11 @@ class ToolPlan:
             extracted.calls = extracted.calls[:1]
         return extracted
 
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        """``tool_calls`` when an auto or required answer called a tool and ended by itself; a named
+        choice's call keeps the row's own reason (``stop``), as OpenAI and vLLM answer it."""
+        return "tool_calls" if called and reason == "stop" and self.mode != "named" else reason
+
     def stream(self) -> ToolStream | None:
         """For ``auto``: a parser stream that lets content through as soon as it cannot be a call."""
         return PARSERS[self.parser]().stream() if self.mode == "auto" else None

@@ -204,6 +204,22 @@ def test_langchain_bind_tools_with_a_named_choice(service: Service) -> None:
     Weather(**call["args"])
 
 
+def test_a_named_tool_choice_ends_with_stop_streamed_and_not(sdk: openai.OpenAI) -> None:
+    """OpenAI answers a named tool_choice with finish_reason "stop" (auto and required: "tool_calls"); vLLM too."""
+    named = {"type": "function", "function": {"name": "Weather"}}
+    kwargs = dict(
+        model=MODEL, messages=ask("Weather in Oslo?"), tools=[WEATHER_TOOL], tool_choice=named, max_tokens=100
+    )
+    choice = sdk.chat.completions.create(**kwargs).choices[0]
+    [call] = choice.message.tool_calls
+    assert call.function.name == "Weather" and choice.finish_reason == "stop"
+    Weather.model_validate_json(call.function.arguments)
+    chunks = [c.choices[0] for c in sdk.chat.completions.create(**kwargs, stream=True) if c.choices]
+    deltas = [d for c in chunks for d in c.delta.tool_calls or ()]
+    assert deltas[0].function.name == "Weather" and chunks[-1].finish_reason == "stop"
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+
+
 def test_a_streamed_required_tool_call(sdk: openai.OpenAI) -> None:
     stream = sdk.chat.completions.create(
         model=MODEL, messages=ask("Weather in Oslo?"), tools=[WEATHER_TOOL], tool_choice="required",

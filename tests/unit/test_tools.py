@@ -142,12 +142,18 @@ def test_a_named_call_is_answered_as_tool_calls_whole_and_streamed(client, backe
     out = client.post("/v1/chat/completions", json=body).json()["choices"][0]
     [call] = out["message"]["tool_calls"]
     assert call["function"] == {"name": "weather", "arguments": '{"city": "Oslo"}'} and call["id"].startswith("call_")
-    assert out["finish_reason"] == "tool_calls" and out["message"]["content"] is None
+    # OpenAI ends a named choice's call with "stop" (auto and required calls with "tool_calls"); so does vLLM.
+    assert out["finish_reason"] == "stop" and out["message"]["content"] is None
     parts = [p["choices"][0] for p in stream_of(client, body)]
     deltas = [p["delta"]["tool_calls"][0] for p in parts if "tool_calls" in p["delta"]]
     assert deltas[0]["id"].startswith("call_") and deltas[0]["function"]["name"] == "weather"
     assert "".join(d["function"]["arguments"] for d in deltas) == '{"city": "Oslo"}'
-    assert parts[-1]["finish_reason"] == "tool_calls"
+    assert parts[-1]["finish_reason"] == "stop"
+    backend.answer = '[{"name": "weather", "parameters": {"city": "Oslo"}}]'
+    required = client.post("/v1/chat/completions", json=chat(tool_choice="required")).json()["choices"][0]
+    assert required["message"]["tool_calls"][0]["function"]["name"] == "weather"
+    assert required["finish_reason"] == "tool_calls"
+    assert stream_of(client, chat(tool_choice="required"))[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
 def test_auto_reads_hermes_calls_and_keeps_one_without_parallel_calls(client, backend) -> None:
