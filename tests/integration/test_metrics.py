@@ -114,6 +114,7 @@ def samples(traffic: dict) -> Samples:
     still lack the replica's. After the wait, a count still off is left to the tests, which name it.
     """
     usage = traffic["usage"]
+    generated = sum(u["completion_tokens"] for u in usage)
     wanted = [
         *((metrics.REQUESTS.exported, {"route": r, "model": MODEL, "status": "200"}, n) for r, n in EXPECTED.items()),
         *((f"{metrics.E2E_LATENCY.exported}_count", {"route": r, "model": MODEL}, n) for r, n in EXPECTED.items()),
@@ -122,9 +123,11 @@ def samples(traffic: dict) -> Samples:
         (metrics.REQUESTS.exported, {"model": metrics.NO_MODEL, "status": "422"}, 1),
         (metrics.WAKES.exported, {"model": MODEL, "cause": "request"}, 1),
         *((f"{metric.exported}_count", {"model": MODEL}, 1) for metric in metrics.COLD_START.values()),
-        (metrics.GENERATION_TOKENS.exported, {"model": MODEL}, sum(u["completion_tokens"] for u in usage)),
+        (metrics.GENERATION_TOKENS.exported, {"model": MODEL}, generated),
         (metrics.PROMPT_TOKENS.exported, {"model": MODEL}, sum(u["prompt_tokens"] for u in usage)),
         (f"{metrics.QUEUE_TIME.exported}_count", {"model": MODEL}, len(usage)),
+        (f"{metrics.ENGINE_TTFT.exported}_count", {"model": MODEL}, len(usage)),
+        (f"{metrics.ENGINE_ITL.exported}_count", {"model": MODEL}, generated - traffic["rows"]),
         (metrics.ROWS_FINISHED.exported, {"model": MODEL}, traffic["rows"]),
         (metrics.RUNNING.exported, {"model": MODEL}, 0),
     ]
