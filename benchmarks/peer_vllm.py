@@ -100,8 +100,10 @@ def _up(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def service(model: Path, dtype: str, cpus: int) -> Iterator[tuple[str, str, float]]:
-    """This service (one replica, batch limit 32) on a fresh local Ray instance."""
+def service(
+    model: Path, dtype: str, cpus: int, extra: dict[str, str] | None = None
+) -> Iterator[tuple[str, str, float]]:
+    """This service (one replica, batch limit 32) on a fresh local Ray instance; ``extra``: more settings."""
     from ray import serve
 
     from ray_serve_app import build_graph
@@ -123,6 +125,7 @@ def service(model: Path, dtype: str, cpus: int) -> Iterator[tuple[str, str, floa
                 "MAX_QUEUED_REQUESTS": "-1",
                 "MAX_NEW_TOKENS_LIMIT": "1024",
             }
+            | (extra or {})
         )
         serve.run(build_graph(settings), name="service", route_prefix="/service", blocking=False)
         url = f"http://127.0.0.1:{port}/service/v1/completions"

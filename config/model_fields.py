@@ -167,6 +167,14 @@ class ModelFields(BaseModel):
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, le=1, description="How long a batch waits for more prompts once the first arrives."
     )
+    stream_interval_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Least time between two messages of one stream after its first token: the tokens made "
+        "meanwhile leave joined, in one message (fewer messages per token, coarser inter-token latency). "
+        "0: every message carries what is ready when it is read.",
+    )
     engine_stall_timeout_s: float = Field(
         default=120.0,
         gt=0,

@@ -47,7 +47,9 @@ class RequestStream:
     rows still running; call it when the reader stops early. Made by :meth:`Batcher.open`.
     """
 
-    def __init__(self, batcher: Batcher, key: int, items: list[WorkItem], request_id: str = "") -> None:
+    def __init__(
+        self, batcher: Batcher, key: int, items: list[WorkItem], request_id: str = "", interval_s: float = 0.0
+    ) -> None:
         self.key = key
         self.items = items
         self.request_id = request_id  # for log lines written outside the request's own context
@@ -61,6 +63,9 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.token_gaps: list[float] = []
         self._row_token_at: dict[int, float] = {}
+        # At most one read per interval_s after the first (0: every read takes what is pending at once).
+        self._interval_s = interval_s
+        self._read_at: float | None = None
 
     @property
     def admitted_at(self) -> float | None:
@@ -81,9 +86,24 @@ class RequestStream:
                 raise StopAsyncIteration
             self._wake.clear()
             await self._wake.wait()
+        if self._interval_s > 0:
+            await self._hold()
         deltas = tuple(self._pending.values())
         self._pending.clear()
         return deltas
+
+    async def _hold(self) -> None:
+        """Until ``interval_s`` has passed since the last read (the first read is never held), so that the
+        steps made meanwhile leave joined, in one message; the request's end or a failure is not held."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._read_at is not None:
+            while self._open_rows and self._error is None and (left := self._read_at + self._interval_s - now) > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), left)
+                now = loop.time()
+        self._read_at = now
 
     def close(self) -> None:
         """Stop reading: rows still queued or running are cancelled (idempotent)."""
@@ -131,9 +151,15 @@ class Batcher:
     """
 
     def __init__(
-        self, run_batch: RunBatch, max_batch_size: int, wait_timeout_s: float, budget: TokenBudget | None = None
+        self,
+        run_batch: RunBatch,
+        max_batch_size: int,
+        wait_timeout_s: float,
+        budget: TokenBudget | None = None,
+        stream_interval_s: float = 0.0,
     ) -> None:
         self._run_batch = run_batch
+        self.stream_interval_s = stream_interval_s  # each stream's least time between reads (RequestStream)
         self.max_batch_size = max_batch_size
         self.wait_timeout_s = wait_timeout_s
         self.budget = budget or TokenBudget(None)  # which queued rows fit the running batch (engine.admission)
@@ -168,7 +194,7 @@ class Batcher:
             WorkItem(stream=key, row=row, prompt_ids=ids, params=p)
             for row, (ids, p) in enumerate(zip(prompt_ids, params, strict=True))
         ]
-        stream = RequestStream(self, key, items, request_id)
+        stream = RequestStream(self, key, items, request_id, self.stream_interval_s)
         self._streams[key] = stream
         with self._lock:
             self._queue.extend(items)

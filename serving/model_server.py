@@ -169,6 +169,7 @@ class ModelServer:
                 config.max_batch_size,
                 config.batch_wait_timeout_s,
                 budget=TokenBudget(config.max_batch_tokens),
+                stream_interval_s=config.stream_interval_s,
             )
             self._sampler = metrics.BatchSampler(self._name, self._batcher.stats)
         self._stall_timeout_s = config.engine_stall_timeout_s

@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import Request
 
@@ -28,6 +29,7 @@ from serving.api.errors import ApiError, Family, api_error, from_exception
 from serving.backend import ModelBackend
 from settings import ModelConfig, Settings
 
+T = TypeVar("T")
 Waiting = Callable[[float], Awaitable[str]]  # elapsed seconds -> what the wait is for, in words
 
 
@@ -77,39 +79,38 @@ class Calls:
     ) -> tuple[Started, list[Completion], dict]:
         """The whole answer; ``x-cold-start`` says how long it waited for a replica to start."""
         check_output_budget(call, self.settings.max_output_tokens_per_request)
+        record, (started, done), headers = await self._whole(
+            request, model, lambda: self.backend.generate(model, call), family
+        )
+        record.started(started)
+        record.finished(done)
+        return started, done, headers
+
+    async def embedded(
+        self, request: Request, model: ModelConfig, call: EmbeddingRequest
+    ) -> tuple[EmbeddingResult, dict[str, str]]:
+        """An embedding model's vectors, within REQUEST_TIMEOUT_S; ``x-cold-start`` as for ``unary``."""
+        _, result, headers = await self._whole(request, model, lambda: self.backend.embed(model, call), "openai")
+        return result, headers
+
+    async def _whole(
+        self, request: Request, model: ModelConfig, answer: Callable[[], Awaitable[T]], family: Family
+    ) -> tuple[access.Access, T, dict[str, str]]:
+        """``answer()`` within REQUEST_TIMEOUT_S, its failures as statuses; ``x-cold-start`` when the model was
+        not running as the request arrived (how long the request waited for it)."""
         record, cold = await self._begin(request, model, stream=False)
         try:
-            started, done = await asyncio.wait_for(self.backend.generate(model, call), self.settings.request_timeout_s)
+            result = await asyncio.wait_for(answer(), self.settings.request_timeout_s)
         except TimeoutError:
             raise self._counted(record, await self.timed_out(model, family)) from None
         except Exception as exc:  # the model's failures become statuses here, not in Starlette's error path
             raise self._failure(record, exc, family) from None
         finally:
             self._waking.discard(model.name)  # the model is up, or this wake failed
-        record.started(started)
-        record.finished(done)
         if not cold:
-            return started, done, {}
+            return record, result, {}
         record.cold_start_s = time.monotonic() - record.arrived
-        return started, done, {"x-cold-start": f"{record.cold_start_s:.3f}"}
-
-    async def embedded(
-        self, request: Request, model: ModelConfig, call: EmbeddingRequest
-    ) -> tuple[EmbeddingResult, dict[str, str]]:
-        """An embedding model's vectors, within REQUEST_TIMEOUT_S; ``x-cold-start`` as for ``unary``."""
-        record, cold = await self._begin(request, model, stream=False)
-        try:
-            result = await asyncio.wait_for(self.backend.embed(model, call), self.settings.request_timeout_s)
-        except TimeoutError:
-            raise self._counted(record, await self.timed_out(model, "openai")) from None
-        except Exception as exc:
-            raise self._failure(record, exc, "openai") from None
-        finally:
-            self._waking.discard(model.name)
-        if not cold:
-            return result, {}
-        record.cold_start_s = time.monotonic() - record.arrived
-        return result, {"x-cold-start": f"{record.cold_start_s:.3f}"}
+        return record, result, {"x-cold-start": f"{record.cold_start_s:.3f}"}
 
     async def stream(
         self, request: Request, model: ModelConfig, call: GenerationRequest, family: Family
@@ -243,7 +244,8 @@ class ModelCall:
             yield self.started
             while True:
                 try:
-                    item = await asyncio.wait_for(anext(self.stream), self._remaining())
+                    async with asyncio.timeout(self._remaining()):  # no task per item, as wait_for would make
+                        item = await anext(self.stream)
                 except StopAsyncIteration:
                     return
                 yield item

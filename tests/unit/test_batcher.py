@@ -295,3 +295,24 @@ async def test_the_engine_times_each_token_when_its_step_ends_however_late_it_is
     assert stream.first_token_at == 1.0
     assert stream.token_gaps == [1.0] * (19 + 9)  # every token after each row's first, one step apart
     await batcher.close()
+
+
+async def test_a_stream_interval_joins_the_steps_made_between_reads() -> None:
+    batcher = Batcher(FakeEngine(join=True, step_s=0.001), max_batch_size=8, wait_timeout_s=0.0, stream_interval_s=0.2)
+    stream = batcher.open([[3], [4]], [params(200), params(150)])
+    received = [deltas async for deltas in stream]  # a reader that is always ready
+    assert len(received) <= 50, f"{len(received)} messages for 200 steps: the interval joined nothing"
+    completions = collect([d for ds in received for d in ds], 2, [1, 1])
+    assert [c.text for c in completions] == ["3" * 200, "4" * 150]
+    assert [c.finish_reason for c in completions] == ["length", "length"]
+    await batcher.close()
+
+
+async def test_a_stream_interval_holds_neither_the_first_token_nor_the_end() -> None:
+    batcher = Batcher(FakeEngine(join=True, step_s=0.001), max_batch_size=8, wait_timeout_s=0.0, stream_interval_s=1.0)
+    began = time.monotonic()
+    received = [deltas async for deltas in batcher.open([[3]], [params(3)])]
+    assert time.monotonic() - began < 0.9  # neither read waited for the 1 s interval
+    assert len(received) <= 2 and received[-1][-1].finish_reason == "length"  # the end came with the rest
+    assert "".join(d.text for ds in received for d in ds) == "333"
+    await batcher.close()
