@@ -32,6 +32,10 @@ from tests.page_driver import API_KEY, Page, Target, probe_live
 
 WRONG_KEY = "not-the-key"
 FAKE_MODEL = "page-model"
+# How long the page may take to show what the server already knows (a click's effect, a listing the page
+# polls, the pool's view of Serve): seconds when one core is busy with other work. Each wait ends at once
+# when its condition shows; none stands for a duration.
+SHOWN_S = 30
 
 
 def fake_settings(auth: bool = True) -> Settings:
@@ -270,7 +274,7 @@ def test_stop_ends_the_answer_early_and_cancels_the_request(page: Page, target: 
     page.send("Write at length")
     page.wait(lambda: len(page.answer()["text"]) > 10, 60, "a few tokens of the answer")
     page.by_id("stop-button").click()
-    answer = page.finished(timeout=10)
+    answer = page.finished(timeout=SHOWN_S)
     assert "stopped" in answer["classes"], answer
     assert answer["stats"].startswith("Stopped"), answer["stats"]
     assert "Stopped" in page.status()
@@ -284,22 +288,24 @@ def test_stop_ends_the_answer_early_and_cancels_the_request(page: Page, target: 
     assert any(p["event"] == "failed" and p["canceled"] and p["id"] in sent for p in posts), posts
     # ...and the server saw the stream go away.
     if target.cancelled_streams is not None:
-        page.wait(lambda: target.cancelled_streams() > cancelled_before, 10, "the server to see the cancel")
+        page.wait(lambda: target.cancelled_streams() > cancelled_before, SHOWN_S, "the server to see the cancel")
 
 
 def test_model_at_zero_says_so_and_keeps_the_wake_up_breakdown(page: Page, target: Target, screenshots: Path) -> None:
     target.make_cold()
     page.open()
-    page.wait(lambda: not page.by_id("zero-notice").get_attribute("hidden"), 10, "the at-zero notice")
+    page.wait(lambda: not page.by_id("zero-notice").get_attribute("hidden"), SHOWN_S, "the at-zero notice")
     notice = page.by_id("zero-notice").text
     assert "at zero" in notice and "wakes it" in notice, notice
     assert page.model_option() == f"{target.model} (at zero)"
     page.set_number("max-tokens", 8)
     page.send("Wake up and answer")
-    waking = page.wait(lambda: (a := page.answer()) and a["wakeShown"] and a, 10, "the wake-up panel")
+    waking = page.wait(lambda: (a := page.answer()) and a["wakeShown"] and a, SHOWN_S, "the wake-up panel")
     assert waking["wakeTitle"].startswith(f"Waking {target.model}"), waking
     # The elapsed time moves while the model wakes.
-    later = page.wait(lambda: (t := page.answer()["wakeTitle"]) != waking["wakeTitle"] and t, 5, "the clock to move")
+    later = page.wait(
+        lambda: (t := page.answer()["wakeTitle"]) != waking["wakeTitle"] and t, SHOWN_S, "the clock to move"
+    )
     assert later.startswith(f"Waking {target.model}") or "woke up" in later, later
     # Afterwards the breakdown stays on the answer.
     answer = page.finished(timeout=120)
@@ -307,13 +313,13 @@ def test_model_at_zero_says_so_and_keeps_the_wake_up_breakdown(page: Page, targe
     # The replica's report is complete once its first request has ended: the summary then has every phase.
     summary = page.wait(
         lambda: (a := page.answer())["wakeDone"] and "first_generation" in a["phasesDone"] and a,
-        15,
+        SHOWN_S,
         "the wake-up summary with the first generation",
     )
     assert "woke up" in summary["wakeTitle"], summary
     assert summary["phasesDone"] == ["process_start", "imports", "model_code", "weights", "warmup", "first_generation"]
     # The picker follows: the model is running now, and its last wake-up is listed.
-    page.wait(lambda: page.model_option() == f"{target.model} (running)", 10, "the picker to say running")
+    page.wait(lambda: page.model_option() == f"{target.model} (running)", SHOWN_S, "the picker to say running")
     assert "Last wake-up" in page.by_id("model-state").text
     assert page.by_id("zero-notice").get_attribute("hidden")
     save_screenshot(page.driver, screenshots, f"woke-up-{target.name}")
@@ -339,9 +345,9 @@ def test_stop_while_the_model_wakes(page: Page, target: Target) -> None:
     target.make_cold()
     page.open()
     page.send("Wake up")
-    page.wait(lambda: page.answer()["wakeShown"], 20, "the wake-up panel")
+    page.wait(lambda: page.answer()["wakeShown"], SHOWN_S, "the wake-up panel")
     page.by_id("stop-button").click()
-    answer = page.finished(timeout=10)
+    answer = page.finished(timeout=SHOWN_S)
     assert "stopped" in answer["classes"] and answer["text"] == "", answer
     assert answer["stats"].startswith("Stopped · before the first token"), answer["stats"]
     assert answer["wakeTitle"].startswith(f"Stopped waiting for {target.model} after"), answer
@@ -409,7 +415,7 @@ def test_phone_width(page: Page, target: Target, screenshots: Path) -> None:
     page.js("document.getElementById('sampling').open = false")
     page.send("Hello from a phone")
     page.finished(timeout=60)
-    page.wait(lambda: page.model_option() == f"{target.model} (running)", 10, "the picker to say running")
+    page.wait(lambda: page.model_option() == f"{target.model} (running)", SHOWN_S, "the picker to say running")
     # Nothing is wider than the screen.
     overflow = page.js("return document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0, f"the page is {overflow}px wider than a phone screen"
