@@ -60,7 +60,7 @@ class PoolClient:
         self._at = float("-inf")
         self._lock = asyncio.Lock()
         self._waiters: Counter[str] = Counter()  # model -> requests waiting for room in acquire()
-        self._handles: dict[tuple[str, str], DeploymentHandle] = {}
+        self._handles: dict[str, asyncio.Future[DeploymentHandle]] = {}  # model application -> its handle
 
     async def snapshot(self, max_age_s: float | None = None) -> list[ModelStatus]:
         """Every model's status, as the pool controller last reported it."""
@@ -134,14 +134,20 @@ class PoolClient:
             return False
 
     async def _handle(self, app: str, deployment: str | None) -> DeploymentHandle:
-        key = (app, deployment or "")
-        if key not in self._handles:
+        # One handle per model application, made once however many requests arrive together: each handle
+        # has its own router, and Serve counts MAX_QUEUED_REQUESTS per router, so a second handle would
+        # let a second queue's worth wait for a model that has no replica yet.
+        if app not in self._handles:
             if deployment is None:  # not seen by the pool yet (just loaded): ask Serve for the ingress
-                handle = await asyncio.to_thread(serve.get_app_handle, app)
-            else:
-                handle = await asyncio.to_thread(serve.get_deployment_handle, deployment, app)
-            self._handles[key] = handle
-        return self._handles[key]
+                made = asyncio.to_thread(serve.get_app_handle, app)
+            else:  # the model's application has this one deployment
+                made = asyncio.to_thread(serve.get_deployment_handle, deployment, app)
+            self._handles[app] = asyncio.ensure_future(made)
+        try:
+            return await asyncio.shield(self._handles[app])  # a caller that leaves does not cancel the others'
+        except Exception:
+            self._handles.pop(app, None)  # Serve did not know the application (yet): the next request asks again
+            raise
 
 
 class PoolBackend:

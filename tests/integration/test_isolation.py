@@ -1,18 +1,24 @@
 """One shared service on real Ray Serve, and clients that try to hurt each other: a hostile neighbour in the same
-batch as greedy requests, a keyless flood of 1 MB bodies, an oversized output, a batch at its token budget, and
-(on an application of its own) an engine that hangs and is replaced."""
+batch as greedy requests, a keyless flood of 1 MB bodies, an oversized output, a batch at its token budget, more
+requests than a model's bound waiting for a model that has no room (evicted, or starting on a full cluster), and
+(on an application of its own) an engine that hangs and is replaced.
+
+The shared model is keep-hot (PRIORITY 2), so that the models the waiting tests load beside it can be evicted and
+it never is; the cluster has 2 CPUs, 1 of them the shared model's."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+import ray
 from ray import serve
 
 from engine.errors import StepFailedError
@@ -20,6 +26,8 @@ from engine.timing import PhaseTimer
 from engine.types import GenerationRequest, SamplingParams, Started
 from engine.work import OnStep, Poll, WorkItem
 from serving.model_server import ModelServer
+from serving.pool.errors import UnknownModelError
+from serving.pool.reporter import CONTROLLER
 from settings import ModelConfig, build_settings
 from testing.checkpoints import build_tiny_causal
 from testing.polling import wait_for
@@ -37,7 +45,8 @@ def service(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     env = {
         "MODEL_ID": str(model), "SERVED_MODEL_NAME": "tiny", "API_KEY": KEY, "MIN_REPLICAS": "1",
         "MAX_REPLICAS": "1", "MAX_BATCH_SIZE": "16", "MAX_NEW_TOKENS": "16", "MAX_BATCH_TOKENS": str(BATCH_TOKENS),
-        "BATCH_WAIT_TIMEOUT_S": "0.05", "WARM_WORKERS": "0",
+        "BATCH_WAIT_TIMEOUT_S": "0.05", "WARM_WORKERS": "0", "PRIORITY": "2", "EVICTION_GRACE_S": "1",
+        "RETRY_AFTER_S": "2",
     }  # fmt: skip
     svc = deploy(serve_port, env)
     wait_for(lambda: svc.model_status()["state"] == "running", timeout=180, what="the model to run")
@@ -134,6 +143,117 @@ def test_a_keyless_flood_of_1mb_bodies_leaves_an_authorised_clients_latency_flat
     assert set(refused) == {401}
     # Each keyless request costs a header lookup: the authorised client's median stays near its own.
     assert during <= max(3 * alone, alone + 0.5), (alone, during, len(refused))
+
+
+# --- more waiters than a model's bound, for a model with no room --------------------------------------------
+
+BOUND = 3  # the waiting model's MAX_QUEUED_REQUESTS
+EXCESS = 4
+
+
+@ray.remote(num_cpus=1)
+class Squatter:
+    """Holds the cluster's free CPU, as another team's job would: a model that starts now finds no room."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def pool_controller():
+    return serve.get_deployment_handle(CONTROLLER, "llm")
+
+
+def state_of(svc: Service, name: str) -> dict:
+    """The model's card in /healthz ({} when not listed); with the key, so that it has the replica counts."""
+    models = svc.client.get(f"{svc.url}/healthz", headers=AUTH, timeout=10).json()["models"]
+    return next((m for m in models if m["id"] == name), {})
+
+
+def send(svc: Service, model: str) -> tuple[int, dict, dict, float]:
+    """One request for ``model`` on its own connection: (status, headers, body, seconds)."""
+    began = time.monotonic()
+    body = {"model": model, "prompt": "Return the", "max_tokens": 2, "temperature": 0}
+    with httpx.Client() as client:
+        response = client.post(f"{svc.url}/v1/completions", json=body, headers=AUTH, timeout=300)
+    return response.status_code, dict(response.headers), response.json(), time.monotonic() - began
+
+
+def probe(svc: Service) -> list[float]:
+    """Seconds each of /healthz and /v1/models took (both must answer 200)."""
+    times = []
+    for path in ("/healthz", "/v1/models"):
+        began = time.monotonic()
+        response = svc.client.get(f"{svc.url}{path}", headers=AUTH, timeout=30)
+        times.append(time.monotonic() - began)
+        assert response.status_code == 200, response.text
+    return times
+
+
+def refused_at_once_while_the_others_wait(svc: Service, model: str, code: str, release) -> list[tuple]:
+    """Send BOUND + EXCESS requests for ``model``, which has no room: EXCESS are refused with 503 + Retry-After
+    while the BOUND others still wait (they cannot be answered before ``release`` is called), and probes answer
+    meanwhile; then ``release()`` makes room and the BOUND waiting ones are answered."""
+    with ThreadPoolExecutor(BOUND + EXCESS) as pool:
+        futures = [pool.submit(send, svc, model) for _ in range(BOUND + EXCESS)]
+
+        def refused() -> list[Future]:
+            done = [f for f in futures if f.done()]
+            return done if len(done) >= EXCESS else []
+
+        done = wait_for(refused, timeout=60, interval=0.05, what=f"{EXCESS} requests to be refused")
+        probes = [probe(svc) for _ in range(5)]
+        waiting = [f for f in futures if not f.done()]
+        assert len(done) == EXCESS and len(waiting) == BOUND, [f.result() for f in done]
+        for status, headers, body, seconds in (f.result() for f in done):
+            assert (status, headers.get("retry-after"), body["error"]["code"]) == (503, "2", code), body
+            assert "retry" in body["error"]["message"].lower()
+            assert seconds < 10, f"a refusal took {seconds:.1f}s: it must not wait for room"
+        # Answered while the admitted requests still wait: the probes never queue behind them.
+        assert not any(f.done() for f in waiting)
+        worst = max(max(p) for p in probes)
+        assert worst < 5, probes
+        print(f"\n{model}: refusals in {sorted(round(f.result()[3], 3) for f in done)} s; "
+              f"probes /healthz, /v1/models median {statistics.median(p[0] for p in probes):.3f} s, "
+              f"{statistics.median(p[1] for p in probes):.3f} s, worst {worst:.3f} s")  # fmt: skip
+        release()
+        answered = [f.result(timeout=240) for f in waiting]
+    assert [status for status, *_ in answered] == [200] * BOUND, answered
+    return answered
+
+
+def test_waiters_past_a_models_bound_get_503_at_once_whether_it_starts_or_was_evicted(service: Service) -> None:
+    controller = pool_controller()
+    squatter = Squatter.remote()
+    ray.get(squatter.ready.remote(), timeout=120)  # the cluster is full: tiny holds the other CPU
+    # The service's settings are the defaults of a loaded model: priority, floor and bound are set here.
+    entry = {"name": "low", "priority": 0, "min_replicas": 0, "max_replicas": 1, "max_queued_requests": BOUND,
+             "idle_timeout_s": 600}  # fmt: skip
+    controller.load.remote(entry).result(timeout_s=60)
+    try:
+        # A starting model: admitted by the pool, its replica not placed. Its requests wait in Serve's queue,
+        # whose bound (MAX_QUEUED_REQUESTS) refuses the rest through the service's error shape.
+        refused_at_once_while_the_others_wait(service, "low", "overloaded", lambda: ray.kill(squatter))
+        wait_for(lambda: state_of(service, "low").get("state") == "running", 60, what="low to run")
+
+        # An evicted model: a priority-1 model wants two replicas; low's CPU goes to one, and the other waits
+        # for room for good, so low stays evicted. Its requests wait at the pool, bounded in the Gateway.
+        high = {"name": "high", "priority": 1, "min_replicas": 2, "max_replicas": 2}
+        controller.load.remote(high).result(timeout_s=60)
+
+        def evicted() -> bool:
+            low, high = state_of(service, "low"), state_of(service, "high")
+            return low.get("state") == "evicted" and high.get("replicas", {}).get("running") == 1
+
+        wait_for(evicted, timeout=180, interval=0.25, what="low to be evicted for high's first replica")
+        refused_at_once_while_the_others_wait(
+            service, "low", "too_many_waiters", lambda: controller.unload.remote("high", 0).result(timeout_s=60)
+        )
+    finally:
+        ray.kill(squatter)
+        for name in ("high", "low"):
+            with contextlib.suppress(UnknownModelError):  # already unloaded
+                controller.unload.remote(name, 0).result(timeout_s=60)
+        wait_for(lambda: set(serve.status().applications) == {"llm", "tiny"}, 120, what="low and high to be deleted")
 
 
 # --- an engine that hangs: Serve replaces its replica ---------------------------------------------------

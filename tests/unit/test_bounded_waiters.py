@@ -34,7 +34,11 @@ class Controller:
 
     async def _snapshot(self) -> list[ModelStatus]:
         admitted = self.room.is_set()
-        return [ModelStatus("big", "org/big", "running" if admitted else "evicted", admitted=admitted, app="big")]
+        return [
+            ModelStatus(
+                "big", "org/big", "running" if admitted else "evicted", admitted=admitted, app="big", deployment="big"
+            )
+        ]
 
     async def _acquire(self, name: str, timeout_s: float) -> bool:
         self.acquires += 1
@@ -81,3 +85,28 @@ async def test_minus_one_is_unbounded_and_a_timed_out_waiter_leaves_the_count(mo
     )
     assert all(isinstance(r, ModelUnavailableError) for r in results)
     assert client.waiters("big") == 0
+
+
+async def test_requests_arriving_together_share_one_handle_so_serve_counts_one_queue(monkeypatch) -> None:
+    """Serve bounds MAX_QUEUED_REQUESTS per handle (its router): a second handle would be a second queue."""
+    import threading
+
+    from serving.pool import client as module
+
+    made: list[tuple[str, str]] = []
+    lookup = threading.Event()
+
+    def get_deployment_handle(deployment: str, app: str) -> str:
+        lookup.wait(5)  # Serve's controller answers slowly: the other requests arrive meanwhile
+        made.append((deployment, app))
+        return f"handle {len(made)}"
+
+    monkeypatch.setattr(module.serve, "get_deployment_handle", get_deployment_handle)
+    controller = Controller()
+    controller.room.set()  # admitted
+    client = PoolClient(controller, refresh_s=0.0)  # type: ignore[arg-type]
+    waiting = [asyncio.create_task(client.acquire("big", timeout_s=5)) for _ in range(8)]
+    await asyncio.sleep(0.05)
+    lookup.set()
+    assert await asyncio.gather(*waiting) == ["handle 1"] * 8
+    assert made == [("big", "big")]
