@@ -8,7 +8,7 @@ import functools
 import threading
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -29,13 +29,16 @@ class FakeEngine:
     continuous engine.
     """
 
-    def __init__(self, join: bool = False, step_s: float = 0.01) -> None:
+    def __init__(
+        self, join: bool = False, step_s: float = 0.01, after_step: Callable[[], object] | None = None
+    ) -> None:
         self.batches: list[list[int]] = []
         self.joined: list[int] = []
         self.threads: set[str] = set()
         self.steps = 0
         self.join = join
         self.step_s = step_s
+        self.after_step = after_step  # called on the engine's thread once a step's events are handed over
 
     def __call__(self, items: Sequence[WorkItem], on_step: OnStep, poll: Poll | None, max_batch_size: int) -> None:
         self.batches.append([i.prompt_ids[0] for i in items])
@@ -59,6 +62,8 @@ class FakeEngine:
             time.sleep(self.step_s)
             self.steps += 1
             on_step(events)
+            if self.after_step is not None:
+                self.after_step()
             if self.join and poll is not None:
                 for item in poll(max_batch_size - len(active)):
                     self.joined.append(item.prompt_ids[0])
@@ -106,14 +111,18 @@ async def test_a_request_of_several_rows_is_one_stream() -> None:
 
 
 async def test_deltas_arrive_as_the_engine_makes_them() -> None:
-    engine = FakeEngine(step_s=0.02)
+    # The engine takes its next step only once the reader has its delta (or 10 s have passed): a batcher
+    # that held a step's delta back until later steps would show it in the step counts, however loaded the
+    # machine, and no step's timing matters.
+    read = threading.Semaphore(0)
+    engine = FakeEngine(step_s=0.0, after_step=lambda: read.acquire(timeout=10))
     batcher = Batcher(engine, max_batch_size=8, wait_timeout_s=0.0)
     arrivals = []
     async for deltas in batcher.stream([[7]], [params(20)]):
         arrivals.append((engine.steps, deltas))
-    assert len(arrivals) >= 10, "the reader was not woken step by step"
-    assert arrivals[0][0] <= 2, "the first delta waited for later steps"
-    assert all(len(deltas) == 1 for _, deltas in arrivals)
+        read.release()
+    assert [steps for steps, _ in arrivals] == list(range(1, 21)), "a delta waited for later steps"
+    assert all(len(deltas) == 1 and deltas[0].tokens == 1 for _, deltas in arrivals)
     await batcher.close()
 
 
