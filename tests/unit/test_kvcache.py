@@ -112,3 +112,11 @@ def test_a_step_writes_one_entry_per_row_at_its_own_position() -> None:
     assert k[1, 0].tolist() == [[6, 7], [8, 9], [10, 11], [100, 100]]
     cache.move(1, 0)  # the last row fills the hole of a row that left
     assert cache.host_lengths[:2] == [4, 0] and cache.slot_layers[0].keys[0, 0, 3].tolist() == [100, 100]
+
+
+def test_packed_prefill_groups_hold_their_token_budget() -> None:
+    from engine.continuous import _groups
+
+    assert _groups([3, 4, 5, 2], budget=8) == [[0, 1], [2, 2 + 1]]
+    assert _groups([9, 1, 1], budget=8) == [[0], [1, 2]]  # a prompt over the budget runs alone
+    assert _groups([], budget=8) == []

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine import sampling, token_choice
 from engine.batcher import Batcher
@@ -45,8 +46,11 @@ def poison_long_rows(causal: TextGenerator) -> Iterator[None]:
     """NaN scores for every row at position >= 30 (only the hostile prompt gets there)."""
 
     def hook(module, args, kwargs, output):
-        positions = kwargs["position_ids"][:, -1]
-        output.logits[positions >= 30] = float("nan")
+        positions, kept = kwargs["position_ids"], kwargs.get("logits_to_keep")
+        if isinstance(kept, torch.Tensor):  # a packed prefill: one sequence, each row's last token kept
+            output.logits[0, positions[0, kept] >= 30] = float("nan")
+        else:  # a decoding step: a row per sequence
+            output.logits[positions[:, -1] >= 30] = float("nan")
         return output
 
     handle = causal.model.register_forward_hook(hook, with_kwargs=True)
