@@ -159,17 +159,18 @@ def pack_linears(model: Any, rows_hint: int) -> dict[str, Any]:
 def prepare_cpu_model(model: Any, split: bool, rows_hint: int) -> dict[str, Any]:
     """Everything the engine changes in a CPU model after loading it (``split``: offloaded, leave its layers).
 
-    The fused activation always; then either prepacked bfloat16 layers and the decode attention
-    (``engine.attention``), or, in float32, the faster output head. Returns facts for the report.
+    The fused activation always; on one CPU, ``engine.attention``'s implementation (its bfloat16
+    decode step, and a packed prefill that attends prompt by prompt), then either prepacked
+    bfloat16 layers or, in float32, the faster output head. Returns facts for the report.
     """
-    fuse_activations(model)
-    if split or model.device.type != "cpu" or getattr(model.config, "quantization_config", None) is not None:
-        return {}
-    if not can_pack(model):
-        use_cpu_head(model)
-        return {}
     from engine.attention import use_decode_attention
 
-    facts = pack_linears(model, rows_hint)
-    facts["attention"] = use_decode_attention(model)
+    fuse_activations(model)
+    if split or model.device.type != "cpu":
+        return {}
+    facts: dict[str, Any] = {"attention": use_decode_attention(model)}
+    if can_pack(model) and getattr(model.config, "quantization_config", None) is None:
+        facts.update(pack_linears(model, rows_hint))
+    else:
+        use_cpu_head(model)
     return facts

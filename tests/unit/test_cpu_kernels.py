@@ -123,8 +123,21 @@ def test_bfloat16_engine_answers_as_the_models_own_generate(
         assert answer.text == tokenizer.decode(out[0, len(prompt_ids) :]), prompt_ids
 
 
-def test_a_float32_model_keeps_sdpa_and_its_plain_layers(tiny_causal: Path) -> None:
+def test_a_float32_model_keeps_its_plain_layers(tiny_causal: Path) -> None:
     engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), dtype="float32", num_threads=1))
-    assert engine.model.config._attn_implementation == "sdpa"
+    assert engine.model.config._attn_implementation == NAME  # its steps are SDPA's, its prefill prompt by prompt
     assert not any(type(m) is PackedLinear for m in engine.model.modules())
     assert prepare_cpu_model(engine.model, split=True, rows_hint=4) == {}  # an offloaded model is left alone
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_rows_answer_does_not_depend_on_the_prompts_packed_beside_it(dtype: str, tiny_causal: Path) -> None:
+    engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), dtype=dtype, num_threads=1))
+    greedy = SamplingParams(max_new_tokens=24, temperature=0.0)
+    other = SamplingParams(max_new_tokens=40, temperature=1.0, seed=5)
+    ids = engine.encode(["Return the number of", "The socket module provides"], greedy)
+    long = engine.encode(["x" * 50], other)[0]
+    alone = [engine.generate([i], greedy)[0] for i in ids]
+    # Prefilled in one packed pass with a long prompt after and before them, then decoded together.
+    together = engine.generate([ids[0], long, ids[1], long], [greedy, other, greedy, other])
+    assert [together[0], together[2]] == alone
