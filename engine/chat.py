@@ -44,9 +44,15 @@ def _arguments(text: str) -> Any:
 
 
 def render_chat(
-    tokenizer: Any, messages: Sequence[ChatMessage], template: str | None = None, tools: str | None = None
+    tokenizer: Any,
+    messages: Sequence[ChatMessage],
+    template: str | None = None,
+    tools: str | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> str:
-    """The chat as the model reads it, ending with the generation prompt.
+    """The chat as the model reads it, ending with the generation prompt (unless told otherwise:
+    ``/tokenize`` may ask for the chat without it, or with the last message left open).
 
     Raises ChatTemplateError when there is no template, or when the template refuses the messages
     (``raise_exception('...')`` in the template; its message is passed on).
@@ -66,9 +72,10 @@ def render_chat(
             tools=json.loads(tools) if tools else None,
             chat_template=template,
             tokenize=False,
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
         )
-    except jinja2.TemplateError as exc:
+    except (jinja2.TemplateError, ValueError) as exc:  # ValueError: a final message to continue that is not there
         raise ChatTemplateError(f"the chat template rejected these messages: {exc}") from None
     if not isinstance(text, str):  # a batch or dict answer would mean a template we do not understand
         raise ChatTemplateError("the chat template did not render to text")

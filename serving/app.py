@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.responses import JSONResponse
 
-from serving.api import access, native, openai_embeddings
+from serving.api import access, native, openai_embeddings, openai_tokenize
 from serving.api.admin import admin_router
 from serving.api.auth import BEARER, KeyCheck, bearer_token, require
 from serving.api.body import StrictJSONMiddleware
@@ -31,6 +31,7 @@ from serving.api.openai_completions import COMPLETIONS
 from serving.api.openai_embeddings import EmbeddingsRequest, EmbeddingsResponse
 from serving.api.openai_responses import ChatCompletionResponse, CompletionResponse
 from serving.api.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIError
+from serving.api.openai_tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from serving.backend import ModelBackend
 from serving.models import check_route
 from serving.page import mount_page
@@ -77,7 +78,8 @@ def request_id(request: Request) -> str:
 
 
 def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
-    """The FastAPI app: ``/v1/*`` (OpenAI), ``/generate``, ``/healthz`` and the docs at ``/docs``."""
+    """The FastAPI app: ``/v1/*`` (OpenAI), ``/tokenize`` and ``/detokenize`` (vLLM's), ``/generate``,
+    ``/healthz`` and the docs at ``/docs``."""
     app = FastAPI(
         title="Scale-to-zero LLM service",
         description="OpenAI-compatible and native text generation on Ray Serve. Every model scales to zero when "
@@ -159,6 +161,22 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         result, headers = await calls.embedded(request, model, openai_embeddings.translate(body, request_id(request)))
         answer = openai_embeddings.response(body, model, result)
         return JSONResponse(answer.model_dump(mode="json"), headers=headers)
+
+    @post("/tokenize", TokenizeResponse, "Token ids of a prompt or a chat, with the model's tokenizer (vLLM's)")
+    async def tokenize(body: TokenizeRequest, request: Request) -> Any:
+        """`count`, `max_model_len` and `tokens` (and `token_strs` with `return_token_strs`). Wakes the model."""
+        model = await resolve(request, body.model)
+        call = openai_tokenize.translate(body, settings, request_id(request))
+        result, headers = await calls.answered(request, model, lambda: backend.tokenize(model, call))
+        return JSONResponse(openai_tokenize.response(result).model_dump(mode="json"), headers=headers)
+
+    @post("/detokenize", DetokenizeResponse, "The text of token ids, with the model's tokenizer (vLLM's)")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
+        """`{"prompt": text}`; special tokens are kept in the text. Wakes the model."""
+        model = await resolve(request, body.model)
+        call = openai_tokenize.translate_detokenize(body, settings, request_id(request))
+        text, headers = await calls.answered(request, model, lambda: backend.detokenize(model, call))
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump(mode="json"), headers=headers)
 
     mount_page(app)
     return app

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from engine.embedding_types import EmbeddingRequest, EmbeddingResult
+from engine.tokenization import DetokenizeRequest, TokenizeRequest, TokenizeResult
 from engine.types import Completion, GenerationRequest, Started, StreamItem
 from serving.models import ModelStatus, resolve_model
 from settings import ModelConfig
@@ -30,6 +31,10 @@ class ModelBackend(Protocol):
     async def generate(self, model: ModelConfig, request: GenerationRequest) -> tuple[Started, list[Completion]]: ...
 
     async def embed(self, model: ModelConfig, request: EmbeddingRequest) -> EmbeddingResult: ...
+
+    async def tokenize(self, model: ModelConfig, request: TokenizeRequest) -> TokenizeResult: ...
+
+    async def detokenize(self, model: ModelConfig, request: DetokenizeRequest) -> str: ...
 
     async def statuses(self) -> list[ModelStatus]: ...
 

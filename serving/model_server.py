@@ -32,6 +32,7 @@ from engine.batcher import Batcher, RequestStream
 from engine.embedding_types import EmbeddingRequest, EmbeddingResult
 from engine.errors import InvalidFieldError, StepFailedError
 from engine.timing import PhaseTimer
+from engine.tokenization import DetokenizeRequest, TokenizeRequest, TokenizeResult, detokenize, tokenize
 from engine.types import ChatMessage, Completion, Delta, GenerationRequest, SamplingParams, Started, StreamItem, collect
 from engine.work import OnStep, Poll, WorkItem
 from observability import metrics
@@ -271,6 +272,15 @@ class ModelServer:
         tokens = sum(len(row) for row in ids)
         metrics.prompt_tokens(self._name, tokens)
         return EmbeddingResult(vectors, tokens, replica=self._replica, cold_start=cold_start)
+
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResult:
+        """``/tokenize``: the prompt's or chat's ids with this model's tokenizer and chat template."""
+        context = self._engine.max_tokens if self._task == "embed" else self._engine.context_length
+        return tokenize(self._engine.tokenizer, request, self._chat_template, context)
+
+    async def detokenize(self, request: DetokenizeRequest) -> str:
+        """``/detokenize``: the text of token ids (``InvalidFieldError`` for one outside the vocabulary)."""
+        return detokenize(self._engine.tokenizer, request.tokens)
 
     async def check_health(self) -> None:
         """Serve's health check: unhealthy when the engine has work and no step has ended for ENGINE_STALL_TIMEOUT_S.

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.embedding_types import EmbeddingRequest, EmbeddingResult
+from engine.tokenization import DetokenizeRequest, TokenizeRequest, TokenizeResult
 from engine.types import (
     Completion,
     Delta,
@@ -49,7 +50,8 @@ class FakeBackend:
     closed: int = 0
     finished: int = 0
 
-    embedders: dict[str, Any] = field(default_factory=dict)  # model name -> a ModelServer with a real encoder
+    # model name -> a real ModelServer (no Ray), for what the fake cannot answer: embeddings, /tokenize, /detokenize
+    servers: dict[str, Any] = field(default_factory=dict)
 
     async def resolve(self, requested: str | None) -> ModelConfig:
         return resolve_model(self.settings.model_configs, requested)
@@ -57,7 +59,17 @@ class FakeBackend:
     async def embed(self, model: ModelConfig, request: EmbeddingRequest) -> EmbeddingResult:
         if self.fail_before is not None:
             raise self.fail_before
-        return await self.embedders[model.name].embed(request)
+        return await self.servers[model.name].embed(request)
+
+    async def tokenize(self, model: ModelConfig, request: TokenizeRequest) -> TokenizeResult:
+        if self.fail_before is not None:
+            raise self.fail_before
+        return await self.servers[model.name].tokenize(request)
+
+    async def detokenize(self, model: ModelConfig, request: DetokenizeRequest) -> str:
+        if self.fail_before is not None:
+            raise self.fail_before
+        return await self.servers[model.name].detokenize(request)
 
     @staticmethod
     def _prompts(request: GenerationRequest) -> tuple[str, ...]:

@@ -90,7 +90,14 @@ class Calls:
         self, request: Request, model: ModelConfig, call: EmbeddingRequest
     ) -> tuple[EmbeddingResult, dict[str, str]]:
         """An embedding model's vectors, within REQUEST_TIMEOUT_S; ``x-cold-start`` as for ``unary``."""
-        _, result, headers = await self._whole(request, model, lambda: self.backend.embed(model, call), "openai")
+        return await self.answered(request, model, lambda: self.backend.embed(model, call))
+
+    async def answered(
+        self, request: Request, model: ModelConfig, call: Callable[[], Awaitable[T]]
+    ) -> tuple[T, dict[str, str]]:
+        """``call()``'s answer from the model's replica (waking it) for a route of OpenAI's error shape
+        (embeddings, /tokenize, /detokenize), with ``x-cold-start`` as for ``unary``."""
+        _, result, headers = await self._whole(request, model, call, "openai")
         return result, headers
 
     async def _whole(

@@ -3,7 +3,7 @@
 Two route families, two shapes:
 
     native (/generate, /healthz, /admin):  {"error": {"code": 413, "type": "prompt_too_long", "message": "..."}}
-    OpenAI (/v1/*):                        {"error": {"message": "...", "type": "...", "param": ..., "code": ...}}
+    OpenAI (/v1/*, /tokenize, /detokenize): {"error": {"message": "...", "type": "...", "param": ..., "code": ...}}
 
 Every error is made by one factory, :func:`api_error`, from its *kind* (the table ``KINDS``): the
 kind fixes the status, and Retry-After for the kinds a client should retry. ``from_exception`` maps
@@ -156,9 +156,12 @@ def http_error(status: int, detail: str, headers: dict[str, str] | None = None) 
     return ApiError(status, code, detail, headers=headers)
 
 
+OPENAI_PATHS = ("/tokenize", "/detokenize")  # vLLM's, beside its OpenAI routes: their error shape too
+
+
 def family_of(path: str) -> Family:
     """The error shape of the route at ``path`` (relative to the app's root)."""
-    return "openai" if path == "/v1" or path.startswith("/v1/") else "native"
+    return "openai" if path == "/v1" or path.startswith("/v1/") or path in OPENAI_PATHS else "native"
 
 
 def overloaded(retry_after_s: int, what: str = "the model") -> ApiError:

@@ -32,7 +32,7 @@ from serving.api.openai_responses import (
     finish_reason,
     usage,
 )
-from serving.api.openai_schemas import ChatCompletionRequest
+from serving.api.openai_schemas import ChatCompletionRequest, ChatMessageIn
 from serving.api.openai_tools import StreamedTools, tool_call, tool_plan, tools_json
 from serving.api.params import check_limits, sampling_params
 from settings import ModelConfig, Settings
@@ -40,9 +40,10 @@ from settings import ModelConfig, Settings
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
-def chat_messages(body: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
+def chat_messages(given: Sequence[ChatMessageIn]) -> tuple[ChatMessage, ...]:
+    """The engine's messages; a 400 naming the field for a role, part or field this service does not take."""
     messages = []
-    for i, message in enumerate(body.messages):
+    for i, message in enumerate(given):
         where = f"messages.{i}"
         role = ROLES.get(message.role)
         if role is None:
@@ -110,7 +111,7 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
             and body.max_tokens != body.max_completion_tokens
         ):
             raise invalid_value("max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one")
-        messages = chat_messages(body)
+        messages = chat_messages(body.messages)
         # A chat is one prompt: its messages together count against MAX_PROMPT_CHARS.
         check_limits(["".join(m.content for m in messages)], body.n, settings, prompt_param="messages")
         new_name = body.max_completion_tokens is not None  # max_tokens is its deprecated alias
@@ -123,7 +124,7 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
         )
         if plan is not None:
             params = dataclasses.replace(params, constraint=plan.constraint())
-        return GenerationRequest(request_id, params, messages=messages, n=body.n, tools=tools_json(body))
+        return GenerationRequest(request_id, params, messages=messages, n=body.n, tools=tools_json(body.tools))
 
     def response(
         self,

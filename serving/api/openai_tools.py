@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -23,7 +23,7 @@ from engine.tool_parsers import PARSERS, Extracted, ParsedCall, ToolStream, call
 from engine.types import Constraint, ToolCall
 from serving.api.errors import ApiError, api_error
 from serving.api.openai_responses import DeltaMessage, FunctionCallDelta, ToolCallDelta
-from serving.api.openai_schemas import ChatCompletionRequest, NamedToolChoice
+from serving.api.openai_schemas import ChatCompletionRequest, NamedToolChoice, ToolIn
 from settings import ModelConfig
 
 ANY_OBJECT = {"type": "object"}
@@ -126,11 +126,11 @@ def tool_plan(body: ChatCompletionRequest, model: ModelConfig) -> ToolPlan | Non
     return ToolPlan(choice or "auto", tools, None, parallel, parser)  # type: ignore[arg-type]
 
 
-def tools_json(body: ChatCompletionRequest) -> str | None:
+def tools_json(tools: Sequence[ToolIn] | None) -> str | None:
     """The tools as the chat template reads them (OpenAI's list, as JSON text)."""
-    if not body.tools:
+    if not tools:
         return None
-    return json.dumps([tool.model_dump(exclude_none=True) for tool in body.tools])
+    return json.dumps([tool.model_dump(exclude_none=True) for tool in tools])
 
 
 class StreamedTools:

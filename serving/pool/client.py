@@ -35,6 +35,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from engine.embedding_types import EmbeddingRequest, EmbeddingResult
+from engine.tokenization import DetokenizeRequest, TokenizeRequest, TokenizeResult
 from engine.types import Completion, GenerationRequest, Started, StreamItem
 from serving.models import ModelState, ModelStatus, resolve_model
 from serving.pool.errors import ModelUnavailableError, PoolError, TooManyWaitersError, UnknownModelError
@@ -207,6 +208,12 @@ class PoolBackend:
 
     async def embed(self, model: ModelConfig, request: EmbeddingRequest) -> EmbeddingResult:
         return await self._whole(model, "embed", request)
+
+    async def tokenize(self, model: ModelConfig, request: TokenizeRequest) -> TokenizeResult:
+        return await self._whole(model, "tokenize", request)
+
+    async def detokenize(self, model: ModelConfig, request: DetokenizeRequest) -> str:
+        return await self._whole(model, "detokenize", request)
 
     async def _whole(self, model: ModelConfig, method: str, request: Any) -> Any:
         """One model server call answered whole; a caller gone cancels it (also out of a room queue)."""

@@ -1,6 +1,6 @@
 """The official `openai` client against the live service on real Ray Serve: models, completions, chat,
-streaming (from zero replicas too), sixteen concurrent streams, a disconnect that frees its rows, and
-the error statuses as the SDK's exception classes."""
+streaming (from zero replicas too), sixteen concurrent streams, a disconnect that frees its rows, the
+error statuses as the SDK's exception classes, and vLLM's /tokenize and /detokenize (waking the model)."""
 
 from __future__ import annotations
 
@@ -260,3 +260,29 @@ def test_overload_and_timeout_are_503_and_504(url: str) -> None:
     with pytest.raises(openai.InternalServerError) as info:
         strict.completions.create(model=STRICT_MODEL, prompt=["Return the"] * 8, max_tokens=400, temperature=0)
     assert info.value.status_code == 504 and "REQUEST_TIMEOUT_S" in info.value.body["message"]
+
+
+def test_tokenize_wakes_the_model_from_zero_and_detokenize_inverts_it(url: str, tiny_chat: Path) -> None:
+    """vLLM's /tokenize and /detokenize, answered by the model's replica with its own tokenizer and template."""
+    from transformers import AutoTokenizer
+
+    wait_for(lambda: _state(url) == "scaled_to_zero", 120, what=f"{MODEL} back at zero replicas")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat)
+    text = "The socket module provides access"
+    body = {"model": MODEL, "prompt": text, "return_token_strs": True}
+    woke = httpx.post(f"{url}/tokenize", json=body, headers=headers, timeout=300)
+    assert woke.status_code == 200 and float(woke.headers["x-cold-start"]) > 0, woke.text
+    ids = tokenizer(text)["input_ids"]
+    strs = tokenizer.convert_ids_to_tokens(ids)
+    assert woke.json() == {"count": len(ids), "max_model_len": 1100, "tokens": ids, "token_strs": strs}
+    back = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": ids}, headers=headers, timeout=60)
+    assert back.json() == {"prompt": text}
+    # A chat counts the tokens a chat completion is charged for.
+    messages = [{"role": "user", "content": "What does json.dumps do?"}]
+    chat = httpx.post(f"{url}/tokenize", json={"model": MODEL, "messages": messages}, headers=headers, timeout=60)
+    used = client(url).chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert chat.json()["count"] == used.usage.prompt_tokens
+    refused = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": [10**7]}, headers=headers, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tokens.0"
+    assert httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": "a"}, timeout=60).status_code == 401

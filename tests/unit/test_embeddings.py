@@ -94,7 +94,7 @@ def service(tiny_encoder: Path, tiny_causal: Path):
     ]
     settings = build_settings({"MODELS": json.dumps(entries), "REQUEST_TIMEOUT_S": "10"})
     backend = FakeBackend(settings)
-    backend.embedders["enc"] = ModelServer.func_or_class(settings.model_configs[0])  # the real encoder, no Ray
+    backend.servers["enc"] = ModelServer.func_or_class(settings.model_configs[0])  # the real encoder, no Ray
     return TestClient(create_app(backend, settings), raise_server_exceptions=False), tiny_encoder
 
 
