@@ -35,7 +35,7 @@ from serving.api import access, sse
 from serving.api.calls import Calls
 from serving.api.errors import ApiError, invalid_value
 from serving.api.openai_params import sampling_extras
-from serving.api.openai_responses import Chunk, Usage, usage, wire
+from serving.api.openai_responses import ChatCompletionChunk, Chunk, CompletionChunk, Usage, usage, wire
 from serving.api.openai_schemas import OpenAIRequest
 from settings import ModelConfig, Settings
 
@@ -63,6 +63,7 @@ class OpenAIDialect(ABC, Generic[RequestT]):
     """Schemas, translation and rendering of one OpenAI route."""
 
     id_prefix: ClassVar[str]
+    chunk_type: ClassVar[type[CompletionChunk] | type[ChatCompletionChunk]]  # the route's stream chunk
 
     async def serve(self, body: RequestT, model: ModelConfig, request: Request, calls: Calls) -> Response:
         """The route's whole work: translate, then answer whole or stream, in this route's shapes."""
@@ -117,6 +118,17 @@ class OpenAIDialect(ABC, Generic[RequestT]):
         self, body: RequestT, model: ModelConfig, request: GenerationRequest, started: Started, done: list[Completion]
     ) -> BaseModel: ...
 
+    def _answer_fields(
+        self, model: ModelConfig, request: GenerationRequest, started: Started, done: list[Completion]
+    ) -> dict[str, Any]:
+        """What a whole answer carries beside its choices: its id, time, model and token usage."""
+        return {
+            "id": f"{self.id_prefix}-{request.request_id}",
+            "created": int(time.time()),
+            "model": model.name,
+            "usage": usage(started, sum(c.completion_tokens for c in done)),
+        }
+
     async def stream(
         self, body: RequestT, model: ModelConfig, request: GenerationRequest, items: AsyncIterator[Any]
     ) -> AsyncIterator[str]:
@@ -147,8 +159,8 @@ class OpenAIDialect(ABC, Generic[RequestT]):
     def _delta_choices(self, state: StreamState, delta: Delta) -> Iterable[list[Any]]:
         """The choices lists (one chunk each) for a row's delta."""
 
-    @abstractmethod
-    def _chunk(self, state: StreamState, choices: list[Any], usage: Usage | None = None) -> Chunk: ...
+    def _chunk(self, state: StreamState, choices: list[Any], usage: Usage | None = None) -> Chunk:
+        return self.chunk_type(id=state.id, created=state.created, model=state.model.name, choices=choices, usage=usage)
 
     @staticmethod
     def stream_error(error: ApiError) -> str:

@@ -8,7 +8,6 @@ last chunk with ``finish_reason`` (``tool_calls`` after an auto or required call
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterable, Sequence
 
 from engine.tool_parsers import Extracted
@@ -28,9 +27,7 @@ from serving.api.openai_responses import (
     TokenLogprobOut,
     ToolCallOut,
     TopLogprobOut,
-    Usage,
     finish_reason,
-    usage,
 )
 from serving.api.openai_schemas import ChatCompletionRequest, ChatMessageIn
 from serving.api.openai_tools import StreamedTools, tool_call, tool_plan, tools_json
@@ -95,6 +92,7 @@ def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
 
 class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
     id_prefix = "chatcmpl"
+    chunk_type = ChatCompletionChunk
 
     def _translate(
         self, body: ChatCompletionRequest, model: ModelConfig, settings: Settings, request_id: str
@@ -151,13 +149,7 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
                     finish_reason=reason,  # type: ignore[arg-type]
                 )
             )
-        return ChatCompletionResponse(
-            id=f"{self.id_prefix}-{request.request_id}",
-            created=int(time.time()),
-            model=model.name,
-            choices=choices,
-            usage=usage(started, sum(c.completion_tokens for c in done)),
-        )
+        return ChatCompletionResponse(choices=choices, **self._answer_fields(model, request, started, done))
 
     # --- streaming ---------------------------------------------------------------------------------
     def _open_row(self, state: StreamState, row: int) -> Iterable[list[ChatChunkChoice]]:
@@ -177,11 +169,6 @@ class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
             yield [ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text), logprobs=logprobs)]
         if reason is not None:
             yield [ChatChunkChoice(index=delta.index, delta=DeltaMessage(), finish_reason=reason)]
-
-    def _chunk(self, state: StreamState, choices: list, usage: Usage | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=state.id, created=state.created, model=state.model.name, choices=choices, usage=usage
-        )
 
 
 def _call_out(call: ToolCall) -> ToolCallOut:

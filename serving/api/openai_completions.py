@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,9 +15,7 @@ from serving.api.openai_responses import (
     CompletionChunk,
     CompletionLogprobs,
     CompletionResponse,
-    Usage,
     finish_reason,
-    usage,
 )
 from serving.api.openai_schemas import CompletionRequest
 from serving.api.params import check_limits, sampling_params
@@ -80,6 +77,7 @@ def prompt_entries(started: Started | None, request: GenerationRequest, row: int
 
 class CompletionsDialect(OpenAIDialect[CompletionRequest]):
     id_prefix = "cmpl"
+    chunk_type = CompletionChunk
 
     def _translate(
         self, body: CompletionRequest, model: ModelConfig, settings: Settings, request_id: str
@@ -123,13 +121,7 @@ class CompletionsDialect(OpenAIDialect[CompletionRequest]):
                     finish_reason=completion.finish_reason,  # type: ignore[arg-type]
                 )
             )
-        return CompletionResponse(
-            id=f"{self.id_prefix}-{request.request_id}",
-            created=int(time.time()),
-            model=model.name,
-            choices=choices,
-            usage=usage(started, sum(c.completion_tokens for c in done)),
-        )
+        return CompletionResponse(choices=choices, **self._answer_fields(model, request, started, done))
 
     def _logprobs(
         self, request: GenerationRequest, started: Started | None, row: int, generated: Sequence[TokenLogprob]
@@ -160,9 +152,6 @@ class CompletionsDialect(OpenAIDialect[CompletionRequest]):
         state.rows[delta.index] = state.rows.get(delta.index, 0) + len(delta.text)
         reason = finish_reason(delta)
         yield [CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs, finish_reason=reason)]
-
-    def _chunk(self, state: StreamState, choices: list, usage: Usage | None = None) -> CompletionChunk:
-        return CompletionChunk(id=state.id, created=state.created, model=state.model.name, choices=choices, usage=usage)
 
 
 COMPLETIONS = CompletionsDialect()

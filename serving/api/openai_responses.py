@@ -26,6 +26,15 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class _Envelope(BaseModel):
+    """What every answer and stream chunk begins with; each one fixes its ``object`` and adds its choices."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+
+
 # --- /v1/completions ------------------------------------------------------------------------------
 
 
@@ -43,22 +52,14 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(_Envelope):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage
 
 
-class CompletionChunk(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
+class CompletionChunk(CompletionResponse):
+    usage: Usage | None = None  # the usage chunk's only
 
 
 # --- /v1/chat/completions -------------------------------------------------------------------------
@@ -102,11 +103,8 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Envelope):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -142,13 +140,10 @@ class ChatChunkChoice(BaseModel):
         return delta.model_dump(exclude_none=True)
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
+    usage: Usage | None = None  # the usage chunk's only
 
 
 Chunk = CompletionChunk | ChatCompletionChunk
