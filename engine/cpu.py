@@ -9,6 +9,8 @@ bfloat16 is emulated and slower than float32, so auto stays float32.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,21 +158,33 @@ def pack_linears(model: Any, rows_hint: int) -> dict[str, Any]:
     return {"packed_linears": packed, "packed_extra_bytes": extra}
 
 
-def prepare_cpu_model(model: Any, split: bool, rows_hint: int) -> dict[str, Any]:
-    """Everything the engine changes in a CPU model after loading it (``split``: offloaded, leave its layers).
+def prepare_cpu_model(model: Any, split: bool, rows_hint: int) -> tuple[dict[str, Any], Callable[[], None] | None]:
+    """What the engine changes in a CPU model after loading it (``split``: offloaded, leave its layers).
 
     The fused activation always; on one CPU, ``engine.attention``'s implementation (its bfloat16
-    decode step, and a packed prefill that attends prompt by prompt), then either prepacked
-    bfloat16 layers or, in float32, the faster output head. Returns facts for the report.
+    decode step, and a packed prefill that attends prompt by prompt), and either prepacked
+    bfloat16 layers or, in float32, the faster output head. Returns facts for the report and the
+    packing, when there is one, for the engine to run once its first batch is done: reordering
+    every weight costs about as long as reading them twice, which a wake from zero would pay
+    before its first answer; packed layers compute exactly what the plain ones do (bfloat16
+    products through the same oneDNN kernels), so answers do not change when they swap in.
+    (float32 is not packed: there oneDNN's packed kernel rounds a row differently with the number
+    of rows beside it, and a row's answer must not depend on its neighbours.)
     """
     from engine.attention import use_decode_attention
 
     fuse_activations(model)
     if split or model.device.type != "cpu":
-        return {}
+        return {}, None
     facts: dict[str, Any] = {"attention": use_decode_attention(model)}
-    if can_pack(model) and getattr(model.config, "quantization_config", None) is None:
-        facts.update(pack_linears(model, rows_hint))
-    else:
+    if not can_pack(model) or getattr(model.config, "quantization_config", None) is not None:
         use_cpu_head(model)
-    return facts
+        return facts, None
+    facts["packing"] = "after the first batch"
+
+    def pack() -> None:
+        started = time.monotonic()
+        done = pack_linears(model, rows_hint)
+        logger.info("packed %s for oneDNN in %.2fs", done, time.monotonic() - started)
+
+    return facts, pack

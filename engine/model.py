@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +31,7 @@ from engine.sampling import BatchState, Row, RowSampler, RowStopper
 from engine.scoring import check_token_prompts
 from engine.timing import PhaseTimer
 from engine.types import ChatMessage, Completion, Delta, SamplingParams, collect
-from engine.work import OnStep, Poll, WorkItem
+from engine.work import OnStep, Poll, WorkItem, emit
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ class TextGenerator:
         self.continuous = config.continuous_batching and supports(model)
         # Kept between batches: a request to an idle engine reuses the buffers (engine.kvcache).
         self.slots = new_cache(model) if self.continuous else None
+        self.after_first_batch: Callable[[], None] | None = None  # one-off work once a first batch is done
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
@@ -173,8 +174,10 @@ class TextGenerator:
         engine = cls(model, tokenizer, config)
         with timer.phase("warmup"):
             timer.facts.update(touch_weights(model))
-            timer.facts.update(prepare_cpu_model(model, placed.device_map is not None, config.max_batch_size))
+            cpu_facts, pack = prepare_cpu_model(model, placed.device_map is not None, config.max_batch_size)
+            timer.facts.update(cpu_facts)
             engine.warm_up()
+        engine.after_first_batch = pack  # after the first real batch: a wake does not wait for it
         logger.info(
             "loaded model=%s class=%s placement=%s dtype=%s (%s) threads=%s context=%s batching=%s phases=%s",
             config.model_id,
@@ -291,6 +294,9 @@ class TextGenerator:
                 self._run_continuous(list(items), on_step, poll, max_batch_size or len(items))
             else:
                 self._run_static(list(items), on_step)
+            work, self.after_first_batch = self.after_first_batch, None
+            if work is not None:  # engine.cpu's weight packing: its answers have gone out already
+                work()
         except Exception:
             # The failed batch's tensors are gone; give their device memory back before the next one.
             if self.device.type == "cuda":
@@ -320,14 +326,14 @@ class TextGenerator:
         pending = items
         while True:
             if pending:
-                _emit(on_step, batch.admit([self._row(item) for item in pending]))
+                emit(on_step, batch.admit([self._row(item) for item in pending]))
             dropped = batch.drop_cancelled()
             free = max_batch_size - len(batch.rows)
             pending = list(poll(free, batch.shape())) if poll is not None and free > 0 else []
             if batch.rows:
-                _emit(on_step, dropped + batch.step())
+                emit(on_step, dropped + batch.step())
             else:
-                _emit(on_step, dropped)
+                emit(on_step, dropped)
                 if not pending:
                     return
 
@@ -348,7 +354,7 @@ class TextGenerator:
         )
         # Rows still open when generate() ended ran out of room (the model's own length limit).
         leftover = [(row.item, _end(row)) for row in rows if row.finish_reason is None]
-        _emit(on_step, leftover)
+        emit(on_step, leftover)
 
     def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         # Decoder-only models continue from the last position, so pad on the left; an encoder
@@ -383,11 +389,6 @@ def _base_generation_config(model: Any, pad_id: int) -> GenerationConfig:
     if config.eos_token_id is None and model.config.eos_token_id is not None:
         config.eos_token_id = model.config.eos_token_id
     return config
-
-
-def _emit(on_step: OnStep, events: list[tuple[WorkItem, Delta]]) -> None:
-    if events:
-        on_step(events)
 
 
 def _end(row: Row) -> Delta:

@@ -46,3 +46,9 @@ OnStep = Callable[[list[tuple[WorkItem, Delta]]], None]
 Poll = Callable[..., Sequence[WorkItem]]
 # run_batch(items, on_step, poll, max_batch_size): the engine's run().
 RunBatch = Callable[[Sequence[WorkItem], OnStep, Poll | None, int], None]
+
+
+def emit(on_step: OnStep, events: list[tuple[WorkItem, Delta]]) -> None:
+    """Pass a step's events on, unless it made none."""
+    if events:
+        on_step(events)

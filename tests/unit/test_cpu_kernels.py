@@ -107,13 +107,16 @@ def test_bfloat16_engine_answers_as_the_models_own_generate(
     path = tiny_causal if kind == "gpt2" else _tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
     engine = TextGenerator.load(EngineConfig(model_id=str(path), dtype="bfloat16", num_threads=1))
     assert engine.model.config._attn_implementation == NAME
-    assert not any(type(m) in (torch.nn.Linear, Conv1D) for m in engine.model.modules())  # all packed
     tokenizer = AutoTokenizer.from_pretrained(path)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").eval()
     prompts = ["def add(a, b):", "import os", "Return the number of"]
     params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
     ids = engine.encode(prompts, params)
-    answers = engine.generate(ids, params)  # the three rows decode in one batch
+    assert any(type(m) in (torch.nn.Linear, Conv1D) for m in engine.model.modules())  # packed after a first batch
+    first = engine.generate(ids, params)  # the three rows decode in one batch
+    assert not any(type(m) in (torch.nn.Linear, Conv1D) for m in engine.model.modules())  # all packed now
+    answers = engine.generate(ids, params)
+    assert answers == first  # packed layers compute what the plain ones did
     for prompt_ids, answer in zip(ids, answers, strict=True):
         with torch.inference_mode():
             out = reference.generate(
@@ -127,7 +130,8 @@ def test_a_float32_model_keeps_its_plain_layers(tiny_causal: Path) -> None:
     engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), dtype="float32", num_threads=1))
     assert engine.model.config._attn_implementation == NAME  # its steps are SDPA's, its prefill prompt by prompt
     assert not any(type(m) is PackedLinear for m in engine.model.modules())
-    assert prepare_cpu_model(engine.model, split=True, rows_hint=4) == {}  # an offloaded model is left alone
+    assert engine.after_first_batch is None  # nothing to pack
+    assert prepare_cpu_model(engine.model, split=True, rows_hint=4) == ({}, None)  # an offloaded model is left alone
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
