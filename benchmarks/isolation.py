@@ -1,7 +1,7 @@
 """Isolation under sharing: an authorised client's latency alone, beside a keyless 1 MB flood, beside maximal
 log-probability requests; the Gateway's and the model replica's memory during each.
 
-One service (API key set, the embedded model's shape: a tiny GPT-2 of 512 positions), three phases side by
+One service (API key set, a tiny GPT-2 of 512 positions: 2 layers of width 32), three phases side by
 side in one run:
 
 - ``alone``: one authorised client sends short completions (4 tokens) back to back;

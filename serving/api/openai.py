@@ -17,6 +17,7 @@ then ``data: [DONE]``; a failure after the start is an error event). The route's
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -70,8 +71,18 @@ class OpenAIDialect(ABC, Generic[RequestT]):
         call = self.translate(body, model, calls.settings, access.of(request).request_id)
         if not body.stream:
             started, done, headers = await calls.unary(request, model, call, "openai")
-            answer = self.response(body, model, call, started, done)
-            return JSONResponse(answer.model_dump(mode="json"), headers=headers)
+
+            def render() -> JSONResponse:
+                return JSONResponse(
+                    self.response(body, model, call, started, done).model_dump(mode="json"), headers=headers
+                )
+
+            if call.params.logprobs is None and call.params.prompt_logprobs is None:
+                return render()
+            # An answer with log-probabilities can hold tens of thousands of entries (n x tokens x alternatives):
+            # built and serialised here it would hold the Gateway's event loop, which serves every other
+            # request, for hundreds of milliseconds. On a worker thread the loop keeps its turns.
+            return await asyncio.to_thread(render)
         items = await calls.stream(request, model, call, "openai")  # ApiError (a status) until the model takes it
 
         async def events() -> AsyncIterator[str]:
