@@ -181,6 +181,9 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs (threads) for the system under test")
     parser.add_argument("--unary", action="store_true", help="also time this service's non-streamed requests")
     parser.add_argument("--name", default="peer_vllm")
+    parser.add_argument(
+        "--setting", action="append", default=[], metavar="NAME=VALUE", help="a setting for this service (repeatable)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.install:
@@ -198,7 +201,7 @@ def main() -> None:
                 log = Path(tempfile.gettempdir()) / f"{args.name}_vllm_{dtype}.log"  # outside the repository
                 server = vllm_server(args.venv, model, dtype, args.cpus, log)
             else:
-                server = service(model, dtype, args.cpus)
+                server = service(model, dtype, args.cpus, dict(s.split("=", 1) for s in args.setting))
             with server as (url, served, ready_s):
                 results[name] = {"ready_s": round(ready_s, 1), "load_before": os.getloadavg()}
                 results[name]["stream"] = load(url, served, args.clients, args.seconds, args.new_tokens, True)

@@ -95,14 +95,15 @@ def use_cpu_head(model: Any) -> None:
 
 
 class PackedLinear(torch.nn.Module):
-    """A linear layer whose bfloat16 weight oneDNN has reordered once, at load, into its own blocked layout.
+    """A linear layer whose weight oneDNN has reordered once, after load, into its own blocked layout.
 
     ``nn.Linear`` and GPT-2's ``Conv1D`` hand oneDNN a plain row-major weight at every call, which
     it reads at about half the memory bandwidth its prepacked layout gets: on this project's CPU
     (AVX512-BF16, one thread) a GPT-2-small decode step's matrix products take 17 ms packed
-    against 30 ms plain at 16 rows, and the vocabulary head 7 ms against 13 ms. Same products, same
-    oneDNN kernels underneath: results equal ``F.linear`` in bfloat16 (checked in the tests).
-    Torch's own compiler packs weights the same way (inductor's ``freezing``).
+    against 30 ms plain at 16 rows, and the vocabulary head 7 ms against 13 ms; float32 layers
+    gain about 1.6x at 16 rows. In bfloat16 results equal ``F.linear``'s (the same oneDNN kernels);
+    float32's differ from MKL's in rounding. Torch's own compiler packs weights the same way
+    (inductor's ``freezing``).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int) -> None:
@@ -120,21 +121,21 @@ class PackedLinear(torch.nn.Module):
 
 
 def can_pack(model: Any) -> bool:
-    """Whether :func:`pack_linears` applies: a bfloat16 model on a CPU with native bfloat16 and oneDNN."""
-    return (
-        model.dtype == torch.bfloat16
-        and model.device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and bool(cpu_flags() & set(NATIVE_BF16_FLAGS))
+    """Whether :func:`pack_linears` applies: a CPU model in float32, or in bfloat16 where the CPU has it natively."""
+    if model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return model.dtype == torch.float32 or (
+        model.dtype == torch.bfloat16 and bool(cpu_flags() & set(NATIVE_BF16_FLAGS))
     )
 
 
 def pack_linears(model: Any, rows_hint: int) -> dict[str, Any]:
-    """Replace the model's bfloat16 linear layers (and ``Conv1D``) by :class:`PackedLinear`; facts for the report.
+    """Replace the model's linear layers (and ``Conv1D``) by :class:`PackedLinear`; facts for the report.
 
-    Quantized or non-bfloat16 weights are left alone. A layer's original weight is freed with it,
-    except an output head tied to the input embeddings (the embedding lookup still needs the plain
-    matrix): its packed copy costs the head's bytes once more, which the facts state.
+    Quantized weights, and weights neither float32 nor bfloat16, are left alone. A layer's original
+    weight is freed with it, except an output head tied to the input embeddings (the embedding
+    lookup still needs the plain matrix): its packed copy costs the head's bytes once more, which
+    the facts state.
     """
     from transformers.pytorch_utils import Conv1D
 
@@ -143,7 +144,7 @@ def pack_linears(model: Any, rows_hint: int) -> dict[str, Any]:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             weight = getattr(child, "weight", None)
-            if type(weight) is not torch.nn.Parameter or weight.dtype != torch.bfloat16:
+            if type(weight) is not torch.nn.Parameter or weight.dtype not in (torch.bfloat16, torch.float32):
                 continue
             if type(child) in (torch.nn.Linear, CpuHead):
                 matrix = weight
@@ -162,14 +163,14 @@ def prepare_cpu_model(model: Any, split: bool, rows_hint: int) -> tuple[dict[str
     """What the engine changes in a CPU model after loading it (``split``: offloaded, leave its layers).
 
     The fused activation always; on one CPU, ``engine.attention``'s implementation (its bfloat16
-    decode step, and a packed prefill that attends prompt by prompt), and either prepacked
-    bfloat16 layers or, in float32, the faster output head. Returns facts for the report and the
+    decode step, and a packed prefill that attends prompt by prompt), and prepacked layers (or,
+    where oneDNN cannot pack them, the faster output head). Returns facts for the report and the
     packing, when there is one, for the engine to run once its first batch is done: reordering
     every weight costs about as long as reading them twice, which a wake from zero would pay
-    before its first answer; packed layers compute exactly what the plain ones do (bfloat16
-    products through the same oneDNN kernels), so answers do not change when they swap in.
-    (float32 is not packed: there oneDNN's packed kernel rounds a row differently with the number
-    of rows beside it, and a row's answer must not depend on its neighbours.)
+    before its first answer. In bfloat16 packed layers compute exactly what the plain ones do (the
+    same oneDNN kernels); in float32 they round differently from MKL's products (about 1e-6
+    relative) and depend less on the rows beside them (MKL's, with two threads, change with every
+    row count; tests/unit/test_cpu_kernels.py).
     """
     from engine.attention import use_decode_attention
 

@@ -126,11 +126,15 @@ def test_bfloat16_engine_answers_as_the_models_own_generate(
         assert answer.text == tokenizer.decode(out[0, len(prompt_ids) :]), prompt_ids
 
 
-def test_a_float32_model_keeps_its_plain_layers(tiny_causal: Path) -> None:
+def test_a_float32_model_is_packed_after_its_first_batch_and_answers_alike(tiny_causal: Path) -> None:
     engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), dtype="float32", num_threads=1))
     assert engine.model.config._attn_implementation == NAME  # its steps are SDPA's, its prefill prompt by prompt
     assert not any(type(m) is PackedLinear for m in engine.model.modules())
-    assert engine.after_first_batch is None  # nothing to pack
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    ids = engine.encode(["def add(a, b):", "import os"], params)
+    first = engine.generate(ids, params)
+    assert any(type(m) is PackedLinear for m in engine.model.modules())
+    assert engine.generate(ids, params) == first
     assert prepare_cpu_model(engine.model, split=True, rows_hint=4) == ({}, None)  # an offloaded model is left alone
 
 
@@ -145,3 +149,20 @@ def test_a_rows_answer_does_not_depend_on_the_prompts_packed_beside_it(dtype: st
     # Prefilled in one packed pass with a long prompt after and before them, then decoded together.
     together = engine.generate([ids[0], long, ids[1], long], [greedy, other, greedy, other])
     assert [together[0], together[2]] == alone
+
+
+def test_packed_float32_rows_do_not_depend_on_how_many_rows_run_beside_them() -> None:
+    torch.manual_seed(2)
+    layers = [PackedLinear(torch.randn(o, i), torch.randn(o), rows_hint=16) for i, o in ((768, 2304), (3072, 768))]
+    for layer in layers:
+        x = torch.randn(16, layer.in_features)
+        together = layer(x)
+        for rows in (2, 5, 9):
+            assert torch.equal(layer(x[:rows]), together[:rows])
+        torch.testing.assert_close(together, x @ layer_weight(layer).t() + layer.bias, rtol=1e-4, atol=1e-3)
+
+
+def layer_weight(layer: PackedLinear) -> torch.Tensor:
+    """The plain weight back from oneDNN's packed one (the product with the identity)."""
+    eye = torch.eye(layer.in_features)
+    return (torch.ops.mkldnn._linear_pointwise(eye, layer.packed, None, "none", [], "")).t()

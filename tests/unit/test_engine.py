@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import cpu as engine_cpu
 from engine.cpu import CpuHead
 from engine.errors import PromptTooLongError
 from engine.model import EngineConfig, TextGenerator
@@ -356,7 +357,10 @@ def test_cpu_head_computes_what_linear_computes(shape: tuple[int, ...], bias: bo
     torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_engine_uses_the_cpu_head_on_the_tied_weights(causal: TextGenerator) -> None:
-    head = causal.model.get_output_embeddings()
+def test_a_cpu_engine_that_cannot_pack_uses_the_cpu_head_on_the_tied_weights(tiny_causal: Path, monkeypatch) -> None:
+    monkeypatch.setattr(engine_cpu, "can_pack", lambda model: False)  # e.g. a torch built without oneDNN
+    engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1, dtype="float32"))
+    assert engine.after_first_batch is None
+    head = engine.model.get_output_embeddings()
     assert type(head) is CpuHead
-    assert head.weight is causal.model.get_input_embeddings().weight  # still tied, no copy
+    assert head.weight is engine.model.get_input_embeddings().weight  # still tied, no copy
