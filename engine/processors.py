@@ -97,6 +97,7 @@ class RowProcessors:
         self._always_barred = torch.tensor(barred, dtype=torch.long) if barred else None
         self.matcher = matcher
         self.generated = 0
+        self.held: torch.Tensor | None = None  # the logits min_tokens barred at this step
         self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
         if params.logit_bias:
             ids, values = zip(*params.logit_bias, strict=True)
@@ -111,8 +112,11 @@ class RowProcessors:
             logits.index_add_(0, ids.to(logits.device), values.to(logits.device, logits.dtype))
         if self._always_barred is not None:
             logits[self._always_barred.to(logits.device)] = float("-inf")
+        self.held = None
         if self.generated < params.min_tokens and len(self._barred):
-            logits[self._barred.to(logits.device)] = float("-inf")
+            barred = self._barred.to(logits.device)
+            self.held = logits[barred].clone()  # given back if a grammar leaves nothing else (apply_row_processors)
+            logits[barred] = float("-inf")
         if params.min_p > 0 and not params.greedy:
             # p >= min_p * p_max after temperature  <=>  logit >= max_logit + T * ln(min_p)
             floor = logits.max() + params.temperature * math.log(params.min_p)
@@ -148,3 +152,9 @@ def apply_row_processors(logits: torch.Tensor, rows: Sequence[Any]) -> None:
     xgrammar.apply_token_bitmask_inplace(target, bitmask.to(logits.device), indices=constrained)
     if target is not logits:
         logits.copy_(target)
+    for i in constrained:
+        processors = rows[i].processors
+        if processors.held is not None and bool(torch.isneginf(logits[i]).all()):
+            # The grammar can only end here, before min_tokens were made: it wins, and the row ends
+            # with a complete answer rather than with no token left to choose.
+            logits[i][processors._barred.to(logits.device)] = processors.held

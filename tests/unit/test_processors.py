@@ -179,3 +179,29 @@ def test_token_id_prompts_answer_as_their_text(engine: TextGenerator) -> None:
     assert engine.generate(engine.encode_ids([prompt], params), params) == engine.generate([prompt], params)
     with pytest.raises(InvalidFieldError, match="outside this model's vocabulary"):
         engine.encode_ids([[1, 10**6]], params)
+
+
+def test_a_grammar_that_can_only_end_wins_over_min_tokens(engine: TextGenerator) -> None:
+    [out] = engine.generate([ids(engine)], [constrained("choice", '["yes"]', min_tokens=10)])
+    assert out.text == "yes" and out.finish_reason == "stop" and out.completion_tokens < 10
+
+
+def test_min_tokens_gives_the_end_back_when_the_grammar_allows_nothing_else() -> None:
+    from types import SimpleNamespace
+
+    from engine.processors import RowProcessors, apply_row_processors
+
+    class OnlyTheEnd:  # a grammar that is complete: only token 5 (the end) may follow
+        def is_terminated(self) -> bool:
+            return False
+
+        def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+            bitmask[index] = 0
+            bitmask[index, 0] = 1 << 5
+
+    processors = RowProcessors(SamplingParams(max_new_tokens=8, min_tokens=3), [5], OnlyTheEnd())
+    rows = [SimpleNamespace(processors=processors)]
+    logits = torch.randn(1, 64)
+    end = float(logits[0, 5])
+    apply_row_processors(logits, rows)
+    assert logits[0, 5] == end and torch.isneginf(torch.cat([logits[0, :5], logits[0, 6:]])).all()
