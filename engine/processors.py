@@ -143,10 +143,11 @@ def apply_row_processors(logits: torch.Tensor, rows: Sequence[Any]) -> None:
     import xgrammar
 
     bitmask = xgrammar.allocate_token_bitmask(len(rows), logits.shape[-1])
-    for i in constrained:
-        matcher = rows[i].processors.matcher
-        if not matcher.is_terminated():
-            matcher.fill_next_token_bitmask(bitmask, i)
+    live = [i for i in constrained if not rows[i].processors.matcher.is_terminated()]
+    if live:  # one call for the batch's rows, spread over the step's threads (the model waits meanwhile)
+        _batch_matcher(xgrammar).batch_fill_next_token_bitmask(
+            [rows[i].processors.matcher for i in live], bitmask, indices=live
+        )
     # The kernel walks memory as if rows were contiguous; a decode step's logits are a strided view.
     target = logits if logits.is_contiguous() else logits.contiguous()
     xgrammar.apply_token_bitmask_inplace(target, bitmask.to(logits.device), indices=constrained)
@@ -158,3 +159,14 @@ def apply_row_processors(logits: torch.Tensor, rows: Sequence[Any]) -> None:
             # The grammar can only end here, before min_tokens were made: it wins, and the row ends
             # with a complete answer rather than with no token left to choose.
             logits[i][processors._barred.to(logits.device)] = processors.held
+
+
+_BATCH_MATCHERS: dict[int, Any] = {}
+
+
+def _batch_matcher(xgrammar: Any) -> Any:
+    """xgrammar's batch filler with as many threads as torch uses (made once per thread count)."""
+    threads = max(1, torch.get_num_threads())
+    if threads not in _BATCH_MATCHERS:
+        _BATCH_MATCHERS[threads] = xgrammar.BatchGrammarMatcher(max_threads=threads)
+    return _BATCH_MATCHERS[threads]

@@ -186,10 +186,18 @@ def test_a_grammar_that_can_only_end_wins_over_min_tokens(engine: TextGenerator)
     assert out.text == "yes" and out.finish_reason == "stop" and out.completion_tokens < 10
 
 
-def test_min_tokens_gives_the_end_back_when_the_grammar_allows_nothing_else() -> None:
+def test_min_tokens_gives_the_end_back_when_the_grammar_allows_nothing_else(monkeypatch) -> None:
     from types import SimpleNamespace
 
+    from engine import processors as module
     from engine.processors import RowProcessors, apply_row_processors
+
+    class Batch:  # xgrammar's batch filler, for matchers that are not xgrammar's own
+        def batch_fill_next_token_bitmask(self, matchers, bitmask, indices) -> None:
+            for matcher, index in zip(matchers, indices, strict=True):
+                matcher.fill_next_token_bitmask(bitmask, index)
+
+    monkeypatch.setattr(module, "_batch_matcher", lambda xgrammar: Batch())
 
     class OnlyTheEnd:  # a grammar that is complete: only token 5 (the end) may follow
         def is_terminated(self) -> bool:
