@@ -83,7 +83,7 @@ class ContinuousBatch:
         self.eos_ids = torch.tensor(sorted(self.eos), dtype=torch.long)  # on the CPU, as the tokens are
         self.texts = texts
         # Prefill needs logits at each row's last position only, not vocab x prompt length.
-        self._prefill_kwargs = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
+        self._keeps_logits = _takes(model, "logits_to_keep")
         self._passes_kwargs = any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values()
         )
@@ -151,14 +151,14 @@ class ContinuousBatch:
         mask = keep if not self._additive_mask else _additive(keep, self.model.dtype)
         ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
         prefill = DynamicCache(config=self.model.config)
-        kwargs: dict[str, Any] = {"logits_to_keep": ends} if self._prefill_kwargs else {}
+        kwargs: dict[str, Any] = {"logits_to_keep": ends} if self._keeps_logits else {}
         if self._passes_kwargs:  # the prompts' bounds, for engine.attention to attend prompt by prompt
             kwargs["cu_seq_lens_q"] = torch.cat([ends.new_zeros(1), ends + 1])
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=prefill, use_cache=True,
             **kwargs,
         )  # fmt: skip
-        logits = (out.logits[0] if "logits_to_keep" in kwargs else out.logits[0, ends]).float()
+        logits = (out.logits[0] if self._keeps_logits else out.logits[0, ends]).float()
         return logits, [(prefill, int(end) - n + 1, n) for end, n in zip(ends.tolist(), lengths, strict=True)]
 
     # --- decoding ----------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from engine.attention import use_decode_attention
+
 logger = logging.getLogger(__name__)
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -172,8 +174,6 @@ def prepare_cpu_model(model: Any, split: bool, rows_hint: int) -> tuple[dict[str
     relative) and depend less on the rows beside them (MKL's, with two threads, change with every
     row count; tests/unit/test_cpu_kernels.py).
     """
-    from engine.attention import use_decode_attention
-
     fuse_activations(model)
     if split or model.device.type != "cpu":
         return {}, None
