@@ -21,6 +21,32 @@ from tests.browser import network_events
 
 API_KEY = "page-test-key"
 
+# The last answer on the page as a dict (``Page.answer``), as a JS function ``lastAnswer()``.
+ANSWER_JS = """
+function lastAnswer() {
+  const all = document.querySelectorAll('.transcript:not([hidden]) .bubble.assistant');
+  const a = all[all.length - 1];
+  if (!a) return null;
+  const body = a.querySelector('.answer');
+  const echo = body.querySelector('.echo');
+  const wake = a.querySelector('.wake');
+  return {
+    count: all.length,
+    text: body.textContent.slice(echo ? echo.textContent.length : 0),
+    pending: a.classList.contains('pending'),
+    classes: a.className,
+    stats: a.querySelector('.stats').textContent,
+    error: (a.querySelector('.error') || {}).textContent || null,
+    countdown: (a.querySelector('.countdown') || {}).textContent || null,
+    wakeShown: !wake.hidden,
+    wakeTitle: (wake.querySelector('h4') || {}).textContent || null,
+    wakeDone: wake.classList.contains('done'),
+    phasesDone: [...wake.querySelectorAll('li.done')].map(li => li.dataset.phase),
+    phaseCurrent: (wake.querySelector('li.current') || {dataset: {}}).dataset.phase || null,
+  };
+}
+"""
+
 
 @dataclass
 class Target:
@@ -154,30 +180,28 @@ class Page:
 
     def answer(self) -> dict[str, Any]:
         """The last answer: its text, classes, stats line, error and wake-up panel."""
-        return self.js(
-            """
-            const all = document.querySelectorAll('.transcript:not([hidden]) .bubble.assistant');
-            const a = all[all.length - 1];
-            if (!a) return null;
-            const body = a.querySelector('.answer');
-            const echo = body.querySelector('.echo');
-            const wake = a.querySelector('.wake');
-            return {
-              count: all.length,
-              text: body.textContent.slice(echo ? echo.textContent.length : 0),
-              pending: a.classList.contains('pending'),
-              classes: a.className,
-              stats: a.querySelector('.stats').textContent,
-              error: (a.querySelector('.error') || {}).textContent || null,
-              countdown: (a.querySelector('.countdown') || {}).textContent || null,
-              wakeShown: !wake.hidden,
-              wakeTitle: (wake.querySelector('h4') || {}).textContent || null,
-              wakeDone: wake.classList.contains('done'),
-              phasesDone: [...wake.querySelectorAll('li.done')].map(li => li.dataset.phase),
-              phaseCurrent: (wake.querySelector('li.current') || {dataset: {}}).dataset.phase || null,
-            };
+        return self.js(f"{ANSWER_JS}; return lastAnswer();")
+
+    def record_answers(self) -> None:
+        """Record, inside the page, the last answer as it is after every change to the transcript.
+
+        A state the page shows for less than a look from here takes (a poll of the page every 50 ms
+        through the driver) is kept all the same: a test reads the whole sequence afterwards.
+        """
+        self.js(
+            f"""
+            {ANSWER_JS};
+            window.__answers = [];
+            const log = document.querySelector('.transcript:not([hidden])');
+            new MutationObserver(() => {{
+              const a = lastAnswer();
+              if (a) window.__answers.push(a);
+            }}).observe(log, {{subtree: true, childList: true, characterData: true, attributes: true}});
             """
         )
+
+    def recorded_answers(self) -> list[dict[str, Any]]:
+        return self.js("return window.__answers")
 
     def finished(self, timeout: float = 60) -> dict[str, Any]:
         return self.wait(lambda: (a := self.answer()) and not a["pending"] and a, timeout, "the answer to finish")
