@@ -11,7 +11,26 @@ from fastapi.testclient import TestClient
 
 from serving.page import STATIC_DIR, mount_page
 
-PAGE_FILES = ("index.html", "app.js", "answer.js", "errors.js", "sse.js", "wake.js", "style.css")
+SCRIPTS = (
+    "app.js",
+    "page.js",
+    "apikey.js",
+    "models.js",
+    "sampling.js",
+    "transcript.js",
+    "status.js",
+    "send.js",
+    "answer.js",
+    "errors.js",
+    "sse.js",
+    "wake.js",
+)
+PAGE_FILES = ("index.html", *SCRIPTS, "style.css")
+
+
+def all_scripts() -> str:
+    """Every script of the page, one after another: a rule about the page's requests holds across its modules."""
+    return "\n".join((STATIC_DIR / name).read_text() for name in SCRIPTS)
 
 
 @pytest.fixture
@@ -27,7 +46,7 @@ def test_page_and_its_files_are_served(client: TestClient) -> None:
     assert page.headers["content-type"] == "text/html; charset=utf-8"
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
-    for name, kind in (("app.js", "javascript"), ("sse.js", "javascript"), ("style.css", "text/css")):
+    for name, kind in (*((script, "javascript") for script in SCRIPTS), ("style.css", "text/css")):
         response = client.get(f"/static/{name}")
         assert response.status_code == 200, name
         assert kind in response.headers["content-type"], (name, response.headers["content-type"])
@@ -80,10 +99,10 @@ def test_page_uses_relative_urls_only() -> None:
     html = (STATIC_DIR / "index.html").read_text()
     for attribute in re.findall(r'(?:src|href)="([^"]*)"', html):
         assert not attribute.startswith("/"), f"index.html refers to {attribute!r} from the root: use a relative URL"
-    script = (STATIC_DIR / "app.js").read_text()
-    routes = re.search(r"const ROUTES = \{(.*?)\};", script, re.S)
-    assert routes, "app.js keeps its routes in ROUTES"
-    paths = re.findall(r'"([^"]+)"', routes.group(1))
+    script = all_scripts()
+    routes = re.findall(r"const ROUTES = \{(.*?)\};", script, re.S)
+    assert len(routes) == 1, "the page keeps its routes in one ROUTES"
+    paths = re.findall(r'"([^"]+)"', routes[0])
     assert sorted(paths) == ["healthz", "v1/chat/completions", "v1/completions", "v1/models"], paths
     fetched = re.findall(r"fetch\(([^,]+),", script)
     assert fetched == ["url(ROUTES.models)", "url(ROUTES.health)", "url(chat ? ROUTES.chat : ROUTES.completions)"]
@@ -91,7 +110,7 @@ def test_page_uses_relative_urls_only() -> None:
 
 
 def test_api_key_is_kept_in_session_storage_only() -> None:
-    script = (STATIC_DIR / "app.js").read_text()
+    script = all_scripts()
     assert "localStorage" not in script
     assert "sessionStorage.setItem(KEY_STORAGE" in script
     assert "location" not in script.replace("document.baseURI", ""), "the page must not put anything in the address"
