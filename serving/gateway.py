@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serving.app import create_app
 from serving.pool.client import PoolBackend
+from serving.transport import warn_if_proxy_by_reference
 from settings import Settings
 
 logger = logging.getLogger("ray.serve")
@@ -33,6 +34,7 @@ class Gateway:
 
     def __init__(self, pool: DeploymentHandle, settings: Settings) -> None:
         check_http_address(settings)
+        warn_if_proxy_by_reference()
         if not settings.api_keys:
             logger.warning("no API_KEY or API_KEYS_FILE set: /generate and /v1 are open to anyone who can reach them")
         self._app = create_app(PoolBackend(pool, settings), settings)

@@ -39,6 +39,7 @@ from engine.tokenization import DetokenizeRequest, TokenizeRequest, TokenizeResu
 from engine.types import Completion, GenerationRequest, Started, StreamItem
 from serving.models import ModelState, ModelStatus, resolve_model
 from serving.pool.errors import ModelUnavailableError, PoolError, TooManyWaitersError, UnknownModelError
+from serving.transport import MODEL_HANDLE_OPTIONS
 from settings import ModelConfig, Settings
 
 logger = logging.getLogger("ray.serve")
@@ -139,16 +140,20 @@ class PoolClient:
         # has its own router, and Serve counts MAX_QUEUED_REQUESTS per router, so a second handle would
         # let a second queue's worth wait for a model that has no replica yet.
         if app not in self._handles:
-            if deployment is None:  # not seen by the pool yet (just loaded): ask Serve for the ingress
-                made = asyncio.to_thread(serve.get_app_handle, app)
-            else:  # the model's application has this one deployment
-                made = asyncio.to_thread(serve.get_deployment_handle, deployment, app)
-            self._handles[app] = asyncio.ensure_future(made)
+            self._handles[app] = asyncio.ensure_future(_model_handle(app, deployment))
         try:
             return await asyncio.shield(self._handles[app])  # a caller that leaves does not cancel the others'
         except Exception:
             self._handles.pop(app, None)  # Serve did not know the application (yet): the next request asks again
             raise
+
+
+async def _model_handle(app: str, deployment: str | None) -> DeploymentHandle:
+    if deployment is None:  # not seen by the pool yet (just loaded): ask Serve for the ingress
+        handle = await asyncio.to_thread(serve.get_app_handle, app)
+    else:  # the model's application has this one deployment
+        handle = await asyncio.to_thread(serve.get_deployment_handle, deployment, app)
+    return handle.options(**MODEL_HANDLE_OPTIONS)  # tokens over Serve's gRPC channel (serving.transport)
 
 
 class PoolBackend:

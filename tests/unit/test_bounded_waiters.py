@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -96,10 +97,18 @@ async def test_requests_arriving_together_share_one_handle_so_serve_counts_one_q
     made: list[tuple[str, str]] = []
     lookup = threading.Event()
 
-    def get_deployment_handle(deployment: str, app: str) -> str:
+    @dataclass(frozen=True)
+    class Handle:
+        name: str
+        options_set: tuple = ()
+
+        def options(self, **options: object) -> Handle:
+            return Handle(self.name, (*self.options_set, *sorted(options.items())))
+
+    def get_deployment_handle(deployment: str, app: str) -> Handle:
         lookup.wait(5)  # Serve's controller answers slowly: the other requests arrive meanwhile
         made.append((deployment, app))
-        return f"handle {len(made)}"
+        return Handle(f"handle {len(made)}")
 
     monkeypatch.setattr(module.serve, "get_deployment_handle", get_deployment_handle)
     controller = Controller()
@@ -108,5 +117,6 @@ async def test_requests_arriving_together_share_one_handle_so_serve_counts_one_q
     waiting = [asyncio.create_task(client.acquire("big", timeout_s=5)) for _ in range(8)]
     await asyncio.sleep(0.05)
     lookup.set()
-    assert await asyncio.gather(*waiting) == ["handle 1"] * 8
+    # One handle, asking for Serve's gRPC transport (serving.transport), for all eight.
+    assert await asyncio.gather(*waiting) == [Handle("handle 1", (("_by_reference", False),))] * 8
     assert made == [("big", "big")]
