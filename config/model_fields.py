@@ -175,6 +175,15 @@ class ModelFields(BaseModel):
         "meanwhile leave joined, in one message (fewer messages per token, coarser inter-token latency). "
         "0: every message carries what is ready when it is read.",
     )
+    stream_messages_per_s: float = Field(
+        default=100.0,
+        ge=0,
+        le=100000,
+        description="Messages a model replica sends per second for all its streams together, about: with S "
+        "streams open each sends at most S / this a second, joining the tokens made in between (one stream "
+        "alone: a message each 1 / this s at most, so every token where steps take longer). Bounds the CPU "
+        "that streaming takes from the engine under load; 0: no bound (one message per stream per step).",
+    )
     engine_stall_timeout_s: float = Field(
         default=120.0,
         gt=0,

@@ -48,7 +48,7 @@ class RequestStream:
     """
 
     def __init__(
-        self, batcher: Batcher, key: int, items: list[WorkItem], request_id: str = "", interval_s: float = 0.0
+        self, batcher: Batcher, key: int, items: list[WorkItem], request_id: str = "", streamed: bool = True
     ) -> None:
         self.key = key
         self.items = items
@@ -63,8 +63,9 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.token_gaps: list[float] = []
         self._row_token_at: dict[int, float] = {}
-        # At most one read per interval_s after the first (0: every read takes what is pending at once).
-        self._interval_s = interval_s
+        # A streamed request's reads leave the replica as messages: they are spaced by the batcher's
+        # read interval (Batcher.read_interval_s). A whole answer's reads go nowhere and are never held.
+        self.streamed = streamed
         self._read_at: float | None = None
 
     @property
@@ -86,19 +87,23 @@ class RequestStream:
                 raise StopAsyncIteration
             self._wake.clear()
             await self._wake.wait()
-        if self._interval_s > 0:
+        if self.streamed:
             await self._hold()
         deltas = tuple(self._pending.values())
         self._pending.clear()
         return deltas
 
     async def _hold(self) -> None:
-        """Until ``interval_s`` has passed since the last read (the first read is never held), so that the
+        """Until the read interval has passed since the last read (the first read is never held), so that the
         steps made meanwhile leave joined, in one message; the request's end or a failure is not held."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._read_at is not None:
-            while self._open_rows and self._error is None and (left := self._read_at + self._interval_s - now) > 0:
+            while (
+                self._open_rows
+                and self._error is None
+                and (left := self._read_at + self._batcher.read_interval_s() - now) > 0
+            ):
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), left)
@@ -157,9 +162,14 @@ class Batcher:
         wait_timeout_s: float,
         budget: TokenBudget | None = None,
         stream_interval_s: float = 0.0,
+        stream_messages_per_s: float = 0.0,
     ) -> None:
         self._run_batch = run_batch
-        self.stream_interval_s = stream_interval_s  # each stream's least time between reads (RequestStream)
+        # Streamed requests' reads (RequestStream): each stream at most one read per stream_interval_s, and all
+        # together about stream_messages_per_s (0: no bound), so that streaming costs a bounded share of the CPU.
+        self.stream_interval_s = stream_interval_s
+        self.stream_messages_per_s = stream_messages_per_s
+        self._streamed = 0  # open streams whose reads leave as messages
         self.max_batch_size = max_batch_size
         self.wait_timeout_s = wait_timeout_s
         self.budget = budget or TokenBudget(None)  # which queued rows fit the running batch (engine.admission)
@@ -181,9 +191,17 @@ class Batcher:
 
     # --- requests --------------------------------------------------------------------------
     def open(
-        self, prompt_ids: Sequence[list[int]], params: Sequence[SamplingParams], request_id: str = ""
+        self,
+        prompt_ids: Sequence[list[int]],
+        params: Sequence[SamplingParams],
+        request_id: str = "",
+        streamed: bool = True,
     ) -> RequestStream:
-        """Queue one request's rows (row ``i``: ``prompt_ids[i]`` with ``params[i]``); read the stream."""
+        """Queue one request's rows (row ``i``: ``prompt_ids[i]`` with ``params[i]``); read the stream.
+
+        ``streamed``: its reads leave the replica one message each (spaced by :meth:`read_interval_s`);
+        False for an answer collected whole in the replica, whose reads are never held.
+        """
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._arrived = asyncio.Event()
@@ -194,8 +212,9 @@ class Batcher:
             WorkItem(stream=key, row=row, prompt_ids=ids, params=p)
             for row, (ids, p) in enumerate(zip(prompt_ids, params, strict=True))
         ]
-        stream = RequestStream(self, key, items, request_id, self.stream_interval_s)
+        stream = RequestStream(self, key, items, request_id, streamed)
         self._streams[key] = stream
+        self._streamed += streamed
         with self._lock:
             self._queue.extend(items)
         assert self._arrived is not None
@@ -223,14 +242,34 @@ class Batcher:
             "rows_running": self.rows_running,
             "items_queued": len(self._queue),
             "streams_open": len(self._streams),
+            "stream_read_interval_s": round(self.read_interval_s(), 4),
             "rows_cancelled": self.rows_cancelled,
             "tokens_generated": self.tokens_generated,
             "budget_waits": self.budget_waits,
         }
 
+    def read_interval_s(self) -> float:
+        """Least time between two reads of one streamed request, now.
+
+        The streams share ``stream_messages_per_s``: with S of them open each reads at most S / budget
+        times a second (at least ``stream_interval_s`` apart). One stream alone reads at every step;
+        under load each message carries the several steps made since its stream's last read.
+
+        >>> b = Batcher(lambda *a: None, max_batch_size=8, wait_timeout_s=0, stream_messages_per_s=100)
+        >>> b._streamed = 16
+        >>> b.read_interval_s()
+        0.16
+        >>> b.stream_messages_per_s = 0  # no budget: only the fixed interval (0 by default)
+        >>> b.read_interval_s()
+        0.0
+        """
+        spread = self._streamed / self.stream_messages_per_s if self.stream_messages_per_s > 0 else 0.0
+        return max(self.stream_interval_s, spread)
+
     def _close(self, stream: RequestStream) -> None:
         if self._streams.pop(stream.key, None) is None:
             return
+        self._streamed -= stream.streamed
         with self._lock:
             unfinished = [item for item in stream.items if not item.finished]
             for item in unfinished:

@@ -171,6 +171,7 @@ class ModelServer:
                 config.batch_wait_timeout_s,
                 budget=TokenBudget(config.max_batch_tokens),
                 stream_interval_s=config.stream_interval_s,
+                stream_messages_per_s=config.stream_messages_per_s,
             )
             self._sampler = metrics.BatchSampler(self._name, self._batcher.stats)
         self._stall_timeout_s = config.engine_stall_timeout_s
@@ -193,7 +194,12 @@ class ModelServer:
 
         The request is validated and encoded first: PromptTooLongError and ChatTemplateError are
         raised before anything is yielded. Stopping the stream early cancels the request's rows.
+        Under load each tuple joins the steps made since the last (STREAM_MESSAGES_PER_S).
         """
+        async for item in self._answer(request, streamed=True):
+            yield item
+
+    async def _answer(self, request: GenerationRequest, streamed: bool) -> AsyncIterator[StreamItem]:
         if self._task == "embed":
             raise InvalidFieldError(f"model {self._name!r} is an embedding model; it serves /v1/embeddings", "model")
         arrived = time.monotonic()
@@ -207,7 +213,9 @@ class ModelServer:
             metrics.request_finished(self._name, 0, {"length": request.rows})
             return
         rows = request.row_inputs(prompt_ids)  # row p * n + c: choice c of prompt p
-        stream = self._batcher.open([ids for ids, _ in rows], [params for _, params in rows], request.request_id)
+        stream = self._batcher.open(
+            [ids for ids, _ in rows], [params for _, params in rows], request.request_id, streamed=streamed
+        )
         started: Started | None = None
         generated, reasons = 0, Counter[str]()
         try:
@@ -244,7 +252,7 @@ class ModelServer:
         begun = time.monotonic()
         started: Started | None = None
         deltas: list[Delta] = []
-        async for item in self.stream(request):
+        async for item in self._answer(request, streamed=False):
             if isinstance(item, Started):
                 started = item
             else:

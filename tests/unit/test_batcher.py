@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from engine.batcher import Batcher
+from engine.batcher import Batcher, RequestStream
 from engine.types import Delta, SamplingParams, collect
 from engine.work import OnStep, Poll, WorkItem
 from testing.polling import wait_for_async
@@ -324,4 +324,31 @@ async def test_a_stream_interval_holds_neither_the_first_token_nor_the_end() -> 
     assert time.monotonic() - began < 0.9  # neither read waited for the 1 s interval
     assert len(received) <= 2 and received[-1][-1].finish_reason == "length"  # the end came with the rest
     assert "".join(d.text for ds in received for d in ds) == "333"
+    await batcher.close()
+
+
+async def test_streams_share_a_message_budget() -> None:
+    """STREAM_MESSAGES_PER_S: with S streams open each reads at most S / budget times a second."""
+    engine = FakeEngine(join=True, step_s=0.002)
+    batcher = Batcher(engine, max_batch_size=8, wait_timeout_s=0.0, stream_messages_per_s=1000)
+    # One stream, 1 / 1000 s between reads: shorter than a step, so every step leaves as its own message.
+    alone = [deltas async for deltas in batcher.open([[3]], [params(20)])]
+    assert len(alone) == 20
+    batcher.stream_messages_per_s = 40
+    streams = [batcher.open([[4 + i]], [params(100)]) for i in range(4)]
+    assert batcher.read_interval_s() == 0.1
+
+    async def read(stream: RequestStream) -> list[tuple[Delta, ...]]:
+        return [deltas async for deltas in stream]
+
+    together = await asyncio.gather(*(read(s) for s in streams))
+    # Four streams of 100 steps of 2 ms or more: each read at most every 4 / 40 = 0.1 s, not every step.
+    assert all(len(messages) <= 100 * 0.002 / 0.1 + 5 for messages in together), [len(m) for m in together]
+    for i, messages in enumerate(together):
+        assert "".join(d.text for ds in messages for d in ds) == str(4 + i) * 100
+    assert batcher.read_interval_s() == 0.0  # every stream has closed
+    # A whole answer (collected in the replica) is never held and takes no share.
+    whole = batcher.open([[8]], [params(50)], streamed=False)
+    assert batcher.read_interval_s() == 0.0
+    assert len([deltas async for deltas in whole]) > 10
     await batcher.close()

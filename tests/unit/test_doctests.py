@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "engine.types",
     "engine.work",
+    "engine.batcher",
     "engine.detokenize",
     "engine.timing",
     "engine.placement",
@@ -19,6 +20,7 @@ MODULES = [
     "serving.api.access",
     "serving.api.errors",
     "serving.models",
+    "serving.transport",
     "config.schedule",
     "config.model",
     "testing.polling",
