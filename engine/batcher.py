@@ -97,13 +97,9 @@ class RequestStream:
         """Until the read interval has passed since the last read (the first read is never held), so that the
         steps made meanwhile leave joined, in one message; the request's end or a failure is not held."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now, interval = loop.time(), self._batcher.read_interval_s()
         if self._read_at is not None:
-            while (
-                self._open_rows
-                and self._error is None
-                and (left := self._read_at + self._batcher.read_interval_s() - now) > 0
-            ):
+            while self._open_rows and self._error is None and (left := self._read_at + interval - now) > 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), left)
@@ -254,14 +250,6 @@ class Batcher:
         The streams share ``stream_messages_per_s``: with S of them open each reads at most S / budget
         times a second (at least ``stream_interval_s`` apart). One stream alone reads at every step;
         under load each message carries the several steps made since its stream's last read.
-
-        >>> b = Batcher(lambda *a: None, max_batch_size=8, wait_timeout_s=0, stream_messages_per_s=100)
-        >>> b._streamed = 16
-        >>> b.read_interval_s()
-        0.16
-        >>> b.stream_messages_per_s = 0  # no budget: only the fixed interval (0 by default)
-        >>> b.read_interval_s()
-        0.0
         """
         spread = self._streamed / self.stream_messages_per_s if self.stream_messages_per_s > 0 else 0.0
         return max(self.stream_interval_s, spread)

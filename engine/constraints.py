@@ -8,7 +8,7 @@ the answer is compact JSON, and a model cannot spend its tokens on spaces inside
 
 Example::
 
-    grammars = GrammarCache(tokenizer, vocab_size=model.config.vocab_size, eos_ids=[0])
+    grammars = GrammarCache(tokenizer_info(tokenizer, vocab_size=model.config.vocab_size, eos_ids=[0]))
     compiled = grammars.get(Constraint("json_schema", '{"type": "object"}'))   # ConstraintError if refused
     matcher = grammars.matcher(compiled)
 """
@@ -63,24 +63,23 @@ def refusal_reason(exc: BaseException) -> str:
     return _CPP_PREFIX.sub("", text)
 
 
+def tokenizer_info(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -> Any:
+    """What xgrammar needs of a model's vocabulary (``xgrammar.TokenizerInfo``): its tokens' texts and ends."""
+    import xgrammar as xgr
+
+    return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(eos_ids))
+
+
 class GrammarCache:
     """Compiles constraints for one tokenizer, keeping the most recent ``CACHE_SIZE`` of them.
 
     ``on_compile(seconds, cached)`` hears of every lookup (the metric of compile times).
     """
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        vocab_size: int,
-        eos_ids: Sequence[int],
-        on_compile: Callable[[float, bool], None] | None = None,
-    ) -> None:
+    def __init__(self, info: Any, on_compile: Callable[[float, bool], None] | None = None) -> None:
         import xgrammar as xgr
 
         self._xgr = xgr
-        self.vocab_size = vocab_size
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(eos_ids))
         # One thread: compiles run in the replica beside decoding, on a few cores.
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[tuple, Any] = OrderedDict()

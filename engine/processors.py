@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from engine.constraints import GrammarCache
+from engine.constraints import GrammarCache, tokenizer_info
 from engine.errors import InvalidFieldError
 from engine.types import SamplingParams
 
@@ -54,7 +54,8 @@ class LogitsRules:
     @property
     def grammars(self) -> GrammarCache:
         if self._grammars is None:
-            self._grammars = GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids, self._compiled)
+            info = tokenizer_info(self.tokenizer, self.vocab_size, self.eos_ids)
+            self._grammars = GrammarCache(info, self._compiled)
         return self._grammars
 
     def _compiled(self, seconds: float, cached: bool) -> None:

@@ -10,7 +10,6 @@ import pytest
 MODULES = [
     "engine.types",
     "engine.work",
-    "engine.batcher",
     "engine.detokenize",
     "engine.timing",
     "engine.placement",
