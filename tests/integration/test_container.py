@@ -39,6 +39,14 @@ def _namespaces_work() -> str:
     return "" if probe.returncode == 0 else probe.stderr.strip() or f"exit {probe.returncode}"
 
 
+def _default_signals() -> None:
+    """Every signal at its default, as a container's first process starts. A shell's background job
+    (``cmd &`` without job control) ignores SIGINT, the ignore is inherited, and a Python started so
+    never turns SIGINT into KeyboardInterrupt: `serve run` would not stop on the image's STOPSIGNAL."""
+    for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+
+
 @pytest.fixture
 def root() -> Iterator[Path]:
     """A scratch folder with a short path (Ray's socket paths must stay short)."""
@@ -91,6 +99,7 @@ def test_the_image_command_serves_the_embedded_model(root: Path) -> None:
     server = subprocess.Popen(
         ["unshare", "--net", "--", "sh", "-c", start, "sh", *command],
         cwd=app, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_default_signals,
     )  # fmt: skip
     inside = ["nsenter", f"--net=/proc/{server.pid}/ns/net", "--"]
 
