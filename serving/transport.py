@@ -10,7 +10,7 @@ two hops then cost the Gateway and the proxy about 40% less CPU per streamed req
 - Serve's proxy reads ``RAY_SERVE_PROXY_USE_GRPC`` from its own environment, the environment of the
   node's raylet: it must be set where Ray starts. ``prefer_grpc_proxy`` sets it (unless the operator
   set it) in a process about to start a local Ray instance (``serve run``, the tests, the benchmarks);
-  the container image and the KubeRay manifest set it for ``ray start``.
+  the container image sets it for ``ray start`` (the KubeRay manifest's pods run that image).
 """
 
 from __future__ import annotations
