@@ -100,9 +100,15 @@ class RequestStream:
         now, interval = loop.time(), self._batcher.read_interval_s()
         if self._read_at is not None:
             while self._open_rows and self._error is None and (left := self._read_at + interval - now) > 0:
+                # A timer sets the event, not asyncio.wait_for: before Python 3.12, wait_for returns the
+                # result and drops a cancellation that comes in the same loop turn as the wake (a delivery),
+                # and the request of a reader that left would go on generating for nobody.
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), left)
+                timer = loop.call_later(left, self._wake.set)
+                try:
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
                 now = loop.time()
         self._read_at = now
 

@@ -352,3 +352,24 @@ async def test_streams_share_a_message_budget() -> None:
     assert batcher.read_interval_s() == 0.0
     assert len([deltas async for deltas in whole]) > 10
     await batcher.close()
+
+
+async def test_a_reader_that_leaves_while_its_read_is_held_is_cancelled() -> None:
+    # The cancel and a delivery that wakes the held read come in the same loop turn: the reader is
+    # cancelled all the same (Python 3.11's asyncio.wait_for returned the read's result and dropped it).
+    release = threading.Event()
+    batcher = Batcher(lambda *_: release.wait(), max_batch_size=4, wait_timeout_s=0.0, stream_interval_s=5.0)
+    stream = batcher.open([[3]], [params(100)])
+    stream._deliver(Delta(0, "a", 1), time.monotonic())
+    assert [d.text for d in await stream.__anext__()] == ["a"]  # the first read is never held
+    stream._deliver(Delta(0, "b", 1), time.monotonic())
+    reader = asyncio.create_task(stream.__anext__())
+    await until(lambda: stream._wake._waiters)  # the read is held for the 5 s interval
+    stream._deliver(Delta(0, "c", 1), time.monotonic())  # wakes the held read...
+    reader.cancel()  # ...and its reader goes away in the same turn
+    done, _ = await asyncio.wait({reader}, timeout=2)
+    assert reader in done and reader.cancelled()
+    stream.close()
+    assert batcher.stats()["rows_cancelled"] == 1
+    release.set()
+    await batcher.close()
