@@ -176,6 +176,7 @@ class ModelServer:
             self._sampler = metrics.BatchSampler(self._name, self._batcher.stats)
         self._stall_timeout_s = config.engine_stall_timeout_s
         self._requests = 0
+        self._ended = Counter[str]()  # generation requests by how their stream ended: completed, left, failed
         self._replica = _replica_id()
         ready = time.time()
         self._cold_start: dict[str, Any] | None = {
@@ -218,6 +219,7 @@ class ModelServer:
         )
         started: Started | None = None
         generated, reasons = 0, Counter[str]()
+        ended = "failed"
         try:
             async for deltas in stream:
                 if started is None:
@@ -232,12 +234,17 @@ class ModelServer:
                     logger.info("cold start phases: %s", report)
                     self._first_generation_done(report)
                 yield deltas
+            ended = "completed"
+        except (asyncio.CancelledError, GeneratorExit):
+            ended = "left"  # the reader went away: cancelled, or the stream closed early
+            raise
         except Exception as exc:
             # Serve's request context names the request; the id is passed too, for any other context.
             logger.warning("request %s failed: %r", request.request_id, exc, extra={"request_id": request.request_id})
             raise
         finally:
             stream.close()  # a reader that went away (disconnect, cancel) frees its rows
+            self._ended[ended] += 1
             reasons["cancelled"] += request.rows - sum(reasons.values())
             metrics.request_finished(self._name, generated, reasons)
             first = stream.first_token_at
@@ -312,9 +319,11 @@ class ModelServer:
 
     async def stats(self) -> dict[str, Any]:
         """This replica's counters: batches, rows running and cancelled, queue, open streams, tokens,
-        requests received, and the asyncio tasks alive on its event loop (``tasks``: this call's own included)."""
+        requests received and how those that reached the engine ended (``ended``: completed, left, failed),
+        and the asyncio tasks alive on its event loop (``tasks``: this call's own included)."""
         counters = self._embeddings.stats() if self._task == "embed" else self._batcher.stats()
-        return {**counters, "requests": self._requests, "tasks": len(asyncio.all_tasks())}
+        ended = dict(self._ended)
+        return {**counters, "requests": self._requests, "ended": ended, "tasks": len(asyncio.all_tasks())}
 
     def _encode(self, request: GenerationRequest) -> list[list[int]]:
         self._engine.rules.check(request.params)  # logit bias ids, grammar compiled (cached) before queueing
