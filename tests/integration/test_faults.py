@@ -5,17 +5,19 @@
   not after REQUEST_TIMEOUT_S; Serve starts a new replica and the service answers again.
 - Clients that disconnect mid-request, streamed or not, leave nothing behind in the replica: no row
   running, nothing queued, no open stream, no extra asyncio task (polled until so, with a deadline
-  shorter than the abandoned requests would take to finish).
+  shorter than the abandoned requests would take to finish). The whole answers' clients leave once
+  every request is in the replica, so that each one's end there is known: cancelled, and no other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 
 import httpx
 import pytest
@@ -118,24 +120,43 @@ def test_a_flood_of_clients_that_leave_leaves_nothing_behind(service: Service) -
     assert answer.status_code == 200, answer.text
     wait_for(lambda: stats()["rows_running"] == 0, timeout=60, what="an idle replica")
     before = stats()
-    clients = 24
+    clients = 24  # half stream and leave after a few lines, half wait for a whole answer and are cut off
+    url = f"{service.url}/v1/completions"
 
-    def leave_early(i: int) -> None:
-        stream = i % 2 == 1
-        try:
-            with httpx.Client(timeout=httpx.Timeout(60, read=1.0 + (i % 4) * 0.3)) as client:
-                if stream:
-                    with client.stream("POST", f"{service.url}/v1/completions", json=long_body(True)) as response:
-                        for n, _ in enumerate(response.iter_lines()):
-                            if n == 3 + i % 5:
-                                break  # the client closes the connection mid-stream
-                else:
-                    client.post(f"{service.url}/v1/completions", json=long_body(False))
-        except httpx.ReadTimeout:
-            pass  # the whole answer was not worth the wait: the connection is dropped
+    async def streamed(i: int) -> None:
+        async with (
+            httpx.AsyncClient(timeout=120) as client,
+            client.stream("POST", url, json=long_body(True)) as response,
+        ):
+            assert response.status_code == 200, await response.aread()
+            lines = 0
+            async for _ in response.aiter_lines():
+                lines += 1
+                if lines == 3 + i % 5:
+                    return  # the client closes the connection mid-stream
 
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(leave_early, range(clients)))  # returns once every client has gone
+    async def whole() -> None:
+        async with httpx.AsyncClient(timeout=120) as client:
+            response = await client.post(url, json=long_body(False))
+            raise AssertionError(f"a whole answer of {LONG} tokens came before its client left: {response.text[:200]}")
+
+    def all_reached() -> bool:
+        return stats()["requests"] - before["requests"] >= clients
+
+    async def flood() -> None:
+        streams = [asyncio.create_task(streamed(i)) for i in range(0, clients, 2)]
+        wholes = [asyncio.create_task(whole()) for _ in range(1, clients, 2)]
+        # The whole answers' clients leave once every request is in the replica (each a row running or
+        # queued), one after another, so that some leave while the streams they held back are starting.
+        await asyncio.to_thread(wait_for, all_reached, 120, 0.1, "every request to reach the replica")
+        for task in wholes:
+            task.cancel()  # the connection closes: the client is gone
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*streams)
+        await asyncio.gather(*wholes, return_exceptions=True)
+        assert all(task.cancelled() for task in wholes), [task.exception() for task in wholes if not task.cancelled()]
+
+    asyncio.run(flood())
     gone = time.monotonic()
 
     def settled() -> dict | None:
@@ -145,12 +166,13 @@ def test_a_flood_of_clients_that_leave_leaves_nothing_behind(service: Service) -
 
     after = wait_for(settled, timeout=60, interval=0.25, what="the replica to drop every abandoned request")
     print(f"\n{clients} clients gone; the replica was idle {time.monotonic() - gone:.2f}s later: {after}")
-    # Every request that reached the replica (some clients left before theirs did) was cancelled:
-    # one row each, and none ran to its LONG tokens.
-    reached = after["requests"] - before["requests"]
-    assert 0 < reached <= clients
-    assert after["rows_cancelled"] - before["rows_cancelled"] == reached
-    # And none of the requests the Gateway dropped before routing them turns up later.
+    # Every request reached the replica before its client left, and each was cancelled there: one row
+    # each, none ran to its LONG tokens, and none ended any other way.
+    ended = Counter(after["ended"]) - Counter(before["ended"])
+    assert after["requests"] - before["requests"] == clients, (before, after)
+    assert ended == {"left": clients}, (before, after)
+    assert after["rows_cancelled"] - before["rows_cancelled"] == clients, (before, after)
+    # And nothing turns up later.
     quiet_until = time.monotonic() + 3
     while time.monotonic() < quiet_until:
         now = stats()
