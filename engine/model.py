@@ -328,14 +328,13 @@ class TextGenerator:
             if pending:
                 emit(on_step, batch.admit([self._row(item) for item in pending]))
             dropped = batch.drop_cancelled()
+            emit(on_step, dropped + batch.step() if batch.rows else dropped)
+            # Asked after the step, not before it: a request that came during the step is prefilled
+            # next, not one decoding step later, and the rows that ended in it have freed their slots.
             free = max_batch_size - len(batch.rows)
             pending = list(poll(free, batch.shape())) if poll is not None and free > 0 else []
-            if batch.rows:
-                emit(on_step, dropped + batch.step())
-            else:
-                emit(on_step, dropped)
-                if not pending:
-                    return
+            if not batch.rows and not pending:
+                return
 
     def _run_static(self, items: list[WorkItem], on_step: OnStep) -> None:
         input_ids, attention_mask = self._pad([item.prompt_ids for item in items])

@@ -171,6 +171,7 @@ class PoolBackend:
         self._timeout_s = settings.request_timeout_s
         self._configs: dict[str, ModelConfig] = {}
         self._configs_at = -math.inf  # when they were fetched (monotonic)
+        self._configs_lock = asyncio.Lock()
         self._refresh_s = refresh_s
         self._streams: dict[str, DeploymentHandle] = {}
 
@@ -178,16 +179,18 @@ class PoolBackend:
         names = [status.name for status in await self._client.snapshot()]
         # Fetched again for a new name and at most every refresh_s, so that a model reloaded under the
         # same name (new limits, new defaults) is served with its new configuration within one refresh.
-        stale = time.monotonic() - self._configs_at >= self._refresh_s
-        if stale or any(name not in self._configs for name in names):
-            configs = await self._controller.configs.remote()
-            self._configs_at = time.monotonic()
-            self._configs = {}
-            for name, config in configs.items():
-                try:  # validated where written; read back as data, no disk lookups
-                    self._configs[name] = ModelConfig.from_stored(config)
-                except ValueError:  # pydantic's ValidationError: the controller lists it as failed
-                    logger.exception("gateway: the stored configuration of %s does not validate; skipped", name)
+        # One fetch at a time: a burst of requests that finds them stale waits for one controller call.
+        async with self._configs_lock:
+            stale = time.monotonic() - self._configs_at >= self._refresh_s
+            if stale or any(name not in self._configs for name in names):
+                configs = await self._controller.configs.remote()
+                self._configs_at = time.monotonic()
+                self._configs = {}
+                for name, config in configs.items():
+                    try:  # validated where written; read back as data, no disk lookups
+                        self._configs[name] = ModelConfig.from_stored(config)
+                    except ValueError:  # pydantic's ValidationError: the controller lists it as failed
+                        logger.exception("gateway: the stored configuration of %s does not validate; skipped", name)
         return [self._configs[name] for name in names if name in self._configs]
 
     async def resolve(self, requested: str | None) -> ModelConfig:

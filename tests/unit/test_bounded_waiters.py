@@ -1,19 +1,23 @@
 """Requests for an evicted model wait in bounded numbers: past the model's bound, 503 with Retry-After at once,
-and listings never wait behind the waiters."""
+and listings never wait behind the waiters; a burst of requests that finds the models' configurations stale
+waits for one controller call, not one each."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from serving.api.errors import from_exception
 from serving.models import ModelStatus
-from serving.pool.client import PoolClient
+from serving.pool.client import PoolBackend, PoolClient
 from serving.pool.errors import TooManyWaitersError
+from settings import ModelConfig
 
 
 class Method:
@@ -120,3 +124,21 @@ async def test_requests_arriving_together_share_one_handle_so_serve_counts_one_q
     # One handle, asking for Serve's gRPC transport (serving.transport), for all eight.
     assert await asyncio.gather(*waiting) == [Handle("handle 1", (("_by_reference", False),))] * 8
     assert made == [("big", "big")]
+
+
+async def test_a_burst_that_finds_the_configurations_stale_waits_for_one_controller_call() -> None:
+    stored = ModelConfig(name="big", model_id="org/big").model_dump(mode="json")
+    calls = Counter()
+
+    async def snapshot() -> list[ModelStatus]:
+        return [ModelStatus("big", "org/big", "running", admitted=True, app="big", deployment="big")]
+
+    async def configs() -> dict:
+        calls["configs"] += 1
+        await asyncio.sleep(0.05)  # the controller's answer takes a moment: the burst arrives meanwhile
+        return {"big": stored}
+
+    controller = SimpleNamespace(snapshot=Method(snapshot), configs=Method(configs))
+    backend = PoolBackend(controller, SimpleNamespace(retry_after_s=1, request_timeout_s=5), refresh_s=60)  # type: ignore[arg-type]
+    resolved = await asyncio.gather(*(backend.resolve("big") for _ in range(24)))
+    assert {model.name for model in resolved} == {"big"} and calls["configs"] == 1

@@ -259,6 +259,31 @@ def test_joining_respects_max_batch_size(causal: TextGenerator) -> None:
     assert len(completions(events, items)) == 4 and asked and max(asked) <= 2 and asked[0] == 1
 
 
+def test_a_request_that_comes_during_a_step_is_prefilled_right_after_it(causal: TextGenerator) -> None:
+    # The engine asks for new rows after each step: one that came while a step ran gets its first token
+    # from the very next pass (its prefill), not after another step of the rows already decoding.
+    params = SamplingParams(max_new_tokens=8)
+    first, joining = items_for(causal.encode(PROMPTS[:2], params), params)
+    tokens = {first.key: 0, joining.key: 0}
+    seen_at: list[int] = []  # the first row's tokens when the joining row's first token came
+    queue: list[WorkItem] = []
+
+    def on_step(events: list[tuple[WorkItem, Delta]]) -> None:
+        for item, delta in events:
+            if item is joining and tokens[joining.key] == 0:
+                seen_at.append(tokens[first.key])
+            tokens[item.key] += delta.tokens
+        if tokens[first.key] == 2 and not tokens[joining.key]:
+            queue[:] = [joining]  # it arrives during the first decoding step
+
+    def poll(free: int, shape: object = None) -> list[WorkItem]:
+        taken, queue[:] = queue[:], []
+        return taken
+
+    causal.run([first], on_step, poll=poll, max_batch_size=2)
+    assert seen_at == [2] and tokens == {first.key: 8, joining.key: 8}
+
+
 def test_n_choices_with_a_seed_differ_and_each_reproduces_alone(causal: TextGenerator) -> None:
     params = SamplingParams(max_new_tokens=12, temperature=1.5, seed=21)
     request = GenerationRequest("r", params, prompts=(PROMPTS[0], PROMPTS[2]), n=3)
