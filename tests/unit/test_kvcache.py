@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from engine.kvcache import SlotCache
+from engine.kvcache import WIDTH_STEP, SlotCache
 from engine.model import EngineConfig, TextGenerator
 from engine.types import Delta, SamplingParams, collect
 from engine.work import WorkItem
@@ -103,15 +103,34 @@ def test_a_step_writes_one_entry_per_row_at_its_own_position() -> None:
     cache.load(0, prefill, source_row=0, start=1, length=2)  # left-padded prompt of 2 tokens
     cache.load(1, prefill, source_row=1, start=0, length=3)
     mask, positions = cache.begin_step(2, torch.float32, additive=False)
-    assert positions.tolist() == [2, 3] and mask[:, 0, 0].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    # The width is the longest row (4 positions) rounded up to WIDTH_STEP: the rest is masked.
+    assert positions.tolist() == [2, 3] and mask.shape == (2, 1, 1, WIDTH_STEP)
+    assert mask[:, 0, 0].tolist() == [[1, 1, 1] + [0] * (WIDTH_STEP - 3), [1, 1, 1, 1] + [0] * (WIDTH_STEP - 4)]
     new = torch.full((2, 1, 1, 2), 100.0)
     k, _ = cache.update(new, new, 0)
     cache.end_step(2)
-    assert k.shape == (2, 1, 4, 2)
+    assert k.shape == (2, 1, WIDTH_STEP, 2)
     assert k[0, 0, :3].tolist() == [[2, 3], [4, 5], [100, 100]]
-    assert k[1, 0].tolist() == [[6, 7], [8, 9], [10, 11], [100, 100]]
+    assert k[1, 0, :4].tolist() == [[6, 7], [8, 9], [10, 11], [100, 100]]
     cache.move(1, 0)  # the last row fills the hole of a row that left
     assert cache.host_lengths[:2] == [4, 0] and cache.slot_layers[0].keys[0, 0, 3].tolist() == [100, 100]
+
+
+def test_the_attention_width_changes_once_every_width_step_not_every_step() -> None:
+    # oneDNN compiles and keeps a kernel per shape: a width that grew with every token made one per step.
+    prefill = DynamicCache()
+    prefill.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), 0)
+    cache = SlotCache(num_layers=1)
+    cache.reserve(1, 3, like=prefill)
+    cache.load(0, prefill, source_row=0, start=0, length=3)
+    widths = []
+    for _ in range(3 * WIDTH_STEP - 3):
+        mask, _ = cache.begin_step(1, torch.float32, additive=False)
+        cache.update(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), 0)
+        cache.end_step(1)
+        widths.append(mask.shape[-1])
+        assert int(mask.sum()) == cache.host_lengths[0]  # the row's own positions, and only those
+    assert sorted(set(widths)) == [WIDTH_STEP, 2 * WIDTH_STEP, 3 * WIDTH_STEP] and widths == sorted(widths)
 
 
 def test_packed_prefill_groups_hold_their_token_budget() -> None:
