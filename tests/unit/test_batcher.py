@@ -341,9 +341,13 @@ async def test_streams_share_a_message_budget() -> None:
     async def read(stream: RequestStream) -> list[tuple[Delta, ...]]:
         return [deltas async for deltas in stream]
 
+    began = time.monotonic()
     together = await asyncio.gather(*(read(s) for s in streams))
-    # Four streams of 100 steps of 2 ms or more: each read at most every 4 / 40 = 0.1 s, not every step.
-    assert all(len(messages) <= 100 * 0.002 / 0.1 + 5 for messages in together), [len(m) for m in together]
+    took = time.monotonic() - began
+    # Four streams of 100 steps of 2 ms or more: each read at most every 4 / 40 = 0.1 s, not every step
+    # (however long the steps took on a loaded machine: the first read and the end are never held).
+    assert all(len(messages) <= took / 0.1 + 3 for messages in together), (took, [len(m) for m in together])
+    assert all(len(messages) < 50 for messages in together), [len(m) for m in together]
     for i, messages in enumerate(together):
         assert "".join(d.text for ds in messages for d in ds) == str(4 + i) * 100
     assert batcher.read_interval_s() == 0.0  # every stream has closed
