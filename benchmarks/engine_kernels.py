@@ -50,7 +50,7 @@ def main() -> None:
     checkpoint = random_checkpoint("gpt2-small", full_vocab=True)
     config = EngineConfig(model_id=str(checkpoint), num_threads=args.threads, dtype="bfloat16")
     plain, fast = TextGenerator.load(config), TextGenerator.load(config)
-    plain.pack_after_first_batch = None  # never packed
+    plain.after_first_batch = None  # never packed
     plain.model.config._attn_implementation = "sdpa"
     params = SamplingParams(max_new_tokens=400, ignore_eos=True)
     fast.generate([fast.encode(["warm"], params)[0]], SamplingParams(max_new_tokens=1))  # runs the packing

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,78 +131,45 @@ def can_pack(model: Any) -> bool:
     )
 
 
-class Packing:
-    """The model's linear layers (and ``Conv1D``) replaced by :class:`PackedLinear`, one per :meth:`step`.
-
-    The engine runs a step between two decoding steps, or while it has nothing to decode, so a
-    request that arrives meanwhile waits for one layer's reordering, not the whole model's (2.9 s
-    on a 2.8 GB checkpoint). Quantized weights, and weights neither float32 nor bfloat16, are left
-    alone. A layer's original weight is freed with it, except an output head tied to the input
-    embeddings (the embedding lookup still needs the plain matrix): its packed copy costs the
-    head's bytes once more, which :meth:`facts` states.
-    """
-
-    def __init__(self, model: Any, rows_hint: int) -> None:
-        from transformers.pytorch_utils import Conv1D
-
-        self.rows_hint = rows_hint
-        embeddings = model.get_input_embeddings()
-        self._tied = embeddings.weight if embeddings is not None else None
-        self._layers: deque[tuple[torch.nn.Module, str]] = deque()
-        for module in list(model.modules()):
-            for name, child in module.named_children():
-                weight = getattr(child, "weight", None)
-                if type(weight) is not torch.nn.Parameter or weight.dtype not in (torch.bfloat16, torch.float32):
-                    continue
-                if type(child) in (torch.nn.Linear, CpuHead, Conv1D):
-                    self._layers.append((module, name))
-        self.packed = self.extra_bytes = 0
-        self.seconds = 0.0
-
-    @property
-    def done(self) -> bool:
-        return not self._layers
-
-    def step(self) -> None:
-        """Pack the next layer (a no-op once every layer is packed)."""
-        from transformers.pytorch_utils import Conv1D
-
-        if not self._layers:
-            return
-        started = time.monotonic()
-        module, name = self._layers.popleft()
-        child = getattr(module, name)
-        weight = child.weight
-        matrix = weight.t().contiguous() if type(child) is Conv1D else weight  # GPT-2 keeps [in, out]
-        setattr(module, name, PackedLinear(matrix, child.bias, self.rows_hint))
-        self.packed += 1
-        if self._tied is not None and weight is self._tied:
-            self.extra_bytes += weight.numel() * weight.element_size()
-        self.seconds += time.monotonic() - started
-        if not self._layers:
-            logger.info("packed %s for oneDNN in %.2fs of engine time", self.facts(), self.seconds)
-
-    def facts(self) -> dict[str, Any]:
-        return {"packed_linears": self.packed, "packed_extra_bytes": self.extra_bytes}
-
-
 def pack_linears(model: Any, rows_hint: int) -> dict[str, Any]:
-    """Pack every linear layer of ``model`` at once (:class:`Packing`); facts for the report."""
-    packing = Packing(model, rows_hint)
-    while not packing.done:
-        packing.step()
-    return packing.facts()
+    """Replace the model's linear layers (and ``Conv1D``) by :class:`PackedLinear`; facts for the report.
+
+    Quantized weights, and weights neither float32 nor bfloat16, are left alone. A layer's original
+    weight is freed with it, except an output head tied to the input embeddings (the embedding
+    lookup still needs the plain matrix): its packed copy costs the head's bytes once more, which
+    the facts state.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    tied = model.get_input_embeddings().weight if model.get_input_embeddings() is not None else None
+    packed = extra = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            weight = getattr(child, "weight", None)
+            if type(weight) is not torch.nn.Parameter or weight.dtype not in (torch.bfloat16, torch.float32):
+                continue
+            if type(child) in (torch.nn.Linear, CpuHead):
+                matrix = weight
+            elif type(child) is Conv1D:  # GPT-2's layers keep the weight as [in, out]
+                matrix = weight.t().contiguous()
+            else:
+                continue
+            setattr(module, name, PackedLinear(matrix, child.bias, rows_hint))
+            packed += 1
+            if tied is not None and weight is tied:
+                extra += weight.numel() * weight.element_size()
+    return {"packed_linears": packed, "packed_extra_bytes": extra}
 
 
-def prepare_cpu_model(model: Any, split: bool, rows_hint: int) -> tuple[dict[str, Any], Packing | None]:
+def prepare_cpu_model(model: Any, split: bool, rows_hint: int) -> tuple[dict[str, Any], Callable[[], None] | None]:
     """What the engine changes in a CPU model after loading it (``split``: offloaded, leave its layers).
 
     The fused activation always; on one CPU, ``engine.attention``'s implementation (its bfloat16
     decode step, and a packed prefill that attends prompt by prompt), and prepacked layers (or,
     where oneDNN cannot pack them, the faster output head). Returns facts for the report and the
-    :class:`Packing`, when there is one, for the engine to run layer by layer once its first batch
-    is done: reordering every weight costs about as long as reading them twice, which a wake from
-    zero would pay before its first answer. In bfloat16 packed layers compute exactly what the plain ones do (the
+    packing, when there is one, for the engine to run once its first batch is done: reordering
+    every weight costs about as long as reading them twice, which a wake from zero would pay
+    before its first answer. In bfloat16 packed layers compute exactly what the plain ones do (the
     same oneDNN kernels); in float32 they round differently from MKL's products (about 1e-6
     relative) and depend less on the rows beside them (MKL's, with two threads, change with every
     row count; tests/unit/test_cpu_kernels.py).
@@ -214,5 +181,11 @@ def prepare_cpu_model(model: Any, split: bool, rows_hint: int) -> tuple[dict[str
     if not can_pack(model) or getattr(model.config, "quantization_config", None) is not None:
         use_cpu_head(model)
         return facts, None
-    facts["packing"] = "layer by layer, after the first batch"
-    return facts, Packing(model, rows_hint)
+    facts["packing"] = "after the first batch"
+
+    def pack() -> None:
+        started = time.monotonic()
+        done = pack_linears(model, rows_hint)
+        logger.info("packed %s for oneDNN in %.2fs", done, time.monotonic() - started)
+
+    return facts, pack

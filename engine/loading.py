@@ -265,13 +265,3 @@ def weights_facts(model: Any, seconds: float) -> dict[str, Any]:
         "weights_gb_per_s": round(size / seconds / 1e9, 3) if seconds > 0 else None,
         "device": str(next(iter(tensors)).device) if tensors else None,
     }
-
-
-def context_length(model_config: Any, tokenizer: Any) -> int | None:
-    """The longest sequence the model takes, from its config (or its tokenizer's ``model_max_length``)."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(model_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    value = getattr(tokenizer, "model_max_length", None)
-    return value if isinstance(value, int) and 0 < value < 10**7 else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,10 +21,10 @@ from transformers.utils import logging as hf_logging
 
 from engine.chat import encode_chat, render_chat
 from engine.continuous import ContinuousBatch, new_cache, supports
-from engine.cpu import Packing, auto_cpu_dtype, prepare_cpu_model
+from engine.cpu import auto_cpu_dtype, prepare_cpu_model
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import PromptTooLongError
-from engine.loading import context_length, load_weights, placement_facts, touch_weights, weights_facts
+from engine.loading import load_weights, placement_facts, touch_weights, weights_facts
 from engine.logprobs import TokenTexts
 from engine.processors import LogitsRules
 from engine.sampling import BatchState, Row, RowSampler, RowStopper
@@ -133,7 +133,7 @@ class TextGenerator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
             raise ValueError(f"{config.model_id}: the tokenizer has neither a pad nor an EOS token")
-        self.context_length = context_length(model.config, tokenizer)
+        self.context_length = _context_length(model.config, tokenizer)
         self._generation_config = _base_generation_config(model, self.pad_id)
         eos = self._generation_config.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -146,8 +146,7 @@ class TextGenerator:
         self.continuous = config.continuous_batching and supports(model)
         # Kept between batches: a request to an idle engine reuses the buffers (engine.kvcache).
         self.slots = new_cache(model) if self.continuous else None
-        self.pack_after_first_batch: Packing | None = None  # engine.cpu's: a wake does not wait for it
-        self.packing: Packing | None = None  # then one layer at a time, between steps and while idle
+        self.after_first_batch: Callable[[], None] | None = None  # one-off work once a first batch is done
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
@@ -178,7 +177,7 @@ class TextGenerator:
             cpu_facts, pack = prepare_cpu_model(model, placed.device_map is not None, config.max_batch_size)
             timer.facts.update(cpu_facts)
             engine.warm_up()
-        engine.pack_after_first_batch = pack
+        engine.after_first_batch = pack  # after the first real batch: a wake does not wait for it
         logger.info(
             "loaded model=%s class=%s placement=%s dtype=%s (%s) threads=%s context=%s batching=%s phases=%s",
             config.model_id,
@@ -288,21 +287,16 @@ class TextGenerator:
 
         With continuous batching, ``poll(free_slots)`` is asked between steps for more items to
         join (at most ``max_batch_size`` rows decode together), and cancelled items leave at the
-        next step. Each row's last delta carries its finish reason. Once a first batch is done, the
-        weights are packed a layer per step, and while idle until a request comes or all are.
+        next step. Each row's last delta carries its finish reason.
         """
         try:
-            limit = max_batch_size or len(items)
             if self.continuous:
-                self._run_continuous(list(items), on_step, poll, limit)
+                self._run_continuous(list(items), on_step, poll, max_batch_size or len(items))
             else:
                 self._run_static(list(items), on_step)
-            self.packing = self.packing or self.pack_after_first_batch  # its answers have gone out already
-            self.pack_after_first_batch = None
-            while self.packing is not None and not self.packing.done:  # idle: pack until a request comes
-                self.packing.step()
-                if more := (list(poll(limit, None)) if poll is not None and self.continuous else []):
-                    self._run_continuous(more, on_step, poll, limit)
+            work, self.after_first_batch = self.after_first_batch, None
+            if work is not None:  # engine.cpu's weight packing: its answers have gone out already
+                work()
         except Exception:
             # The failed batch's tensors are gone; give their device memory back before the next one.
             if self.device.type == "cuda":
@@ -335,9 +329,8 @@ class TextGenerator:
                 emit(on_step, batch.admit([self._row(item) for item in pending]))
             dropped = batch.drop_cancelled()
             emit(on_step, dropped + batch.step() if batch.rows else dropped)
-            if self.packing is not None:
-                self.packing.step()  # one layer: a joining request waits for no more than that
-            # Asked after the step: a request that came during it is prefilled next, not a step later.
+            # Asked after the step, not before it: a request that came during the step is prefilled
+            # next, not one decoding step later, and the rows that ended in it have freed their slots.
             free = max_batch_size - len(batch.rows)
             pending = list(poll(free, batch.shape())) if poll is not None and free > 0 else []
             if not batch.rows and not pending:
@@ -376,6 +369,15 @@ class TextGenerator:
                 ids[row, width - len(seq) :] = torch.tensor(seq)
                 mask[row, width - len(seq) :] = 1
         return ids.to(self.device), mask.to(self.device)
+
+
+def _context_length(model_config: Any, tokenizer: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**7 else None
 
 
 def _base_generation_config(model: Any, pad_id: int) -> GenerationConfig:

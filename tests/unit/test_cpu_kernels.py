@@ -14,7 +14,6 @@ from engine.attention import NAME, decode_attention
 from engine.cpu import NATIVE_BF16_FLAGS, PackedLinear, cpu_flags, pack_linears, prepare_cpu_model
 from engine.model import EngineConfig, TextGenerator
 from engine.types import SamplingParams
-from engine.work import WorkItem
 from testing.checkpoints import build_tokenizer
 
 native_bf16 = pytest.mark.skipif(
@@ -137,41 +136,6 @@ def test_a_float32_model_is_packed_after_its_first_batch_and_answers_alike(tiny_
     assert any(type(m) is PackedLinear for m in engine.model.modules())
     assert engine.generate(ids, params) == first
     assert prepare_cpu_model(engine.model, split=True, rows_hint=4) == ({}, None)  # an offloaded model is left alone
-
-
-def test_packing_goes_layer_by_layer_and_a_request_that_comes_meanwhile_waits_for_one_layer(
-    tiny_causal: Path,
-) -> None:
-    engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), dtype="float32", num_threads=1))
-    params = SamplingParams(max_new_tokens=4, temperature=0.0)
-    first, joining = (
-        WorkItem(stream=i, row=0, prompt_ids=ids, params=params)
-        for i, ids in enumerate(engine.encode(["def add(a, b):", "import os"], params))
-    )
-
-    def plain() -> int:
-        return sum(type(m) in (torch.nn.Linear, Conv1D) for m in engine.model.modules())
-
-    layers = plain()
-    plain_when_it_came: list[int] = []
-    plain_at_its_first_token: list[int] = []
-
-    def poll(free: int, shape: object = None) -> list[WorkItem]:
-        if engine.packing is None or plain_when_it_came:  # it comes once the first batch is done
-            return []
-        plain_when_it_came.append(plain())
-        return [joining]
-
-    def on_step(events: list) -> None:
-        if any(item is joining and delta.tokens for item, delta in events) and not plain_at_its_first_token:
-            plain_at_its_first_token.append(plain())
-
-    engine.run([first], on_step, poll, max_batch_size=4)
-    # The first batch ran plain; then one layer was packed before the request was asked for, and its
-    # prefill ran right away, on the layers as they were; the rest were packed between its steps.
-    assert layers > 4 and plain_when_it_came == plain_at_its_first_token == [layers - 1]
-    assert plain() == 0 and engine.packing is not None and engine.packing.done
-    assert engine.packing.facts()["packed_linears"] == layers
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
