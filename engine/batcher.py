@@ -58,13 +58,11 @@ class RequestStream:
         self._open_rows = len(items)
         self._wake = asyncio.Event()
         self._error: BaseException | None = None
-        # The engine's timings of this request: when the step that made its first token ended, and the
-        # time between the steps that made each row's consecutive tokens (metrics, streamed or not).
+        # When the step that made its first token ended, and the gaps between each row's tokens' steps.
         self.first_token_at: float | None = None
         self.token_gaps: list[float] = []
         self._row_token_at: dict[int, float] = {}
-        # A streamed request's reads leave the replica as messages: they are spaced by the batcher's
-        # read interval (Batcher.read_interval_s). A whole answer's reads go nowhere and are never held.
+        # A streamed request's reads leave as messages, spaced (Batcher.read_interval_s); a whole one's never.
         self.streamed = streamed
         self._read_at: float | None = None
 
@@ -100,9 +98,7 @@ class RequestStream:
         now, interval = loop.time(), self._batcher.read_interval_s()
         if self._read_at is not None:
             while self._open_rows and self._error is None and (left := self._read_at + interval - now) > 0:
-                # A timer sets the event, not asyncio.wait_for: before Python 3.12, wait_for returns the
-                # result and drops a cancellation that comes in the same loop turn as the wake (a delivery),
-                # and the request of a reader that left would go on generating for nobody.
+                # A timer, not asyncio.wait_for: on Python 3.11 that drops a cancel coming with a wake.
                 self._wake.clear()
                 timer = loop.call_later(left, self._wake.set)
                 try:
@@ -182,7 +178,6 @@ class Batcher:
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        # Counters (read by stats()).
         self.batch_sizes: Counter[int] = Counter()  # rows per engine call -> how many calls
         self.busy_s = 0.0  # time spent generating
         self.rows_running = 0  # taken by the engine, not finished

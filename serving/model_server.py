@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -101,24 +100,9 @@ def embedder() -> EngineLoader:
     from engine.embeddings import Embedder, EmbedderConfig
 
     def load(config: ModelConfig, timer: PhaseTimer) -> Any:
-        embed_config = EmbedderConfig(
-            **_loading_fields(config),
-        )
-        return Embedder.load(embed_config, timer)
+        return Embedder.load(EmbedderConfig(**_loading_fields(config)), timer)
 
     return load
-
-
-def _process_start_time() -> float | None:
-    """Epoch time this process started (Linux), to time the replica process start-up."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rpartition(")")[2].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, StopIteration):
-        return None
 
 
 @serve.deployment(name="ModelServer")
@@ -141,8 +125,7 @@ class ModelServer:
     def __init__(self, config: ModelConfig, pool: str | None = None, engine: EngineLoader | None = None) -> None:
         self._constructed_at = time.time()
         warm = warm_pool.worker_report()  # a warm worker's process started long before this replica
-        process_started = None if warm["warm_worker"] else _process_start_time()
-
+        process_started = None if warm["warm_worker"] else warm_pool.process_started_at()
         self._name = config.name
         self._reporter = PhaseReporter(pool, config.name) if pool else None
         self._report("process_start", round(self._constructed_at - process_started, 4) if process_started else None)
@@ -228,8 +211,7 @@ class ModelServer:
                 generated += sum(d.tokens for d in deltas)
                 reasons.update(d.finish_reason for d in deltas if d.finish_reason is not None)
                 if sum(reasons.values()) == request.rows and started.cold_start is not None:
-                    # Every row has ended: the replica's first request completes its report now, before the
-                    # last deltas go out (a reader may close the stream as soon as it has them).
+                    # Every row has ended: the first request's report is complete before its last deltas go out.
                     report = {**started.cold_start, "first_generation_s": round(time.monotonic() - arrived, 4)}
                     logger.info("cold start phases: %s", report)
                     self._first_generation_done(report)
@@ -322,8 +304,7 @@ class ModelServer:
         requests received and how those that reached the engine ended (``ended``: completed, left, failed),
         and the asyncio tasks alive on its event loop (``tasks``: this call's own included)."""
         counters = self._embeddings.stats() if self._task == "embed" else self._batcher.stats()
-        ended = dict(self._ended)
-        return {**counters, "requests": self._requests, "ended": ended, "tasks": len(asyncio.all_tasks())}
+        return {**counters, "requests": self._requests, "ended": dict(self._ended), "tasks": len(asyncio.all_tasks())}
 
     def _encode(self, request: GenerationRequest) -> list[list[int]]:
         self._engine.rules.check(request.params)  # logit bias ids, grammar compiled (cached) before queueing

@@ -63,7 +63,13 @@ from serving.warm_pool.manager import (
 )
 from serving.warm_pool.plan import NodePool, PoolPlan, elect
 from serving.warm_pool.replica import model_options, pool_status, runtime_env, warm_pids
-from serving.warm_pool.worker import cuda_library_loaded, prepare_worker, replica_answered, worker_report
+from serving.warm_pool.worker import (
+    cuda_library_loaded,
+    prepare_worker,
+    process_started_at,
+    replica_answered,
+    worker_report,
+)
 
 __all__ = [
     "HOOK",
@@ -84,6 +90,7 @@ __all__ = [
     "model_options",
     "pool_status",
     "prepare_worker",
+    "process_started_at",
     "refill_round",
     "replica_answered",
     "run_pool",

@@ -151,6 +151,18 @@ def worker_report() -> dict[str, Any]:
     return {"warm_worker": True, "warm_imports_s": _state["imports_s"]}
 
 
+def process_started_at() -> float | None:
+    """Epoch time this process started (Linux), to time a replica's process start (none in a warm worker)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
 def replica_answered() -> None:
     """The model server calls this once its first answer is out: its warm worker's hold on the
     node's refill ends (nothing happens in a worker that was not warm)."""
