@@ -3,9 +3,9 @@
 ``create_app`` takes the backend as an argument, so the whole HTTP layer runs in tests with a fake
 one; in the service the backend holds a Ray Serve handle per model (``serving.gateway``). Routes
 stay short: a route resolves its model and hands the body to its dialect (``serving.api.native``,
-``serving.api.openai`` with the routes' hooks in ``openai_completions`` / ``openai_chat``), which
-translates, reaches the model through the call driver (``serving.api.calls``: REQUEST_TIMEOUT_S,
-heartbeats while a model wakes) and renders; ``serving.api.errors`` maps every failure.
+``serving.api.openai``: the completions and chat dialects), which translates, reaches the model
+through the call driver (``serving.api.calls``: REQUEST_TIMEOUT_S, heartbeats while a model wakes)
+and renders; ``serving.api.errors`` maps every failure.
 This module must not import torch or transformers: it runs in the light Gateway.
 """
 
@@ -26,8 +26,7 @@ from serving.api.calls import Calls
 from serving.api.errors import install_error_handlers
 from serving.api.gate import HeaderGate, guards
 from serving.api.native_schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
-from serving.api.openai_chat import CHAT
-from serving.api.openai_completions import COMPLETIONS
+from serving.api.openai import CHAT, COMPLETIONS
 from serving.api.openai_embeddings import EmbeddingsRequest, EmbeddingsResponse
 from serving.api.openai_responses import ChatCompletionResponse, CompletionResponse
 from serving.api.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIError

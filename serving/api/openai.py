@@ -6,13 +6,13 @@ the request's way is read from here, downwards::
 
     return await CHAT.serve(body, model, request, calls)    # or COMPLETIONS
 
-``serve`` translates (``translate``: the shared checks, the route's ``_translate`` hook, the
-extras of ``serving.api.openai_params``), reaches the model through the call driver
-(``serving.api.calls``), and renders: the JSON answer (``response``) or the stream
-(``stream``: heartbeats become comments, each row opens (``_open_row``), each delta becomes chunk
-choices (``_delta_choices``), a usage chunk follows when ``stream_options.include_usage`` asks,
-then ``data: [DONE]``; a failure after the start is an error event). The route's hooks
-(``openai_completions.py``, ``openai_chat.py``) call only leaves: schemas, responses, params, tools.
+``serve`` translates (``translate``: the shared checks, the route's ``_translate``, the extras of
+``serving.api.openai_params``), reaches the model through the call driver (``serving.api.calls``),
+and renders: the JSON answer (``response``) or the stream (``stream``: heartbeats become comments,
+each row opens (``_open_row``), each delta becomes chunk choices (``_delta_choices``), a usage
+chunk follows when ``stream_options.include_usage`` asks, then ``data: [DONE]``; a failure after
+the start is an error event). Both routes live in this module; what they call is leaves only:
+schemas, prompts, responses, params, tools.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -31,13 +31,38 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from engine.types import Completion, Delta, GenerationRequest, Started
+from engine.tool_parsers import Extracted
+from engine.types import Completion, Delta, GenerationRequest, Started, TokenLogprob
 from serving.api import access, sse
 from serving.api.calls import Calls
-from serving.api.errors import ApiError, invalid_value
-from serving.api.openai_params import sampling_extras
-from serving.api.openai_responses import ChatCompletionChunk, Chunk, CompletionChunk, Usage, usage, wire
-from serving.api.openai_schemas import OpenAIRequest
+from serving.api.errors import ApiError, invalid_value, unsupported
+from serving.api.openai_params import sampling_extras, sampling_fields
+from serving.api.openai_prompts import chat_messages, completion_prompts
+from serving.api.openai_responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    Chunk,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    Usage,
+    call_out,
+    chat_logprobs,
+    completion_logprobs,
+    echoed,
+    finish_reason,
+    prompt_entries,
+    usage,
+    wire,
+)
+from serving.api.openai_schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from serving.api.openai_tools import StreamedTools, tool_call, tool_plan, tools_json
+from serving.api.params import check_limits, sampling_params
 from settings import ModelConfig, Settings
 
 logger = logging.getLogger("ray.serve")
@@ -182,3 +207,181 @@ class OpenAIDialect(ABC, Generic[RequestT]):
 def from_chunks(chunks: Iterable[Chunk]) -> str:
     """Several chunks as one write (the events of one step leave together)."""
     return "".join(sse.data(wire(chunk)) for chunk in chunks)
+
+
+# --- the two routes ---------------------------------------------------------------------------
+
+
+class CompletionsDialect(OpenAIDialect[CompletionRequest]):
+    """``POST /v1/completions``: text or token-id prompts, ``echo``, legacy logprobs (an echoed prompt's too)."""
+
+    id_prefix = "cmpl"
+    chunk_type = CompletionChunk
+
+    def _translate(
+        self, body: CompletionRequest, model: ModelConfig, settings: Settings, request_id: str
+    ) -> GenerationRequest:
+        prompts, token_prompts = completion_prompts(body.prompt)
+        if body.suffix is not None:
+            raise unsupported("suffix", "insertion (suffix) is not supported; remove it")
+        if body.best_of is not None and body.best_of != body.n:
+            raise unsupported("best_of", f"only best_of == n is supported (got best_of={body.best_of}, n={body.n})")
+        # Token-id prompts count against MAX_PROMPTS_PER_REQUEST here, and MAX_PROMPT_TOKENS in the replica.
+        check_limits(prompts or [""] * len(token_prompts), body.n, settings)
+        params = sampling_params(
+            model,
+            max_new_tokens=body.max_tokens,
+            **sampling_fields(body),
+            logprobs=body.logprobs,
+        )
+        if body.echo and body.logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
+        return GenerationRequest(request_id, params, prompts=prompts, n=body.n, token_prompts=token_prompts)
+
+    def response(
+        self,
+        body: CompletionRequest,
+        model: ModelConfig,
+        request: GenerationRequest,
+        started: Started,
+        done: list[Completion],
+    ) -> CompletionResponse:
+        choices = []
+        for row, completion in enumerate(done):
+            prefix = echoed(request, started, row) if body.echo else ""
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = self._logprobs(request, started, row, completion.logprobs)
+            choices.append(
+                CompletionChoice(
+                    index=row,
+                    text=prefix + completion.text,
+                    logprobs=logprobs,
+                    finish_reason=completion.finish_reason,  # type: ignore[arg-type]
+                )
+            )
+        return CompletionResponse(choices=choices, **self._answer_fields(model, request, started, done))
+
+    def _logprobs(
+        self, request: GenerationRequest, started: Started | None, row: int, generated: Sequence[TokenLogprob]
+    ) -> CompletionLogprobs:
+        """A row's legacy logprobs: the echoed prompt's tokens first (with echo), then the generated ones."""
+        prompt = prompt_entries(started, request, row)
+        return completion_logprobs((*prompt, *generated), 0, unscored=1 if prompt else 0)
+
+    # --- streaming ---------------------------------------------------------------------------------
+    def _open_row(self, state: StreamState, row: int) -> Iterable[list[CompletionChoice]]:
+        state.rows[row] = 0  # the text offset of the row's next token
+        if state.body.echo:
+            prompt = echoed(state.request, state.started, row)
+            logprobs = None
+            if state.body.logprobs is not None:
+                logprobs = self._logprobs(state.request, state.started, row, ())
+                state.rows[row] = sum(len(t) for t in logprobs.tokens)
+            else:
+                state.rows[row] = len(prompt)
+            yield [CompletionChoice(index=row, text=prompt, logprobs=logprobs, finish_reason=None)]
+
+    def _delta_choices(self, state: StreamState, delta: Delta) -> Iterable[list[CompletionChoice]]:
+        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+            return
+        logprobs = None
+        if state.body.logprobs is not None:
+            logprobs = completion_logprobs(delta.logprobs, state.rows.get(delta.index, 0))
+        state.rows[delta.index] = state.rows.get(delta.index, 0) + len(delta.text)
+        reason = finish_reason(delta)
+        yield [CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs, finish_reason=reason)]
+
+
+COMPLETIONS = CompletionsDialect()
+
+
+class ChatDialect(OpenAIDialect[ChatCompletionRequest]):
+    """``POST /v1/chat/completions``: messages rendered by the model's chat template, tools.
+
+    A stream follows OpenAI's chunk shapes: a first chunk per choice with the role, content deltas, a
+    last chunk with ``finish_reason`` (``tool_calls`` after an auto or required call; a named
+    ``tool_choice`` ends with ``stop``, as OpenAI and vLLM answer it).
+    """
+
+    id_prefix = "chatcmpl"
+    chunk_type = ChatCompletionChunk
+
+    def _translate(
+        self, body: ChatCompletionRequest, model: ModelConfig, settings: Settings, request_id: str
+    ) -> GenerationRequest:
+        if body.functions or body.function_call not in (None, "none"):
+            name = "functions" if body.functions else "function_call"
+            raise unsupported(name, "the legacy functions API is not supported; send tools and tool_choice")
+        plan = tool_plan(body, model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise invalid_value("top_logprobs", "needs logprobs: true")
+        if (
+            body.max_tokens is not None
+            and body.max_completion_tokens is not None
+            and body.max_tokens != body.max_completion_tokens
+        ):
+            raise invalid_value("max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one")
+        messages = chat_messages(body.messages)
+        # A chat is one prompt: its messages together count against MAX_PROMPT_CHARS.
+        check_limits(["".join(m.content for m in messages)], body.n, settings, prompt_param="messages")
+        new_name = body.max_completion_tokens is not None  # max_tokens is its deprecated alias
+        params = sampling_params(
+            model,
+            max_new_tokens=body.max_completion_tokens if new_name else body.max_tokens,
+            max_new_tokens_field="max_completion_tokens" if new_name else "max_tokens",
+            **sampling_fields(body),
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        )
+        if plan is not None:
+            params = dataclasses.replace(params, constraint=plan.constraint())
+        return GenerationRequest(request_id, params, messages=messages, n=body.n, tools=tools_json(body.tools))
+
+    def response(
+        self,
+        body: ChatCompletionRequest,
+        model: ModelConfig,
+        request: GenerationRequest,
+        started: Started,
+        done: list[Completion],
+    ) -> ChatCompletionResponse:
+        plan = tool_plan(body, model)
+        choices = []
+        for row, c in enumerate(done):
+            answer = plan.read(c.text) if plan is not None else Extracted(c.text)
+            calls = [tool_call(call) for call in answer.calls]
+            reason = plan.finish_reason(c.finish_reason, bool(calls)) if plan is not None else c.finish_reason
+            choices.append(
+                ChatChoice(
+                    index=row,
+                    message=ChatMessageOut(
+                        content=answer.content if calls else c.text,
+                        tool_calls=[call_out(call) for call in calls] or None,
+                    ),
+                    logprobs=chat_logprobs(c.logprobs) if body.logprobs else None,
+                    finish_reason=reason,  # type: ignore[arg-type]
+                )
+            )
+        return ChatCompletionResponse(choices=choices, **self._answer_fields(model, request, started, done))
+
+    # --- streaming ---------------------------------------------------------------------------------
+    def _open_row(self, state: StreamState, row: int) -> Iterable[list[ChatChunkChoice]]:
+        plan = tool_plan(state.body, state.model)
+        state.rows[row] = StreamedTools(plan) if plan is not None and plan.mode != "none" else None
+        yield [ChatChunkChoice(index=row, delta=DeltaMessage(role="assistant", content=""))]
+
+    def _delta_choices(self, state: StreamState, delta: Delta) -> Iterable[list[ChatChunkChoice]]:
+        tools: StreamedTools | None = state.rows.get(delta.index)
+        reason = finish_reason(delta)
+        if tools is not None:
+            for message in tools.feed(delta.text, ended=reason is not None):
+                yield [ChatChunkChoice(index=delta.index, delta=message)]
+            reason = tools.plan.finish_reason(reason, tools.called)
+        elif delta.text or delta.logprobs:
+            logprobs = chat_logprobs(delta.logprobs) if state.body.logprobs else None
+            yield [ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text), logprobs=logprobs)]
+        if reason is not None:
+            yield [ChatChunkChoice(index=delta.index, delta=DeltaMessage(), finish_reason=reason)]
+
+
+CHAT = ChatDialect()

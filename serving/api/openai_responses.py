@@ -11,11 +11,12 @@ and a chat delta carries only the fields it sets, as OpenAI's stream does::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, field_serializer
 
-from engine.types import Delta, Started
+from engine.types import Delta, GenerationRequest, Started, TokenLogprob, ToolCall
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -162,3 +163,62 @@ def finish_reason(delta: Delta) -> str | None:
 def wire(chunk: Chunk) -> dict[str, Any]:
     """A chunk as it goes out: without ``usage`` unless it is the usage chunk."""
     return chunk.model_dump(mode="json", exclude={"usage"} if chunk.usage is None else None)
+
+
+# --- rendering helpers the dialects share ------------------------------------------------------
+
+
+def completion_logprobs(logprobs: Sequence[TokenLogprob], offset: int, unscored: int = 0) -> CompletionLogprobs:
+    """The legacy logprobs of ``logprobs``, their text offsets counted from ``offset``. The first
+    ``unscored`` entries (an echoed prompt's first token) have no log-probability: null."""
+    offsets = []
+    for entry in logprobs:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return CompletionLogprobs(
+        tokens=[e.token for e in logprobs],
+        token_logprobs=[e.logprob if i >= unscored else None for i, e in enumerate(logprobs)],
+        top_logprobs=[_top_by_text(e.top) if i >= unscored else None for i, e in enumerate(logprobs)],
+        text_offset=offsets,
+    )
+
+
+def _top_by_text(top: Sequence) -> dict[str, float]:
+    """The legacy format keys alternatives by their text: two tokens that decode alike (two halves of a
+    multi-byte character both read "\ufffd") share one key, which keeps the likelier (first) of them."""
+    by_text: dict[str, float] = {}
+    for alt in top:
+        by_text.setdefault(alt.token, alt.logprob)
+    return by_text
+
+
+def echoed(request: GenerationRequest, started: Started | None, row: int) -> str:
+    """The prompt of ``row`` as echo shows it (a token-id prompt: its decoded text)."""
+    prompt = row // request.n
+    if started is not None and started.prompt_texts is not None:
+        return started.prompt_texts[prompt]
+    return request.prompts[prompt]
+
+
+def prompt_entries(started: Started | None, request: GenerationRequest, row: int) -> tuple:
+    if started is None or started.prompt_logprobs is None:
+        return ()
+    return started.prompt_logprobs[row // request.n]
+
+
+def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=list(e.bytes),
+                top_logprobs=[TopLogprobOut(token=a.token, logprob=a.logprob, bytes=list(a.bytes)) for a in e.top],
+            )
+            for e in logprobs
+        ]
+    )
+
+
+def call_out(call: ToolCall) -> ToolCallOut:
+    return ToolCallOut(id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments))

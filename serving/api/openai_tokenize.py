@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from engine import tokenization
 from serving.api.errors import api_error, invalid_value
-from serving.api.openai_chat import chat_messages
+from serving.api.openai_prompts import chat_messages
 from serving.api.openai_schemas import ChatMessageIn, ToolIn, _Request
 from serving.api.openai_tools import tools_json
 from serving.api.params import check_limits

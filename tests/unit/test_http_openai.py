@@ -360,7 +360,7 @@ def test_a_non_streamed_answer_that_waited_for_a_cold_start_says_so(settings) ->
 
 def test_legacy_logprobs_keep_the_likelier_of_two_alternatives_that_decode_alike() -> None:
     from engine.types import TokenLogprob, TopLogprob
-    from serving.api.openai_completions import completion_logprobs as _completion_logprobs
+    from serving.api.openai_responses import completion_logprobs as _completion_logprobs
 
     halves = (
         TopLogprob("\ufffd", (0xE2,), -0.5),
