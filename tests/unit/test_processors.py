@@ -213,3 +213,22 @@ def test_min_tokens_gives_the_end_back_when_the_grammar_allows_nothing_else(monk
     end = float(logits[0, 5])
     apply_row_processors(logits, rows)
     assert logits[0, 5] == end and torch.isneginf(torch.cat([logits[0, :5], logits[0, 6:]])).all()
+
+
+def test_the_cpu_bitmask_masks_exactly_what_xgrammars_kernel_masks() -> None:
+    import xgrammar
+
+    from engine.processors import apply_bitmask
+
+    generator = torch.Generator().manual_seed(3)
+    vocab = 1000  # not a multiple of 32: the last word's high bits lie past the vocabulary
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (4, (vocab + 31) // 32), dtype=torch.int32, generator=generator)
+    with torch.inference_mode():
+        steps = torch.randn(4, 3, vocab, generator=generator)
+        ours = steps[:, -1]  # a decode step's logits: a strided view, written in place
+        assert not ours.is_contiguous()
+        theirs = steps[:, -1].contiguous()
+        apply_bitmask(ours, bitmask, [0, 2, 3])
+    xgrammar.apply_token_bitmask_inplace(theirs, bitmask, indices=[0, 2, 3])
+    assert torch.equal(ours, theirs) and torch.equal(steps[:, -1], theirs)
+    assert torch.isneginf(ours[0]).any() and not torch.isneginf(ours[1]).any()  # row 1 was not asked for
