@@ -277,11 +277,7 @@ class TextGenerator:
 
     @torch.inference_mode()
     def run(
-        self,
-        items: Sequence[WorkItem],
-        on_step: OnStep,
-        poll: Poll | None = None,
-        max_batch_size: int | None = None,
+        self, items: Sequence[WorkItem], on_step: OnStep, poll: Poll | None = None, max_batch_size: int | None = None
     ) -> None:
         """Generate for ``items``; ``on_step(events)`` hears of every step's deltas the moment it ends.
 
@@ -325,8 +321,14 @@ class TextGenerator:
         batch = ContinuousBatch(self.model, self.pad_id, self.eos_ids, self.texts, self.slots)
         pending = items
         while True:
-            if pending:
+            joined = 0
+            while pending:
                 emit(on_step, batch.admit([self._row(item) for item in pending]))
+                # Rows that came during that prefill join now, before the next step: a wave of arrivals is prefilled
+                # pass after pass. At most max_batch_size rows join between two steps (running rows keep decoding).
+                joined += len(pending)
+                free = min(max_batch_size - len(batch.rows), max_batch_size - joined)
+                pending = list(poll(free, batch.shape())) if poll is not None and free > 0 else []
             dropped = batch.drop_cancelled()
             emit(on_step, dropped + batch.step() if batch.rows else dropped)
             # Asked after the step, not before it: a request that came during the step is prefilled

@@ -284,6 +284,60 @@ def test_a_request_that_comes_during_a_step_is_prefilled_right_after_it(causal: 
     assert seen_at == [2] and tokens == {first.key: 8, joining.key: 8}
 
 
+def test_a_request_that_comes_during_a_prefill_is_prefilled_before_the_next_step(causal: TextGenerator) -> None:
+    # A wave of arrivals (clients whose answers ended in the same step) is prefilled pass after pass: the row
+    # that came during another's prefill gets its first token before the running row decodes again.
+    params = SamplingParams(max_new_tokens=8)
+    first, joining, later = items_for(causal.encode(PROMPTS[:3], params), params)
+    tokens = {first.key: 0, joining.key: 0, later.key: 0}
+    seen_at: dict[tuple[int, int], int] = {}  # the first row's tokens when each joining row's first token came
+    queue: list[WorkItem] = []
+
+    def on_step(events: list[tuple[WorkItem, Delta]]) -> None:
+        for item, delta in events:
+            if item is not first and not tokens[item.key]:
+                seen_at[item.key] = tokens[first.key]
+                if item is joining:
+                    queue[:] = [later]  # it arrives during joining's prefill
+            tokens[item.key] += delta.tokens
+        if tokens[first.key] == 2 and not tokens[joining.key] and not queue:
+            queue[:] = [joining]  # it arrives during the first decoding step
+
+    def poll(free: int, shape: object = None) -> list[WorkItem]:
+        taken, queue[:] = queue[:], []
+        return taken
+
+    causal.run([first], on_step, poll=poll, max_batch_size=3)
+    assert seen_at == {joining.key: 2, later.key: 2}
+    assert tokens == {first.key: 8, joining.key: 8, later.key: 8}
+
+
+def test_rows_that_keep_arriving_still_let_the_running_rows_decode(causal: TextGenerator) -> None:
+    # Arrivals that end in their prefill (one token) free their slot at once; the rows that join between two
+    # steps are bounded by max_batch_size, so a stream of them cannot hold the running row back.
+    long, one = SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=1)
+    [first] = items_for(causal.encode(PROMPTS[:1], long), long)
+    arrivals = iter(items_for(causal.encode(PROMPTS[1:2] * 40, one), one))
+    joined_between: list[int] = []  # rows that joined between two of the first row's tokens
+    joined = 0
+
+    def on_step(events: list[tuple[WorkItem, Delta]]) -> None:
+        nonlocal joined
+        for item, _ in events:
+            if item is first:
+                joined_between.append(joined)
+                joined = 0
+            else:
+                joined += 1
+
+    def poll(free: int, shape: object = None) -> list[WorkItem]:
+        item = next(arrivals, None) if free else None  # one arrival each time the engine asks
+        return [item] if item is not None else []
+
+    causal.run([first], on_step, poll=poll, max_batch_size=4)
+    assert len(joined_between) == 6 and max(joined_between) == 4
+
+
 def test_n_choices_with_a_seed_differ_and_each_reproduces_alone(causal: TextGenerator) -> None:
     params = SamplingParams(max_new_tokens=12, temperature=1.5, seed=21)
     request = GenerationRequest("r", params, prompts=(PROMPTS[0], PROMPTS[2]), n=3)
