@@ -319,22 +319,23 @@ class TextGenerator:
 
     def _run_continuous(self, items: list[WorkItem], on_step: OnStep, poll: Poll | None, max_batch_size: int) -> None:
         batch = ContinuousBatch(self.model, self.pad_id, self.eos_ids, self.texts, self.slots)
+
+        def more(free: int) -> list[WorkItem]:  # queued rows that fit the batch, at most ``free``
+            return list(poll(free, batch.shape())) if poll is not None and free > 0 else []
+
         pending = items
         while True:
             joined = 0
             while pending:
                 emit(on_step, batch.admit([self._row(item) for item in pending]))
-                # Rows that came during that prefill join now, before the next step: a wave of arrivals is prefilled
-                # pass after pass. At most max_batch_size rows join between two steps (running rows keep decoding).
+                # Rows that came during that prefill join before the next step (a wave of arrivals, pass after
+                # pass); at most max_batch_size join between two steps, so the running rows keep decoding.
                 joined += len(pending)
-                free = min(max_batch_size - len(batch.rows), max_batch_size - joined)
-                pending = list(poll(free, batch.shape())) if poll is not None and free > 0 else []
+                pending = more(min(max_batch_size - len(batch.rows), max_batch_size - joined))
             dropped = batch.drop_cancelled()
             emit(on_step, dropped + batch.step() if batch.rows else dropped)
-            # Asked after the step, not before it: a request that came during the step is prefilled
-            # next, not one decoding step later, and the rows that ended in it have freed their slots.
-            free = max_batch_size - len(batch.rows)
-            pending = list(poll(free, batch.shape())) if poll is not None and free > 0 else []
+            # Asked after the step: rows that came during it are prefilled next, into the slots it freed.
+            pending = more(max_batch_size - len(batch.rows))
             if not batch.rows and not pending:
                 return
 
