@@ -347,7 +347,9 @@ class Settings(BaseSettings, ModelFields):
             "max_ongoing_requests": capacity + ADMIN_HEADROOM,
             "ray_actor_options": self.control_actor_options(),
             "graceful_shutdown_timeout_s": max(m.graceful_shutdown_timeout_s for m in self._model_configs),
-            "logging_config": {"log_level": self.log_level},
+            # The Gateway's own access line (serving/api/access.py) records every request; Serve's would
+            # repeat it, at a cost per request that a keyless flood multiplies.
+            "logging_config": {"log_level": self.log_level, "enable_access_log": False},
         }
 
     def env_vars(self) -> dict[str, str]:
