@@ -9,6 +9,7 @@ side in one run:
 - ``logprobs``: the same client, while 3 clients send the largest chat the output budget allows
   (n=3, max_tokens=480, top_logprobs=20: 30,240 of MAX_OUTPUT_TOKENS_PER_REQUEST's 32,768).
 
+The background clients run as threads of a process of their own, apart from the authorised client.
 The Gateway's and the replica's resident memory are sampled (psutil, by the actors' PIDs) every 0.2 s.
 Writes benchmarks/results/isolation.json and .png. Run: ``python -m benchmarks.isolation``.
 """
@@ -91,13 +92,17 @@ def authorised(url: str, seconds: float) -> list[float]:
     return times
 
 
-def background(url: str, kind: str, clients: int, stop: threading.Event, counts: dict[int, int]) -> list:
+def background_process(url: str, kind: str, clients: int, stop, statuses) -> None:
+    """The background clients, as threads of one process of their own: their Python work must not share a GIL
+    with the authorised client's, whose latency is what is measured (on another machine they would share
+    nothing; here they still share the two cores). ``statuses`` is a shared list of answered status codes."""
+
     def flood() -> None:
         with httpx.Client() as client:
             while not stop.is_set():
                 headers = {"Content-Type": "application/json"}
                 status = client.post(f"{url}/v1/chat/completions", content=FLOOD_BODY, headers=headers, timeout=60)
-                counts[status.status_code] = counts.get(status.status_code, 0) + 1
+                statuses.append(status.status_code)
 
     def logprobs() -> None:
         body = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 480,
@@ -105,12 +110,25 @@ def background(url: str, kind: str, clients: int, stop: threading.Event, counts:
         with httpx.Client() as client:
             while not stop.is_set():
                 status = client.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=300)
-                counts[status.status_code] = counts.get(status.status_code, 0) + 1
+                statuses.append(status.status_code)
 
-    threads = [threading.Thread(target=flood if kind == "flood" else logprobs, daemon=True) for _ in range(clients)]
+    threads = [threading.Thread(target=flood if kind == "flood" else logprobs) for _ in range(clients)]
     for thread in threads:
         thread.start()
-    return threads
+    for thread in threads:
+        thread.join()
+
+
+def background(url: str, kind: str, clients: int):
+    """Start the background load in its own (spawned) process; returns it, its stop event and its statuses."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    manager = context.Manager()
+    stop, statuses = manager.Event(), manager.list()
+    process = context.Process(target=background_process, args=(url, kind, clients, stop, statuses), daemon=True)
+    process.start()
+    return process, stop, statuses, manager
 
 
 def main() -> None:
@@ -134,15 +152,19 @@ def main() -> None:
         sampler.start()
         phases: dict[str, Any] = {}
         for name, kind, clients in (("alone", None, 0), ("flood", "flood", 6), ("logprobs", "logprobs", 3)):
-            stop = threading.Event()
             counts: dict[int, int] = {}
-            threads = background(url, kind, clients, stop, counts) if kind else []
-            time.sleep(2 if kind else 0)  # let the background load start
+            if kind:
+                process, stop, statuses, manager = background(url, kind, clients)
+                # the load is on once each background client has had an answer (logprobs: the first takes a while)
+                wait_for(lambda s=statuses, n=clients: len(s) >= n, timeout=300, what=f"the {name} load")
             sampler.reset()
             latencies = authorised(url, args.seconds)
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=300)
+            if kind:
+                stop.set()
+                process.join(timeout=300)
+                for status in list(statuses):
+                    counts[status] = counts.get(status, 0) + 1
+                manager.shutdown()
             phases[name] = {"latency_s": summary(latencies), "rss_peak_mib": sampler.reset(),
                             "background_statuses": counts, "background_clients": clients}  # fmt: skip
             logger.info("%s: %s", name, phases[name])
