@@ -12,6 +12,8 @@ from config.model_fields import STORED, ModelFields, is_local_path
 
 # What a served model name may contain: it is the `model` clients send and names the deployment.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+# oneDNN's primitive cache and ideep's compiled-kernel cache (PyTorch's mkldnn ops): kernel_cache_capacity.
+KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
 class ModelConfig(ModelFields):
@@ -70,7 +72,12 @@ class ModelConfig(ModelFields):
         return {
             "name": self.deployment_name,
             "autoscaling_config": self.autoscaling_config(),
-            "ray_actor_options": {"num_cpus": self.num_cpus_per_replica, "num_gpus": self.num_gpus_per_replica},
+            "ray_actor_options": {
+                "num_cpus": self.num_cpus_per_replica,
+                "num_gpus": self.num_gpus_per_replica,
+                # Read when the process first compiles a kernel; the warm workers share this env (its hash).
+                "runtime_env": {"env_vars": {name: str(self.kernel_cache_capacity) for name in KERNEL_CACHE_VARIABLES}},
+            },
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,

@@ -65,7 +65,8 @@ def test_the_generated_file_carries_the_exported_settings(tmp_path: Path) -> Non
     assert set(deployments) == {"Gateway", "PoolController"}
     (model,) = build_settings(application["runtime_env"]["env_vars"]).model_configs
     options = model.deployment_options("DEBUG")
-    assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5}
+    caches = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32", "LRU_CACHE_CAPACITY": "32"}  # kernel_cache_capacity
+    assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5, "runtime_env": {"env_vars": caches}}
     assert options["max_ongoing_requests"] == 8 and options["max_queued_requests"] == 20
     autoscaling = options["autoscaling_config"]
     assert (autoscaling["min_replicas"], autoscaling["initial_replicas"], autoscaling["max_replicas"]) == (1, 1, 4)

@@ -323,12 +323,15 @@ def test_model_options_add_the_shared_runtime_env_and_the_pool_manager() -> None
 
 
 def test_each_model_deployment_gets_the_pool_unless_its_warm_workers_is_zero() -> None:
+    caches = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32", "LRU_CACHE_CAPACITY": "32"}  # every replica's, pooled or not
     pooled = model_app(spec_of(ModelConfig(name="org/m", warm_workers=2)), PoolSettings())._bound_deployment
-    assert pooled.ray_actor_options["runtime_env"] == warm_pool.runtime_env()
+    assert pooled.ray_actor_options["runtime_env"] == {"env_vars": caches | warm_pool.runtime_env()["env_vars"]}
     (manager,) = pooled._deployment_config.deployment_actors
     assert manager.name == "warm-pool" and manager.init_kwargs["warm_workers"] == 2
     cold = model_app(spec_of(ModelConfig(name="org/m", warm_workers=0)), PoolSettings())._bound_deployment
-    assert "runtime_env" not in cold.ray_actor_options and not cold._deployment_config.deployment_actors
+    assert (
+        cold.ray_actor_options["runtime_env"] == {"env_vars": caches} and not cold._deployment_config.deployment_actors
+    )
     assert ModelConfig(name="m").warm_workers == 1  # WARM_WORKERS's default
 
 
