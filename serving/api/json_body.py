@@ -77,7 +77,7 @@ def _write(value: Any, out: list[str], piece: int) -> None:
 
 def _write_model(model: BaseModel, out: list[str], piece: int) -> None:
     large = {name for name, v in model.__dict__.items() if _big(v, piece)}
-    if not large or type(model).__pydantic_decorators__.field_serializers:  # small, or custom: pydantic's own dump
+    if not large or _custom(type(model)):  # small, or serialised its own way: pydantic's dump
         out.append(_dumps(model.model_dump(mode="json")))
         return
     small = model.model_dump(mode="json", exclude=large)
@@ -89,3 +89,14 @@ def _write_model(model: BaseModel, out: list[str], piece: int) -> None:
         else:
             out.append(_dumps(small[name]))
     out.append("}")
+
+
+def _custom(cls: type[BaseModel]) -> bool:
+    """Whether ``cls`` serialises other than field by field (serializers, computed fields, extra fields)."""
+    decorators = cls.__pydantic_decorators__
+    return bool(
+        decorators.field_serializers
+        or decorators.model_serializers
+        or cls.model_computed_fields
+        or cls.model_config.get("extra") == "allow"
+    )

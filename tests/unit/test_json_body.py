@@ -91,3 +91,22 @@ def test_not_finite_is_refused_as_json_response_refuses() -> None:
         JSONResponse(answer.model_dump(mode="json"))
     with pytest.raises(ValueError):
         json_body(answer, piece=1)
+
+
+def test_computed_fields_keep_pydantic_dump() -> None:
+    from pydantic import BaseModel, computed_field
+
+    class Counted(BaseModel):
+        values: list[int]
+
+        @computed_field
+        @property
+        def count(self) -> int:
+            return len(self.values)
+
+    answer = Counted(values=list(range(10)))
+    assert (
+        json_body(answer, piece=2)
+        == JSONResponse(answer.model_dump(mode="json")).body
+        == (b'{"values":[0,1,2,3,4,5,6,7,8,9],"count":10}')
+    )
