@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request, Security
-from fastapi.responses import JSONResponse
 
 from serving.api import access, native, openai_embeddings, openai_tokenize
 from serving.api.admin import admin_router
@@ -25,6 +24,7 @@ from serving.api.body import StrictJSONMiddleware
 from serving.api.calls import Calls
 from serving.api.errors import install_error_handlers
 from serving.api.gate import HeaderGate, guards
+from serving.api.json_body import json_response, off_the_loop
 from serving.api.native_schemas import ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse
 from serving.api.openai import CHAT, COMPLETIONS
 from serving.api.openai_embeddings import EmbeddingsRequest, EmbeddingsResponse
@@ -158,8 +158,8 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         """Unit vectors for `input` (text, texts or token ids), pooled as the checkpoint declares."""
         model = await resolve(request, body.model, "/v1/embeddings")
         result, headers = await calls.embedded(request, model, openai_embeddings.translate(body, request_id(request)))
-        answer = openai_embeddings.response(body, model, result)
-        return JSONResponse(answer.model_dump(mode="json"), headers=headers)
+        # Up to 2,048 vectors of thousands of numbers: rendered off the event loop.
+        return await off_the_loop(lambda: json_response(openai_embeddings.response(body, model, result), headers))
 
     @post("/tokenize", TokenizeResponse, "Token ids of a prompt or a chat, with the model's tokenizer (vLLM's)")
     async def tokenize(body: TokenizeRequest, request: Request) -> Any:
@@ -167,7 +167,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         model = await resolve(request, body.model)
         call = openai_tokenize.translate(body, settings, request_id(request))
         result, headers = await calls.answered(request, model, lambda: backend.tokenize(model, call))
-        return JSONResponse(openai_tokenize.response(result).model_dump(mode="json"), headers=headers)
+        return json_response(openai_tokenize.response(result), headers)
 
     @post("/detokenize", DetokenizeResponse, "The text of token ids, with the model's tokenizer (vLLM's)")
     async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
@@ -175,7 +175,7 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
         model = await resolve(request, body.model)
         call = openai_tokenize.translate_detokenize(body, settings, request_id(request))
         text, headers = await calls.answered(request, model, lambda: backend.detokenize(model, call))
-        return JSONResponse(DetokenizeResponse(prompt=text).model_dump(mode="json"), headers=headers)
+        return json_response(DetokenizeResponse(prompt=text), headers)
 
     mount_page(app)
     return app

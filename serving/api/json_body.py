@@ -17,17 +17,37 @@ b'{"name":"a","values":[0.5,0.5,0.5]}'
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
+from starlette.responses import Response
 
 PIECE = 256  # the most list elements (or dict items) one call into C serialises
 
 # What Starlette's JSONResponse writes: compact, UTF-8, no NaN.
 _dumps = functools.partial(json.dumps, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+# Renders the large answers, one at a time (its thread starts on first use): one thread, since each more
+# one would contend with the event loop for the GIL.
+_RENDER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
+
+
+def json_response(answer: BaseModel, headers: Mapping[str, str] | None = None) -> Response:
+    """``answer`` as a whole JSON answer (what ``JSONResponse(answer.model_dump(mode="json"))`` sends)."""
+    return Response(json_body(answer), media_type="application/json", headers=headers)
+
+
+async def off_the_loop(render: Callable[[], Response]) -> Response:
+    """``render()`` on the render thread: for an answer that can hold tens of thousands of values (log-
+    probabilities, embeddings), which built on the event loop would hold every other request for as long."""
+    return await asyncio.get_running_loop().run_in_executor(_RENDER_THREAD, render)
 
 
 def json_body(value: BaseModel, piece: int = PIECE) -> bytes:

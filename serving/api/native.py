@@ -18,12 +18,13 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from engine.types import Completion, Delta, GenerationRequest, SamplingParams, Started, collect
 from serving.api import access, sse
 from serving.api.calls import Calls
 from serving.api.errors import ApiError
+from serving.api.json_body import json_response
 from serving.api.native_schemas import GenerateRequest, GenerateResponse, Usage
 from serving.api.params import check_limits, sampling_params
 from settings import ModelConfig, Settings
@@ -34,7 +35,7 @@ async def serve(body: GenerateRequest, model: ModelConfig, request: Request, cal
     call = translate(body, model, calls.settings, access.of(request).request_id)
     if not body.stream:
         _, done, headers = await calls.unary(request, model, call, "native")
-        return JSONResponse(response(model, call, done).model_dump(mode="json"), headers=headers)
+        return json_response(response(model, call, done), headers)
     items = await calls.stream(request, model, call, "native")  # ApiError (a status) until the model takes it
 
     async def events() -> AsyncIterator[str]:

@@ -17,14 +17,12 @@ schemas, prompts, responses, params, tools.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -37,7 +35,7 @@ from engine.types import Completion, Delta, GenerationRequest, Started, TokenLog
 from serving.api import access, sse
 from serving.api.calls import Calls
 from serving.api.errors import ApiError, invalid_value, unsupported
-from serving.api.json_body import json_body
+from serving.api.json_body import json_response, off_the_loop
 from serving.api.openai_params import sampling_extras, sampling_fields
 from serving.api.openai_prompts import chat_messages, completion_prompts
 from serving.api.openai_responses import (
@@ -87,10 +85,6 @@ class StreamState:
     rows: dict[int, Any] = field(default_factory=dict)  # per-row state a dialect keeps (offsets, parsers)
 
 
-# Renders the answers that carry log-probabilities, one at a time (threads start on first use).
-_RENDER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
-
-
 class OpenAIDialect(ABC, Generic[RequestT]):
     """Schemas, translation and rendering of one OpenAI route."""
 
@@ -104,16 +98,12 @@ class OpenAIDialect(ABC, Generic[RequestT]):
             started, done, headers = await calls.unary(request, model, call, "openai")
 
             def render() -> Response:
-                answer = json_body(self.response(body, model, call, started, done))
-                return Response(answer, media_type="application/json", headers=headers)
+                return json_response(self.response(body, model, call, started, done), headers)
 
             if call.params.logprobs is None and call.params.prompt_logprobs is None:
                 return render()
-            # An answer with log-probabilities can hold tens of thousands of entries (n x tokens x alternatives):
-            # built and serialised here it would hold the Gateway's event loop, which serves every other
-            # request, for hundreds of milliseconds. On the one render thread, written in pieces (json_body),
-            # the loop keeps its turns: one thread, since each more one contends with the loop for the GIL.
-            return await asyncio.get_running_loop().run_in_executor(_RENDER_THREAD, render)
+            # n x tokens x alternatives entries: built here, they would hold the event loop for hundreds of ms.
+            return await off_the_loop(render)
         items = await calls.stream(request, model, call, "openai")  # ApiError (a status) until the model takes it
 
         async def events() -> AsyncIterator[str]:
