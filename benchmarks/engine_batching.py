@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import PROMPTS, RESULTS, write_results
+from benchmarks.common import PROMPTS, RESULTS, hf_generate_batch, write_results
 from engine.model import EngineConfig, TextGenerator
 from engine.types import SamplingParams
 from testing.checkpoints import random_checkpoint
@@ -44,37 +44,8 @@ def strategies(engine: TextGenerator, ids: list[list[int]], new_tokens: int) -> 
     def padded_batch() -> None:
         engine.generate(ids, params)
 
-    from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-    cb_config = GenerationConfig(
-        max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=engine.pad_id
-    )
-
-    # Its paged cache sized for this work: left unset, it takes a share of the free memory (14 GB here) and
-    # clears all of it on every call, 7-10 s of each call, whatever the batch.
-    page = 256
-    sized = ContinuousBatchingConfig(
-        page_size=page,
-        num_blocks=sum(-(-(len(p) + new_tokens) // page) for p in ids) + len(ids),
-        max_batch_tokens=max(512, sum(len(p) for p in ids)),
-    )
-
     def continuous_batching() -> None:
-        # It takes SDPA (or flash) only, not the engine's own CPU attention (engine/attention.py): switched for
-        # its call and back. warmup=False: its warm-up captures CUDA graphs per call; the untimed first call warms up.
-        own = engine.model.config._attn_implementation
-        engine.model.set_attn_implementation("sdpa")
-        try:
-            engine.model.generate_batch(
-                inputs=ids,
-                generation_config=cb_config,
-                continuous_batching_config=sized,
-                progress_bar=False,
-                warmup=False,
-            )
-        finally:
-            engine.model.set_attn_implementation(own)
+        hf_generate_batch(engine.model, ids, new_tokens, engine.pad_id)
 
     return {
         "one_at_a_time": one_at_a_time,

@@ -7,12 +7,13 @@ Checkpoints: random GPT-2 shapes in bfloat16 with the embedded model's tokenizer
 (124M parameters) and ~1B parameters, built once under benchmarks/.cache. For each: the engine
 loads it on ``cuda`` (its phases and placement recorded); greedy answers to eight prompts, one at
 a time, are compared token for token with ``model.generate``; then tokens/s at batch 1, 16 and
-64 for the engine and for ``generate_batch`` (64 new tokens, EOS ignored, interleaved, medians).
-Last, the ~1B checkpoint loads again with budgets that put part of it in host memory (about 40%
-of its weights on the GPU): where its weights went, its greedy answers, its tokens/s at batch 1.
-Writes benchmarks/results/gpu_check.json. Exits 3 when there is no CUDA device, 1 when a greedy
-answer differs. ``--cpu-dry-run`` runs the same steps on CPU with tiny checkpoints and small
-batches (it checks the script, not a GPU).
+64 for the engine and for ``generate_batch`` (64 new tokens, EOS ignored; each the median of 3
+timed calls after an untimed one). Last, the ~1B checkpoint loads again with budgets that put part
+of it in host memory (about 40% of its weights on the GPU): where its weights went, its greedy
+answers, its tokens/s at batch 1. Writes benchmarks/results/gpu_check.json and .png (``--plot``
+redraws the PNG from the JSON). Exits 3 when there is no CUDA device, 1 when a greedy answer
+differs. ``--cpu-dry-run`` runs the same steps on CPU with tiny checkpoints and small batches (it
+checks the script, not a GPU).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import PROMPTS, write_results
+from benchmarks.common import PROMPTS, RESULTS, hf_generate_batch, write_results
 from engine.model import EngineConfig, TextGenerator
 from engine.timing import PhaseTimer
 from engine.types import SamplingParams
@@ -90,20 +91,15 @@ def throughput(engine: TextGenerator, device: str, sizes: list[int], new_tokens:
     ``generate_batch`` ignores EOS; the engine stops a row at EOS, which a random checkpoint's rows
     rarely meet (one id in 50257), so both run their rows to about the same length.
     """
-    from transformers import GenerationConfig
-
     results: dict[str, Any] = {}
     for n in sizes:
         ids = engine.encode([PROMPTS[i % len(PROMPTS)] for i in range(n)], SamplingParams(max_new_tokens=new_tokens))
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
-        config = GenerationConfig(
-            max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=engine.pad_id
-        )
 
         row: dict[str, Any] = {"engine": _rate(device, repeats, partial(_engine_tokens, engine, ids, params))}
-        # On CPU its paged cache takes most of host memory and decodes at a few tokens/s: GPU only.
-        batch = partial(_generate_batch, engine, ids, config)
-        row["generate_batch"] = _rate(device, repeats, batch) if device == "cuda" else "not run on CPU"
+        row["generate_batch"] = _rate(
+            device, repeats, partial(hf_generate_batch, engine.model, ids, new_tokens, engine.pad_id)
+        )
         results[str(n)] = row
         logger.info("batch %d tokens/s %s", n, row)
     return results
@@ -111,11 +107,6 @@ def throughput(engine: TextGenerator, device: str, sizes: list[int], new_tokens:
 
 def _engine_tokens(engine: TextGenerator, ids: list[list[int]], params: SamplingParams) -> int:
     return sum(c.completion_tokens for c in engine.generate(ids, params))
-
-
-def _generate_batch(engine: TextGenerator, ids: list[list[int]], config: Any) -> int:
-    out = engine.model.generate_batch(inputs=ids, generation_config=config, progress_bar=False, warmup=False)
-    return sum(len(o.generated_tokens) for o in out.values())
 
 
 def _rate(device: str, repeats: int, fn: Any) -> float | str:
@@ -145,14 +136,46 @@ def load(model: Path, device: str, **extra: Any) -> tuple[TextGenerator, dict[st
     return engine, {k: report.get(k) for k in keep}
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Tokens/s against batch size, the engine beside ``generate_batch``, one line pair per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (name, r), colour in zip(results["models"].items(), ("tab:blue", "tab:orange"), strict=False):
+        sizes = [int(n) for n in r["tokens_per_s"]]
+        for system, style in (("engine", "o-"), ("generate_batch", "s--")):
+            rates = [r["tokens_per_s"][str(n)][system] for n in sizes]
+            if all(isinstance(v, int | float) for v in rates):
+                ax.plot(sizes, rates, style, color=colour, label=f"{name}: {system}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompts in the batch")
+    ax.set_ylabel("generated tokens / s")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{results.get('gpu', results['device'])}, bfloat16, torch {results.get('torch', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny checkpoints on CPU (checks the script)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default="gpu_check")
+    parser.add_argument("--plot", action="store_true", help="only redraw the PNG from the JSON of --name")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.plot:
+        import json
+
+        plot(json.loads((RESULTS / f"{args.name}.json").read_text()), RESULTS / f"{args.name}.png")
+        print(f"wrote {RESULTS / f'{args.name}.png'}")
+        return
     if not args.cpu_dry_run:
         require_cuda()
     device = "cpu" if args.cpu_dry_run else "cuda"
@@ -195,6 +218,10 @@ def main() -> None:
     logger.info("split %s: %s; greedy %s; tokens/s %s", name, phases["placement"], greedy, rates)
     path = write_results(args.name, results) if not args.cpu_dry_run else _write_dry(results)
     print(f"wrote {path}")
+    try:
+        plot(results, path.with_suffix(".png"))
+    except ImportError:  # matplotlib is a benchmark extra; the JSON holds every figure
+        logger.info("matplotlib is not installed: no PNG")
     print(f"{'model':<14} {'weights_s':>9} {'warmup_s':>8}  {'greedy':>7}  tokens/s engine | generate_batch")
     for name, r in results["models"].items():
         g, load_ = r["greedy_vs_generate"], r["load"]
