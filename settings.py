@@ -179,6 +179,22 @@ class Settings(BaseSettings, ModelFields):
         description="With API keys set, /docs, /redoc and /openapi.json need a key too (false: open, as without "
         "keys). They list every route, /admin included.",
     )
+    auth_failure_delay_s: float = Field(
+        default=0.5,
+        ge=0,
+        le=10,
+        description="A request refused for its key (401) is answered this much later, nothing read or computed "
+        "meanwhile: a client that retries without a valid key in a loop, or guesses keys, sends a few requests a "
+        "second instead of hundreds. 0: at once.",
+    )
+    auth_failure_max_held: int = Field(
+        default=256,
+        ge=0,
+        le=100_000,
+        description="Most refusals held back at once (AUTH_FAILURE_DELAY_S); past it, refusals are answered at "
+        "once. The Gateway's max_ongoing_requests has this much added, so held refusals never take the room of "
+        "requests with a key.",
+    )
     gateway_node_label: str | None = Field(
         default=None,
         description="A Ray node label 'key=value': the Gateway and the pool controller (and Serve's task that "
@@ -343,8 +359,9 @@ class Settings(BaseSettings, ModelFields):
         )
         return {
             "num_replicas": 1,
-            # Plus room for models loaded through /admin and for requests waiting at the pool for room.
-            "max_ongoing_requests": capacity + ADMIN_HEADROOM,
+            # Plus room for models loaded through /admin, for requests waiting at the pool for room, and
+            # for refusals held back (AUTH_FAILURE_DELAY_S).
+            "max_ongoing_requests": capacity + ADMIN_HEADROOM + self.auth_failure_max_held,
             "ray_actor_options": self.control_actor_options(),
             "graceful_shutdown_timeout_s": max(m.graceful_shutdown_timeout_s for m in self._model_configs),
             # The Gateway's own access line (serving/api/access.py) records every request; Serve's would

@@ -7,7 +7,10 @@ side in one run:
 - ``alone``: one authorised client sends short completions (4 tokens) back to back;
 - ``flood``: the same client, while 6 clients post 1 MB bodies of small nested lists without a key;
 - ``logprobs``: the same client, while 3 clients send the largest chat the output budget allows
-  (n=3, max_tokens=480, top_logprobs=20: 30,240 of MAX_OUTPUT_TOKENS_PER_REQUEST's 32,768).
+  (n=3, max_tokens=480, top_logprobs=20: 30,240 of MAX_OUTPUT_TOKENS_PER_REQUEST's 32,768);
+- ``flood, refusals at once``: the flood again after the service is deployed anew with
+  AUTH_FAILURE_DELAY_S=0 (the first three run at its default), beside ``alone, refusals at once``:
+  what a keyless request costs the others when nothing slows the flooding clients down.
 
 The background clients run as threads of a process of their own, apart from the authorised client.
 The Gateway's and the replica's resident memory are sampled (psutil, by the actors' PIDs) every 0.2 s.
@@ -17,6 +20,7 @@ Writes benchmarks/results/isolation.json and .png. Run: ``python -m benchmarks.i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import threading
 import time
@@ -55,6 +59,19 @@ def actor_pids() -> dict[str, int]:
             pids["gateway"] = proc.pid
         elif title.startswith("ray::ServeReplica:bench:"):
             pids["replica"] = proc.pid
+    return pids
+
+
+def gateway_pids() -> set[int]:
+    import os
+
+    import psutil
+
+    pids = set()
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if " ".join(proc.cmdline()).startswith("ray::ServeReplica:llm:Gateway"):
+                pids.add(proc.pid)
     return pids
 
 
@@ -141,40 +158,64 @@ def main() -> None:
     model = build_tiny_causal(Path("/tmp/bench-isolation-model"), n_positions=512)
     env = {"MODEL_ID": str(model), "SERVED_MODEL_NAME": "bench", "API_KEY": KEY, "MIN_REPLICAS": "1",
            "MAX_REPLICAS": "1", "WARM_WORKERS": "0", "TEMPERATURE": "0", "CHAT_TEMPLATE": CHAT_TEMPLATE}  # fmt: skip
-    settings = build_settings(env)
+    default_delay = build_settings(env).auth_failure_delay_s
+    # (phase, background kind, clients, AUTH_FAILURE_DELAY_S): the service is deployed anew when the delay changes
+    plan = [("alone", None, 0, default_delay), ("flood", "flood", 6, default_delay),
+            ("logprobs", "logprobs", 3, default_delay), ("alone, refusals at once", None, 0, 0.0),
+            ("flood, refusals at once", "flood", 6, 0.0)]  # fmt: skip
+    phases: dict[str, Any] = {}
     with local_serve(num_cpus=2) as port:
         url = f"http://127.0.0.1:{port}"
-        serve.run(build_graph(settings), name="llm", route_prefix="/", blocking=False)
-        wait_for(lambda: ok(f"{url}/healthz"), timeout=120, what="the Gateway")
-        wait_for(lambda: authorised(url, 0.01), timeout=300, what="the model")
-        pids = actor_pids()
-        sampler = MemorySampler(pids)
-        sampler.start()
-        phases: dict[str, Any] = {}
-        for name, kind, clients in (("alone", None, 0), ("flood", "flood", 6), ("logprobs", "logprobs", 3)):
+        deployed, sampler = None, None
+        for name, kind, clients, delay in plan:
+            if delay != deployed:
+                before = sampler.procs["gateway"].pid if sampler is not None else None
+                if sampler is not None:
+                    sampler.stop.set()
+                # a new Gateway replica with the new setting (the model's application is left as it is)
+                serve.run(build_graph(build_settings(env | {"AUTH_FAILURE_DELAY_S": str(delay)})), name="llm",
+                          route_prefix="/", blocking=False)  # fmt: skip
+                wait_for(lambda b=before: gateway_pids() - {b} and b not in gateway_pids(), timeout=120,
+                         what="the new Gateway alone")  # fmt: skip
+                wait_for(lambda: ok(f"{url}/healthz"), timeout=120, what="the Gateway")
+                wait_for(lambda: authorised(url, 0.01), timeout=300, what="the model")
+                sampler = MemorySampler(actor_pids())
+                sampler.start()
+                deployed = delay
             counts: dict[int, int] = {}
             if kind:
                 process, stop, statuses, manager = background(url, kind, clients)
                 # the load is on once each background client has had an answer (logprobs: the first takes a while)
                 wait_for(lambda s=statuses, n=clients: len(s) >= n, timeout=300, what=f"the {name} load")
             sampler.reset()
+            began = time.monotonic()
             latencies = authorised(url, args.seconds)
             if kind:
                 stop.set()
+                elapsed = time.monotonic() - began
                 process.join(timeout=300)
                 for status in list(statuses):
                     counts[status] = counts.get(status, 0) + 1
                 manager.shutdown()
             phases[name] = {"latency_s": summary(latencies), "rss_peak_mib": sampler.reset(),
-                            "background_statuses": counts, "background_clients": clients}  # fmt: skip
+                            "background_statuses": counts, "background_clients": clients,
+                            "auth_failure_delay_s": delay}  # fmt: skip
+            if kind == "flood":
+                phases[name]["refusals_per_s"] = round(counts.get(401, 0) / elapsed, 1)
             logger.info("%s: %s", name, phases[name])
         sampler.stop.set()
         serve.delete("llm")
-    alone = phases["alone"]["latency_s"]
-    for name in ("flood", "logprobs"):
+    for name, against in (("flood", "alone"), ("logprobs", "alone"), ("flood, refusals at once", "alone"),
+                          ("alone, refusals at once", "alone")):  # fmt: skip
+        alone = phases[against]["latency_s"]
         phases[name]["p50_ratio"] = round(phases[name]["latency_s"]["median"] / alone["median"], 2)
         phases[name]["p95_ratio"] = round(phases[name]["latency_s"]["p95"] / alone["p95"], 2)
-    data = {"phases": phases, "seconds_per_phase": args.seconds, "flood_body_bytes": len(FLOOD_BODY)}
+    data = {
+        "phases": phases,
+        "seconds_per_phase": args.seconds,
+        "flood_body_bytes": len(FLOOD_BODY),
+        "ratios_against": "alone",
+    }
     path = write_results("isolation", data)
     plot(phases, RESULTS / "isolation.png")
     logger.info("wrote %s", path)
@@ -187,20 +228,21 @@ def plot(phases: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(phases)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4))
     p50 = [phases[n]["latency_s"]["median"] * 1000 for n in names]
     p95 = [phases[n]["latency_s"]["p95"] * 1000 for n in names]
     xs = range(len(names))
     left.bar([x - 0.2 for x in xs], p50, 0.4, label="p50")
     left.bar([x + 0.2 for x in xs], p95, 0.4, label="p95")
-    left.set_xticks(list(xs), names)
+    labels = [n.replace(", ", ",\n") for n in names]
+    left.set_xticks(list(xs), labels, fontsize=8)
     left.set_ylabel("authorised client latency (ms)")
     left.legend()
     roles = sorted({role for n in names for role in phases[n]["rss_peak_mib"]})
     for i, role in enumerate(roles):
         right.bar([x + (i - 0.5) * 0.4 for x in xs], [phases[n]["rss_peak_mib"].get(role, 0) for n in names], 0.4,
                   label=role)  # fmt: skip
-    right.set_xticks(list(xs), names)
+    right.set_xticks(list(xs), labels, fontsize=8)
     right.set_ylabel("peak RSS (MiB)")
     right.legend()
     fig.suptitle("Isolation: 4-token completions alone, beside a keyless 1 MB flood, beside maximal logprobs")

@@ -107,7 +107,12 @@ def create_app(backend: ModelBackend, settings: Settings) -> FastAPI:
     app.add_middleware(StrictJSONMiddleware, max_body_bytes=settings.max_body_bytes)
     # Added after (so run before) the body checks: a request without its key never has its body read.
     admin_keys = KeyCheck([settings.admin_api_key]) if settings.admin_api_key is not None else None
-    app.add_middleware(HeaderGate, rules=guards(keys, admin_keys, docs=settings.docs_need_key))
+    app.add_middleware(
+        HeaderGate,
+        rules=guards(keys, admin_keys, docs=settings.docs_need_key),
+        delay_s=settings.auth_failure_delay_s,
+        max_held=settings.auth_failure_max_held,
+    )
     # Outermost of ours: it sees every answer, the body checks' and the gate's refusals included.
     app.add_middleware(access.AccessLog, routes=app.router.routes, retry_after_s=settings.retry_after_s)
     calls = Calls(backend, settings)

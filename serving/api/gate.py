@@ -10,6 +10,10 @@ sits between the access log and the body checks (``serving.app``) and answers fr
   under ``/admin``, which takes the admin key (ADMIN_API_KEY) instead; ``/docs``, ``/redoc`` and
   ``/openapi.json`` too unless DOCS_NEED_KEY=false (they list /admin). GET/HEAD elsewhere (``/healthz``,
   which then tells a keyless caller only each model's state, and the page) stay open, as probes need;
+- a refusal for the key is held back ``delay_s`` (AUTH_FAILURE_DELAY_S) before it is sent, at most
+  ``max_held`` at once (AUTH_FAILURE_MAX_HELD; past it, at once). A keyless client in a closed loop
+  then costs the proxy and the Gateway a few requests a second instead of hundreds; a held refusal
+  costs a timer and nothing else, its body still unread;
 - ``x-request-disconnect-disabled: ?1`` is refused (400): Serve would stop watching for the client's
   disconnect, so a generation would run on, up to REQUEST_TIMEOUT_S, after its client left.
 
@@ -18,7 +22,8 @@ The routes keep their own key dependency too (it documents the scheme in OpenAPI
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,19 +79,42 @@ def bearer(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
 class HeaderGate:
     """ASGI middleware: refuses from the headers alone; see the module docstring."""
 
-    def __init__(self, app: Any, rules: Sequence[Guard]) -> None:
+    def __init__(
+        self,
+        app: Any,
+        rules: Sequence[Guard],
+        delay_s: float = 0.0,
+        max_held: int = 0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.app = app
         self.rules = list(rules)
+        self.delay_s = delay_s
+        self.max_held = max_held
+        self.held = 0  # refusals waiting out delay_s now
+        self._sleep = sleep
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
             error = self._refusal(scope, path)
             if error is not None:
+                if error.status == 401:
+                    await self._hold()
                 # Nothing of the body is read: the connection's unread bytes are the server's to drop.
                 await error.response(family_of(path))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    async def _hold(self) -> None:
+        """Wait out ``delay_s`` before a refusal for the key, unless ``max_held`` refusals wait already."""
+        if self.delay_s <= 0 or self.held >= self.max_held:
+            return
+        self.held += 1
+        try:
+            await self._sleep(self.delay_s)
+        finally:  # also when the client leaves and Serve cancels the call
+            self.held -= 1
 
     def _refusal(self, scope: dict[str, Any], path: str) -> ApiError | None:
         headers = scope["headers"]

@@ -77,8 +77,9 @@ def test_the_generated_file_carries_the_exported_settings(tmp_path: Path) -> Non
     assert gateway["logging_config"]["log_level"] == "DEBUG"
     assert gateway["num_replicas"] == 1 and gateway["ray_actor_options"] == {"num_cpus": 0.0}
     assert pool["num_replicas"] == 1 and pool["ray_actor_options"] == {"num_cpus": 0.0}
-    # all the model can hold or queue, plus room for admin-loaded models and requests waiting for room
-    assert gateway["max_ongoing_requests"] == 4 * 8 + 20 + ADMIN_HEADROOM
+    # all the model can hold or queue, plus room for admin-loaded models and requests waiting for room, and
+    # for the refusals held back (AUTH_FAILURE_MAX_HELD, 256 by default)
+    assert gateway["max_ongoing_requests"] == 4 * 8 + 20 + ADMIN_HEADROOM + 256
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
 
 

@@ -11,9 +11,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from serving.api import body as body_module
+from serving.api.auth import KeyCheck
 from serving.api.body import BodyError, nesting_exceeds, parse_strict
+from serving.api.gate import HeaderGate, guards
 from serving.app import create_app
 from settings import build_settings
 from tests.fakes import FakeBackend
@@ -24,8 +27,9 @@ KEY, ADMIN_KEY = "sk-test-0123456789", "sk-admin-0123456789"
 @pytest.fixture
 def locked(tiny_causal: Path):
     return build_settings(
-        {"MODEL_ID": str(tiny_causal), "SERVED_MODEL_NAME": "tiny", "API_KEY": KEY, "ADMIN_API_KEY": ADMIN_KEY}
-    )
+        {"MODEL_ID": str(tiny_causal), "SERVED_MODEL_NAME": "tiny", "API_KEY": KEY, "ADMIN_API_KEY": ADMIN_KEY,
+         "AUTH_FAILURE_DELAY_S": "0"}  # refusals at once, except in the tests of the hold below
+    )  # fmt: skip
 
 
 def call_raw(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes, int]:
@@ -80,6 +84,88 @@ def test_with_the_key_the_body_is_read_and_probes_stay_open(locked) -> None:
     assert status == 200 and reads >= 1
     assert call_raw(app, "GET", "/healthz", [])[0] == 200
     assert call_raw(app, "GET", "/v1/models", [])[0] == 401
+
+
+class Sleeps:
+    """A stand-in for asyncio.sleep that records each wait and ends it only when told to."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        await self.release.wait()
+
+
+def test_refusals_for_the_key_are_held_back_a_bounded_number_at_a_time() -> None:
+    """AUTH_FAILURE_DELAY_S: a 401 waits out the delay before it is sent (its body still unread); at most
+    AUTH_FAILURE_MAX_HELD wait at once, later ones are answered at once; requests with the key never wait."""
+    served: list[str] = []
+
+    async def inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        served.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    rules = guards(KeyCheck([SecretStr(KEY)]), None)
+
+    async def scenario() -> None:
+        sleeps = Sleeps()
+        gate = HeaderGate(inner, rules, delay_s=0.5, max_held=2, sleep=sleeps)
+        held = [asyncio.create_task(asgi_call(gate, "/v1/completions", None)) for _ in range(2)]
+        while gate.held < 2:
+            await asyncio.sleep(0)
+        assert sleeps.waits == [0.5, 0.5] and not any(t.done() for t in held)
+        # a third refusal finds the bound taken: answered at once, unread
+        assert await asyncio.wait_for(asgi_call(gate, "/v1/completions", b"Bearer wrong-key-000"), 5) == (401, 0)
+        # a request with the key is never held
+        assert (await asyncio.wait_for(asgi_call(gate, "/v1/completions", f"Bearer {KEY}".encode()), 5))[0] == 200
+        assert len(sleeps.waits) == 2 and not any(t.done() for t in held)
+        sleeps.release.set()
+        assert [await t for t in held] == [(401, 0), (401, 0)]
+        assert gate.held == 0
+        # a client that leaves while held frees its place too
+        sleeps.release.clear()
+        leaving = asyncio.create_task(asgi_call(gate, "/v1/completions", None))
+        while gate.held < 1:
+            await asyncio.sleep(0)
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert gate.held == 0
+        # delay 0: never held
+        at_once = HeaderGate(inner, rules, delay_s=0.0, max_held=2, sleep=sleeps)
+        assert await asyncio.wait_for(asgi_call(at_once, "/v1/completions", None), 5) == (401, 0)
+        assert len(sleeps.waits) == 3
+
+    asyncio.run(scenario())
+    assert served == ["/v1/completions"]
+
+
+async def asgi_call(app: Any, path: str, auth: bytes | None) -> tuple[int, int]:
+    """(status, how many times the body was asked for) of one POST through ``app``."""
+    reads, sent = 0, []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = JSON + ([(b"authorization", auth)] if auth else [])
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "headers": headers}
+    await app(scope, receive, send)
+    return next(m["status"] for m in sent if m["type"] == "http.response.start"), reads
+
+
+def test_the_settings_reach_the_gate(tiny_causal: Path) -> None:
+    env = {"MODEL_ID": str(tiny_causal), "API_KEY": KEY, "AUTH_FAILURE_DELAY_S": "1.5", "AUTH_FAILURE_MAX_HELD": "7"}
+    app = create_app(FakeBackend(build_settings(env)), build_settings(env))
+    [gate] = [m for m in app.user_middleware if m.cls is HeaderGate]
+    assert (gate.kwargs["delay_s"], gate.kwargs["max_held"]) == (1.5, 7)
 
 
 def test_an_open_service_reads_bodies_without_a_key(tiny_causal: Path) -> None:

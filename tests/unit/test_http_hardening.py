@@ -122,8 +122,9 @@ def locked(tiny_causal: Path, tmp_path: Path) -> TestClient:
     keys_file = tmp_path / "keys"
     keys_file.write_text(f"# team keys\n{OTHER_KEY}\n")
     settings = build_settings(
-        {"MODEL_ID": str(tiny_causal), "SERVED_MODEL_NAME": "tiny", "API_KEY": KEY, "API_KEYS_FILE": str(keys_file)}
-    )
+        {"MODEL_ID": str(tiny_causal), "SERVED_MODEL_NAME": "tiny", "API_KEY": KEY, "API_KEYS_FILE": str(keys_file),
+         "AUTH_FAILURE_DELAY_S": "0"}  # refusals at once here; test_gate.py holds them back
+    )  # fmt: skip
     return TestClient(create_app(FakeBackend(settings), settings), raise_server_exceptions=False)
 
 
@@ -172,7 +173,7 @@ def test_docs_need_a_key_when_keys_are_set_unless_docs_need_key_is_false(locked,
         allowed = locked.get(path, headers={"Authorization": f"Bearer {KEY}"})
         assert allowed.status_code == 200 and KEY not in allowed.text and OTHER_KEY not in allowed.text
     assert "HTTPBearer" in locked.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).text
-    env = {"MODEL_ID": str(tiny_causal), "API_KEY": KEY, "DOCS_NEED_KEY": "false"}
+    env = {"MODEL_ID": str(tiny_causal), "API_KEY": KEY, "DOCS_NEED_KEY": "false", "AUTH_FAILURE_DELAY_S": "0"}
     settings = build_settings(env)
     open_docs = TestClient(create_app(FakeBackend(settings), settings))
     for path in ("/docs", "/openapi.json"):

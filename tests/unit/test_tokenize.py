@@ -35,7 +35,8 @@ def service(tiny_bos: Path, tiny_encoder: Path):
         {"name": "gen", "model_id": str(tiny_bos), "dtype": "float32"},
         {"name": "enc", "model_id": str(tiny_encoder), "task": "embed", "dtype": "float32"},
     ]
-    settings = build_settings({"MODELS": json.dumps(entries), "API_KEY": KEY, "MAX_PROMPT_CHARS": "200"})
+    env = {"MODELS": json.dumps(entries), "API_KEY": KEY, "MAX_PROMPT_CHARS": "200", "AUTH_FAILURE_DELAY_S": "0"}
+    settings = build_settings(env)
     backend = FakeBackend(settings)
     for config in settings.model_configs:
         backend.servers[config.name] = ModelServer.func_or_class(config)  # the real engines, no Ray
