@@ -14,6 +14,7 @@ MODULES = [
     "engine.timing",
     "engine.placement",
     "engine.quantization",
+    "engine.token_choice",
     "observability.metrics",
     "deploy.grafana.evaluate",
     "serving.api.access",

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 
 from engine.sampling import Row, ended_rows
-from engine.token_choice import _presence_frequency_penalties, _repetition_penalties, _sample_rows, pick_tokens
+from engine.token_choice import (
+    _presence_frequency_penalties,
+    _repetition_penalties,
+    _sample_rows,
+    pick_tokens,
+    top_p_floor,
+)
 from engine.types import SamplingParams
 from engine.work import WorkItem
 
@@ -46,6 +53,52 @@ def test_sampling_follows_the_distribution() -> None:
     chosen = _sample_rows(logits, [row(SamplingParams(1, temperature=1.0, seed=i)) for i in range(2000)])
     freq = torch.bincount(chosen, minlength=3).float() / 2000
     assert torch.allclose(freq, probs, atol=0.05)
+
+
+def sorted_floor(probs: torch.Tensor, top_p: float) -> float:
+    """Top-p's floor the plain way: sort, add up from the top, the token whose running mass reaches top_p."""
+    ordered = probs.sort(descending=True).values
+    reach = ordered.double().cumsum(0)
+    return float(ordered[min(int(torch.searchsorted(reach, max(top_p, 1e-38))), len(ordered) - 1)])
+
+
+@pytest.mark.parametrize("vocab", [2, 7, 400, 50257, 151936])
+def test_the_top_p_floor_without_a_sort_is_the_sorted_one(vocab: int) -> None:
+    generator = torch.Generator().manual_seed(vocab)
+    for spread in (0.01, 1.0, 5.0, 30.0):  # flat (a random model) to peaked (a trained one)
+        probs = (torch.randn(vocab, generator=generator) * spread).softmax(-1)
+        for top_p in (0.0, 1e-9, 0.1, 0.5, 0.9, 0.95, 0.999999):
+            assert top_p_floor(probs, top_p) == sorted_floor(probs, top_p), (spread, top_p)
+    ties = torch.full((vocab,), 1.0 / vocab)
+    assert top_p_floor(ties, 0.3) == sorted_floor(ties, 0.3) == ties[0]
+
+
+def test_sampling_follows_the_top_p_and_top_k_distribution() -> None:
+    """Tokens come only from the kept set, in proportion to their renormalised probabilities."""
+    probs = torch.tensor([0.05, 0.4, 0.02, 0.25, 0.08, 0.2])
+    logits = probs.log().repeat(4000, 1)
+    for params, kept in (
+        ({"top_p": 0.8}, [1, 3, 5]),  # 0.4 + 0.25 + 0.2 reaches 0.8
+        ({"top_k": 2}, [1, 3]),
+        ({"top_k": 4, "top_p": 0.9}, [1, 3, 5]),  # top-p of the renormalised top 4: (0.4+0.25)/0.93 < 0.9
+    ):
+        sampled = [row(SamplingParams(1, temperature=1.0, seed=i, **params)) for i in range(4000)]
+        chosen = _sample_rows(logits.clone(), sampled)
+        freq = torch.bincount(chosen, minlength=6).double() / 4000
+        expected = torch.zeros(6, dtype=torch.double)
+        expected[kept] = probs[kept].double() / probs[kept].sum()
+        assert set(chosen.tolist()) == set(kept), params
+        assert torch.allclose(freq, expected, atol=0.03), (params, freq, expected)
+
+
+def test_a_seeded_row_samples_the_same_token_alone_and_in_any_batch() -> None:
+    logits = torch.randn(6, 50257) * 3
+    params = [SamplingParams(1, temperature=0.8, top_p=0.9, seed=11), SamplingParams(1, temperature=1.1, top_k=50,
+              seed=12), SamplingParams(1, temperature=0.7, top_p=0.5, top_k=1000, seed=13)]  # fmt: skip
+    batch = [row(p) for p in params] + [row(SamplingParams(1, temperature=1.0, seed=20 + i)) for i in range(3)]
+    together = _sample_rows(logits.clone(), batch).tolist()
+    for i, p in enumerate(params):
+        assert _sample_rows(logits[i : i + 1].clone(), [row(p)]).tolist() == [together[i]]
 
 
 def test_repetition_penalty_matches_transformers_row_by_row_in_one_batch() -> None:
