@@ -152,6 +152,14 @@ class ModelFields(BaseModel):
         "engine imported, so that a waking replica skips process start and imports (about 0.4 GB each). Models "
         "share one pool per node, of the largest WARM_WORKERS among them. 0: this model's replicas start cold.",
     )
+    warm_worker_orphan_s: float = Field(
+        default=30.0,
+        ge=10,
+        le=3600,
+        description="How long an idle warm worker outlives the last pool manager it saw (they write every second, "
+        "and Serve restarts a failed one within seconds); then it exits. Models whose values differ keep separate "
+        "pools.",
+    )
 
     # --- batching and backpressure ---------------------------------------------------------
     max_batch_size: int = Field(

@@ -73,7 +73,8 @@ def model_app(spec: ModelSpec, pool: PoolSettings) -> Application:
     options = config.deployment_options(pool.log_level)
     autoscaling = pooled_autoscaling_config(options["autoscaling_config"], pool.pool, spec.app, config.idle_hold_s)
     options["autoscaling_config"] = autoscaling | {"max_replicas": spec.max_replicas}
-    options = warm_pool.model_options(options, config.warm_workers)  # start replicas in warm workers
+    # start replicas in warm workers
+    options = warm_pool.model_options(options, config.warm_workers, config.warm_worker_orphan_s)
     return ModelServer.options(**options).bind(config, pool.pool)
 
 

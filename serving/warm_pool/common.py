@@ -32,6 +32,7 @@ HOLD_MAX_S = 30.0
 START_GRACE_S = 120.0  # a prestarted worker not warm by then counts as a failed start
 MAX_FAILED_STARTS = 3  # in a row, per node: then the pool stops asking that node
 ORPHAN_AFTER_S = 30.0  # far above a manager's restart by Serve's controller, which takes seconds
+ORPHAN_VARIABLE = "WARM_WORKER_ORPHAN_S"  # a model's setting of it, in its replicas' (and warm workers') env
 LIVENESS_EVERY = 5  # ticks between checks that registered workers are still alive
 MANAGER_STALE_S = 10.0  # a manager not seen for this long is gone (they write every TICK_S)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from serving.warm_pool.common import CODE_DIR, HOOK, POOL_ACTOR, unsupported_reason
+from serving.warm_pool.common import CODE_DIR, HOOK, ORPHAN_AFTER_S, ORPHAN_VARIABLE, POOL_ACTOR, unsupported_reason
 from serving.warm_pool.manager import WarmPool
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,10 @@ def runtime_env() -> dict[str, Any]:
     return {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: HOOK, "PYTHONPATH": _python_path()}}
 
 
-def model_options(options: Mapping[str, Any], warm_workers: int) -> dict[str, Any]:
-    """The model deployment's ``Deployment.options()`` with the pool added (unchanged when it is off).
+def model_options(options: Mapping[str, Any], warm_workers: int, orphan_s: float = ORPHAN_AFTER_S) -> dict[str, Any]:
+    """The model deployment's ``Deployment.options()`` with the pool added (unchanged when it is off):
+    its setup hook in the replicas' runtime env, which the warm workers share, with ``orphan_s``
+    (WARM_WORKER_ORPHAN_S, how long an idle warm worker outlives its pool), and its manager.
 
     Example::
 
@@ -48,7 +50,7 @@ def model_options(options: Mapping[str, Any], warm_workers: int) -> dict[str, An
 
     actor_options = dict(options.get("ray_actor_options") or {})
     env = dict(actor_options.get("runtime_env") or {})
-    env["env_vars"] = {**env.get("env_vars", {}), **runtime_env()["env_vars"]}
+    env["env_vars"] = {**env.get("env_vars", {}), **runtime_env()["env_vars"], ORPHAN_VARIABLE: str(orphan_s)}
     actor_options["runtime_env"] = env
     needs = {"CPU": float(actor_options.get("num_cpus") or 0), "GPU": float(actor_options.get("num_gpus") or 0)}
     options["ray_actor_options"] = actor_options

@@ -17,12 +17,13 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from serving.warm_pool.common import HOLD_MAX_S, ORPHAN_AFTER_S, PRELOAD, _Kv
+from serving.warm_pool.common import HOLD_MAX_S, ORPHAN_AFTER_S, ORPHAN_VARIABLE, PRELOAD, _Kv
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +103,25 @@ def cuda_library_loaded(maps: str | None = None) -> str | None:
     return None
 
 
+def orphan_after_s(environ: Mapping[str, str] = os.environ) -> float:
+    """How long this idle worker outlives the last pool manager it saw: the model's WARM_WORKER_ORPHAN_S, which
+    the replicas' runtime env (and so this worker's) carries, validated at start; ORPHAN_AFTER_S without it.
+
+    Example::
+
+        >>> orphan_after_s({"WARM_WORKER_ORPHAN_S": "12.5"}), orphan_after_s({})
+        (12.5, 30.0)
+    """
+    try:
+        return float(environ[ORPHAN_VARIABLE])
+    except (KeyError, ValueError):
+        return ORPHAN_AFTER_S
+
+
 def _watch(key: str, heartbeat_key: str, poll_s: float = 0.2) -> None:
     """Leave the registry when an actor lands here; exit when no pool manager is left."""
     worker = ray._private.worker.global_worker
+    orphan_s = orphan_after_s()
     last, changed_at, next_check = None, time.monotonic(), 0.0
     while True:
         if not worker.actor_id.is_nil():
@@ -117,7 +134,7 @@ def _watch(key: str, heartbeat_key: str, poll_s: float = 0.2) -> None:
             beat = _kv().get(heartbeat_key)
             if beat != last:
                 last, changed_at = beat, now
-            elif now - changed_at > ORPHAN_AFTER_S and worker.actor_id.is_nil():
+            elif now - changed_at > orphan_s and worker.actor_id.is_nil():
                 _kv().delete(key)
                 logger.info("no warm pool manager for %.0fs: this idle warm worker exits", now - changed_at)
                 os._exit(0)

@@ -36,7 +36,9 @@ SETTINGS = {
     "METRICS_PUSH_INTERVAL_S": "0.5",
     "MAX_NEW_TOKENS": "4",
     "TEMPERATURE": "0",
+    "WARM_WORKER_ORPHAN_S": "10",  # idle warm workers of a deleted pool exit after 10 to 15 s, not 30 to 35
 }
+ORPHAN_S = 10.0
 # Importing torch and transformers in a fresh worker takes 5 to 20 s on a busy 2-core machine.
 POOL_DEADLINE_S = 180
 
@@ -120,10 +122,12 @@ def test_a_node_added_later_gets_a_pool_and_a_replica_there_starts_in_it(cluster
 
 def test_warm_workers_exit_once_their_pool_is_gone(url: str) -> None:
     warm = _wait_for_warm(MODEL)
+    # The model's setting reaches its warm workers through the runtime env they share with its replicas.
+    assert {psutil.Process(pid).environ().get("WARM_WORKER_ORPHAN_S") for pid in warm} == {str(ORPHAN_S)}
     serve.delete(APP)
     if MODEL in serve.status().applications:  # the model's own application, with the pool's manager
         serve.delete(MODEL)
-    deadline = warm_pool.ORPHAN_AFTER_S + 30
+    deadline = ORPHAN_S + 30
     wait_for(lambda: not any(psutil.pid_exists(pid) for pid in warm), timeout=deadline, what="warm workers to exit")
 
 
@@ -207,10 +211,10 @@ def test_models_share_one_pool_per_node(url: str, tiny_causal: Path) -> None:
     for app in {"broken", MODEL} & set(serve.status().applications):  # earlier tests' models: their own pools
         earlier |= set(warm_pool.warm_pids(warm_pool.pool_status(app, app)))
         serve.delete(app)
-    # Their idle warm workers outlive them by up to ORPHAN_AFTER_S; counted here, they would read as a second pool.
+    # Their idle warm workers outlive them by up to ORPHAN_S; counted here, they would read as a second pool.
     wait_for(
         lambda: not any(psutil.pid_exists(pid) for pid in earlier),
-        timeout=warm_pool.ORPHAN_AFTER_S + 30,
+        timeout=ORPHAN_S + 30,
         what="the earlier pools' warm workers to exit",
     )
     serve.run(build_graph(build_settings(env)), name=APP, route_prefix="/", blocking=False)

@@ -22,6 +22,7 @@ MODULES = [
     "serving.api.json_body",
     "serving.models",
     "serving.transport",
+    "serving.warm_pool.worker",
     "config.schedule",
     "config.model",
     "testing.polling",

@@ -92,6 +92,7 @@ BAD_VALUES = [
     ("AUTH_FAILURE_DELAY_S", "11", "less than or equal to 10"),
     ("AUTH_FAILURE_DELAY_S", "soon", "valid number"),
     ("AUTH_FAILURE_MAX_HELD", "-1", "greater than or equal to 0"),
+    ("WARM_WORKER_ORPHAN_S", "5", "greater than or equal to 10"),
     ("GATEWAY_NODE_LABEL", "gateway", "expected 'key=value'"),
     ("GATEWAY_NODE_LABEL", "bad key!=x", "invalid label key name"),
     ("GATEWAY_NODE_LABEL", "role=not ok", "invalid label key value"),

@@ -310,9 +310,10 @@ def test_a_manager_that_stands_by_prestarts_nothing_but_sees_the_pool() -> None:
 
 def test_model_options_add_the_shared_runtime_env_and_the_pool_manager() -> None:
     options = {"ray_actor_options": {"num_cpus": 2, "num_gpus": 0.5, "runtime_env": {"env_vars": {"A": "1"}}}}
-    out = warm_pool.model_options(options, warm_workers=3)
+    out = warm_pool.model_options(options, warm_workers=3, orphan_s=12.0)
     env_vars = out["ray_actor_options"]["runtime_env"]["env_vars"]
-    assert env_vars == {"A": "1", **warm_pool.runtime_env()["env_vars"]}
+    # the worker reads WARM_WORKER_ORPHAN_S from this env (serving.warm_pool.worker.orphan_after_s)
+    assert env_vars == {"A": "1", **warm_pool.runtime_env()["env_vars"], "WARM_WORKER_ORPHAN_S": "12.0"}
     assert env_vars[ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR] == "serving.warm_pool.prepare_worker"
     assert env_vars["PYTHONPATH"] == f"{REPO_ROOT}:${{PYTHONPATH}}"
     (manager,) = out["deployment_actors"]
@@ -325,7 +326,9 @@ def test_model_options_add_the_shared_runtime_env_and_the_pool_manager() -> None
 def test_each_model_deployment_gets_the_pool_unless_its_warm_workers_is_zero() -> None:
     caches = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32", "LRU_CACHE_CAPACITY": "32"}  # every replica's, pooled or not
     pooled = model_app(spec_of(ModelConfig(name="org/m", warm_workers=2)), PoolSettings())._bound_deployment
-    assert pooled.ray_actor_options["runtime_env"] == {"env_vars": caches | warm_pool.runtime_env()["env_vars"]}
+    orphan = {"WARM_WORKER_ORPHAN_S": "30.0"}  # WARM_WORKER_ORPHAN_S's default, for the warm workers only
+    pool_env = warm_pool.runtime_env()["env_vars"] | orphan
+    assert pooled.ray_actor_options["runtime_env"] == {"env_vars": caches | pool_env}
     (manager,) = pooled._deployment_config.deployment_actors
     assert manager.name == "warm-pool" and manager.init_kwargs["warm_workers"] == 2
     cold = model_app(spec_of(ModelConfig(name="org/m", warm_workers=0)), PoolSettings())._bound_deployment
