@@ -6,6 +6,7 @@ so that several people's runs on one machine never share or stop each other's Ra
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -46,8 +47,36 @@ def local_serve(
         # The instance is this process's own and ends here: ray.shutdown() ends its every process, Serve's
         # included. serve.shutdown() first would add Serve's graceful stop, about 5 s, to each use; only
         # this process's side of Serve (its handles, its cached client) is closed before.
+        instance = _descendants()
         forget_serve()
         ray.shutdown()
+        _wait_gone(instance)
+
+
+def _descendants() -> list[Any]:
+    """This process's descendants that belong to Ray (its servers, workers and replicas; not a browser a
+    test keeps open)."""
+    import psutil
+
+    ours = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            command = process.cmdline()
+            if any("/ray/" in part or part.startswith("ray::") for part in command):
+                ours.append(process)
+    return ours
+
+
+def _wait_gone(processes: list[Any], timeout_s: float = 30.0) -> None:
+    """Wait until the ended instance's processes have exited (killing any left after ``timeout_s``), so that
+    the next instance never starts beside a dying one (its ports, its CPU)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=10)
 
 
 def forget_serve() -> None:
@@ -83,9 +112,11 @@ def two_node_serve(worker_cpus: float = 2, worker_env: Mapping[str, str] | None 
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, proxy_location="HeadOnly")
         yield cluster, worker.node_id
     finally:
+        instance = _descendants()
         forget_serve()
         ray.shutdown()
         cluster.shutdown()  # ends every node's processes, Serve's included (no graceful stop needed)
+        _wait_gone(instance)
 
 
 def serve_url() -> str:
