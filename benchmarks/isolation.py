@@ -43,36 +43,35 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 FLOOD_BODY = b"[" + b",".join([b"[[[[[[[[1]]]]]]]]"] * 58_000) + b"]"  # 1.04 MB
 
 
-def actor_pids() -> dict[str, int]:
-    """The Gateway's and the model replica's PIDs: this Ray's worker processes descend from this driver."""
+GATEWAY, REPLICA = "ray::ServeReplica:llm:Gateway", "ray::ServeReplica:bench:"
+
+
+def replica_processes() -> list[tuple[int, str]]:
+    """(PID, title) of this Ray's processes: its workers descend from this driver."""
     import os
 
     import psutil
 
-    pids = {}
+    found = []
     for proc in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            title = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if title.startswith("ray::ServeReplica:llm:Gateway"):
-            pids["gateway"] = proc.pid
-        elif title.startswith("ray::ServeReplica:bench:"):
-            pids["replica"] = proc.pid
+        with contextlib.suppress(psutil.Error):
+            found.append((proc.pid, " ".join(proc.cmdline())))
+    return found
+
+
+def actor_pids() -> dict[str, int]:
+    """The Gateway's and the model replica's PIDs."""
+    pids = {}
+    for pid, title in replica_processes():
+        if title.startswith(GATEWAY):
+            pids["gateway"] = pid
+        elif title.startswith(REPLICA):
+            pids["replica"] = pid
     return pids
 
 
 def gateway_pids() -> set[int]:
-    import os
-
-    import psutil
-
-    pids = set()
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if " ".join(proc.cmdline()).startswith("ray::ServeReplica:llm:Gateway"):
-                pids.add(proc.pid)
-    return pids
+    return {pid for pid, title in replica_processes() if title.startswith(GATEWAY)}
 
 
 class MemorySampler(threading.Thread):

@@ -168,15 +168,18 @@ def top_p_floor(probs: torch.Tensor, top_p: float) -> float:
     """
     target = max(top_p, torch.finfo(torch.float32).tiny)
     if probs.device.type != "cpu":
-        ordered = probs.sort(descending=True).values
-        reach = ordered.double().cumsum(0)
-        return float(ordered[min(int(torch.searchsorted(reach, target)), len(ordered) - 1)])
+        return _crossing(probs, 0.0, target)
     keys = (probs.contiguous().view(torch.int32) >> _BUCKET_SHIFT).long()
     from_top = torch.bincount(keys, weights=probs.double(), minlength=_BUCKETS).flip(0).cumsum(0)
     j = int(torch.searchsorted(from_top, target))
     if j >= _BUCKETS:  # rounding left the whole mass short of top_p: keep everything
         return 0.0
     above = float(from_top[j - 1]) if j > 0 else 0.0
-    members = probs[keys == _BUCKETS - 1 - j].sort(descending=True).values
-    reach = members.double().cumsum(0) + above
-    return float(members[min(int(torch.searchsorted(reach, target)), len(members) - 1)])
+    return _crossing(probs[keys == _BUCKETS - 1 - j], above, target)
+
+
+def _crossing(probs: torch.Tensor, above: float, target: float) -> float:
+    """The first of ``probs``, most likely first, at which ``above`` plus their running mass reaches ``target``."""
+    ordered = probs.sort(descending=True).values
+    reach = ordered.double().cumsum(0) + above
+    return float(ordered[min(int(torch.searchsorted(reach, target)), len(ordered) - 1)])
