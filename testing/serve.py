@@ -44,11 +44,10 @@ def local_serve(
     try:
         yield port
     finally:
-        # The instance is this process's own and ends here: ray.shutdown() ends its every process, Serve's
-        # included. serve.shutdown() first would add Serve's graceful stop, about 5 s, to each use; only
-        # this process's side of Serve (its handles, its cached client) is closed before.
+        # Serve's graceful stop first (about 5 s): without it, the next ray.init in this process timed out
+        # now and then (its dashboard aborted at start), with or without waiting for the old processes.
         instance = _descendants()
-        forget_serve()
+        serve.shutdown()
         ray.shutdown()
         _wait_gone(instance)
 
@@ -79,17 +78,6 @@ def _wait_gone(processes: list[Any], timeout_s: float = 30.0) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-def forget_serve() -> None:
-    """Close this process's Serve handles and forget its Serve client, as serve.shutdown() does before it
-    stops Serve on the cluster; the next instance this process starts is then found afresh."""
-    from ray.serve import context
-
-    client = context._global_client
-    if client is not None:
-        client.shutdown_cached_handles()
-    context._disconnect()
-
-
 @contextmanager
 def two_node_serve(worker_cpus: float = 2, worker_env: Mapping[str, str] | None = None) -> Iterator[tuple[Any, str]]:
     """A head with no CPU for replicas (the Gateway and Serve's actors need none) and a worker node with
@@ -113,9 +101,9 @@ def two_node_serve(worker_cpus: float = 2, worker_env: Mapping[str, str] | None 
         yield cluster, worker.node_id
     finally:
         instance = _descendants()
-        forget_serve()
+        serve.shutdown()
         ray.shutdown()
-        cluster.shutdown()  # ends every node's processes, Serve's included (no graceful stop needed)
+        cluster.shutdown()
         _wait_gone(instance)
 
 
