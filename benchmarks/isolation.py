@@ -150,6 +150,8 @@ def background(url: str, kind: str, clients: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="authorised client's time per phase")
+    parser.add_argument("--phases", default=None, help="comma-separated subset of the phases (alone is always run); "
+                        "results then go to isolation-partial.json and are not plotted")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     from ray import serve
@@ -162,6 +164,12 @@ def main() -> None:
     plan = [("alone", None, 0, default_delay), ("flood", "flood", 6, default_delay),
             ("logprobs", "logprobs", 3, default_delay), ("alone, refusals at once", None, 0, 0.0),
             ("flood, refusals at once", "flood", 6, 0.0)]  # fmt: skip
+    if args.phases:
+        wanted = {"alone", *(name.strip() for name in args.phases.split(","))}
+        unknown = wanted - {name for name, *_ in plan}
+        if unknown:
+            parser.error(f"unknown phases {sorted(unknown)}; the phases are {[name for name, *_ in plan]}")
+        plan = [step for step in plan if step[0] in wanted]
     phases: dict[str, Any] = {}
     with local_serve(num_cpus=2) as port:
         url = f"http://127.0.0.1:{port}"
@@ -206,6 +214,8 @@ def main() -> None:
         serve.delete("llm")
     for name, against in (("flood", "alone"), ("logprobs", "alone"), ("flood, refusals at once", "alone"),
                           ("alone, refusals at once", "alone")):  # fmt: skip
+        if name not in phases:
+            continue
         alone = phases[against]["latency_s"]
         phases[name]["p50_ratio"] = round(phases[name]["latency_s"]["median"] / alone["median"], 2)
         phases[name]["p95_ratio"] = round(phases[name]["latency_s"]["p95"] / alone["p95"], 2)
@@ -215,8 +225,11 @@ def main() -> None:
         "flood_body_bytes": len(FLOOD_BODY),
         "ratios_against": "alone",
     }
-    path = write_results("isolation", data)
-    plot(phases, RESULTS / "isolation.png")
+    if args.phases:
+        path = write_results("isolation-partial", data)
+    else:
+        path = write_results("isolation", data)
+        plot(phases, RESULTS / "isolation.png")
     logger.info("wrote %s", path)
 
 

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, field_serializer
+from typing_extensions import TypedDict
 
 from engine.types import Delta, GenerationRequest, Started, TokenLogprob, ToolCall
+from serving.api.json_body import Records
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -66,7 +68,9 @@ class CompletionChunk(CompletionResponse):
 # --- /v1/chat/completions -------------------------------------------------------------------------
 
 
-class TopLogprobOut(BaseModel):
+# A chat answer's entries are plain dicts (typed, for the schema): one answer can hold 1,024 tokens x 20
+# alternatives per choice, and a model per alternative cost more to build and to walk than to write.
+class TopLogprobOut(TypedDict):
     token: str
     logprob: float
     bytes: list[int]
@@ -175,10 +179,10 @@ def completion_logprobs(logprobs: Sequence[TokenLogprob], offset: int, unscored:
     for entry in logprobs:
         offsets.append(offset)
         offset += len(entry.token)
-    return CompletionLogprobs(
+    return CompletionLogprobs.model_construct(  # unvalidated, as chat_logprobs
         tokens=[e.token for e in logprobs],
         token_logprobs=[e.logprob if i >= unscored else None for i, e in enumerate(logprobs)],
-        top_logprobs=[_top_by_text(e.top) if i >= unscored else None for i, e in enumerate(logprobs)],
+        top_logprobs=Records(_top_by_text(e.top) if i >= unscored else None for i, e in enumerate(logprobs)),
         text_offset=offsets,
     )
 
@@ -207,17 +211,18 @@ def prompt_entries(started: Started | None, request: GenerationRequest, row: int
 
 
 def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
-    return ChatLogprobs(
-        content=[
-            TokenLogprobOut(
-                token=e.token,
-                logprob=e.logprob,
-                bytes=list(e.bytes),
-                top_logprobs=[TopLogprobOut(token=a.token, logprob=a.logprob, bytes=list(a.bytes)) for a in e.top],
-            )
-            for e in logprobs
-        ]
+    """The chat form of ``logprobs``: built unvalidated (the engine's entries are typed already) as
+    :class:`Records`, which the whole answer's writer writes without walking them."""
+    content = Records(
+        {
+            "token": e.token,
+            "logprob": e.logprob,
+            "bytes": list(e.bytes),
+            "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.bytes)} for a in e.top],
+        }
+        for e in logprobs
     )
+    return ChatLogprobs.model_construct(content=content)
 
 
 def call_out(call: ToolCall) -> ToolCallOut:
