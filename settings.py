@@ -37,7 +37,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from config.errors import SECRET_FIELDS, SettingsError, check_aliases, describe, env_name
 from config.keys import check_admin_key_is_not_a_user_key, read_admin_key, read_keys
-from config.model import NAME_PATTERN, ModelConfig, default_served_name
+from config.model import DRAIN_CHECK_S, NAME_PATTERN, ModelConfig, default_served_name
 from config.model_fields import (
     DEFAULT_MODEL_DIR,
     IDLE_TIMEOUT_ALIAS,
@@ -364,6 +364,7 @@ class Settings(BaseSettings, ModelFields):
             "max_ongoing_requests": capacity + ADMIN_HEADROOM + self.auth_failure_max_held,
             "ray_actor_options": self.control_actor_options(),
             "graceful_shutdown_timeout_s": max(m.graceful_shutdown_timeout_s for m in self._model_configs),
+            "graceful_shutdown_wait_loop_s": DRAIN_CHECK_S,
             # The Gateway's own access line (serving/api/access.py) records every request; Serve's would
             # repeat it, at a cost per request that a keyless flood multiplies.
             "logging_config": {"log_level": self.log_level, "enable_access_log": False},

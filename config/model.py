@@ -14,6 +14,11 @@ from config.model_fields import STORED, ModelFields, is_local_path
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 # oneDNN's primitive cache and ideep's compiled-kernel cache (PyTorch's mkldnn ops): kernel_cache_capacity.
 KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+# How often a stopping replica (a model's, the Gateway's, the pool controller's) checks whether its requests
+# are done; Ray's default is 2 s. An idle replica (scale to zero, a redeploy, `serve shutdown`) is gone
+# after one check; running requests still keep it up to graceful_shutdown_timeout_s, and one routed to it
+# after the check is refused by the replica and sent elsewhere by Serve.
+DRAIN_CHECK_S = 0.2
 
 
 class ModelConfig(ModelFields):
@@ -81,7 +86,7 @@ class ModelConfig(ModelFields):
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
-            "graceful_shutdown_wait_loop_s": 1.0,
+            "graceful_shutdown_wait_loop_s": DRAIN_CHECK_S,
             # Loading a large model can take minutes; Ray's 30 s default would kill a healthy replica.
             "health_check_timeout_s": max(30.0, self.model_load_timeout_s),
             # A stalled engine (check_health) is found within this period plus Serve's failure threshold.

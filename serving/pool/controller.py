@@ -21,6 +21,7 @@ from typing import Any
 
 from ray import serve
 
+from config.model import DRAIN_CHECK_S
 from serving.models import ModelStatus
 from serving.pool.admin import AdminMixin
 from serving.pool.logic import PoolLogic, PoolModel, Seen
@@ -39,6 +40,7 @@ logger = logging.getLogger("ray.serve")
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=10_000,  # mostly requests waiting for room, each an idle coroutine
     graceful_shutdown_timeout_s=10,
+    graceful_shutdown_wait_loop_s=DRAIN_CHECK_S,
 )
 class PoolController(AdminMixin):
     """Runs the pool; the Gateway calls it through ``serving.pool.client.PoolClient``.
