@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     import torch
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+# What a token the model rules out (a logit of -inf) is given: JSON has no -infinity, and an answer
+# holding one could not be sent. vLLM's OpenAI server writes the same value.
+LOWEST_LOGPROB = -9999.0
 
 
 @lru_cache(maxsize=1)
@@ -84,13 +87,15 @@ class TokenTexts:
 def token_logprob(logprobs: torch.Tensor, chosen: int, top: int, texts: TokenTexts) -> TokenLogprob:
     """The chosen token's entry for one step, with the ``top`` most likely alternatives (best first).
 
-    ``logprobs`` is the step's log-softmax over the vocabulary (one row).
+    ``logprobs`` is the step's log-softmax over the vocabulary (one row). A token ruled out (-inf) has
+    :data:`LOWEST_LOGPROB`.
     """
     alternatives: tuple[TopLogprob, ...] = ()
     if top > 0:
         values, ids = logprobs.topk(min(top, logprobs.shape[-1]))
         alternatives = tuple(
-            TopLogprob(*texts.get(i), logprob=v) for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+            TopLogprob(*texts.get(i), logprob=max(v, LOWEST_LOGPROB))
+            for v, i in zip(values.tolist(), ids.tolist(), strict=True)
         )
     text, raw = texts.get(chosen)
-    return TokenLogprob(token=text, bytes=raw, logprob=float(logprobs[chosen]), top=alternatives)
+    return TokenLogprob(token=text, bytes=raw, logprob=max(float(logprobs[chosen]), LOWEST_LOGPROB), top=alternatives)
