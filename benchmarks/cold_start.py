@@ -71,7 +71,7 @@ LABELS = {
 DEPLOYMENTS = {"service": MODEL_NAME, "nopool": f"{MODEL_NAME}-cold", "baseline": "PlainGenerator"}
 
 
-def service_settings(model: Path, cpus: int, idle_s: float, systems: tuple[str, ...]) -> Any:
+def service_settings(model: Path, cpus: int, idle_s: float, systems: tuple[str, ...], dtype: str | None = None) -> Any:
     """The service serving ``systems``'s models (MODELS_FILE, in a temporary file: it is read here)."""
     entries = [
         {"name": MODEL_NAMES[system], "model_id": str(model), "warm_workers": SERVICES[system]} for system in systems
@@ -88,16 +88,17 @@ def service_settings(model: Path, cpus: int, idle_s: float, systems: tuple[str, 
                 "IDLE_TIMEOUT_S": str(idle_s),
                 "AUTOSCALING_LOOK_BACK_S": "1",
                 "METRICS_PUSH_INTERVAL_S": "0.5",
+                **({"DTYPE": dtype} if dtype else {}),
             }
         )
     finally:
         os.unlink(f.name)
 
 
-def deploy(model: Path, port: int, cpus: int, idle_s: float) -> dict[str, str]:
+def deploy(model: Path, port: int, cpus: int, idle_s: float, dtype: str | None = None) -> dict[str, str]:
     from ray import serve
 
-    settings = service_settings(model, cpus, idle_s, tuple(SERVICES))
+    settings = service_settings(model, cpus, idle_s, tuple(SERVICES), dtype)
     serve.run(build_graph(settings), name="service", route_prefix="/", blocking=False)
     plain = baseline_app.PlainGenerator.options(
         ray_actor_options={"num_cpus": cpus},
@@ -311,6 +312,7 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=3.0, help="IDLE_TIMEOUT_S between runs")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--name", default="cold_start")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), help="the service's DTYPE (default: auto)")
     parser.add_argument("--sizes", action="store_true", help="wake cost by checkpoint size (cold_start_sizes.py)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="with --sizes: keep the big checkpoints")
     args = parser.parse_args()
@@ -331,7 +333,7 @@ def main() -> None:
         logger.info("memory at zero replicas: %s", memory)
     runs: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
     with local_serve(num_cpus=args.cpus) as port:
-        urls = deploy(model, port, args.cpus, args.idle)
+        urls = deploy(model, port, args.cpus, args.idle, args.dtype)
         for _ in range(args.runs):
             for system in SYSTEMS:
                 runs[system].append(one_cold_start(urls, system, args.new_tokens))

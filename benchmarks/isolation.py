@@ -256,7 +256,8 @@ def plot(phases: dict[str, Any], path: Path) -> None:
                   label=role)  # fmt: skip
     right.set_xticks(list(xs), labels, fontsize=8)
     right.set_ylabel("peak RSS (MiB)")
-    right.legend()
+    right.margins(y=0.25)  # room for the legend above the bars
+    right.legend(loc="upper right")
     fig.suptitle("Isolation: 4-token completions alone, beside a keyless 1 MB flood, beside maximal logprobs")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
