@@ -329,11 +329,21 @@ async def test_a_stream_interval_holds_neither_the_first_token_nor_the_end() -> 
 
 async def test_streams_share_a_message_budget() -> None:
     """STREAM_MESSAGES_PER_S: with S streams open each reads at most S / budget times a second."""
-    engine = FakeEngine(join=True, step_s=0.002)
-    batcher = Batcher(engine, max_batch_size=8, wait_timeout_s=0.0, stream_messages_per_s=1000)
     # One stream, 1 / 1000 s between reads: shorter than a step, so every step leaves as its own message.
-    alone = [deltas async for deltas in batcher.open([[3]], [params(20)])]
-    assert len(alone) == 20
+    # The engine steps only once the reader has its delta (as in test_deltas_arrive_as_the_engine_makes_them),
+    # so that a reader the machine wakes late cannot join two steps: that made this test fail now and then.
+    read = threading.Semaphore(0)
+    engine = FakeEngine(join=True, step_s=0.002, after_step=lambda: read.acquire(timeout=10))
+    batcher = Batcher(engine, max_batch_size=8, wait_timeout_s=0.0, stream_messages_per_s=1000)
+    alone_stream = batcher.open([[3]], [params(20)])
+    assert batcher.read_interval_s() == 0.001
+    alone = []
+    async for deltas in alone_stream:
+        alone.append((engine.steps, deltas))
+        read.release()
+    assert [steps for steps, _ in alone] == list(range(1, 21))
+    assert all(len(deltas) == 1 and deltas[0].tokens == 1 for _, deltas in alone)
+    engine.after_step = None  # the engine runs freely from here
     batcher.stream_messages_per_s = 40
     streams = [batcher.open([[4 + i]], [params(100)]) for i in range(4)]
     assert batcher.read_interval_s() == 0.1
