@@ -44,8 +44,9 @@ def local_serve(
     try:
         yield port
     finally:
-        # Serve's graceful stop first (about 5 s): without it, the next ray.init in this process timed out
-        # now and then (its dashboard aborted at start), with or without waiting for the old processes.
+        # Serve's graceful stop first (about 1 s, replicas checking every DRAIN_CHECK_S): without it, the next
+        # ray.init in this process timed out now and then (its dashboard aborted at start), with or without
+        # waiting for the old processes.
         instance = _descendants()
         serve.shutdown()
         ray.shutdown()

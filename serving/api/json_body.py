@@ -66,10 +66,14 @@ def json_body(value: BaseModel, piece: int = PIECE) -> bytes:
     return "".join(out).encode()
 
 
+def _records_per_call(piece: int) -> int:
+    return max(1, piece // RECORD_WEIGHT)
+
+
 def _big(value: Any, piece: int) -> bool:
     """Whether ``value`` holds a list or dict of more than ``piece`` elements (the walk stops at the first)."""
     if isinstance(value, Records):
-        return len(value) > max(1, piece // RECORD_WEIGHT)
+        return len(value) > _records_per_call(piece)
     if isinstance(value, BaseModel):
         return any(_big(v, piece) for v in value.__dict__.values())
     if isinstance(value, list | tuple):
@@ -83,7 +87,7 @@ def _write(value: Any, out: list[str], piece: int) -> None:
     if isinstance(value, BaseModel):
         _write_model(value, out, piece)
     elif isinstance(value, Records):
-        step = max(1, piece // RECORD_WEIGHT)
+        step = _records_per_call(piece)
         out.append("[")
         for start in range(0, len(value), step):
             out.append(("," if start else "") + _dumps(value[start : start + step])[1:-1])
