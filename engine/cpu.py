@@ -131,6 +131,21 @@ def can_pack(model: Any) -> bool:
     )
 
 
+def transposed(matrix: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``matrix.t().contiguous()``, copied a band of ``block`` rows at a time.
+
+    The plain copy walks the source a column at a time: every element read is a different cache
+    line. A band of 64 source rows keeps the lines it reads in cache while the output's rows are
+    written, 1.3x to 2x the plain copy's rate here (GPT-2-small's layers: 1.9 against 1.1 GB/s in
+    bfloat16), which a bfloat16 wake pays once per weight before its first answer.
+    """
+    rows, cols = matrix.shape
+    out = torch.empty((cols, rows), dtype=matrix.dtype, device=matrix.device)
+    for start in range(0, rows, block):
+        out[:, start : start + block].copy_(matrix[start : start + block].t())
+    return out
+
+
 def pack_linears(model: Any, rows_hint: int) -> dict[str, Any]:
     """Replace the model's linear layers (and ``Conv1D``) by :class:`PackedLinear`; facts for the report.
 
@@ -151,7 +166,7 @@ def pack_linears(model: Any, rows_hint: int) -> dict[str, Any]:
             if type(child) in (torch.nn.Linear, CpuHead):
                 matrix = weight
             elif type(child) is Conv1D:  # GPT-2's layers keep the weight as [in, out]
-                matrix = weight.t().contiguous()
+                matrix = transposed(weight.detach())
             else:
                 continue
             setattr(module, name, PackedLinear(matrix, child.bias, rows_hint))
@@ -166,13 +181,21 @@ def prepare_cpu_model(model: Any, split: bool, rows_hint: int) -> tuple[dict[str
 
     The fused activation always; on one CPU, ``engine.attention``'s implementation (its bfloat16
     decode step, and a packed prefill that attends prompt by prompt), and prepacked layers (or,
-    where oneDNN cannot pack them, the faster output head). Returns facts for the report and the
-    packing, when there is one, for the engine to run once its first batch is done: reordering
-    every weight costs about as long as reading them twice, which a wake from zero would pay
-    before its first answer. In bfloat16 packed layers compute exactly what the plain ones do (the
-    same oneDNN kernels); in float32 they round differently from MKL's products (about 1e-6
-    relative) and depend less on the rows beside them (MKL's, with two threads, change with every
-    row count; tests/unit/test_cpu_kernels.py).
+    where oneDNN cannot pack them, the faster output head). Returns facts for the report and, when
+    the packing is better left until the engine's first batch is done, that packing.
+
+    When to pack is a matter of measurement (``python -m benchmarks.engine_steps`` and the wake in
+    ``benchmarks.cold_start``). In bfloat16 oneDNN's kernels on plain weights are slow at every row
+    count: a GPT-2-small decode step took 48 ms plain against 30 ms packed at one row, on the
+    Intel VM (AMX), so a 32-token first answer gains about 0.6 s from a packing that costs about
+    0.25 s; bfloat16 packs at load. In float32 the plain path is MKL's, as fast as packed at one
+    row (32 against 35 ms) and slower only with many rows (69 against 68 ms at 16 here, 1.6x on
+    the AMD VM): reordering every weight costs about as long as reading them twice, which a wake
+    from zero would pay before its first answer, so float32 packs once its first batch is done.
+    In bfloat16 packed layers compute exactly what the plain ones do (the same oneDNN kernels); in
+    float32 they round differently from MKL's products (about 1e-6 relative) and depend less on
+    the rows beside them (MKL's, with two threads, change with every row count;
+    tests/unit/test_cpu_kernels.py).
     """
     fuse_activations(model)
     if split or model.device.type != "cpu":
@@ -181,11 +204,16 @@ def prepare_cpu_model(model: Any, split: bool, rows_hint: int) -> tuple[dict[str
     if not can_pack(model) or getattr(model.config, "quantization_config", None) is not None:
         use_cpu_head(model)
         return facts, None
-    facts["packing"] = "after the first batch"
 
     def pack() -> None:
         started = time.monotonic()
         done = pack_linears(model, rows_hint)
         logger.info("packed %s for oneDNN in %.2fs", done, time.monotonic() - started)
 
+    if model.dtype == torch.bfloat16:
+        started = time.monotonic()
+        facts.update(pack_linears(model, rows_hint))
+        facts["packing"] = f"at load, {time.monotonic() - started:.2f}s"
+        return facts, None
+    facts["packing"] = "after the first batch"
     return facts, pack
