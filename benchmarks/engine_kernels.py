@@ -20,6 +20,7 @@ import time
 import torch
 from transformers import DynamicCache
 
+import engine.cpu as engine_cpu
 from benchmarks.common import PROMPTS, RESULTS, write_results
 from engine.continuous import ContinuousBatch
 from engine.model import EngineConfig, TextGenerator
@@ -49,11 +50,15 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint = random_checkpoint("gpt2-small", full_vocab=True)
     config = EngineConfig(model_id=str(checkpoint), num_threads=args.threads, dtype="bfloat16")
-    plain, fast = TextGenerator.load(config), TextGenerator.load(config)
-    plain.after_first_batch = None  # never packed
+    packing = engine_cpu.pack_linears
+    engine_cpu.pack_linears = lambda model, rows_hint: {}  # the plain engine: its layers as loaded, never packed
+    try:
+        plain = TextGenerator.load(config)
+    finally:
+        engine_cpu.pack_linears = packing
+    fast = TextGenerator.load(config)  # bfloat16 packs at load
     plain.model.config._attn_implementation = "sdpa"
     params = SamplingParams(max_new_tokens=400, ignore_eos=True)
-    fast.generate([fast.encode(["warm"], params)[0]], SamplingParams(max_new_tokens=1))  # runs the packing
     prompts = [fast.encode(PROMPTS, params)[i % len(PROMPTS)] for i in range(args.rows)]
     steps: dict[str, list[float]] = {"plain": [], "engine": []}
     prefills: dict[str, list[float]] = {"plain": [], "engine": []}

@@ -154,6 +154,12 @@ class SlotCache(Cache):
         self.host_lengths[target] = length
         self.free(source)
 
+    def to(self, dtype: torch.dtype) -> None:
+        """Hold the keys and values in ``dtype`` from now on (rows in use keep theirs, cast)."""
+        for layer in self.slot_layers:
+            if layer.keys is not None and layer.values is not None and layer.keys.dtype != dtype:
+                layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
         self.host_lengths[slot] = 0

@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from engine.chat import encode_chat, render_chat
 from engine.continuous import ContinuousBatch, new_cache, supports
-from engine.cpu import auto_cpu_dtype, prepare_cpu_model
+from engine.cpu import auto_cpu_dtype, prepare_cpu_model, stored_float32
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import PromptTooLongError
 from engine.loading import load_weights, placement_facts, touch_weights, weights_facts
@@ -146,7 +146,8 @@ class TextGenerator:
         self.continuous = config.continuous_batching and supports(model)
         # Kept between batches: a request to an idle engine reuses the buffers (engine.kvcache).
         self.slots = new_cache(model) if self.continuous else None
-        self.after_first_batch: Callable[[], None] | None = None  # one-off work once a first batch is done
+        # One-off work once a first answer is done (engine.cpu's packing): at the step after a row ends.
+        self.after_first_answer: Callable[[], None] | None = None
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
@@ -164,27 +165,46 @@ class TextGenerator:
             tokenizer = AutoTokenizer.from_pretrained(config.model_id, trust_remote_code=remote)
         with timer.phase("model_code"):  # the architecture's module and what it pulls in (seconds, once)
             model_cls = _model_class(model_config, remote)
+        # DTYPE=auto's bfloat16 for a checkpoint stored in float32 (engine.cpu.prepare_cpu_model):
+        # the wake answers in float32, with no conversion before its answer; then bfloat16.
+        then_bfloat16 = (
+            config.dtype == "auto"
+            and config.device == "cpu"
+            and dtype == torch.bfloat16
+            and not config.max_memory
+            and not config.cpu_offload_gb
+            and getattr(model_config, "quantization_config", None) is None
+            and stored_float32(model_config)
+        )
+        if then_bfloat16:
+            timer.facts["dtype_reason"] = (
+                f"{dtype_reason}; the checkpoint is float32: float32 until the first answer ends, then bfloat16"
+            )
         with timer.phase("weights"):
             # Straight onto the target devices and dtype: no CPU copy of a GPU model, no float32
             # detour for a half-precision one; spread over the replica's GPUs when it has several.
-            model, placed = load_weights(model_cls, model_config, config, dtype)
+            model, placed = load_weights(model_cls, model_config, config, torch.float32 if then_bfloat16 else dtype)
             model.eval()
         timer.facts.update(weights_facts(model, timer.phases["weights"]))
         timer.facts["placement"] = {**placement_facts(model), **placed.describe()}
+        if then_bfloat16:
+            timer.facts["placement"]["dtype_after_first_answer"] = "bfloat16"
         engine = cls(model, tokenizer, config)
         with timer.phase("warmup"):
             timer.facts.update(touch_weights(model))
-            cpu_facts, pack = prepare_cpu_model(model, placed.device_map is not None, config.max_batch_size)
+            cpu_facts, later = prepare_cpu_model(
+                model, placed.device_map is not None, config.max_batch_size, then_bfloat16=then_bfloat16
+            )
             timer.facts.update(cpu_facts)
             engine.warm_up()
-        engine.after_first_batch = pack  # after the first real batch: a wake does not wait for it
+        engine.after_first_answer = later  # a wake does not wait for it
         logger.info(
             "loaded model=%s class=%s placement=%s dtype=%s (%s) threads=%s context=%s batching=%s phases=%s",
             config.model_id,
             type(model).__name__,
             timer.facts["placement"],
             str(dtype).removeprefix("torch."),
-            dtype_reason,
+            timer.facts["dtype_reason"],
             torch.get_num_threads(),
             engine.context_length,
             "continuous" if engine.continuous else "static",
@@ -290,14 +310,21 @@ class TextGenerator:
                 self._run_continuous(list(items), on_step, poll, max_batch_size or len(items))
             else:
                 self._run_static(list(items), on_step)
-            work, self.after_first_batch = self.after_first_batch, None
-            if work is not None:  # engine.cpu's weight packing: its answers have gone out already
-                work()
+            self._first_answer_done()  # a batch that ended without one (static, or all cancelled)
         except Exception:
             # The failed batch's tensors are gone; give their device memory back before the next one.
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise
+
+    def _first_answer_done(self) -> None:
+        """Run the one-off work, once: its answers have gone out already; rows still running wait for it."""
+        work, self.after_first_answer = self.after_first_answer, None
+        if work is None:
+            return
+        work()
+        if self.slots is not None:  # the model may now compute in another dtype: its cache follows
+            self.slots.to(self.model.dtype)
 
     def generate(
         self, prompt_ids: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams]
@@ -333,7 +360,10 @@ class TextGenerator:
                 joined += len(pending)
                 pending = more(min(max_batch_size - len(batch.rows), max_batch_size - joined))
             dropped = batch.drop_cancelled()
-            emit(on_step, dropped + batch.step() if batch.rows else dropped)
+            events = dropped + batch.step() if batch.rows else dropped
+            emit(on_step, events)
+            if self.after_first_answer is not None and any(delta.finish_reason for _, delta in events):
+                self._first_answer_done()
             # Asked after the step: rows that came during it are prefilled next, into the slots it freed.
             pending = more(max_batch_size - len(batch.rows))
             if not batch.rows and not pending:

@@ -11,6 +11,7 @@ from transformers.activations import NewGELUActivation
 from engine.cpu import auto_cpu_dtype, cpu_flags, fuse_activations
 from engine.model import EngineConfig, TextGenerator
 from engine.timing import PhaseTimer
+from engine.types import SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -46,7 +47,14 @@ def test_fused_gelu_equals_gpt2s_own_up_to_rounding() -> None:
 def test_auto_engine_reports_its_dtype_and_why(tiny_causal: Path) -> None:
     timer = PhaseTimer()
     engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1), timer)
-    expected, _ = auto_cpu_dtype()
-    assert engine.model.dtype == expected
-    assert timer.facts["placement"]["dtype"] == str(expected).removeprefix("torch.")
+    chosen, _ = auto_cpu_dtype()
     assert timer.facts["dtype_reason"].startswith("auto: ")
+    # The checkpoint is float32: where auto chooses bfloat16, it still wakes in float32.
+    assert engine.model.dtype == torch.float32
+    assert timer.facts["placement"]["dtype"] == "float32"
+    if chosen == torch.bfloat16:
+        assert timer.facts["placement"]["dtype_after_first_answer"] == "bfloat16"
+        engine.generate(engine.encode(["Hello"], SamplingParams(max_new_tokens=2)), SamplingParams(max_new_tokens=2))
+        assert engine.model.dtype == torch.bfloat16
+    else:
+        assert "dtype_after_first_answer" not in timer.facts["placement"]

@@ -10,9 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.pytorch_utils import Conv1D
 
+import engine.model as engine_model
 from engine.attention import NAME, decode_attention
 from engine.cpu import NATIVE_BF16_FLAGS, PackedLinear, cpu_flags, pack_linears, prepare_cpu_model, transposed
 from engine.model import EngineConfig, TextGenerator
+from engine.timing import PhaseTimer
 from engine.types import SamplingParams
 from testing.checkpoints import build_tokenizer
 
@@ -115,7 +117,7 @@ def test_bfloat16_engine_answers_as_the_models_own_generate(
     # Packed at load (plain bfloat16 layers are slow at every row count): the plain reference below
     # is what the packed layers must compute.
     assert not any(type(m) in (torch.nn.Linear, Conv1D) for m in engine.model.modules())
-    assert engine.after_first_batch is None
+    assert engine.after_first_answer is None
     answers = engine.generate(ids, params)  # the three rows decode in one batch
     for prompt_ids, answer in zip(ids, answers, strict=True):
         with torch.inference_mode():
@@ -124,6 +126,33 @@ def test_bfloat16_engine_answers_as_the_models_own_generate(
                 pad_token_id=tokenizer.pad_token_id,
             )  # fmt: skip
         assert answer.text == tokenizer.decode(out[0, len(prompt_ids) :]), prompt_ids
+
+
+@native_bf16
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_auto_wakes_a_float32_checkpoint_in_float32_and_then_runs_in_bfloat16(
+    kind: str, tiny_causal: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tiny_causal if kind == "gpt2" else _tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    monkeypatch.setattr(engine_model, "auto_cpu_dtype", lambda: (torch.bfloat16, "cpu has amx_bf16"))
+    timer = PhaseTimer()
+    engine = TextGenerator.load(EngineConfig(model_id=str(path), dtype="auto", num_threads=1), timer)
+    assert engine.model.dtype == torch.float32 and engine.after_first_answer is not None
+    assert "float32 until the first answer ends, then bfloat16" in timer.facts["dtype_reason"]
+    as_float32 = TextGenerator.load(EngineConfig(model_id=str(path), dtype="float32", num_threads=1))
+    as_bfloat16 = TextGenerator.load(EngineConfig(model_id=str(path), dtype="bfloat16", num_threads=1))
+    short = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    long = SamplingParams(max_new_tokens=14, temperature=0.0, ignore_eos=True)
+    ids = engine.encode(["def add(a, b):", "import os"], long)
+    # Two rows in one batch: the short one's answer ends the float32 phase while the long one runs on.
+    first = engine.generate(ids, [short, long])
+    assert first[0] == as_float32.generate(ids[:1], short)[0]
+    assert first[1].completion_tokens == 14 and first[1].finish_reason == "length"
+    assert engine.model.dtype == torch.bfloat16 and engine.after_first_answer is None
+    assert not any(type(m) in (torch.nn.Linear, Conv1D) for m in engine.model.modules())  # packed
+    assert all(layer.keys.dtype == torch.bfloat16 for layer in engine.slots.slot_layers)  # its cache followed
+    assert engine.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert engine.generate(ids, long) == as_bfloat16.generate(ids, long)  # as if loaded in bfloat16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -439,7 +439,7 @@ def test_cpu_head_computes_what_linear_computes(shape: tuple[int, ...], bias: bo
 def test_a_cpu_engine_that_cannot_pack_uses_the_cpu_head_on_the_tied_weights(tiny_causal: Path, monkeypatch) -> None:
     monkeypatch.setattr(engine_cpu, "can_pack", lambda model: False)  # e.g. a torch built without oneDNN
     engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1, dtype="float32"))
-    assert engine.after_first_batch is None
+    assert engine.after_first_answer is None
     head = engine.model.get_output_embeddings()
     assert type(head) is CpuHead
     assert head.weight is engine.model.get_input_embeddings().weight  # still tied, no copy
