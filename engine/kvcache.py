@@ -154,8 +154,11 @@ class SlotCache(Cache):
         self.host_lengths[target] = length
         self.free(source)
 
-    def to(self, dtype: torch.dtype) -> None:
-        """Hold the keys and values in ``dtype`` from now on (rows in use keep theirs, cast)."""
+    def cast(self, dtype: torch.dtype) -> None:
+        """Hold the keys and values in ``dtype`` from now on (rows in use keep theirs, cast).
+
+        Not named ``to``: accelerate's offload hooks call ``.to(device)`` on any argument that has one.
+        """
         for layer in self.slot_layers:
             if layer.keys is not None and layer.values is not None and layer.keys.dtype != dtype:
                 layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)

@@ -324,7 +324,7 @@ class TextGenerator:
             return
         work()
         if self.slots is not None:  # the model may now compute in another dtype: its cache follows
-            self.slots.to(self.model.dtype)
+            self.slots.cast(self.model.dtype)
 
     def generate(
         self, prompt_ids: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams]
