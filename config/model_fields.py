@@ -54,7 +54,8 @@ class ModelFields(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto",
         description="Weights dtype. auto: on CPU bfloat16 where the CPU has it natively (AVX512-BF16 or AMX), "
-        "else float32; on CUDA bfloat16 where supported, else float16.",
+        "else float32 (a float32 checkpoint answers its first request in float32, then is converted); "
+        "on CUDA bfloat16 where supported, else float16.",
     )
     model_load_timeout_s: float = Field(
         default=900.0, gt=0, description="A replica that has not loaded its model in this time fails and is retried."
