@@ -205,16 +205,17 @@ def prepare_cpu_model(
     The fused activation always; on one CPU, ``engine.attention``'s implementation (its bfloat16
     decode step, and a packed prefill that attends prompt by prompt), and prepacked layers (or,
     where oneDNN cannot pack them, the faster output head). Returns facts for the report and, when
-    the packing is better left until the engine's first batch is done, that packing.
+    the packing is better left until the engine's first answer is done, that packing.
 
-    When to pack is a matter of measurement (``python -m benchmarks.engine_steps`` and the wake in
-    ``benchmarks.cold_start``). In bfloat16 oneDNN's kernels on plain weights are slow at every row
-    count: a GPT-2-small decode step took 48 ms plain against 30 ms packed at one row, on the
-    Intel VM (AMX), so a 32-token first answer gains about 0.6 s from a packing that costs about
-    0.25 s; bfloat16 packs at load. In float32 the plain path is MKL's, as fast as packed at one
-    row (32 against 35 ms) and slower only with many rows (69 against 68 ms at 16 here, 1.6x on
-    the AMD VM): reordering every weight costs about as long as reading them twice, which a wake
-    from zero would pay before its first answer, so float32 packs once its first batch is done.
+    When to pack is a matter of measurement (in one process on the Intel VM, AMX, two threads;
+    and the wake in ``benchmarks.cold_start``). In bfloat16 oneDNN's kernels on plain weights are
+    slow at few rows: a GPT-2-small decode step took 48 ms plain against 30 ms packed at one and
+    at four rows (equal at 16), so a 32-token first answer gains about 0.6 s from a packing that
+    costs about 0.25 s; bfloat16 packs at load. In float32 the plain path is MKL's, as fast as
+    packed at one row (32 against 35 ms), slower at four (53 against 45 ms; at 16 rows equal here,
+    1.6x on the AMD VM): reordering every weight costs about as long as reading them twice, which
+    a wake from zero would pay before its first answer, so float32 packs once its first answer
+    has gone out.
     In bfloat16 packed layers compute exactly what the plain ones do (the same oneDNN kernels); in
     float32 they round differently from MKL's products (about 1e-6 relative) and depend less on
     the rows beside them (MKL's, with two threads, change with every row count;
