@@ -241,18 +241,15 @@ def prepare_cpu_model(
         done = pack_linears(model, rows_hint)
         logger.info(
             "%spacked %s for oneDNN in %.2fs",
-            f"converted {converted} parameters to bfloat16, " if then_bfloat16 else "",
+            f"converted {converted} parameters to bfloat16, " if converted else "",
             done,
             time.monotonic() - started,
         )
 
-    if then_bfloat16:
-        facts["packing"] = "after the first answer, converted to bfloat16"
-        return facts, pack
     if model.dtype == torch.bfloat16:
         started = time.monotonic()
         facts.update(pack_linears(model, rows_hint))
         facts["packing"] = f"at load, {time.monotonic() - started:.2f}s"
         return facts, None
-    facts["packing"] = "after the first batch"
+    facts["packing"] = "after the first answer" + (", converted to bfloat16" if then_bfloat16 else "")
     return facts, pack

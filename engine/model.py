@@ -157,7 +157,6 @@ class TextGenerator:
         if config.device == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         dtype, dtype_reason = config.dtype_choice()
-        timer.facts["dtype_reason"] = dtype_reason  # beside placement's dtype in the cold-start report
         remote = config.trust_remote_code
         with timer.phase("config"):
             model_config = AutoConfig.from_pretrained(config.model_id, trust_remote_code=remote)
@@ -177,9 +176,8 @@ class TextGenerator:
             and stored_float32(model_config)
         )
         if then_bfloat16:
-            timer.facts["dtype_reason"] = (
-                f"{dtype_reason}; the checkpoint is float32: float32 until the first answer ends, then bfloat16"
-            )
+            dtype_reason += "; the checkpoint is float32: float32 until the first answer ends, then bfloat16"
+        timer.facts["dtype_reason"] = dtype_reason  # beside placement's dtype in the cold-start report
         with timer.phase("weights"):
             # Straight onto the target devices and dtype: no CPU copy of a GPU model, no float32
             # detour for a half-precision one; spread over the replica's GPUs when it has several.
@@ -204,7 +202,7 @@ class TextGenerator:
             type(model).__name__,
             timer.facts["placement"],
             str(dtype).removeprefix("torch."),
-            timer.facts["dtype_reason"],
+            dtype_reason,
             torch.get_num_threads(),
             engine.context_length,
             "continuous" if engine.continuous else "static",

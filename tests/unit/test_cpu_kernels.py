@@ -114,7 +114,7 @@ def test_bfloat16_engine_answers_as_the_models_own_generate(
     prompts = ["def add(a, b):", "import os", "Return the number of"]
     params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
     ids = engine.encode(prompts, params)
-    # Packed at load (plain bfloat16 layers are slow at every row count): the plain reference below
+    # Packed at load (plain bfloat16 layers are slow at few rows): the plain reference below
     # is what the packed layers must compute.
     assert not any(type(m) in (torch.nn.Linear, Conv1D) for m in engine.model.modules())
     assert engine.after_first_answer is None
