@@ -1,20 +1,29 @@
-"""The engine's attention on CPU: a bfloat16 decode-step kernel, and a packed prefill attended prompt by prompt.
+"""The engine's attention on CPU: a packed prefill attended prompt by prompt, and a decode step fit for the CPU.
 
-PyTorch's CPU SDPA (its flash kernel) is written for long queries: with one query per row and a
-mask, in bfloat16, a GPT-2-small decode step at 16 rows spent 19 ms in it, a quarter of the step,
-where two batched matrix products over the same keys and values take half that (the cache is read
-once either way). So a decoding step (query length 1, a prepared mask, bfloat16 on CPU) runs:
+A packed prefill (the engine's prompts end to end, ``cu_seq_lens_q`` their bounds) runs SDPA once
+per prompt, exactly as that prompt alone would. A bfloat16 decoding step (query length 1, a
+prepared mask) reads the slot cache's keys and values as strided views (``engine/kvcache.py``),
+and which kernel reads them fastest depends on the CPU:
+
+- **With AMX** (``amx_bf16``): PyTorch's CPU SDPA. Its flash kernel multiplies with AMX tiles and
+  reads the strided views as they are. On the Intel VM (two threads, GPT-2-small, 11-token prompts
+  decoding 64 tokens) a step took 0.87-0.92x the time of the two products below at 1 to 32 rows;
+  at 16 rows one layer's attention took 230 us against 890 us.
+- **Without AMX** (AVX512-BF16 only, as on the AMD EPYC VM): two batched products over the same
+  keys and values, which SDPA's kernel there took twice as long as (18.5 ms of a 16-row step
+  against about 7 ms)::
 
     scores = keys @ query        # [rows, kv_heads, width, queries per kv head], one GEMV per head
     probs  = softmax(scores * scale + mask) in float32
     out    = probs^T @ values
 
-which is what transformers' eager attention computes (bfloat16 products, float32 softmax), with
-grouped-query heads folded into the product instead of repeated. A packed prefill (the engine's
-prompts end to end, ``cu_seq_lens_q`` their bounds) runs SDPA once per prompt, exactly as that
-prompt alone would. Everything else (float32 steps, GPUs, no mask) goes to SDPA unchanged.
-Registered with transformers' attention interface under :data:`NAME`, with SDPA's mask builder,
-so the model code calls it like any other implementation.
+  which is what transformers' eager attention computes (bfloat16 products, float32 softmax), with
+  grouped-query heads folded into the product instead of repeated. ``torch.bmm`` copies a strided
+  operand first (oneDNN's matmul wants dense ones): the cache's width is copied once per step.
+
+Everything else (float32 steps, GPUs, no mask) goes to SDPA unchanged. Both are registered with
+transformers' attention interface, :data:`NAME` (SDPA decode steps) and :data:`PRODUCTS_NAME`,
+with SDPA's mask builder, so the model code calls them like any other implementation.
 """
 
 from __future__ import annotations
@@ -27,7 +36,25 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-NAME = "cpu_decode_sdpa"
+NAME = "cpu_packed_sdpa"  # packed prefills prompt by prompt; decode steps SDPA's (CPUs with AMX)
+PRODUCTS_NAME = "cpu_decode_products"  # the same, decode steps as two batched products (CPUs without)
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """:data:`NAME`: a packed prefill prompt by prompt, every other call SDPA's (decode steps included)."""
+    bounds = kwargs.pop("cu_seq_lens_q", None)
+    if bounds is not None and query.shape[0] == 1 and query.shape[2] > 1:
+        return _per_prompt(module, query, key, value, bounds.tolist(), dropout, scaling, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
 def decode_attention(
@@ -40,7 +67,10 @@ def decode_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-interface signature; returns ``[rows, length, heads, head_dim]`` as SDPA's does."""
+    """:data:`PRODUCTS_NAME`: a bfloat16 decode step as two batched products; the rest as :func:`packed_attention`.
+
+    transformers' attention-interface signature; returns ``[rows, length, heads, head_dim]`` as SDPA's does.
+    """
     rows, heads, length, head_dim = query.shape
     bounds = kwargs.pop("cu_seq_lens_q", None)
     if bounds is not None and rows == 1 and length > 1:
@@ -99,16 +129,18 @@ def _per_prompt(
     return torch.cat(outputs, dim=1), None
 
 
-AttentionInterface.register(NAME, decode_attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+for _name, _function in ((NAME, packed_attention), (PRODUCTS_NAME, decode_attention)):
+    AttentionInterface.register(_name, _function)
+    AttentionMaskInterface.register(_name, sdpa_mask)
 
 
-def use_decode_attention(model: Any) -> str:
-    """Switch an SDPA model to :data:`NAME` (its prefill still runs SDPA); the implementation it now has."""
+def use_decode_attention(model: Any, products: bool) -> str:
+    """Switch an SDPA model to :data:`NAME`, or :data:`PRODUCTS_NAME` (``products``); the implementation it now has."""
+    name = PRODUCTS_NAME if products else NAME
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        model.config._attn_implementation = NAME
+        model.config._attn_implementation = name
         for sub in model.modules():  # submodules may hold their own config object (e.g. a text sub-config)
             config = getattr(sub, "config", None)
             if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
-                config._attn_implementation = NAME
+                config._attn_implementation = name
     return model.config._attn_implementation

@@ -37,7 +37,7 @@ from engine.work import WorkItem
 Events = list[tuple[WorkItem, Delta]]
 logger = logging.getLogger(__name__)
 # attention implementation -> takes an additive (float) mask; engine.attention's runs SDPA's masks
-_MASKS = {"sdpa": False, "eager": True, "cpu_decode_sdpa": False}
+_MASKS = {"sdpa": False, "eager": True, "cpu_packed_sdpa": False, "cpu_decode_products": False}
 # Tokens per packed prefill pass: its mask is this squared in booleans (4 MiB), its activations this x hidden.
 PACKED_PREFILL_TOKENS = 2048
 

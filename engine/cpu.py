@@ -202,8 +202,8 @@ def prepare_cpu_model(
 ) -> tuple[dict[str, Any], Callable[[], None] | None]:
     """What the engine changes in a CPU model after loading it (``split``: offloaded, leave its layers).
 
-    The fused activation always; on one CPU, ``engine.attention``'s implementation (its bfloat16
-    decode step, and a packed prefill that attends prompt by prompt), and prepacked layers (or,
+    The fused activation always; on one CPU, ``engine.attention``'s implementation (a packed
+    prefill that attends prompt by prompt, and the CPU's faster decode step), and prepacked layers (or,
     where oneDNN cannot pack them, the faster output head). Returns facts for the report and, when
     the packing is better left until the engine's first answer is done, that packing.
 
@@ -230,7 +230,8 @@ def prepare_cpu_model(
     fuse_activations(model)
     if split or model.device.type != "cpu":
         return {}, None
-    facts: dict[str, Any] = {"attention": use_decode_attention(model)}
+    # SDPA's decode kernel multiplies with AMX tiles; without them two batched products are faster.
+    facts: dict[str, Any] = {"attention": use_decode_attention(model, products="amx_bf16" not in cpu_flags())}
     if not can_pack(model) or getattr(model.config, "quantization_config", None) is not None:
         use_cpu_head(model)
         return facts, None

@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.pytorch_utils import Conv1D
 
+import engine.cpu as engine_cpu
 import engine.model as engine_model
-from engine.attention import NAME, decode_attention
+from engine.attention import NAME, PRODUCTS_NAME, decode_attention, packed_attention
 from engine.cpu import NATIVE_BF16_FLAGS, PackedLinear, cpu_flags, pack_linears, prepare_cpu_model, transposed
 from engine.model import EngineConfig, TextGenerator
 from engine.timing import PhaseTimer
@@ -88,6 +89,26 @@ def test_everything_but_a_bfloat16_cpu_decode_step_is_sdpa() -> None:
         assert torch.equal(out, expected)
 
 
+def test_with_amx_a_decode_step_is_sdpas_on_the_caches_strided_views() -> None:
+    module = torch.nn.Module()
+    query, keys, values, mask = _attention_inputs(rows=4, heads=4, kv_heads=4, width=37)
+    assert not keys.is_contiguous()  # views of longer buffers, as the slot cache gives them
+    out, weights = packed_attention(module, query, keys, values, mask, scaling=0.3)
+    expected, _ = sdpa_attention_forward(module, query, keys, values, mask, scaling=0.3)
+    assert weights is None and torch.equal(out, expected)
+    products, _ = decode_attention(module, query, keys, values, mask, scaling=0.3)
+    torch.testing.assert_close(out.float(), products.float(), atol=2e-2, rtol=2e-2)  # the same attention
+
+
+def _amx(monkeypatch: pytest.MonkeyPatch, amx: bool) -> None:
+    """Make the engine see this CPU with (or without) AMX: which decode attention it picks, nothing else."""
+    flags = cpu_flags()
+    if not flags & set(NATIVE_BF16_FLAGS):
+        return  # (an AMX flag here would make the engine pack bfloat16 layers a CPU computes by emulation)
+    flags = flags | {"amx_bf16"} if amx else flags - {"amx_bf16"}
+    monkeypatch.setattr(engine_cpu, "cpu_flags", lambda: flags)
+
+
 def _tiny_llama(path: Path) -> Path:
     """A random two-layer Llama with grouped-query attention (4 heads over 2 key/value heads)."""
     tokenizer = build_tokenizer(path)
@@ -102,13 +123,15 @@ def _tiny_llama(path: Path) -> Path:
 
 
 @native_bf16
+@pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_bfloat16_engine_answers_as_the_models_own_generate(
-    kind: str, tiny_causal: Path, tmp_path_factory: pytest.TempPathFactory
+    kind: str, amx: bool, tiny_causal: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tiny_causal if kind == "gpt2" else _tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    _amx(monkeypatch, amx)
     engine = TextGenerator.load(EngineConfig(model_id=str(path), dtype="bfloat16", num_threads=1))
-    assert engine.model.config._attn_implementation == NAME
+    assert engine.model.config._attn_implementation == (NAME if amx else PRODUCTS_NAME)
     tokenizer = AutoTokenizer.from_pretrained(path)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").eval()
     prompts = ["def add(a, b):", "import os", "Return the number of"]
@@ -166,7 +189,8 @@ def test_transposed_copies_the_matrix_transposed(dtype: torch.dtype, shape: tupl
 
 def test_a_float32_model_is_packed_after_its_first_batch_and_answers_alike(tiny_causal: Path) -> None:
     engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), dtype="float32", num_threads=1))
-    assert engine.model.config._attn_implementation == NAME  # its steps are SDPA's, its prefill prompt by prompt
+    # Its steps are SDPA's whichever the CPU (the products are bfloat16's), its prefill prompt by prompt.
+    assert engine.model.config._attn_implementation in (NAME, PRODUCTS_NAME)
     assert not any(type(m) is PackedLinear for m in engine.model.modules())
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
     ids = engine.encode(["def add(a, b):", "import os"], params)
@@ -176,8 +200,11 @@ def test_a_float32_model_is_packed_after_its_first_batch_and_answers_alike(tiny_
     assert prepare_cpu_model(engine.model, split=True, rows_hint=4) == ({}, None)  # an offloaded model is left alone
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_a_rows_answer_does_not_depend_on_the_prompts_packed_beside_it(dtype: str, tiny_causal: Path) -> None:
+@pytest.mark.parametrize(("dtype", "amx"), [("bfloat16", True), ("bfloat16", False), ("float32", True)])
+def test_a_rows_answer_does_not_depend_on_the_prompts_packed_beside_it(
+    dtype: str, amx: bool, tiny_causal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _amx(monkeypatch, amx)
     engine = TextGenerator.load(EngineConfig(model_id=str(tiny_causal), dtype=dtype, num_threads=1))
     greedy = SamplingParams(max_new_tokens=24, temperature=0.0)
     other = SamplingParams(max_new_tokens=40, temperature=1.0, seed=5)
