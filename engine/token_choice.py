@@ -32,6 +32,34 @@ def row_draws(rows: Sequence[Row]) -> torch.Tensor:
     return torch.cat([torch.zeros(1) if r.generator is None else torch.rand(1, generator=r.generator) for r in rows])
 
 
+def greedy_tokens(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` (the first index of each row's largest value), found block by block.
+
+    PyTorch's CPU ``argmax`` walks a row element by element: 2.1 ms for 16 rows of GPT-2's 50,257
+    float32 scores on one core of the Intel VM, a few percent of a decode step. ``amax`` over blocks
+    of ``block`` scores is vectorised; the argmax then runs over the blocks' maxima and inside the
+    first block that holds the row's maximum: 0.45 ms for the same 16 rows (0.1 ms for one). Same
+    answer in every case, ties and NaN included (``tests/unit/test_sampling.py``): the first block
+    holding the maximum holds its first index, and a NaN counts as the maximum in both.
+    """
+    rows, vocab = logits.shape
+    whole = vocab - vocab % block
+    if whole == 0 or logits.device.type != "cpu" or logits.stride(-1) != 1:
+        return logits.argmax(dim=-1)
+    maxima = logits[:, :whole].view(rows, whole // block, block).amax(dim=-1)  # [rows, blocks]
+    first = maxima.argmax(dim=-1)  # the first block holding each row's maximum (or NaN)
+    starts = first * block
+    inside = logits.gather(1, starts[:, None] + torch.arange(block, device=logits.device)).argmax(dim=-1)
+    chosen = starts + inside
+    if whole == vocab:
+        return chosen
+    best = maxima.gather(1, first[:, None])[:, 0]
+    tail, tail_index = logits[:, whole:].max(dim=-1)
+    # The tail's maximum wins only when strictly larger (an equal one has a later index), or NaN first.
+    wins = (tail > best) | (tail.isnan() & ~best.isnan())
+    return torch.where(wins, tail_index + whole, chosen)
+
+
 def pick_tokens(
     logits: torch.Tensor,
     rows: Sequence[Row],
@@ -61,7 +89,7 @@ def pick_tokens(
     if counted:
         _presence_frequency_penalties(logits, counted, [rows[i] for i in counted])
     apply_row_processors(logits, rows)
-    chosen = logits.argmax(dim=-1)
+    chosen = greedy_tokens(logits)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled:
         chosen[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled], draws[sampled])

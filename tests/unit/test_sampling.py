@@ -12,6 +12,7 @@ from engine.token_choice import (
     _presence_frequency_penalties,
     _repetition_penalties,
     _sample_rows,
+    greedy_tokens,
     pick_tokens,
     top_p_floor,
 )
@@ -27,6 +28,29 @@ def row(params: SamplingParams, generated: list[int] | None = None, index: int =
 
 def rows(n: int, **params) -> list[Row]:
     return [row(SamplingParams(max_new_tokens=1, **params), index=i) for i in range(n)]
+
+
+@pytest.mark.parametrize("vocab", [5, 128, 300, 50257])
+def test_greedy_tokens_are_argmax_ties_nan_and_infinities_included(vocab: int) -> None:
+    torch.manual_seed(vocab)
+    logits = torch.randn(12, vocab)
+    top = logits.max().item() + 1
+    logits[1, [3, vocab - 1]] = top  # a tie between the first block and the tail
+    logits[2, vocab - 1] = top  # the maximum in the tail
+    logits[3, [vocab // 2, vocab // 2 + 1]] = top  # a tie inside one block
+    logits[4, [vocab // 3, vocab - 2]] = float("nan")  # NaN counts as the maximum, the first one wins
+    logits[5, vocab - 1] = float("nan")
+    logits[6] = float("-inf")  # all equal: index 0
+    logits[7, :] = 0.0
+    logits[8, [0, vocab // 2]] = float("inf")
+    logits[9, vocab - 1] = float("inf")
+    logits[9, 0] = float("nan")
+    logits[10] = logits[10].to(torch.bfloat16).float()  # coarse values: many ties
+    for block in (1, 4, 128):
+        assert torch.equal(greedy_tokens(logits, block), logits.argmax(-1)), block
+    wide = torch.randn(3, vocab + 7)[:, :vocab]  # rows strided, as a slice of a larger buffer
+    assert torch.equal(greedy_tokens(wide), wide.argmax(-1))
+    assert torch.equal(greedy_tokens(logits.t().contiguous().t()), logits.argmax(-1))  # column-major
 
 
 def test_top_k_one_is_argmax() -> None:
