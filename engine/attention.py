@@ -72,9 +72,6 @@ def decode_attention(
     transformers' attention-interface signature; returns ``[rows, length, heads, head_dim]`` as SDPA's does.
     """
     rows, heads, length, head_dim = query.shape
-    bounds = kwargs.pop("cu_seq_lens_q", None)
-    if bounds is not None and rows == 1 and length > 1:
-        return _per_prompt(module, query, key, value, bounds.tolist(), dropout, scaling, **kwargs)
     if (
         length != 1
         or attention_mask is None
@@ -86,7 +83,7 @@ def decode_attention(
         or attention_mask.shape[-2] != 1
         or attention_mask.shape[1] not in (1, key.shape[1])
     ):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return packed_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     kv_heads, width = key.shape[1], key.shape[2]
     group = heads // kv_heads
     scale = head_dim**-0.5 if scaling is None else scaling
