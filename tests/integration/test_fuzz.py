@@ -31,6 +31,11 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 
+# Imported here, at collection, not lazily by the first `from_url`: pytest rewrites schemathesis' modules (it is
+# a pytest plugin), and on Python 3.11.7 rewriting this one inside the test, in a pytest-xdist worker, failed with
+# "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905).
+from schemathesis.specs.openapi.schemas import OpenApiSchema  # noqa: F401
+
 from ray_serve_app import build_graph
 from settings import build_settings
 from testing.polling import wait_for

@@ -167,8 +167,9 @@ def test_time_to_first_token_counts_the_streamed_requests(traffic: dict, samples
 def test_the_cold_start_is_one_observation_per_phase_and_one_wake(samples: Samples) -> None:
     for phase, metric in metrics.COLD_START.items():
         assert total(samples, f"{metric.exported}_count", model=MODEL) == 1, phase
-        (labels,) = series(samples, f"{metric.exported}_count")
-        assert labels["deployment"] == MODEL  # recorded in the model replica
+        found = [(labels, value) for name, labels, value in samples if name == f"{metric.exported}_count"]
+        assert len(found) == 1, found
+        assert found[0][0]["deployment"] == MODEL  # recorded in the model replica
     assert total(samples, metrics.WAKES.exported, model=MODEL, cause="request") == 1
 
 
