@@ -13,6 +13,30 @@ from testing.checkpoints import CHAT_TEMPLATE, build_tiny_causal, build_tiny_enc
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+TESTS = Path(__file__).parent
+# The longest modules, longest first (1.5 to 3.5 minutes each in a whole run on two cores): the two pytest-xdist
+# workers take modules in collection order, and one of these taken last would run on while the other worker idles.
+# Every other module keeps pytest's order after them (integration, then the short unit modules, which fill the end).
+LONGEST_FIRST = (
+    "integration/test_page.py",
+    "integration/test_warm_pool.py",
+    "integration/test_pool.py",
+    "integration/test_isolation.py",
+    "integration/test_fuzz.py",
+    "integration/test_faults.py",
+    "integration/test_durable_state.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def order(item: pytest.Item) -> int:
+        path = Path(str(item.fspath))
+        return rank.get(path.relative_to(TESTS).as_posix(), len(rank)) if path.is_relative_to(TESTS) else len(rank)
+
+    items.sort(key=order)  # stable: pytest's order within each module and among the rest
+
 
 @pytest.fixture(scope="session")
 def tiny_causal(tmp_path_factory: pytest.TempPathFactory) -> Path:
