@@ -39,11 +39,39 @@ def test_packed_linear_equals_linear_and_conv1d_in_bfloat16(bias: bool) -> None:
         conv.bias = None  # Conv1D always has one; drop it to check the bias-free path as well
         expected["conv"] = [x @ conv.weight for x in inputs]
     model.get_input_embeddings = lambda: None  # what pack_linears asks of a model
-    assert pack_linears(model, rows_hint=16) == {"packed_linears": 2, "packed_extra_bytes": 0}
+    assert pack_linears(model, rows_hint=16) == {"packed_linears": 2, "packed_extra_bytes": 0, "folded_activations": 0}
     assert all(type(module) is PackedLinear for module in model.values())
     for name, module in model.items():
         for x, want in zip(inputs, expected[name], strict=True):
             assert torch.equal(module(x), want), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=native_bf16)])
+def test_a_gpt2_mlps_gelu_is_folded_into_its_packed_input_layer(dtype: torch.dtype, tiny_causal: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal, dtype=dtype).eval()
+    x = torch.randn(2, 5, model.config.n_embd).to(dtype)
+    mlps = [block.mlp for block in model.transformer.h]
+    with torch.inference_mode():
+        engine_cpu.fuse_activations(model)
+        expected = [mlp(x) for mlp in mlps]
+        facts = pack_linears(model, rows_hint=4)
+        assert facts["folded_activations"] == len(mlps)
+        for mlp, want in zip(mlps, expected, strict=True):
+            assert type(mlp.act) is torch.nn.Identity
+            assert mlp.c_fc.activation == ("gelu", "tanh")
+            # GELU applied to the float32 sums before rounding: bfloat16 answers round once, not twice.
+            tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
+            torch.testing.assert_close(mlp(x), want, **tolerance)
+        assert pack_linears(model, rows_hint=4)["folded_activations"] == 0  # nothing left to fold
+
+
+def test_only_a_gelu_onednn_computes_alike_is_folded() -> None:
+    from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
+
+    assert engine_cpu._onednn_activation(GELUTanh()) == ("gelu", "tanh")
+    assert engine_cpu._onednn_activation(GELUActivation()) == ("gelu", "none")
+    for other in (GELUTanh(use_gelu_tanh_python=True), GELUActivation(use_gelu_python=True), NewGELUActivation()):
+        assert engine_cpu._onednn_activation(other) is None
 
 
 def _attention_inputs(rows: int, heads: int, kv_heads: int, width: int):
