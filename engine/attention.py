@@ -112,18 +112,42 @@ def _per_prompt(
 ) -> tuple[torch.Tensor, None]:
     """A packed prefill (prompts end to end, ``bounds`` their cumulative lengths): each prompt's own causal SDPA.
 
-    The same call, on the same shapes, as the prompt prefilled alone: its answer cannot depend on
-    the prompts it was packed with (a masked product over the whole sequence would round
-    differently with its length), and no product is spent on the masked-out blocks.
+    The same computation as the prompt prefilled alone: its answer cannot depend on the prompts it
+    was packed with (a masked product over the whole sequence would round differently with its
+    length), and no product is spent on the masked-out blocks. Consecutive prompts of one length
+    go to SDPA together, as the entries of one batch (one call instead of one per prompt per layer:
+    16 prompts of 20 tokens, GPT-2-small, 12 calls instead of 192); each entry is computed alone.
     """
     kwargs.pop("cu_seq_lens_k", None)
-    outputs = [
-        sdpa_attention_forward(
-            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout, scaling, is_causal=True, **kwargs
-        )[0]
-        for a, b in itertools.pairwise(bounds)
-    ]
-    return torch.cat(outputs, dim=1), None
+    outputs = []
+    for a, length, count in _runs(bounds):
+        q, k, v = (_as_batch(states, a, length, count) for states in (query, key, value))
+        out = sdpa_attention_forward(module, q, k, v, None, dropout, scaling, is_causal=True, **kwargs)[0]
+        outputs.append(out.reshape(1, count * length, *out.shape[2:]))  # [count, length, heads, dim] laid end to end
+    return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], None
+
+
+def _as_batch(states: torch.Tensor, start: int, length: int, count: int) -> torch.Tensor:
+    """``count`` prompts of ``length`` tokens laid end to end from ``start`` (``[1, heads, tokens, dim]``), as a
+    batch ``[count, heads, length, dim]`` (a view)."""
+    span = states[0, :, start : start + length * count]
+    return span.unflatten(1, (count, length)).transpose(0, 1)
+
+
+def _runs(bounds: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive prompts of equal length, from their cumulative bounds: (start, length, how many).
+
+    >>> _runs([0, 3, 6, 8, 11])
+    [(0, 3, 2), (6, 2, 1), (8, 3, 1)]
+    """
+    runs: list[tuple[int, int, int]] = []
+    for a, b in itertools.pairwise(bounds):
+        if runs and runs[-1][1] == b - a:
+            start, length, count = runs[-1]
+            runs[-1] = (start, length, count + 1)
+        else:
+            runs.append((a, b - a, 1))
+    return runs
 
 
 for _name, _function in ((NAME, packed_attention), (PRODUCTS_NAME, decode_attention)):

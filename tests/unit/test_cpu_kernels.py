@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,27 @@ def test_everything_but_a_bfloat16_cpu_decode_step_is_sdpa() -> None:
         out, _ = decode_attention(module, q, k, v, m, scaling=0.25)
         expected, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.25)
         assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2)])
+def test_a_packed_prefill_attends_each_prompt_exactly_as_alone(dtype: torch.dtype, heads: int, kv_heads: int) -> None:
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    lengths = [5, 5, 5, 3, 7, 7, 1]  # runs of equal lengths go to SDPA as one batch
+    bounds = torch.tensor([0, *itertools.accumulate(lengths)])
+    torch.manual_seed(4)
+    tokens = sum(lengths)
+    # [1, heads, tokens, dim] views of [1, tokens, heads, dim], as the model's attention hands them over
+    query = torch.randn(1, tokens, heads, 16, dtype=dtype).transpose(1, 2)
+    key, value = (torch.randn(1, tokens, kv_heads, 16, dtype=dtype).transpose(1, 2) for _ in range(2))
+    out, _ = packed_attention(module, query, key, value, None, scaling=0.25, cu_seq_lens_q=bounds)
+    assert out.shape == (1, tokens, heads, 16)
+    for a, b in itertools.pairwise(bounds.tolist()):
+        alone, _ = sdpa_attention_forward(
+            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, scaling=0.25, is_causal=True
+        )
+        assert torch.equal(out[:, a:b], alone), (a, b)
 
 
 def test_with_amx_a_decode_step_is_sdpas_on_the_caches_strided_views() -> None:
