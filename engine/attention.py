@@ -29,6 +29,7 @@ with SDPA's mask builder, so the model code calls them like any other implementa
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,6 +39,21 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "cpu_packed_sdpa"  # packed prefills prompt by prompt; decode steps SDPA's (CPUs with AMX)
 PRODUCTS_NAME = "cpu_decode_products"  # the same, decode steps as two batched products (CPUs without)
+
+
+@dataclass(frozen=True)
+class JoiningStep:
+    """A decode step whose pass also prefills prompts joining the batch (``engine.continuous``).
+
+    The pass's tokens are the decoding rows' (row ``i`` in slot ``i``), then the joining prompts
+    end to end; each token's keys and values are already in its slot of the cache, which the
+    attention gets whole.
+    """
+
+    decode_rows: int
+    decode_mask: torch.Tensor  # [decode_rows, 1, 1, width]: each decoding row's positions
+    width: int
+    prompts: tuple[tuple[int, int, int], ...]  # runs of joining prompts: (first slot, length, how many)
 
 
 def packed_attention(
@@ -51,6 +67,9 @@ def packed_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """:data:`NAME`: a packed prefill prompt by prompt, every other call SDPA's (decode steps included)."""
+    joining = kwargs.pop("joining_step", None)
+    if joining is not None:
+        return _joining(module, query, key, value, joining, packed_attention, dropout, scaling, **kwargs)
     bounds = kwargs.pop("cu_seq_lens_q", None)
     if bounds is not None and query.shape[0] == 1 and query.shape[2] > 1:
         return _per_prompt(module, query, key, value, bounds.tolist(), dropout, scaling, **kwargs)
@@ -71,6 +90,9 @@ def decode_attention(
 
     transformers' attention-interface signature; returns ``[rows, length, heads, head_dim]`` as SDPA's does.
     """
+    joining = kwargs.pop("joining_step", None)
+    if joining is not None:
+        return _joining(module, query, key, value, joining, decode_attention, dropout, scaling, **kwargs)
     rows, heads, length, head_dim = query.shape
     if (
         length != 1
@@ -120,11 +142,45 @@ def _per_prompt(
     """
     kwargs.pop("cu_seq_lens_k", None)
     outputs = []
-    for a, length, count in _runs(bounds):
+    for a, length, count in runs(bounds):
         q, k, v = (_as_batch(states, a, length, count) for states in (query, key, value))
         out = sdpa_attention_forward(module, q, k, v, None, dropout, scaling, is_causal=True, **kwargs)[0]
         outputs.append(out.reshape(1, count * length, *out.shape[2:]))  # [count, length, heads, dim] laid end to end
     return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], None
+
+
+def _joining(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    step: JoiningStep,
+    decode: Any,
+    dropout: float,
+    scaling: float | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A :class:`JoiningStep`'s attention: the decoding rows' as any decode step's (``decode``), then each
+    run of joining prompts' own causal SDPA over their slots, as a packed prefill does.
+
+    ``query``: ``[1, heads, tokens, dim]``; ``key`` and ``value``: the cache's whole buffers
+    ``[slots, kv_heads, capacity, dim]``.
+    """
+    outputs = []
+    rows = step.decode_rows
+    if rows:
+        q = query[0, :, :rows].transpose(0, 1).unsqueeze(2)  # [rows, heads, 1, dim]
+        keys, values = key[:rows, :, : step.width], value[:rows, :, : step.width]
+        out = decode(module, q, keys, values, step.decode_mask, dropout, scaling, **kwargs)[0]
+        outputs.append(out.reshape(1, rows, *out.shape[2:]))
+    start = rows
+    for slot, length, count in step.prompts:
+        q = _as_batch(query, start, length, count)
+        keys, values = key[slot : slot + count, :, :length], value[slot : slot + count, :, :length]
+        out = sdpa_attention_forward(module, q, keys, values, None, dropout, scaling, is_causal=True, **kwargs)[0]
+        outputs.append(out.reshape(1, count * length, *out.shape[2:]))
+        start += count * length
+    return torch.cat(outputs, dim=1), None
 
 
 def _as_batch(states: torch.Tensor, start: int, length: int, count: int) -> torch.Tensor:
@@ -134,10 +190,10 @@ def _as_batch(states: torch.Tensor, start: int, length: int, count: int) -> torc
     return span.unflatten(1, (count, length)).transpose(0, 1)
 
 
-def _runs(bounds: list[int]) -> list[tuple[int, int, int]]:
+def runs(bounds: list[int]) -> list[tuple[int, int, int]]:
     """Consecutive prompts of equal length, from their cumulative bounds: (start, length, how many).
 
-    >>> _runs([0, 3, 6, 8, 11])
+    >>> runs([0, 3, 6, 8, 11])
     [(0, 3, 2), (6, 2, 1), (8, 3, 1)]
     """
     runs: list[tuple[int, int, int]] = []

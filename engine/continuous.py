@@ -28,6 +28,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from engine.admission import BatchShape
+from engine.attention import NAME as ATTENTION
+from engine.attention import PRODUCTS_NAME as PRODUCTS_ATTENTION
+from engine.attention import JoiningStep, runs
 from engine.kvcache import SlotCache
 from engine.logprobs import TokenTexts
 from engine.sampling import Row, choose, ended_rows
@@ -40,6 +43,9 @@ logger = logging.getLogger(__name__)
 _MASKS = {"sdpa": False, "eager": True, "cpu_packed_sdpa": False, "cpu_decode_products": False}
 # Tokens per packed prefill pass: its mask is this squared in booleans (4 MiB), its activations this x hidden.
 PACKED_PREFILL_TOKENS = 2048
+# Prompt tokens that may join a decode step's own pass (JoiningStep); more are prefilled in a pass of their own,
+# so that a long prompt does not hold the decoding rows' next token back for a whole long prefill.
+JOINING_STEP_TOKENS = 512
 
 
 def supports(model: Any) -> bool:
@@ -88,6 +94,12 @@ class ContinuousBatch:
             p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values()
         )
         self._additive_mask = _MASKS.get(getattr(model.config, "_attn_implementation", "sdpa"), False)
+        # Prompts can join a step's pass where engine.attention runs the attention (it reads the plan).
+        self._joins_steps = (
+            self._keeps_logits
+            and self._passes_kwargs
+            and getattr(model.config, "_attn_implementation", None) in (ATTENTION, PRODUCTS_ATTENTION)
+        )
         self.rows: list[Row] = []
         self.cache = cache if cache is not None else new_cache(model)
         for slot in range(self.cache.slots):  # a batch that failed may have left rows behind
@@ -162,8 +174,28 @@ class ContinuousBatch:
         return logits, [(prefill, int(end) - n + 1, n) for end, n in zip(ends.tolist(), lengths, strict=True)]
 
     # --- decoding ----------------------------------------------------------------------------
-    def step(self) -> Events:
-        """Feed every row its last token, pick the next one, and let ended rows go."""
+    def joins_step(self, prompt_lengths: Sequence[int]) -> bool:
+        """Whether prompts of these lengths can join the next :meth:`step`'s pass (else :meth:`admit` them first)."""
+        return bool(self.rows) and self._joins_steps and sum(prompt_lengths) <= JOINING_STEP_TOKENS
+
+    def step(self, joining: Sequence[Row] = ()) -> Events:
+        """Feed every row its last token, pick the next one, and let ended rows go.
+
+        ``joining``: rows to prefill in the same pass (:meth:`joins_step` said they can); they get
+        their first token as the others their next. One pass instead of two: a decode step reads
+        every weight once, however few its rows, and so does a prefill of a few short prompts.
+        If that pass fails, the joining rows are prefilled on their own and the step runs again
+        without them, so they fail (or not) as they would have alone.
+        """
+        if joining and not self.rows:  # (the decoding rows were all cancelled meanwhile)
+            return self.admit(joining)
+        if joining:
+            try:
+                return self._joining_step(joining)
+            except Exception:
+                logger.exception("a step with %d joining rows failed; they are prefilled on their own", len(joining))
+                self.cache.joining = None
+                return self.admit(joining) + self.step()
         n = len(self.rows)
         dtype = self.model.dtype
         mask, positions = self.cache.begin_step(n, dtype, self._additive_mask)
@@ -179,6 +211,47 @@ class ContinuousBatch:
         tokens, logprobs = choose(logits, self.rows, None, self.texts)
         self.last[:n] = torch.tensor(tokens, dtype=torch.long, device=self.device)
         return self._record(tokens, logprobs, 0)
+
+    def _joining_step(self, joining: Sequence[Row]) -> Events:
+        """:meth:`step` with ``joining``'s prompts in the same pass (``engine.attention.JoiningStep``)."""
+        n, lengths = len(self.rows), [len(row.prompt_ids) for row in joining]
+        device = self.device
+        self.cache.reserve(n + len(joining), max(lengths) + 1)
+        mask, positions = self.cache.begin_step(n, self.model.dtype, additive=False)
+        slots = torch.arange(n, n + len(joining))
+        prompt_positions = torch.cat([torch.arange(length) for length in lengths])
+        tokens = torch.tensor([t for row in joining for t in row.prompt_ids], dtype=torch.long, device=device)
+        ids = torch.cat([self.last[:n], tokens])[None]
+        token_positions = torch.cat([positions.cpu(), prompt_positions])
+        token_slots = torch.cat([torch.arange(n), torch.repeat_interleave(slots, torch.tensor(lengths))])
+        ends = n + torch.tensor(lengths).cumsum(0) - 1
+        bounds = [0, *ends.add(1 - n).tolist()]
+        plan = JoiningStep(
+            decode_rows=n, decode_mask=mask, width=self.cache.width,
+            prompts=tuple((n + offset_rows, length, count) for offset_rows, length, count in _slot_runs(bounds)),
+        )  # fmt: skip
+        keep = torch.cat([torch.arange(n), ends]).to(device)  # logits: each decoding row's, each prompt's last
+        self.cache.joining = (token_slots.to(device), token_positions.to(device))
+        try:
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=token_positions[None].to(device),
+                past_key_values=self.cache, use_cache=True, logits_to_keep=keep, joining_step=plan,
+            )  # fmt: skip
+        finally:
+            self.cache.joining = None
+        self.cache.end_step(n)
+        for slot, length in zip(slots.tolist(), lengths, strict=True):
+            self.cache.lengths[slot] = length
+            self.cache.host_lengths[slot] = length
+        rows = self.rows + list(joining)
+        chosen, logprobs = choose(out.logits[0].float(), rows, None, self.texts)
+        if self.last.shape[0] < self.cache.slots:
+            last = torch.zeros(self.cache.slots, dtype=torch.long, device=device)
+            last[:n] = self.last[:n]
+            self.last = last
+        self.last[: len(rows)] = torch.tensor(chosen, dtype=torch.long, device=device)
+        self.rows = rows
+        return self._record(chosen, logprobs, 0)
 
     def shape(self) -> BatchShape:
         """The batch as its token budget sees it (``engine.admission``): its width, the tokens still to come."""
@@ -216,6 +289,15 @@ class ContinuousBatch:
                 self.cache.free(slot)
             rows.pop()
         self.rows = [row for row in rows if row is not None]
+
+
+def _slot_runs(bounds: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal-length prompts (cumulative ``bounds``) as (first prompt's index, length, how many)."""
+    index, out = 0, []
+    for _, length, count in runs(bounds):
+        out.append((index, length, count))
+        index += count
+    return out
 
 
 def _groups(lengths: list[int], budget: int) -> list[list[int]]:

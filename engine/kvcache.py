@@ -8,7 +8,9 @@ tokens at positions ``0 .. length_i - 1`` (left-aligned, no padding in front). S
 
 - a decoding step writes one key and one value per row at that row's own position
   (an indexed assignment) and copies nothing else;
-- a row that joins has its prefill copied into the next free slot; the others are not touched;
+- a row that joins has its prefill copied into the next free slot, or, when it joins during a
+  step (``joining``), has its prompt's keys and values written there by that step's pass; the
+  others are not touched;
 - a row that leaves is replaced by the batch's last row (its used positions only), so the rows in
   use stay ``slots[:n]`` and a step runs on a view, never on a gathered copy;
 - attention reads ``[:n, :, :width]`` (``width``: the longest row after this step, rounded up to
@@ -70,6 +72,11 @@ class SlotLayer(CacheLayerMixin):
         # A model split over several GPUs keeps each layer's buffers on its layer's device; the
         # index tensors live on the first layer's (a no-op there, a few bytes copied elsewhere).
         device = self.keys.device
+        if cache.joining is not None:  # a step with prompts joining: every token goes to its own slot and position
+            slots, positions = (index.to(device) for index in cache.joining)
+            self.keys[slots, :, positions] = key_states[0].transpose(0, 1)
+            self.values[slots, :, positions] = value_states[0].transpose(0, 1)
+            return self.keys, self.values  # whole: engine.attention reads each part's own slots
         slots, positions = cache.row_index[:rows].to(device), cache.lengths[:rows].to(device)
         # Index tensors on dims 0 and 2 select [rows, heads, head_dim]: one entry per row, in place.
         self.keys[slots, :, positions] = key_states[:, :, -1]
@@ -96,6 +103,8 @@ class SlotCache(Cache):
         self.row_index = torch.zeros(0, dtype=torch.long)  # arange(slots), for index_put_
         self.host_lengths: list[int] = []  # the same lengths, read without touching a tensor
         self.width = 0  # positions attention reads during the current step
+        # During a step that prefills joining prompts too: each token's (slot, position), both [tokens].
+        self.joining: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def slots(self) -> int:

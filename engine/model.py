@@ -351,14 +351,16 @@ class TextGenerator:
         pending = items
         while True:
             joined = 0
-            while pending:
+            while pending and not batch.joins_step([len(item.prompt_ids) for item in pending]):
                 emit(on_step, batch.admit([self._row(item) for item in pending]))
                 # Rows that came during that prefill join before the next step (a wave of arrivals, pass after
                 # pass); at most max_batch_size join between two steps, so the running rows keep decoding.
                 joined += len(pending)
                 pending = more(min(max_batch_size - len(batch.rows), max_batch_size - joined))
             dropped = batch.drop_cancelled()
-            events = dropped + batch.step() if batch.rows else dropped
+            # Rows that arrived while others decode are prefilled in the step's own pass (batch.joins_step).
+            joining, pending = [self._row(item) for item in pending], []
+            events = dropped + batch.step(joining) if batch.rows or joining else dropped
             emit(on_step, events)
             if self.after_first_answer is not None and any(delta.finish_reason for _, delta in events):
                 self._first_answer_done()

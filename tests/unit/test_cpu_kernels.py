@@ -14,10 +14,12 @@ from transformers.pytorch_utils import Conv1D
 import engine.cpu as engine_cpu
 import engine.model as engine_model
 from engine.attention import NAME, PRODUCTS_NAME, decode_attention, packed_attention
+from engine.continuous import ContinuousBatch
 from engine.cpu import NATIVE_BF16_FLAGS, PackedLinear, cpu_flags, pack_linears, prepare_cpu_model, transposed
 from engine.model import EngineConfig, TextGenerator
 from engine.timing import PhaseTimer
-from engine.types import SamplingParams
+from engine.types import Delta, SamplingParams
+from engine.work import WorkItem
 from testing.checkpoints import build_tokenizer
 
 native_bf16 = pytest.mark.skipif(
@@ -264,6 +266,45 @@ def test_a_rows_answer_does_not_depend_on_the_prompts_packed_beside_it(
     # Prefilled in one packed pass with a long prompt after and before them, then decoded together.
     together = engine.generate([ids[0], long, ids[1], long], [greedy, other, greedy, other])
     assert [together[0], together[2]] == alone
+
+
+@pytest.mark.parametrize(("dtype", "amx"), [("bfloat16", True), ("bfloat16", False), ("float32", True)])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_rows_that_join_a_step_answer_as_alone(
+    kind: str, dtype: str, amx: bool, tiny_causal: Path, tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    if dtype == "bfloat16" and not cpu_flags() & set(NATIVE_BF16_FLAGS):
+        pytest.skip("this CPU has no native bfloat16")
+    path = tiny_causal if kind == "gpt2" else _tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    _amx(monkeypatch, amx)
+    engine = TextGenerator.load(EngineConfig(model_id=str(path), dtype=dtype, num_threads=1))
+    greedy = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    ids = engine.encode(["Return the number of", "import os", "def add(a, b):", "The socket"], greedy)
+    engine.generate(ids[:1], greedy)  # a float32 model packs after its first answer: compare packed with packed
+    alone = [engine.generate([i], greedy)[0].text for i in ids]
+    items = [WorkItem(stream=i, row=0, prompt_ids=list(p), params=greedy) for i, p in enumerate(ids)]
+    arrivals = [[], [items[1]], [items[2], items[3]]]  # one during the first step, two (of different lengths) after
+    texts = [""] * len(items)
+
+    def on_step(events: list[tuple[WorkItem, Delta]]) -> None:
+        for item, delta in events:
+            texts[item.stream] += delta.text
+
+    def poll(free: int, shape: object = None) -> list[WorkItem]:
+        return arrivals.pop(0) if arrivals else []
+
+    joined: list[int] = []
+    joining_step = ContinuousBatch._joining_step
+
+    def spy(batch: ContinuousBatch, rows: list) -> list:
+        joined.append(len(rows))
+        return joining_step(batch, rows)
+
+    monkeypatch.setattr(ContinuousBatch, "_joining_step", spy)
+    engine.run(items[:1], on_step, poll=poll, max_batch_size=4)
+    assert joined == [1, 2]  # both arrivals were prefilled in a step's own pass
+    assert texts == alone
 
 
 def test_packed_float32_rows_do_not_depend_on_how_many_rows_run_beside_them() -> None:
