@@ -191,11 +191,13 @@ class ContinuousBatch:
             return self.admit(joining)
         if joining:
             try:
-                return self._joining_step(joining)
+                logits = self._joining_pass(joining)
             except Exception:
+                # Nothing was recorded: the decoding rows' lengths are as before the pass (what it wrote
+                # past them is overwritten by the next step), and the joining rows' slots are free.
                 logger.exception("a step with %d joining rows failed; they are prefilled on their own", len(joining))
-                self.cache.joining = None
                 return self.admit(joining) + self.step()
+            return self._joined(joining, logits)
         n = len(self.rows)
         dtype = self.model.dtype
         mask, positions = self.cache.begin_step(n, dtype, self._additive_mask)
@@ -212,8 +214,9 @@ class ContinuousBatch:
         self.last[:n] = torch.tensor(tokens, dtype=torch.long, device=self.device)
         return self._record(tokens, logprobs, 0)
 
-    def _joining_step(self, joining: Sequence[Row]) -> Events:
-        """:meth:`step` with ``joining``'s prompts in the same pass (``engine.attention.JoiningStep``)."""
+    def _joining_pass(self, joining: Sequence[Row]) -> torch.Tensor:
+        """The forward pass of a step with ``joining``'s prompts (``engine.attention.JoiningStep``): its logits,
+        each decoding row's and then each joining prompt's last ``[rows, vocab]``. Records nothing."""
         n, lengths = len(self.rows), [len(row.prompt_ids) for row in joining]
         device = self.device
         self.cache.reserve(n + len(joining), max(lengths) + 1)
@@ -239,12 +242,17 @@ class ContinuousBatch:
             )  # fmt: skip
         finally:
             self.cache.joining = None
+        return out.logits[0].float()
+
+    def _joined(self, joining: Sequence[Row], logits: torch.Tensor) -> Events:
+        """Record a joining pass: the decoding rows advance, the joining rows take their slots and first tokens."""
+        n, device = len(self.rows), self.device
         self.cache.end_step(n)
-        for slot, length in zip(slots.tolist(), lengths, strict=True):
-            self.cache.lengths[slot] = length
-            self.cache.host_lengths[slot] = length
+        for slot, row in enumerate(joining, n):
+            self.cache.lengths[slot] = len(row.prompt_ids)
+            self.cache.host_lengths[slot] = len(row.prompt_ids)
         rows = self.rows + list(joining)
-        chosen, logprobs = choose(out.logits[0].float(), rows, None, self.texts)
+        chosen, logprobs = choose(logits, rows, None, self.texts)
         if self.last.shape[0] < self.cache.slots:
             last = torch.zeros(self.cache.slots, dtype=torch.long, device=device)
             last[:n] = self.last[:n]

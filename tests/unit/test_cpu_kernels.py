@@ -295,13 +295,13 @@ def test_rows_that_join_a_step_answer_as_alone(
         return arrivals.pop(0) if arrivals else []
 
     joined: list[int] = []
-    joining_step = ContinuousBatch._joining_step
+    joining_pass = ContinuousBatch._joining_pass
 
     def spy(batch: ContinuousBatch, rows: list) -> list:
         joined.append(len(rows))
-        return joining_step(batch, rows)
+        return joining_pass(batch, rows)
 
-    monkeypatch.setattr(ContinuousBatch, "_joining_step", spy)
+    monkeypatch.setattr(ContinuousBatch, "_joining_pass", spy)
     engine.run(items[:1], on_step, poll=poll, max_batch_size=4)
     assert joined == [1, 2]  # both arrivals were prefilled in a step's own pass
     assert texts == alone

@@ -357,7 +357,7 @@ def test_a_failed_joining_pass_leaves_each_row_as_it_would_be_alone(
     def fail(self: object, rows: object) -> None:
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(engine_continuous.ContinuousBatch, "_joining_step", fail)
+    monkeypatch.setattr(engine_continuous.ContinuousBatch, "_joining_pass", fail)
     queue: list[WorkItem] = [joining]
     events: list[tuple[WorkItem, Delta]] = []
 
