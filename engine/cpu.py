@@ -158,7 +158,7 @@ def fold_activations(model: Any) -> int:
 
     oneDNN applies the GELU to the product's float32 sums before rounding them to the layer's
     dtype, in the same pass: the separate kernel was slow (PyTorch's tanh GELU runs at about 2.5
-    ns an element on this project's CPUs, 2 ms for a 260-token prefill's [260, 3072] in every
+    ns an element on the Intel VM, 2 ms for a 260-token prefill's [260, 3072] in every
     layer) and rounded twice. Only for MLPs known to compute ``act(linear(x))``
     (:data:`_ACTIVATED_LINEARS`); returns how many were folded.
     """
