@@ -142,10 +142,9 @@ def _per_prompt(
     """
     kwargs.pop("cu_seq_lens_k", None)
     outputs = []
-    for a, length, count in runs(bounds):
-        q, k, v = (_as_batch(states, a, length, count) for states in (query, key, value))
-        out = sdpa_attention_forward(module, q, k, v, None, dropout, scaling, is_causal=True, **kwargs)[0]
-        outputs.append(out.reshape(1, count * length, *out.shape[2:]))  # [count, length, heads, dim] laid end to end
+    for first, length, count in equal_runs([b - a for a, b in itertools.pairwise(bounds)]):
+        q, k, v = (_as_batch(states, bounds[first], length, count) for states in (query, key, value))
+        outputs.append(_causal(module, q, k, v, dropout, scaling, kwargs))
     return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], None
 
 
@@ -177,10 +176,24 @@ def _joining(
     for slot, length, count in step.prompts:
         q = _as_batch(query, start, length, count)
         keys, values = key[slot : slot + count, :, :length], value[slot : slot + count, :, :length]
-        out = sdpa_attention_forward(module, q, keys, values, None, dropout, scaling, is_causal=True, **kwargs)[0]
-        outputs.append(out.reshape(1, count * length, *out.shape[2:]))
+        outputs.append(_causal(module, q, keys, values, dropout, scaling, kwargs))
         start += count * length
     return torch.cat(outputs, dim=1), None
+
+
+def _causal(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """A batch of prompts' own causal SDPA (``[count, heads, length, dim]`` each), laid end to end:
+    ``[1, count * length, heads, dim]``."""
+    out = sdpa_attention_forward(module, query, key, value, None, dropout, scaling, is_causal=True, **kwargs)[0]
+    return out.reshape(1, -1, *out.shape[2:])
 
 
 def _as_batch(states: torch.Tensor, start: int, length: int, count: int) -> torch.Tensor:
@@ -190,19 +203,17 @@ def _as_batch(states: torch.Tensor, start: int, length: int, count: int) -> torc
     return span.unflatten(1, (count, length)).transpose(0, 1)
 
 
-def runs(bounds: list[int]) -> list[tuple[int, int, int]]:
-    """Consecutive prompts of equal length, from their cumulative bounds: (start, length, how many).
+def equal_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive prompts of equal length: (index of the run's first prompt, length, how many).
 
-    >>> runs([0, 3, 6, 8, 11])
-    [(0, 3, 2), (6, 2, 1), (8, 3, 1)]
+    >>> equal_runs([3, 3, 2, 3])
+    [(0, 3, 2), (2, 2, 1), (3, 3, 1)]
     """
-    runs: list[tuple[int, int, int]] = []
-    for a, b in itertools.pairwise(bounds):
-        if runs and runs[-1][1] == b - a:
-            start, length, count = runs[-1]
-            runs[-1] = (start, length, count + 1)
-        else:
-            runs.append((a, b - a, 1))
+    runs, index = [], 0
+    for length, group in itertools.groupby(lengths):
+        count = len(list(group))
+        runs.append((index, length, count))
+        index += count
     return runs
 
 

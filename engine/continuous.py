@@ -30,7 +30,7 @@ from transformers.cache_utils import DynamicLayer
 from engine.admission import BatchShape
 from engine.attention import NAME as ATTENTION
 from engine.attention import PRODUCTS_NAME as PRODUCTS_ATTENTION
-from engine.attention import JoiningStep, runs
+from engine.attention import JoiningStep, equal_runs
 from engine.kvcache import SlotCache
 from engine.logprobs import TokenTexts
 from engine.sampling import Row, choose, ended_rows
@@ -124,11 +124,7 @@ class ContinuousBatch:
         self.cache.reserve(start + len(rows), width + 1, like=sources[0][0])
         for slot, (prefill, offset, length) in enumerate(sources, start):
             self.cache.load(slot, prefill, 0, offset, length)
-        if self.last.shape[0] < self.cache.slots:
-            last = torch.zeros(self.cache.slots, dtype=torch.long, device=self.device)
-            last[:start] = self.last[:start]
-            self.last = last
-        self.last[start : start + len(rows)] = torch.tensor(first, dtype=torch.long, device=self.device)
+        self._feed(first, start)
         self.rows = self.rows + list(rows)
         return self._record(first, logprobs, start)
 
@@ -228,11 +224,8 @@ class ContinuousBatch:
         token_positions = torch.cat([positions.cpu(), prompt_positions])
         token_slots = torch.cat([torch.arange(n), torch.repeat_interleave(slots, torch.tensor(lengths))])
         ends = n + torch.tensor(lengths).cumsum(0) - 1
-        bounds = [0, *ends.add(1 - n).tolist()]
-        plan = JoiningStep(
-            decode_rows=n, decode_mask=mask, width=self.cache.width,
-            prompts=tuple((n + offset_rows, length, count) for offset_rows, length, count in _slot_runs(bounds)),
-        )  # fmt: skip
+        runs = tuple((n + first, length, count) for first, length, count in equal_runs(lengths))  # by slot
+        plan = JoiningStep(decode_rows=n, decode_mask=mask, width=self.cache.width, prompts=runs)
         keep = torch.cat([torch.arange(n), ends]).to(device)  # logits: each decoding row's, each prompt's last
         self.cache.joining = (token_slots.to(device), token_positions.to(device))
         try:
@@ -246,20 +239,24 @@ class ContinuousBatch:
 
     def _joined(self, joining: Sequence[Row], logits: torch.Tensor) -> Events:
         """Record a joining pass: the decoding rows advance, the joining rows take their slots and first tokens."""
-        n, device = len(self.rows), self.device
+        n = len(self.rows)
         self.cache.end_step(n)
         for slot, row in enumerate(joining, n):
             self.cache.lengths[slot] = len(row.prompt_ids)
             self.cache.host_lengths[slot] = len(row.prompt_ids)
         rows = self.rows + list(joining)
         chosen, logprobs = choose(logits, rows, None, self.texts)
-        if self.last.shape[0] < self.cache.slots:
-            last = torch.zeros(self.cache.slots, dtype=torch.long, device=device)
-            last[:n] = self.last[:n]
-            self.last = last
-        self.last[: len(rows)] = torch.tensor(chosen, dtype=torch.long, device=device)
+        self._feed(chosen, 0)
         self.rows = rows
         return self._record(chosen, logprobs, 0)
+
+    def _feed(self, tokens: list[int], start: int) -> None:
+        """Slots ``start:start + len(tokens)`` feed these tokens next (``last`` grows with the cache's slots)."""
+        if self.last.shape[0] < self.cache.slots:
+            last = torch.zeros(self.cache.slots, dtype=torch.long, device=self.device)
+            last[:start] = self.last[:start]
+            self.last = last
+        self.last[start : start + len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=self.device)
 
     def shape(self) -> BatchShape:
         """The batch as its token budget sees it (``engine.admission``): its width, the tokens still to come."""
@@ -297,15 +294,6 @@ class ContinuousBatch:
                 self.cache.free(slot)
             rows.pop()
         self.rows = [row for row in rows if row is not None]
-
-
-def _slot_runs(bounds: list[int]) -> list[tuple[int, int, int]]:
-    """Runs of equal-length prompts (cumulative ``bounds``) as (first prompt's index, length, how many)."""
-    index, out = 0, []
-    for _, length, count in runs(bounds):
-        out.append((index, length, count))
-        index += count
-    return out
 
 
 def _groups(lengths: list[int], budget: int) -> list[list[int]]:
