@@ -181,6 +181,7 @@ class PoolController(AdminMixin):
         return {name: tuple(nodes) for name, nodes in out.items()}
 
     async def _tick(self) -> None:
+        checked_at = time.time()  # before Serve's status is read: a replica that starts later is not in it
         states, busy, free = await asyncio.to_thread(self._observe)
         nodes = await asyncio.to_thread(self._replica_nodes)
         now = time.time()
@@ -192,7 +193,7 @@ class PoolController(AdminMixin):
                 seen = Seen.from_replica_states(
                     states.get(name, {}), constructing, busy.get(name, False), nodes.get(name, ())
                 )
-                self._board.observe(name, seen.starting, seen.running, now)
+                self._board.observe(name, seen.starting, seen.running, now, checked_at)
                 self._logic.observe(name, seen)
                 self._logic.models[name].last_cold_start = self._board.last_cold_start(name)
             due = daily is not None and self._clock_crossed(daily, today)

@@ -3,6 +3,10 @@
 A model replica reports each phase as it completes (``process_start`` first, from the top of its
 constructor, which also tells the pool that the replica was placed on a node). The board turns the
 reports into the ``waking`` and ``last_cold_start`` fields of /v1/models.
+
+A replica's process may be older than its wake: Ray hands a new actor an idle worker process it started
+earlier, minutes before on a busy node. Such a process's start was not paid by the wake, so ``process_start``
+counts at most from the last moment the pool saw the model with no replica starting.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class ColdStartBoard:
         self._starting: dict[str, dict[str, _Replica]] = {}
         self._last: dict[str, dict[str, Any]] = {}
         self._seen_starting: dict[str, float] = {}
+        self._quiet_at: dict[str, float] = {}  # when Serve last showed the model with no replica starting
 
     def report(
         self, model: str, replica: str, phase: str, seconds: float | None, at: float, details: dict | None = None
@@ -58,6 +63,9 @@ class ColdStartBoard:
         record = replicas.get(replica)
         if record is None:
             since = at - seconds if phase == "process_start" and seconds is not None else at
+            quiet_at = self._quiet_at.get(model)
+            if phase == "process_start" and quiet_at is not None and since < quiet_at <= at:
+                since, seconds = quiet_at, round(at - quiet_at, 4)  # a process Ray had started before this wake
             record = replicas[replica] = _Replica(since=since)
         record.phases[phase] = seconds if seconds is not None else 0.0
         if phase == LAST_CONSTRUCTOR_PHASE:
@@ -92,9 +100,13 @@ class ColdStartBoard:
         records = self._starting.get(model, {}).values()
         return sum(1 for r in records if r.ready_at is None or now - r.ready_at < READY_LAG_S)
 
-    def observe(self, model: str, starting: int, running: int, now: float) -> None:
-        """Forget replicas that never finished once Serve shows none starting (they died or were stopped)."""
+    def observe(self, model: str, starting: int, running: int, now: float, checked_at: float | None = None) -> None:
+        """Forget replicas that never finished once Serve shows none starting (they died or were stopped).
+
+        ``checked_at``: when Serve's status was read (default ``now``); a replica that starts later cannot
+        have begun its wake before it."""
         if starting == 0:
+            self._quiet_at[model] = now if checked_at is None else checked_at
             self._seen_starting.pop(model, None)
             replicas = self._starting.get(model, {})
             for replica in [r for r, record in replicas.items() if record.ready_at is None]:
@@ -134,3 +146,4 @@ class ColdStartBoard:
         self._starting.pop(model, None)
         self._last.pop(model, None)
         self._seen_starting.pop(model, None)
+        self._quiet_at.pop(model, None)

@@ -98,6 +98,22 @@ def test_the_board_shows_phases_as_they_complete_and_keeps_the_last_cold_start()
         board.report("m", "r1", "tokenize", 1.0, at=107.0)
 
 
+def test_a_process_older_than_the_wake_counts_from_when_the_model_was_last_seen_quiet() -> None:
+    """Ray may hand a new replica an idle worker process it started long before: that start is not the wake's."""
+    board = ColdStartBoard()
+    board.observe("m", starting=0, running=0, now=200.5, checked_at=200.0)
+    board.observe("m", starting=1, running=0, now=201.0)
+    board.report("m", "old", "process_start", 150.0, at=202.0)  # its process started at 52.0
+    assert board.waking("m", starting=1, running=0, now=202.5)["since"] == 200.0
+    board.report("m", "old", "warmup", 0.5, at=202.5)
+    assert board.last_cold_start("m")["phases"] == {"process_start_s": 2.0, "warmup_s": 0.5}
+    # A process that started within the wake keeps its own time.
+    board.observe("m", starting=0, running=1, now=300.0)
+    board.report("m", "new", "process_start", 1.5, at=302.0)
+    board.report("m", "new", "warmup", 0.5, at=302.5)
+    assert board.last_cold_start("m")["phases"] == {"process_start_s": 1.5, "warmup_s": 0.5}
+
+
 def test_the_board_forgets_replicas_that_never_finished() -> None:
     board = ColdStartBoard()
     board.report("m", "dead", "process_start", 1.0, at=10.0)
