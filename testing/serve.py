@@ -39,18 +39,22 @@ def local_serve(
         log_to_driver=False,
         _system_config=system,
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield port
     finally:
+        # Also when Serve failed to start (its proxy not ready in time on a loaded machine): a Ray instance left
+        # running would fail every later module of this process at its own ray.init.
         # Serve's graceful stop first (about 1 s, replicas checking every DRAIN_CHECK_S): without it, the next
         # ray.init in this process timed out now and then (its dashboard aborted at start), with or without
         # waiting for the old processes.
         instance = _descendants()
-        serve.shutdown()
-        ray.shutdown()
-        _wait_gone(instance)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            _wait_gone(instance)
 
 
 def _descendants() -> list[Any]:
