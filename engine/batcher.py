@@ -8,7 +8,11 @@ it at once (continuous batching) rather than wait for it to end.
 Every request is a stream. After each decoding step the engine thread hands over that step's
 deltas in one ``call_soon_threadsafe`` call, and each request's reader receives its rows' deltas.
 A reader slower than the engine is not sent a backlog: consecutive deltas of a row it has not
-read yet are joined into one (:meth:`Delta.then`). A reader that stops (``aclose()``, its task
+read yet are joined into one (:meth:`Delta.joined`). A step wakes only the readers that want it:
+a streamed request's reader that waits for its next delta, and any reader whose row ended or
+failed. A streamed reader that holds its next message back (``read_interval_s``) and a whole
+answer's reader are not woken by every step: with 16 streams each step would otherwise run 16
+reader tasks on the event loop, whose Python competes with the engine thread's for the GIL. A reader that stops (``aclose()``, its task
 cancelled, the generator dropped) cancels its rows, and the engine drops them at its next step.
 
 Failures stay where they belong. A row that failed alone (its delta ends with ``error``) fails
@@ -54,9 +58,10 @@ class RequestStream:
         self.items = items
         self.request_id = request_id  # for log lines written outside the request's own context
         self._batcher = batcher
-        self._pending: dict[int, Delta] = {}  # row -> its deltas not yet read, joined
+        self._pending: dict[int, list[Delta]] = {}  # row -> its deltas not yet read
         self._open_rows = len(items)
         self._wake = asyncio.Event()
+        self._listening = False  # the reader waits for any delta (a streamed one, not holding back)
         self._error: BaseException | None = None
         # When the step that made its first token ended, and the gaps between each row's tokens' steps.
         self.first_token_at: float | None = None
@@ -84,10 +89,14 @@ class RequestStream:
                 self.close()
                 raise StopAsyncIteration
             self._wake.clear()
-            await self._wake.wait()
+            self._listening = self.streamed  # a whole answer's reader wakes for a row's end only
+            try:
+                await self._wake.wait()
+            finally:
+                self._listening = False
         if self.streamed:
             await self._hold()
-        deltas = tuple(self._pending.values())
+        deltas = tuple(map(Delta.joined, self._pending.values()))
         self._pending.clear()
         return deltas
 
@@ -132,11 +141,12 @@ class RequestStream:
                 self._error = _row_error(delta, len(self.items))
             self._wake.set()
             return
-        earlier = self._pending.get(delta.index)
-        self._pending[delta.index] = delta if earlier is None else earlier.then(delta)
+        self._pending.setdefault(delta.index, []).append(delta)
         if delta.finish_reason is not None:
             self._open_rows -= 1
-        self._wake.set()
+            self._wake.set()
+        elif self._listening:
+            self._wake.set()
 
     def _fail(self, error: BaseException) -> None:
         self._error = error

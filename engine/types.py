@@ -15,6 +15,7 @@ per row; a non-streamed answer is that stream collected (:func:`collect`)::
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -230,21 +231,25 @@ class Delta:
     finish_reason: FinishReason | None = None
     error: str | None = None  # with finish_reason error/aborted: what failed, in words, no internals
 
-    def then(self, later: Delta) -> Delta:
-        """This delta followed by ``later`` of the same row, as one (what a slow reader receives).
+    @staticmethod
+    def joined(deltas: Sequence[Delta]) -> Delta:
+        """Consecutive deltas of one row as one (what a reader receives for the steps since its last read).
 
-        >>> Delta(0, "Hel", 1).then(Delta(0, "lo", 2, finish_reason="length"))
+        >>> Delta.joined([Delta(0, "Hel", 1), Delta(0, "lo", 2, finish_reason="length")])
         Delta(index=0, text='Hello', tokens=3, logprobs=(), finish_reason='length', error=None)
         """
-        if later.index != self.index:
-            raise ValueError(f"cannot join deltas of rows {self.index} and {later.index}")
+        first, last = deltas[0], deltas[-1]
+        if len(deltas) == 1:
+            return first
+        if any(d.index != first.index for d in deltas):
+            raise ValueError(f"cannot join deltas of rows {sorted({d.index for d in deltas})}")
         return Delta(
-            self.index,
-            self.text + later.text,
-            self.tokens + later.tokens,
-            self.logprobs + later.logprobs,
-            later.finish_reason if later.finish_reason is not None else self.finish_reason,
-            later.error if later.error is not None else self.error,
+            first.index,
+            "".join(d.text for d in deltas),
+            sum(d.tokens for d in deltas),
+            tuple(itertools.chain.from_iterable(d.logprobs for d in deltas)),
+            last.finish_reason,
+            last.error,
         )
 
 
