@@ -12,8 +12,9 @@ read yet are joined into one (:meth:`Delta.joined`). A step wakes only the reade
 a streamed request's reader that waits for its next delta, and any reader whose row ended or
 failed. A streamed reader that holds its next message back (``read_interval_s``) and a whole
 answer's reader are not woken by every step: with 16 streams each step would otherwise run 16
-reader tasks on the event loop, whose Python competes with the engine thread's for the GIL. A reader that stops (``aclose()``, its task
-cancelled, the generator dropped) cancels its rows, and the engine drops them at its next step.
+reader tasks on the event loop, whose Python competes with the engine thread's for the GIL.
+A reader that stops (``aclose()``, its task cancelled, the generator dropped) cancels its rows,
+and the engine drops them at its next step.
 
 Failures stay where they belong. A row that failed alone (its delta ends with ``error``) fails
 its own request with :class:`~engine.errors.RowFailedError` and cancels that request's other rows;

@@ -1,0 +1,155 @@
+"""Streamed against whole answers in one process, without Ray: what the replica's readers cost its engine.
+
+    python -m benchmarks.stream_readers [--clients 16] [--seconds 6] [--repeats 8] [--dtype bfloat16]
+
+The model server's own path below Serve: the ``Batcher`` over this engine (the GPT-2-small-shaped random
+checkpoint, one torch thread, batch limit 32) and ``--clients`` closed-loop clients in the same event loop,
+each asking for 64 tokens and reading its request's stream as the model server does. Legs of each kind
+alternate (whole, streamed, then the other way round), so that both meet the same machine:
+
+- ``whole``: the reader of an answer collected in the replica (``streamed=False``);
+- ``streamed``: the reader of a streamed answer, its messages spaced by ``STREAM_MESSAGES_PER_S``
+  (``--messages-per-s``, 100 as shipped).
+
+Nothing is sent anywhere, so any gap between the two is the readers' cost to the engine inside one process
+(their event loop shares the GIL with the engine thread). Prints and writes
+``benchmarks/results/<name>.json`` and ``.png``: requests/s, the engine's ms per step (between its step
+callbacks) and the event loop thread's CPU per step, medians over the legs, and each round's
+streamed / whole ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.common import PROMPTS, RESULTS, machine, write_results
+from engine.batcher import Batcher
+from engine.model import EngineConfig, TextGenerator
+from engine.types import SamplingParams
+from testing.checkpoints import random_checkpoint
+
+KINDS = ("whole", "streamed")
+
+
+async def leg(
+    engine: TextGenerator, prompt: list[int], streamed: bool, clients: int, seconds: float, messages_per_s: float
+) -> dict[str, float]:
+    """One leg: ``clients`` closed-loop clients for about ``seconds``."""
+    steps, step_s = 0, 0.0
+
+    def run(items: Any, on_step: Any, poll: Any = None, max_batch_size: Any = None) -> None:
+        ended = time.perf_counter()
+
+        def timed(events: Any) -> None:
+            nonlocal steps, step_s, ended
+            steps += 1
+            step_s += time.perf_counter() - ended
+            on_step(events)
+            ended = time.perf_counter()
+
+        engine.run(items, timed, poll, max_batch_size)
+
+    batcher = Batcher(run, 32, 0.005, stream_messages_per_s=messages_per_s)
+    params = SamplingParams(max_new_tokens=64, ignore_eos=True)
+    done, reads = 0, 0
+    stop = time.monotonic() + seconds
+
+    async def client() -> None:
+        nonlocal done, reads
+        while time.monotonic() < stop:
+            async for _ in batcher.open([list(prompt)], [params], streamed=streamed):
+                reads += 1
+            done += 1
+
+    began, cpu, loop_cpu = time.monotonic(), time.process_time(), time.thread_time()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.monotonic() - began
+    loop_cpu = time.thread_time() - loop_cpu
+    cpu = time.process_time() - cpu
+    await batcher.close()
+    return {
+        "requests_per_s": done / elapsed,
+        "engine_ms_per_step": step_s / steps * 1000,
+        "loop_cpu_ms_per_step": loop_cpu / steps * 1000,
+        "process_cores": cpu / elapsed,
+        "reads_per_request": reads / done,
+    }
+
+
+async def measure(args: argparse.Namespace, engine: TextGenerator, prompt: list[int]) -> dict[str, list[dict]]:
+    await leg(engine, prompt, False, args.clients, 2.0, args.messages_per_s)  # warm: packing, kernels, buffers
+    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
+    for repeat in range(args.repeats):
+        for kind in KINDS if repeat % 2 == 0 else tuple(reversed(KINDS)):
+            result = await leg(engine, prompt, kind == "streamed", args.clients, args.seconds, args.messages_per_s)
+            runs[kind].append(result)
+            print(f"  {kind:8s} {result['requests_per_s']:5.2f} req/s, {result['engine_ms_per_step']:5.1f} ms a step,"
+                  f" event loop {result['loop_cpu_ms_per_step']:.2f} ms a step", flush=True)  # fmt: skip
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=6.0, help="about how long each leg runs")
+    parser.add_argument("--repeats", type=int, default=8, help="legs of each kind")
+    parser.add_argument("--messages-per-s", type=float, default=100.0, help="STREAM_MESSAGES_PER_S")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--name", default="stream_readers")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    checkpoint = random_checkpoint("gpt2-small", full_vocab=True)
+    engine = TextGenerator.load(EngineConfig(model_id=str(checkpoint), num_threads=1, dtype=args.dtype))
+    prompt = engine.encode(PROMPTS[:1], SamplingParams(max_new_tokens=8))[0]
+    runs = asyncio.run(measure(args, engine, prompt))
+    keys = runs["whole"][0].keys()
+    medians = {kind: {key: statistics.median(run[key] for run in runs[kind]) for key in keys} for kind in KINDS}
+    ratios = [s["requests_per_s"] / w["requests_per_s"] for s, w in zip(runs["streamed"], runs["whole"], strict=True)]
+    data = {"config": vars(args), "machine": machine(), "load_average": os.getloadavg(), "runs": runs,
+            "medians": medians, "streamed_over_whole": ratios,
+            "streamed_over_whole_median": statistics.median(ratios)}  # fmt: skip
+    path = write_results(args.name, data)
+    _plot(runs, ratios, args)
+    print(f"clients={args.clients} dtype={args.dtype} messages/s={args.messages_per_s:g} -> {path}")
+    for kind, m in medians.items():
+        print(f"  {kind:8s} {m['requests_per_s']:5.2f} req/s, {m['engine_ms_per_step']:5.1f} ms a step, "
+              f"event loop {m['loop_cpu_ms_per_step']:.2f} ms a step (medians)")  # fmt: skip
+    rounds = ", ".join(f"{r:.2f}" for r in ratios)
+    print(f"  streamed / whole per round: {rounds}; median {statistics.median(ratios):.2f}")
+
+
+def _plot(runs: dict[str, list[dict[str, float]]], ratios: list[float], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    panels = (("requests_per_s", "requests/s"), ("engine_ms_per_step", "ms per step"))
+    for ax, (key, title) in zip(axes[:2], panels, strict=True):
+        for x, kind in enumerate(KINDS):
+            values = [run[key] for run in runs[kind]]
+            ax.scatter([x] * len(values), values, color="#2a7" if kind == "streamed" else "#999")
+            ax.hlines(statistics.median(values), x - 0.25, x + 0.25, color="black")
+        ax.set_xticks(range(len(KINDS)), list(KINDS))
+        ax.set_xlim(-0.6, len(KINDS) - 0.4)
+        ax.set_title(title)
+    axes[2].plot(range(1, len(ratios) + 1), ratios, "o-", color="#2a7")
+    axes[2].axhline(1.0, color="black", lw=0.8)
+    axes[2].axhline(0.95, color="#c33", lw=0.8, ls="--")
+    axes[2].set_xlabel("round")
+    axes[2].set_title("streamed / whole requests/s")
+    fig.suptitle(f"One process, no Ray: {args.clients} clients, {args.dtype}, GPT-2-small shape, 1 thread")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{args.name}.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
