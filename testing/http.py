@@ -3,19 +3,47 @@ app served on a local port."""
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+RAY_WORKER_PORTS_END = 19999  # Ray's default max_worker_port: its workers take ports from 10002 up to here
+
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+    """A TCP port free on every local address right now, chosen where nothing else picks ports on its own.
+
+    A port the kernel hands out (to a server bound to port 0, as Ray's processes are, or to an outgoing
+    connection) can be taken again between this call and the moment its user binds it, which on a loaded
+    machine was a minute later: a `ray start` then failed with "address already in use". So the port comes
+    from between Ray's worker ports and the kernel's ephemeral range (``ip_local_port_range``), where only
+    explicit choices land; where that gap is too small, from the kernel.
+    """
+    low = _ephemeral_low()
+    choose = random.SystemRandom()
+    for _ in range(100 if low - RAY_WORKER_PORTS_END > 1000 else 0):
+        port = choose.randrange(RAY_WORKER_PORTS_END + 1, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # unknown: let the kernel choose
 
 
 def status(url: str, timeout: float = 5, client: httpx.Client | None = None) -> int | None:
