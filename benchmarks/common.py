@@ -74,6 +74,18 @@ def write_results(name: str, data: dict[str, Any], directory: Path = RESULTS) ->
     return path
 
 
+def scatter_panel(ax: Any, runs: dict[str, list[dict[str, Any]]], key: str, title: str, highlight: str) -> None:
+    """One panel of alternated runs: each way's values of ``key`` as dots over its name, its median as a bar
+    (``highlight``: the way drawn in colour, the others grey)."""
+    for x, way in enumerate(runs):
+        values = [run[key] for run in runs[way]]
+        ax.scatter([x] * len(values), values, color="#2a7" if way == highlight else "#999")
+        ax.hlines(statistics.median(values), x - 0.25, x + 0.25, color="black")
+    ax.set_xticks(range(len(runs)), list(runs))
+    ax.set_xlim(-0.6, len(runs) - 0.4)
+    ax.set_title(title)
+
+
 def plot_concurrency(results: dict[str, Any], path: Path, title: str) -> None:
     """Requests/s, latency and (for streamed clients) time to first token, against concurrent clients."""
     import matplotlib

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 import engine.continuous as continuous
-from benchmarks.common import PROMPTS, RESULTS, machine, write_results
+from benchmarks.common import PROMPTS, RESULTS, machine, scatter_panel, write_results
 from engine.model import EngineConfig, TextGenerator
 from engine.types import Delta, SamplingParams
 from engine.work import WorkItem
@@ -119,13 +119,7 @@ def _plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> No
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     panels = (("ms_per_token", "ms per generated token"), ("first_token_wait_ms", "an arrival's first token (ms)"))
     for ax, (key, title) in zip(axes, panels, strict=True):
-        for x, way in enumerate(runs):
-            values = [run[key] for run in runs[way]]
-            ax.scatter([x] * len(values), values, color="#2a7" if way == "joining" else "#999")
-            ax.hlines(statistics.median(values), x - 0.25, x + 0.25, color="black")
-        ax.set_xticks(range(len(runs)), list(runs))
-        ax.set_xlim(-0.6, len(runs) - 0.4)
-        ax.set_title(title)
+        scatter_panel(ax, runs, key, title, highlight="joining")
     fig.suptitle(f"{args.dtype}, GPT-2-small shape, {args.rows} rows, staggered closed loop, {args.threads} thread(s)")
     fig.tight_layout()
     fig.savefig(RESULTS / f"{args.name}.png", dpi=110)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import PROMPTS, RESULTS, machine, write_results
+from benchmarks.common import PROMPTS, RESULTS, machine, scatter_panel, write_results
 from engine.batcher import Batcher
 from engine.model import EngineConfig, TextGenerator
 from engine.types import SamplingParams
@@ -134,13 +134,7 @@ def _plot(runs: dict[str, list[dict[str, float]]], ratios: list[float], args: ar
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
     panels = (("requests_per_s", "requests/s"), ("engine_ms_per_step", "ms per step"))
     for ax, (key, title) in zip(axes[:2], panels, strict=True):
-        for x, kind in enumerate(KINDS):
-            values = [run[key] for run in runs[kind]]
-            ax.scatter([x] * len(values), values, color="#2a7" if kind == "streamed" else "#999")
-            ax.hlines(statistics.median(values), x - 0.25, x + 0.25, color="black")
-        ax.set_xticks(range(len(KINDS)), list(KINDS))
-        ax.set_xlim(-0.6, len(KINDS) - 0.4)
-        ax.set_title(title)
+        scatter_panel(ax, runs, key, title, highlight="streamed")
     axes[2].plot(range(1, len(ratios) + 1), ratios, "o-", color="#2a7")
     axes[2].axhline(1.0, color="black", lw=0.8)
     axes[2].axhline(0.95, color="#c33", lw=0.8, ls="--")
