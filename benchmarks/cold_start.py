@@ -1,7 +1,8 @@
 """Cold start: from a request at zero model replicas to its answer, phase by phase.
 
     python -m benchmarks.cold_start [--model PATH] [--runs 7] [--new-tokens 32]
-    python -m benchmarks.cold_start --sizes [--runs 3]   # by checkpoint size: benchmarks/cold_start_sizes.py
+    python -m benchmarks.cold_start --sizes [--runs 3] [--checkpoint-dtype bfloat16]   # by checkpoint size:
+                                                     # benchmarks/cold_start_sizes.py
 
 One local Ray instance runs the service with two models at zero replicas on the same checkpoint
 (``MODELS_FILE``): ``bench`` starts its replicas in the warm worker pool (WARM_WORKERS=1),
@@ -309,19 +310,27 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7, help="cold starts per system")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs (torch threads) per replica")
-    parser.add_argument("--idle", type=float, default=3.0, help="IDLE_TIMEOUT_S between runs")
+    parser.add_argument("--idle", type=float, help="IDLE_TIMEOUT_S between runs (default 3 s; with --sizes 20 s)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--name", default="cold_start")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), help="the service's DTYPE (default: auto)")
     parser.add_argument("--sizes", action="store_true", help="wake cost by checkpoint size (cold_start_sizes.py)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="with --sizes: keep the big checkpoints")
+    parser.add_argument(
+        "--checkpoint-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="with --sizes: the dtype the random checkpoints are stored in",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.sizes:
         from benchmarks.cold_start_sizes import run_sizes
 
         name = "cold_start_sizes" if args.name == "cold_start" else args.name
-        run_sizes(args.runs, args.cpus, args.idle, args.new_tokens, args.keep_checkpoints, name)
+        idle = 20.0 if args.idle is None else args.idle  # it must outlast the pool's refill before the warm answer
+        sizes_args = (args.runs, args.cpus, idle, args.new_tokens, args.keep_checkpoints, name)
+        run_sizes(*sizes_args, dtype=args.dtype, checkpoint_dtype=args.checkpoint_dtype)
         return
     model = args.model or random_checkpoint("gpt2-small")
     load = os.getloadavg()
@@ -333,7 +342,7 @@ def main() -> None:
         logger.info("memory at zero replicas: %s", memory)
     runs: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
     with local_serve(num_cpus=args.cpus) as port:
-        urls = deploy(model, port, args.cpus, args.idle, args.dtype)
+        urls = deploy(model, port, args.cpus, 3.0 if args.idle is None else args.idle, args.dtype)
         for _ in range(args.runs):
             for system in SYSTEMS:
                 runs[system].append(one_cold_start(urls, system, args.new_tokens))

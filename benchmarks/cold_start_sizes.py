@@ -1,16 +1,20 @@
 """Wake-up from zero by checkpoint size: what each extra GB of weights costs beyond a warm answer.
 
     python -m benchmarks.cold_start --sizes [--runs 3] [--keep-checkpoints]
+        [--checkpoint-dtype bfloat16] [--dtype auto|float32|bfloat16]
 
-For each checkpoint (the GPT-2-small shape, ~1.2 GB and ~2.8 GB random GPT-2 shapes, float32),
-one local Ray instance serves it twice: the service with its warm worker pool (WARM_WORKERS=1)
-and the plain pattern (benchmarks/baseline_app.py). They take turns waking from zero: one greedy
-request at zero replicas, then the same request twice more at once: the second answer (which also
-pays the replica's one-off work after its first batch: the service packs its linear layers then)
-and the warm answer. The wake cost is the first answer's time less the warm one's; its slope over
+For each checkpoint (the GPT-2-small shape, ~1.2 GB and ~2.8 GB random GPT-2 shapes, stored in
+float32, or in bfloat16 with ``--checkpoint-dtype``: half the bytes), one local Ray instance serves it
+twice: the service with its warm worker pool (WARM_WORKERS=1, ``DTYPE`` from ``--dtype``) and the
+plain pattern (benchmarks/baseline_app.py). They take turns waking from zero: one greedy request at
+zero replicas, then the same request twice more, one after the other: the second answer (which also
+pays the replica's one-off work after its first batch: a float32 checkpoint is converted and packed
+then) and, once the service's warm pool has refilled (its new worker would otherwise compete for the
+CPUs), the warm answer. The wake cost is the first answer's time less the warm one's; its slope over
 the checkpoint's size is the cost per extra GB, set beside the machine's read bandwidth measured in
 the same run (memory, with the replica's threads; and the checkpoint's file from the page cache).
-The service's phases come from its replicas' cold-start reports. Writes
+The service's phases come from its replicas' cold-start reports. ``--idle`` (default 20 s here) must
+outlast the pool's refill, or the warm answer would be a wake of its own (the run stops, saying so). Writes
 benchmarks/results/cold_start_sizes.json and .png; the big checkpoints are deleted afterwards unless
 ``--keep-checkpoints``.
 """
@@ -28,7 +32,7 @@ from typing import Any
 import httpx
 
 from benchmarks import cold_start
-from benchmarks.common import PROMPTS, RESULTS, summary, write_results
+from benchmarks.common import PROMPTS, RESULTS, summary, warm_pool_full, write_results
 from testing.checkpoints import random_checkpoint
 from testing.serve import local_serve
 
@@ -60,12 +64,14 @@ def _answer(url: str, body: dict[str, Any]) -> float:
     return time.time() - started
 
 
-def one_size(model: Path, runs: int, cpus: int, idle_s: float, new_tokens: int) -> dict[str, Any]:
+def one_size(
+    model: Path, runs: int, cpus: int, idle_s: float, new_tokens: int, dtype: str | None = None
+) -> dict[str, Any]:
     from ray import serve
 
     records: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
     with local_serve(num_cpus=cpus) as port:
-        settings = cold_start.service_settings(model, cpus, idle_s, ("service",))
+        settings = cold_start.service_settings(model, cpus, idle_s, ("service",), dtype)
         serve.run(cold_start.build_graph(settings), name="service", route_prefix="/", blocking=False)
         plain = cold_start.baseline_app.PlainGenerator.options(
             ray_actor_options={"num_cpus": cpus},
@@ -85,7 +91,16 @@ def one_size(model: Path, runs: int, cpus: int, idle_s: float, new_tokens: int) 
                 # The replica's next answer also pays its one-off work after a first batch (the service packs
                 # its linear layers then): kept as second_answer_s; the warm answer is the one after it.
                 run["second_answer_s"] = round(_answer(f"{urls[system]}/generate", body), 3)
+                if system == "service":
+                    # The pool refills after a wake; its new worker imports torch beside the warm answer.
+                    pooled = cold_start.MODEL_NAMES[system]
+                    cold_start.wait_for(lambda app=pooled: warm_pool_full(app), timeout=300, interval=0.5)
+                before_warm = time.time()
                 run["warm_s"] = round(_answer(f"{urls[system]}/generate", body), 3)
+                if system == "service" and cold_start._last_cold_start(urls[system], pooled, before_warm):
+                    raise RuntimeError(
+                        f"the model went to zero before its warm answer (IDLE_TIMEOUT_S {idle_s} s): raise --idle"
+                    )
                 run["wake_cost_s"] = round(run["total_s"] - run["warm_s"], 3)
                 run.pop("last_cold_start", None)
                 records[system].append(run)
@@ -129,8 +144,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     small = results["sizes"][SIZES[0]]["service"]["wake_cost_s"]["median"]
     target = [small + 0.25 * (g - gb[0]) for g in gb]
     ax.plot(gb, target, linestyle=":", color="red", label="target: +0.25 s per extra GB (service)")
-    ax.set_xlabel("checkpoint size (GB, float32)")
-    ax.set_ylabel("wake cost: first answer from zero less a warm answer (s, medians)")
+    ax.set_xlabel(f"checkpoint size (GB, stored in {results.get('checkpoint_dtype', 'float32')})")
+    ax.set_ylabel("wake cost (s, medians):\nfirst answer from zero less a warm one")
     bw = results["bandwidth"]
     ax.set_title(f"Wake cost by size; memory read {bw['memory_gb_per_s']} GB/s, page cache {bw['page_cache_gb_per_s']}")
     ax.legend(fontsize=8)
@@ -138,17 +153,34 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run_sizes(runs: int, cpus: int, idle_s: float, new_tokens: int, keep: bool, name: str) -> Path:
+def run_sizes(
+    runs: int,
+    cpus: int,
+    idle_s: float,
+    new_tokens: int,
+    keep: bool,
+    name: str,
+    dtype: str | None = None,
+    checkpoint_dtype: str = "float32",
+) -> Path:
     load_before = os.getloadavg()
-    results: dict[str, Any] = {"runs": runs, "cpus": cpus, "new_tokens": new_tokens, "sizes": {}}
+    results: dict[str, Any] = {
+        "runs": runs,
+        "cpus": cpus,
+        "new_tokens": new_tokens,
+        "idle_s": idle_s,
+        "service_dtype": dtype or "auto",
+        "checkpoint_dtype": checkpoint_dtype,
+        "sizes": {},
+    }
     built: list[Path] = []
     for shape in SIZES:
-        model = random_checkpoint(shape)
-        if shape != SIZES[0]:
+        model = random_checkpoint(shape, dtype=checkpoint_dtype)
+        if shape != SIZES[0] or checkpoint_dtype != "float32":
             built.append(model)
         floor = cold_start.read_floor(model)
         logger.info("%s: %s", shape, floor)
-        results["sizes"][shape] = {**floor, **one_size(model, runs, cpus, idle_s, new_tokens)}
+        results["sizes"][shape] = {**floor, **one_size(model, runs, cpus, idle_s, new_tokens, dtype)}
     results["bandwidth"] = {
         "memory_gb_per_s": memory_bandwidth(cpus),
         "page_cache_gb_per_s": results["sizes"][SIZES[-1]]["read_gb_per_s"],
