@@ -48,6 +48,10 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                40.0, 80.0)  # fmt: skip
+# A request's wait in the replica for the engine is a fraction of a step to a few steps (tens of ms on a
+# CPU), under vLLM's smallest request-latency bucket (0.3 s), where histogram_quantile can only
+# interpolate: its own buckets, from 1 ms (those of the time to first token).
+QUEUE_BUCKETS = TTFT_BUCKETS
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 # vLLM's build_1_2_5_buckets, up to the longest context a served model is likely to have.
@@ -110,7 +114,7 @@ QUEUE_TIME = _histogram(
     "request_queue_time_seconds",
     "Every request, streamed or not: time it waited in the model replica before the engine took it.",
     ("model",),
-    REQUEST_LATENCY_BUCKETS,
+    QUEUE_BUCKETS,
 )
 ENGINE_TTFT = _histogram(
     "engine_time_to_first_token_seconds",
