@@ -176,22 +176,34 @@ class PoolBackend:
         self._streams: dict[str, DeploymentHandle] = {}
 
     async def _models(self) -> list[ModelConfig]:
-        names = [status.name for status in await self._client.snapshot()]
-        # Fetched again for a new name and at most every refresh_s, so that a model reloaded under the
-        # same name (new limits, new defaults) is served with its new configuration within one refresh.
-        # One fetch at a time: a burst of requests that finds them stale waits for one controller call.
+        # The model list and the configurations are both refreshed every refresh_s: when both are due, their two
+        # controller calls run at once, so that a burst of requests that finds them stale waits for one round trip.
+        statuses = asyncio.ensure_future(self._client.snapshot())
+        try:
+            await self._refresh_configs()
+            names = [status.name for status in await statuses]
+        except BaseException:
+            statuses.cancel()
+            raise
+        await self._refresh_configs(names)  # a name the configurations did not have yet (just loaded): fetched now
+        return [self._configs[name] for name in names if name in self._configs]
+
+    async def _refresh_configs(self, names: list[str] | None = None) -> None:
+        """Fetch the configurations when refresh_s has passed (or one of ``names`` is missing), so that a model
+        reloaded under the same name (new limits, new defaults) is served with its new configuration within one
+        refresh. One fetch at a time: a burst of requests that finds them stale waits for one controller call."""
         async with self._configs_lock:
             stale = time.monotonic() - self._configs_at >= self._refresh_s
-            if stale or any(name not in self._configs for name in names):
-                configs = await self._controller.configs.remote()
-                self._configs_at = time.monotonic()
-                self._configs = {}
-                for name, config in configs.items():
-                    try:  # validated where written; read back as data, no disk lookups
-                        self._configs[name] = ModelConfig.from_stored(config)
-                    except ValueError:  # pydantic's ValidationError: the controller lists it as failed
-                        logger.exception("gateway: the stored configuration of %s does not validate; skipped", name)
-        return [self._configs[name] for name in names if name in self._configs]
+            if not stale and not any(name not in self._configs for name in names or ()):
+                return
+            configs = await self._controller.configs.remote()
+            self._configs_at = time.monotonic()
+            self._configs = {}
+            for name, config in configs.items():
+                try:  # validated where written; read back as data, no disk lookups
+                    self._configs[name] = ModelConfig.from_stored(config)
+                except ValueError:  # pydantic's ValidationError: the controller lists it as failed
+                    logger.exception("gateway: the stored configuration of %s does not validate; skipped", name)
 
     async def resolve(self, requested: str | None) -> ModelConfig:
         return resolve_model(await self._models(), requested)

@@ -142,3 +142,50 @@ async def test_a_burst_that_finds_the_configurations_stale_waits_for_one_control
     backend = PoolBackend(controller, SimpleNamespace(retry_after_s=1, request_timeout_s=5), refresh_s=60)  # type: ignore[arg-type]
     resolved = await asyncio.gather(*(backend.resolve("big") for _ in range(24)))
     assert {model.name for model in resolved} == {"big"} and calls["configs"] == 1
+
+
+async def test_the_model_list_and_the_configurations_are_fetched_at_once() -> None:
+    # Each call waits (up to a second) for the other to have begun: one after the other, the first would time out.
+    stored = ModelConfig(name="big", model_id="org/big").model_dump(mode="json")
+    begun = {"snapshot": asyncio.Event(), "configs": asyncio.Event()}
+    overlapped: list[str] = []
+
+    def call(name: str, other: str, answer: Any) -> Method:
+        async def fn() -> Any:
+            begun[name].set()
+            try:
+                await asyncio.wait_for(begun[other].wait(), timeout=1)
+                overlapped.append(name)
+            except TimeoutError:
+                pass
+            return answer
+
+        return Method(fn)
+
+    status = ModelStatus("big", "org/big", "running", admitted=True, app="big", deployment="big")
+    controller = SimpleNamespace(
+        snapshot=call("snapshot", "configs", [status]), configs=call("configs", "snapshot", {"big": stored})
+    )
+    backend = PoolBackend(controller, SimpleNamespace(retry_after_s=1, request_timeout_s=5), refresh_s=60)  # type: ignore[arg-type]
+    assert (await backend.resolve("big")).name == "big"
+    assert sorted(overlapped) == ["configs", "snapshot"]
+
+
+async def test_a_model_the_fetched_configurations_lack_is_fetched_again() -> None:
+    # The configurations answered before the model list: it names a model loaded in between.
+    stored = {name: ModelConfig(name=name, model_id=f"org/{name}").model_dump(mode="json") for name in ("a", "b")}
+    answers = [{"a": stored["a"]}, stored]
+    listed = asyncio.Event()
+
+    async def snapshot() -> list[ModelStatus]:
+        await asyncio.wait_for(listed.wait(), timeout=1)
+        return [ModelStatus(name, f"org/{name}", "running", admitted=True, app=name, deployment=name) for name in "ab"]
+
+    async def configs() -> dict:
+        listed.set()  # the list is answered after these configurations
+        return answers.pop(0)
+
+    controller = SimpleNamespace(snapshot=Method(snapshot), configs=Method(configs))
+    backend = PoolBackend(controller, SimpleNamespace(retry_after_s=1, request_timeout_s=5), refresh_s=60)  # type: ignore[arg-type]
+    assert (await backend.resolve("b")).model_id == "org/b"
+    assert answers == []  # fetched twice
