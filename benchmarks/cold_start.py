@@ -324,11 +324,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # With --sizes the model must stay up through the pool's refill before its warm answer.
+    idle = args.idle if args.idle is not None else 20.0 if args.sizes else 3.0
     if args.sizes:
         from benchmarks.cold_start_sizes import run_sizes
 
         name = "cold_start_sizes" if args.name == "cold_start" else args.name
-        idle = 20.0 if args.idle is None else args.idle  # it must outlast the pool's refill before the warm answer
         sizes_args = (args.runs, args.cpus, idle, args.new_tokens, args.keep_checkpoints, name)
         run_sizes(*sizes_args, dtype=args.dtype, checkpoint_dtype=args.checkpoint_dtype)
         return
@@ -342,7 +343,7 @@ def main() -> None:
         logger.info("memory at zero replicas: %s", memory)
     runs: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
     with local_serve(num_cpus=args.cpus) as port:
-        urls = deploy(model, port, args.cpus, 3.0 if args.idle is None else args.idle, args.dtype)
+        urls = deploy(model, port, args.cpus, idle, args.dtype)
         for _ in range(args.runs):
             for system in SYSTEMS:
                 runs[system].append(one_cold_start(urls, system, args.new_tokens))

@@ -82,19 +82,19 @@ def one_size(
         cold_start.wait_for(lambda: cold_start.ok(f"{base}/healthz"), timeout=120)
         cold_start.wait_for(lambda: cold_start.MODEL_NAMES["service"] in serve.status().applications, timeout=120)
         urls = {"service": base, "baseline": f"{base}/baseline"}
+        pooled = cold_start.MODEL_NAMES["service"]  # the service's model, the one with a warm pool
         for _ in range(runs):
             for system in SYSTEMS:
                 run = cold_start.one_cold_start(urls, system, new_tokens)
                 body = {"prompt": PROMPTS[1], "generation_kwargs": {"max_new_tokens": new_tokens, "temperature": 0}}
                 if system == "service":
-                    body["model"] = cold_start.MODEL_NAMES[system]
+                    body["model"] = pooled
                 # The replica's next answer also pays its one-off work after a first batch (the service packs
                 # its linear layers then): kept as second_answer_s; the warm answer is the one after it.
                 run["second_answer_s"] = round(_answer(f"{urls[system]}/generate", body), 3)
                 if system == "service":
                     # The pool refills after a wake; its new worker imports torch beside the warm answer.
-                    pooled = cold_start.MODEL_NAMES[system]
-                    cold_start.wait_for(lambda app=pooled: warm_pool_full(app), timeout=300, interval=0.5)
+                    cold_start.wait_for(lambda: warm_pool_full(pooled), timeout=300, interval=0.5)
                 before_warm = time.time()
                 run["warm_s"] = round(_answer(f"{urls[system]}/generate", body), 3)
                 if system == "service" and cold_start._last_cold_start(urls[system], pooled, before_warm):
