@@ -50,15 +50,32 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
+VECTOR_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"}
+
+
+def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name as the kernel gives it ("" where it does not)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.partition(":")[2].strip() for line in lines if line.startswith("model name")), "")
+
+
 def machine() -> dict[str, Any]:
     import os
 
     import torch
 
+    from engine.cpu import cpu_flags
+
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
+        # The flags that decide the engine's CPU kernels (engine.cpu, engine.attention): results differ by them.
+        "cpu_flags": sorted(cpu_flags() & VECTOR_FLAGS),
         "torch": torch.__version__,
     }
     if torch.cuda.is_available():

