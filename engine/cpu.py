@@ -54,6 +54,30 @@ def auto_cpu_dtype(flags: set[str] | None = None) -> tuple[torch.dtype, str]:
     return torch.float32, f"no native bfloat16 on this cpu ({', '.join(NATIVE_BF16_FLAGS)})"
 
 
+# Where a CPU computes each half-precision dtype natively; elsewhere oneDNN emulates it.
+NATIVE_HALF_FLAGS = {torch.bfloat16: NATIVE_BF16_FLAGS, torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def emulated_on_cpu(dtype: torch.dtype, flags: set[str] | None = None) -> str | None:
+    """Why ``dtype`` computes slower than float32 on this CPU (it lacks the instructions), or None.
+
+    ``DTYPE=auto`` never picks such a dtype; an explicit ``DTYPE`` gets it, with this in the load's
+    warning and the cold-start report's ``dtype_reason``.
+
+    Example::
+
+        >>> emulated_on_cpu(torch.bfloat16, {"avx2"})
+        'this cpu lists no native bfloat16 (avx512_bf16, amx_bf16): it is emulated, slower than float32 here'
+        >>> emulated_on_cpu(torch.bfloat16, {"avx512_bf16"}), emulated_on_cpu(torch.float32, {"avx2"})
+        (None, None)
+    """
+    native = NATIVE_HALF_FLAGS.get(dtype)
+    if native is None or (cpu_flags() if flags is None else flags) & set(native):
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return f"this cpu lists no native {name} ({', '.join(native)}): it is emulated, slower than float32 here"
+
+
 def fuse_activations(model: Any) -> int:
     """Replace GPT-2's ``gelu_new`` modules (six element-wise kernels) by the same function fused in one.
 

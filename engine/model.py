@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from engine.chat import encode_chat, render_chat
 from engine.continuous import ContinuousBatch, new_cache, supports
-from engine.cpu import auto_cpu_dtype, prepare_cpu_model, stored_float32
+from engine.cpu import auto_cpu_dtype, emulated_on_cpu, prepare_cpu_model, stored_float32
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import PromptTooLongError
 from engine.loading import load_weights, placement_facts, touch_weights, weights_facts
@@ -93,7 +93,8 @@ class EngineConfig:
     def dtype_choice(self) -> tuple[torch.dtype, str]:
         """The weights' dtype and why: as set, or for ``auto`` what the device does natively."""
         if self.dtype != "auto":
-            return DTYPES[self.dtype], "DTYPE"
+            slow = emulated_on_cpu(DTYPES[self.dtype]) if self.device == "cpu" else None
+            return DTYPES[self.dtype], "DTYPE" + (f"; {slow}" if slow else "")
         if self.device == "cuda":
             if torch.cuda.is_bf16_supported():
                 return torch.bfloat16, "auto: cuda supports bfloat16"
@@ -157,6 +158,8 @@ class TextGenerator:
         if config.device == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         dtype, dtype_reason = config.dtype_choice()
+        if config.device == "cpu" and config.dtype != "auto" and (slow := emulated_on_cpu(dtype)):
+            logger.warning("%s: DTYPE=%s, but %s; DTYPE=auto would load float32", config.model_id, config.dtype, slow)
         remote = config.trust_remote_code
         with timer.phase("config"):
             model_config = AutoConfig.from_pretrained(config.model_id, trust_remote_code=remote)

@@ -13,6 +13,7 @@ MODULES = [
     "engine.detokenize",
     "engine.timing",
     "engine.placement",
+    "engine.cpu",
     "engine.quantization",
     "engine.token_choice",
     "observability.metrics",
