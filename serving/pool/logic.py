@@ -12,7 +12,7 @@ Rules (issue 10):
 - An evicted model's requests wait at the pool's gate; it is let back in once no model of higher
   priority waits for room, and it may then evict only models below its own priority.
 - At SCALE_TO_ZERO_AT every model drains to zero; a keep-hot one keeps its floor again once a request
-  has woken it.
+  has woken it (from the moment its replica is seen starting).
 """
 
 from __future__ import annotations
@@ -186,8 +186,11 @@ class PoolLogic:
                 step.unloaded.append((name, state.spec.app))
                 return
             state.drain = None
-        if state.suspended and state.drain is None and seen.running > 0:
-            state.suspended = False  # woken on demand after SCALE_TO_ZERO_AT: the floor holds again
+        if state.suspended and state.drain is None and (seen.running or seen.starting):
+            # Woken on demand after SCALE_TO_ZERO_AT (after the drain only a request starts a replica):
+            # the floor holds again from the replica's start, not from the first round that sees it
+            # running, which on a loaded machine could come after a short answer's idle timeout.
+            state.suspended = False
 
     def _track_pending(self, state: PoolModel, free: dict[str, dict[str, float]], now: float) -> None:
         unplaced = state.seen.starting - min(state.seen.starting, state.seen.constructing)

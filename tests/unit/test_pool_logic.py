@@ -142,6 +142,22 @@ def test_scale_to_zero_at_drains_every_model_and_keep_hot_returns_with_the_next_
     assert logic.directive("hot")["floor"] == 1
 
 
+def test_after_scale_to_zero_at_the_floor_returns_while_the_woken_replica_starts() -> None:
+    """Not once it is seen running: a short answer's idle timeout could end before that round."""
+    logic = pool(("hot", 2))
+    logic.observe("hot", Seen(running=1))
+    logic.step(now=0.0, free={}, daily_due=True)
+    logic.observe("hot", Seen(stopping=1))
+    logic.step(now=1.0, free={})
+    assert logic.directive("hot") == {"floor": 0, "ceiling": None, "drain": True}  # still draining
+    logic.observe("hot", Seen())
+    logic.step(now=2.0, free={})
+    assert logic.directive("hot")["floor"] == 0
+    logic.observe("hot", Seen(starting=1))  # a request is waking it
+    logic.step(now=3.0, free={})
+    assert logic.directive("hot") == {"floor": 1, "ceiling": None, "drain": False}
+
+
 def test_unload_drains_then_reports_the_model_for_deletion() -> None:
     logic = pool(("gone", 0))
     logic.observe("gone", Seen(running=1, busy=True))
