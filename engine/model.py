@@ -91,9 +91,15 @@ class EngineConfig:
         return self.dtype_choice()[0]
 
     def dtype_choice(self) -> tuple[torch.dtype, str]:
-        """The weights' dtype and why: as set, or for ``auto`` what the device does natively."""
+        """The weights' dtype and why: as set, or for ``auto`` what the device does natively.
+
+        Both loaders (generation and embeddings) ask it once per load; a set dtype that this CPU
+        emulates is logged as a warning here and named in the reason.
+        """
         if self.dtype != "auto":
             slow = emulated_on_cpu(DTYPES[self.dtype]) if self.device == "cpu" else None
+            if slow:
+                logger.warning("%s: DTYPE=%s, but %s; DTYPE=auto would load float32", self.model_id, self.dtype, slow)
             return DTYPES[self.dtype], "DTYPE" + (f"; {slow}" if slow else "")
         if self.device == "cuda":
             if torch.cuda.is_bf16_supported():
@@ -158,8 +164,6 @@ class TextGenerator:
         if config.device == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         dtype, dtype_reason = config.dtype_choice()
-        if config.device == "cpu" and config.dtype != "auto" and (slow := emulated_on_cpu(dtype)):
-            logger.warning("%s: DTYPE=%s, but %s; DTYPE=auto would load float32", config.model_id, config.dtype, slow)
         remote = config.trust_remote_code
         with timer.phase("config"):
             model_config = AutoConfig.from_pretrained(config.model_id, trust_remote_code=remote)
