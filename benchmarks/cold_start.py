@@ -13,6 +13,9 @@ zero, so that runs do not wait minutes). They take turns: wait until every model
 service's phases come from the replica's own cold-start report (``/healthz``, the model's
 ``last_cold_start``) and from the moment Serve's controller logged its decision to add the replica.
 
+Both models keep their packed layers in one temporary ``PACKED_CACHE_DIR``, which an unmeasured wake
+fills before the runs: every measured wake maps them, as every wake after a node's first does.
+
 The floor is measured in the same run: a bare ``python -c "import torch, transformers"`` and a
 read of the checkpoint's bytes (from the page cache, as a replica on a warm node reads them).
 Memory: the service alone at zero replicas, with and without the pool, each on a fresh Ray
@@ -63,19 +66,33 @@ PHASES = [
 # The service's two models (each its own Serve application and deployment, named after it): warm workers.
 SERVICES = {"service": 1, "nopool": 0}
 SYSTEMS = (*SERVICES, "baseline")
-MODEL_NAMES = {"service": MODEL_NAME, "nopool": f"{MODEL_NAME}-cold", "baseline": "baseline"}
+# The size benchmark's third model: the warm pool, no packed-layer cache (PACKED_CACHE_DIR empty).
+WARM_WORKERS = {**SERVICES, "nocache": 1}
+MODEL_NAMES = {"service": MODEL_NAME, "nopool": f"{MODEL_NAME}-cold", "nocache": f"{MODEL_NAME}-nocache",
+               "baseline": "baseline"}  # fmt: skip
 LABELS = {
     "service": "service (warm pool)",
     "nopool": "service, WARM_WORKERS=0",
+    "nocache": "service, no packed-layer cache",
     "baseline": "plain pattern",
 }
-DEPLOYMENTS = {"service": MODEL_NAME, "nopool": f"{MODEL_NAME}-cold", "baseline": "PlainGenerator"}
+DEPLOYMENTS = {**{s: n for s, n in MODEL_NAMES.items() if s != "baseline"}, "baseline": "PlainGenerator"}
 
 
-def service_settings(model: Path, cpus: int, idle_s: float, systems: tuple[str, ...], dtype: str | None = None) -> Any:
-    """The service serving ``systems``'s models (MODELS_FILE, in a temporary file: it is read here)."""
+def service_settings(
+    model: Path,
+    cpus: int,
+    idle_s: float,
+    systems: tuple[str, ...],
+    dtype: str | None = None,
+    packed_cache: Path | None = None,
+) -> Any:
+    """The service serving ``systems``'s models (MODELS_FILE, in a temporary file: it is read here), their
+    packed layers kept in ``packed_cache`` (None: not kept; the ``nocache`` model never keeps them)."""
     entries = [
-        {"name": MODEL_NAMES[system], "model_id": str(model), "warm_workers": SERVICES[system]} for system in systems
+        {"name": MODEL_NAMES[system], "model_id": str(model), "warm_workers": WARM_WORKERS[system]}
+        | ({"packed_cache_dir": ""} if system == "nocache" else {})
+        for system in systems
     ]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"models": entries}, f)
@@ -89,6 +106,7 @@ def service_settings(model: Path, cpus: int, idle_s: float, systems: tuple[str, 
                 "IDLE_TIMEOUT_S": str(idle_s),
                 "AUTOSCALING_LOOK_BACK_S": "1",
                 "METRICS_PUSH_INTERVAL_S": "0.5",
+                "PACKED_CACHE_DIR": str(packed_cache or ""),
                 **({"DTYPE": dtype} if dtype else {}),
             }
         )
@@ -96,10 +114,12 @@ def service_settings(model: Path, cpus: int, idle_s: float, systems: tuple[str, 
         os.unlink(f.name)
 
 
-def deploy(model: Path, port: int, cpus: int, idle_s: float, dtype: str | None = None) -> dict[str, str]:
+def deploy(
+    model: Path, port: int, cpus: int, idle_s: float, dtype: str | None = None, packed_cache: Path | None = None
+) -> dict[str, str]:
     from ray import serve
 
-    settings = service_settings(model, cpus, idle_s, tuple(SERVICES), dtype)
+    settings = service_settings(model, cpus, idle_s, tuple(SERVICES), dtype, packed_cache)
     serve.run(build_graph(settings), name="service", route_prefix="/", blocking=False)
     plain = baseline_app.PlainGenerator.options(
         ray_actor_options={"num_cpus": cpus},
@@ -123,16 +143,26 @@ def _last_cold_start(url: str, model: str, after: float) -> dict[str, Any] | Non
     return last if last and "details" in last and last["finished_at"] > after else None
 
 
-def one_cold_start(urls: dict[str, str], system: str, new_tokens: int) -> dict[str, Any]:
+def prime(url: str, system: str, new_tokens: int, packed_cache: Path) -> None:
+    """One wake of ``system``'s model, unmeasured, that writes its packed layers into ``packed_cache``."""
+    body = {"prompt": PROMPTS[1], "generation_kwargs": {"max_new_tokens": new_tokens, "temperature": 0}}
+    for _ in range(2):  # a float32 checkpoint packs once its first answer is done
+        httpx.post(f"{url}/generate", json=body | {"model": MODEL_NAMES[system]}, timeout=600).raise_for_status()
+    wait_for(lambda: list(packed_cache.glob("*/index.json")), timeout=300, interval=0.5)
+
+
+def one_cold_start(
+    urls: dict[str, str], system: str, new_tokens: int, systems: tuple[str, ...] = SYSTEMS
+) -> dict[str, Any]:
     # Every model at zero: another system's replica must not hold the CPUs this one needs.
     wait_for(
-        lambda: all(replica_states(MODEL_NAMES[s], DEPLOYMENTS[s]) == {} for s in SYSTEMS), timeout=300, interval=0.2
+        lambda: all(replica_states(MODEL_NAMES[s], DEPLOYMENTS[s]) == {} for s in systems), timeout=300, interval=0.2
     )
-    pooled = [MODEL_NAMES[s] for s, warm_workers in SERVICES.items() if warm_workers]
+    pooled = [MODEL_NAMES[s] for s in systems if WARM_WORKERS.get(s)]
     wait_for(lambda: all(warm_pool_full(app) for app in pooled), timeout=300, interval=0.5)
     decisions_before = len(upscale_times(MODEL_NAMES[system], from_zero=True))
     body = {"prompt": PROMPTS[1], "generation_kwargs": {"max_new_tokens": new_tokens, "temperature": 0}}
-    if system in SERVICES:
+    if system != "baseline":
         body["model"] = MODEL_NAMES[system]
     sent = time.time()
     response = httpx.post(f"{urls[system]}/generate", json=body, timeout=600)
@@ -142,7 +172,7 @@ def one_cold_start(urls: dict[str, str], system: str, new_tokens: int) -> dict[s
     decisions = [at for at, _, _ in upscale_times(MODEL_NAMES[system], from_zero=True)[decisions_before:]]
     if decisions:
         run["decision_s"] = round(decisions[0] - sent, 3)
-    if system in SERVICES:
+    if system != "baseline":
         last = wait_for(lambda: _last_cold_start(urls[system], MODEL_NAMES[system], sent), timeout=60)
         report = last["details"]
         constructed_at = report["ready_at"] - report["constructor_s"]
@@ -158,6 +188,7 @@ def one_cold_start(urls: dict[str, str], system: str, new_tokens: int) -> dict[s
             "warmup_s": report["warmup_s"],
             "first_generation_s": report["first_generation_s"],
             "placement": report.get("placement"),
+            "packed_cache": report.get("packed_cache"),
             "last_cold_start": last,
         }
         accounted = sum(run.get(key) or 0 for _, key in PHASES[:-1])
@@ -342,8 +373,9 @@ def main() -> None:
         memory = {n: memory_at_zero(model, args.cpus, n) for n in (1, 0)}
         logger.info("memory at zero replicas: %s", memory)
     runs: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
-    with local_serve(num_cpus=args.cpus) as port:
-        urls = deploy(model, port, args.cpus, idle, args.dtype)
+    with tempfile.TemporaryDirectory(prefix="packed-layers-") as packed, local_serve(num_cpus=args.cpus) as port:
+        urls = deploy(model, port, args.cpus, idle, args.dtype, Path(packed))
+        prime(urls["service"], "service", args.new_tokens, Path(packed))  # as on a node that served it before
         for _ in range(args.runs):
             for system in SYSTEMS:
                 runs[system].append(one_cold_start(urls, system, args.new_tokens))

@@ -5,8 +5,11 @@
 
 For each checkpoint (the GPT-2-small shape, ~1.2 GB and ~2.8 GB random GPT-2 shapes, stored in
 float32, or in bfloat16 with ``--checkpoint-dtype``: half the bytes), one local Ray instance serves it
-twice: the service with its warm worker pool (WARM_WORKERS=1, ``DTYPE`` from ``--dtype``) and the
-plain pattern (benchmarks/baseline_app.py). They take turns waking from zero: one greedy request at
+three ways: the service with its warm worker pool (WARM_WORKERS=1, ``DTYPE`` from ``--dtype``) and its
+packed layers kept in a temporary ``PACKED_CACHE_DIR``, which an unmeasured wake fills first, so that
+every measured wake maps them as every wake after a node's first does; the same without that cache
+(``nocache``: converted and packed at every wake); and the plain pattern (benchmarks/baseline_app.py).
+They take turns waking from zero: one greedy request at
 zero replicas, then the same request twice more, one after the other: the second answer (which also
 pays the replica's one-off work after its first batch: a float32 checkpoint is converted and packed
 then) and, once the service's warm pool has refilled (its new worker would otherwise compete for the
@@ -25,6 +28,7 @@ import logging
 import os
 import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,7 @@ from testing.serve import local_serve
 logger = logging.getLogger("cold_start_sizes")
 
 SIZES = ("gpt2-small", "gpt2-1.2gb", "gpt2-2.8gb")
-SYSTEMS = ("service", "baseline")
+SYSTEMS = ("service", "nocache", "baseline")
 SERVICE_PHASES = ("weights_s", "warmup_s", "first_generation_s")
 
 
@@ -70,8 +74,9 @@ def one_size(
     from ray import serve
 
     records: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
-    with local_serve(num_cpus=cpus) as port:
-        settings = cold_start.service_settings(model, cpus, idle_s, ("service",), dtype)
+    services = tuple(s for s in SYSTEMS if s != "baseline")
+    with tempfile.TemporaryDirectory(prefix="packed-layers-") as packed, local_serve(num_cpus=cpus) as port:
+        settings = cold_start.service_settings(model, cpus, idle_s, services, dtype, Path(packed))
         serve.run(cold_start.build_graph(settings), name="service", route_prefix="/", blocking=False)
         plain = cold_start.baseline_app.PlainGenerator.options(
             ray_actor_options={"num_cpus": cpus},
@@ -80,24 +85,26 @@ def one_size(
         serve.run(plain, name="baseline", route_prefix="/baseline", blocking=False)
         base = f"http://127.0.0.1:{port}"
         cold_start.wait_for(lambda: cold_start.ok(f"{base}/healthz"), timeout=120)
-        cold_start.wait_for(lambda: cold_start.MODEL_NAMES["service"] in serve.status().applications, timeout=120)
-        urls = {"service": base, "baseline": f"{base}/baseline"}
-        pooled = cold_start.MODEL_NAMES["service"]  # the service's model, the one with a warm pool
+        applications = [cold_start.MODEL_NAMES[s] for s in services]
+        cold_start.wait_for(lambda: set(applications) <= set(serve.status().applications), timeout=120)
+        urls = {"service": base, "nocache": base, "baseline": f"{base}/baseline"}
+        cold_start.prime(base, "service", new_tokens, Path(packed))  # as on a node that served it before
         for _ in range(runs):
             for system in SYSTEMS:
-                run = cold_start.one_cold_start(urls, system, new_tokens)
+                run = cold_start.one_cold_start(urls, system, new_tokens, SYSTEMS)
                 body = {"prompt": PROMPTS[1], "generation_kwargs": {"max_new_tokens": new_tokens, "temperature": 0}}
-                if system == "service":
-                    body["model"] = pooled
+                if system != "baseline":
+                    body["model"] = cold_start.MODEL_NAMES[system]
                 # The replica's next answer also pays its one-off work after a first batch (the service packs
                 # its linear layers then): kept as second_answer_s; the warm answer is the one after it.
                 run["second_answer_s"] = round(_answer(f"{urls[system]}/generate", body), 3)
-                if system == "service":
+                if system != "baseline":
                     # The pool refills after a wake; its new worker imports torch beside the warm answer.
-                    cold_start.wait_for(lambda: warm_pool_full(pooled), timeout=300, interval=0.5)
+                    pooled = cold_start.MODEL_NAMES[system]
+                    cold_start.wait_for(lambda: warm_pool_full(pooled), timeout=300, interval=0.5)  # noqa: B023
                 before_warm = time.time()
                 run["warm_s"] = round(_answer(f"{urls[system]}/generate", body), 3)
-                if system == "service" and cold_start._last_cold_start(urls[system], pooled, before_warm):
+                if system != "baseline" and cold_start._last_cold_start(urls[system], pooled, before_warm):
                     raise RuntimeError(
                         f"the model went to zero before its warm answer (IDLE_TIMEOUT_S {idle_s} s): raise --idle"
                     )
@@ -114,10 +121,12 @@ def one_size(
             "wake_cost_s": summary([r["wake_cost_s"] for r in runs_]),
             "runs": runs_,
         }
-    out["service"]["median_phases_s"] = {
-        key: statistics.median(r.get(key) or 0.0 for r in records["service"]) for key in SERVICE_PHASES
-    }
-    out["service"]["placement"] = records["service"][-1].get("placement")
+    for system in services:
+        out[system]["median_phases_s"] = {
+            key: statistics.median(r.get(key) or 0.0 for r in records[system]) for key in SERVICE_PHASES
+        }
+        out[system]["placement"] = records[system][-1].get("placement")
+        out[system]["packed_cache"] = [r.get("packed_cache") for r in records[system]]
     return out
 
 
@@ -139,7 +148,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
     gb = [results["sizes"][s]["checkpoint_bytes"] / 1e9 for s in SIZES]
-    for system, label in (("service", "service (warm pool)"), ("baseline", "plain pattern")):
+    for system, label in (("service", "service (warm pool)"), ("nocache", "service, no packed-layer cache"),
+                          ("baseline", "plain pattern")):  # fmt: skip
         ax.plot(gb, [results["sizes"][s][system]["wake_cost_s"]["median"] for s in SIZES], marker="o", label=label)
     small = results["sizes"][SIZES[0]]["service"]["wake_cost_s"]["median"]
     target = [small + 0.25 * (g - gb[0]) for g in gb]
@@ -201,7 +211,7 @@ def run_sizes(
         size = results["sizes"][shape]
         for system in SYSTEMS:
             r = size[system]
-            phases = size["service"]["median_phases_s"] if system == "service" else ""
+            phases = size[system]["median_phases_s"] if system != "baseline" else ""
             print(
                 f"{shape:<12} {size['checkpoint_bytes'] / 1e9:5.2f} {system:<9} {r['total_s']['median']:6.2f}"
                 f" {r['second_answer_s']['median']:6.2f} {r['warm_s']['median']:6.2f}"

@@ -54,7 +54,8 @@ class ModelFields(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto",
         description="Weights dtype. auto: on CPU bfloat16 where the CPU has it natively (AVX512-BF16 or AMX), "
-        "else float32 (a float32 checkpoint answers its first request in float32, then is converted); "
+        "else float32 (a float32 checkpoint answers its first request in float32, then is converted, unless "
+        "PACKED_CACHE_DIR holds its converted layers); "
         "on CUDA bfloat16 where supported, else float16.",
     )
     model_load_timeout_s: float = Field(
@@ -207,6 +208,19 @@ class ModelFields(BaseModel):
         "ONEDNN_PRIMITIVE_CACHE_CAPACITY, LRU_CACHE_CAPACITY). A batch of a new shape compiles its own; at "
         "PyTorch's 1024 a replica grew by about 300 MiB under varied batches, at 32 its steps ran as fast.",
     )
+    packed_cache_dir: str = Field(
+        default="~/.cache/llm-serve/packed-layers",
+        description="Directory where a CPU replica keeps its model's packed layers (converted to the dtype it runs "
+        "and reordered for oneDNN), so that the next wake maps them from the page cache instead of redoing that "
+        "work before or after its first answer. Entries are keyed by the checkpoint's files, DTYPE, MAX_BATCH_SIZE, "
+        "the CPU and torch; `~` is the node's home. Empty: none kept. The operator's: /admin cannot set it.",
+    )
+    packed_cache_gb: float = Field(
+        default=32.0,
+        ge=0,
+        description="Most disk PACKED_CACHE_DIR may take, in GB (about a bfloat16 model's size per model): the "
+        "entries used longest ago are removed to make room, and a model larger than this is not kept. 0: none kept.",
+    )
     max_ongoing_requests: int = Field(
         default=32, ge=1, description="Requests one model replica works on at once; more wait in the queue."
     )
@@ -216,6 +230,14 @@ class ModelFields(BaseModel):
         description="Requests allowed to wait for a model replica; beyond it clients get 503 with Retry-After. "
         "-1: unbounded.",
     )
+
+    @field_validator("packed_cache_dir")
+    @classmethod
+    def _absolute_cache_dir(cls, value: str) -> str:
+        # A replica's working directory is Ray's session directory: a relative path would land there, per session.
+        if value and not value.startswith(("/", "~")):
+            raise ValueError(f"must be an absolute path (or start with ~), or empty to keep none; got {value!r}")
+        return value
 
     @field_validator("model_id")
     @classmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,17 @@ class PackedLinear(torch.nn.Module):
         # An activation oneDNN applies to the product's float32 sums before rounding them
         # (fold_activations): ("none", "") or ("gelu", "tanh" | "none").
         self.activation: tuple[str, str] = ("none", "")
+        self.backing: Any = None  # what holds the packed bytes when they are not torch's own (a mapped file)
+
+    @classmethod
+    def mapped(cls, packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, backing: Any) -> PackedLinear:
+        """A layer over weight bytes packed earlier (``engine.packed_cache``); ``backing`` keeps them alive."""
+        layer = cls.__new__(cls)
+        torch.nn.Module.__init__(layer)
+        layer.out_features, layer.in_features = packed.shape
+        layer.packed, layer.bias, layer.dtype, layer.backing = packed, bias, dtype, backing
+        layer.activation = ("none", "")
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The packed kernel reads its input as dense rows: a strided view must be made dense first.
@@ -232,6 +243,23 @@ def transposed(matrix: torch.Tensor, block: int = 64) -> torch.Tensor:
     return out
 
 
+def packable_layers(model: Any) -> Iterator[tuple[str, torch.nn.Module, str, torch.nn.Module]]:
+    """(qualified name, parent, attribute, layer) of each layer :func:`pack_linears` packs, in module order.
+
+    ``nn.Linear`` (and the output head) and GPT-2's ``Conv1D`` whose weight is a plain float32 or
+    bfloat16 ``Parameter``: quantized weights and other dtypes are left alone.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    for prefix, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            weight = getattr(child, "weight", None)
+            if type(weight) is not torch.nn.Parameter or weight.dtype not in (torch.bfloat16, torch.float32):
+                continue
+            if type(child) in (torch.nn.Linear, CpuHead, Conv1D):
+                yield (f"{prefix}.{name}" if prefix else name), module, name, child
+
+
 def pack_linears(model: Any, rows_hint: int) -> dict[str, Any]:
     """Replace the model's linear layers (and ``Conv1D``) by :class:`PackedLinear`; facts for the report.
 
@@ -241,25 +269,16 @@ def pack_linears(model: Any, rows_hint: int) -> dict[str, Any]:
     lookup still needs the plain matrix): its packed copy costs the head's bytes once more, which
     the facts state.
     """
-    from transformers.pytorch_utils import Conv1D
-
     tied = model.get_input_embeddings().weight if model.get_input_embeddings() is not None else None
     packed = extra = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            weight = getattr(child, "weight", None)
-            if type(weight) is not torch.nn.Parameter or weight.dtype not in (torch.bfloat16, torch.float32):
-                continue
-            if type(child) in (torch.nn.Linear, CpuHead):
-                matrix = weight
-            elif type(child) is Conv1D:  # GPT-2's layers keep the weight as [in, out]
-                matrix = transposed(weight.detach())
-            else:
-                continue
-            setattr(module, name, PackedLinear(matrix, child.bias, rows_hint))
-            packed += 1
-            if tied is not None and weight is tied:
-                extra += weight.numel() * weight.element_size()
+    for _, module, name, child in packable_layers(model):
+        weight = child.weight
+        # GPT-2's Conv1D keeps the weight as [in, out]
+        matrix = weight if isinstance(child, torch.nn.Linear) else transposed(weight.detach())
+        setattr(module, name, PackedLinear(matrix, child.bias, rows_hint))
+        packed += 1
+        if tied is not None and weight is tied:
+            extra += weight.numel() * weight.element_size()
     return {"packed_linears": packed, "packed_extra_bytes": extra, "folded_activations": fold_activations(model)}
 
 
@@ -285,7 +304,7 @@ def to_bfloat16(model: Any) -> int:
 
 
 def prepare_cpu_model(
-    model: Any, split: bool, rows_hint: int, then_bfloat16: bool = False
+    model: Any, split: bool, rows_hint: int, then_bfloat16: bool = False, packed: bool = False
 ) -> tuple[dict[str, Any], Callable[[], None] | None]:
     """What the engine changes in a CPU model after loading it (``split``: offloaded, leave its layers).
 
@@ -313,12 +332,16 @@ def prepare_cpu_model(
     the Intel VM, for a first answer no faster at one row (bfloat16 packed 30 ms a step, float32
     plain 32 ms), so the model answers first in float32, and the work returned converts it to
     bfloat16 and packs it.
+
+    ``packed``: the layers are packed already (``engine.packed_cache``); only the rest is done.
     """
     fuse_activations(model)
     if split or model.device.type != "cpu":
         return {}, None
     # SDPA's decode kernel multiplies with AMX tiles; without them two batched products are faster.
     facts: dict[str, Any] = {"attention": use_decode_attention(model, products="amx_bf16" not in cpu_flags())}
+    if packed:
+        return facts, None
     if not can_pack(model) or getattr(model.config, "quantization_config", None) is not None:
         use_cpu_head(model)
         return facts, None

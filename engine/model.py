@@ -21,11 +21,12 @@ from transformers.utils import logging as hf_logging
 
 from engine.chat import encode_chat, render_chat
 from engine.continuous import ContinuousBatch, new_cache, supports
-from engine.cpu import auto_cpu_dtype, emulated_on_cpu, prepare_cpu_model, stored_float32
+from engine.cpu import auto_cpu_dtype, emulated_on_cpu, stored_float32
 from engine.detokenize import IncrementalDetokenizer
 from engine.errors import PromptTooLongError
 from engine.loading import load_weights, placement_facts, touch_weights, weights_facts
 from engine.logprobs import TokenTexts
+from engine.packed_cache import open_cache, prepare_cached
 from engine.processors import LogitsRules
 from engine.sampling import BatchState, Row, RowSampler, RowStopper
 from engine.scoring import check_token_prompts
@@ -86,6 +87,9 @@ class EngineConfig:
     # between a GPU and host memory, or, on CPU, an offload of what does not fit to disk.
     max_memory: dict[int | str, int] | None = None
     label: str | None = None  # how messages name the model, e.g. "model 'big'"
+    # Packed CPU layers kept on disk for the next load (engine.packed_cache): None, or 0 GB, keeps none.
+    packed_cache_dir: str | None = None
+    packed_cache_gb: float = 32.0
 
     def resolved_dtype(self) -> torch.dtype:
         return self.dtype_choice()[0]
@@ -195,12 +199,28 @@ class TextGenerator:
         if then_bfloat16:
             timer.facts["placement"]["dtype_after_first_answer"] = "bfloat16"
         engine = cls(model, tokenizer, config)
+        cache = open_cache(config.packed_cache_dir, config.packed_cache_gb) if config.device == "cpu" else None
         with timer.phase("warmup"):
-            timer.facts.update(touch_weights(model))
-            cpu_facts, later = prepare_cpu_model(
-                model, placed.device_map is not None, config.max_batch_size, then_bfloat16=then_bfloat16
+            cpu_facts, later = prepare_cached(
+                model,
+                cache,
+                config.model_id,
+                split=placed.device_map is not None,
+                rows_hint=config.max_batch_size,
+                then_bfloat16=then_bfloat16,
+                touch=touch_weights,
             )
             timer.facts.update(cpu_facts)
+            if then_bfloat16 and cpu_facts.get("packed_cache") == "hit":  # bfloat16 from the first answer on
+                dtype = torch.bfloat16
+                timer.facts["placement"]["dtype"] = "bfloat16"
+                timer.facts["placement"].pop("dtype_after_first_answer", None)
+                timer.facts["dtype_reason"] = dtype_reason = (
+                    dtype_reason.partition("; the checkpoint is float32")[0]
+                    + "; the checkpoint is float32: its packed bfloat16 layers came from the cache"
+                )
+                if engine.slots is not None:
+                    engine.slots.cast(model.dtype)
             engine.warm_up()
         engine.after_first_answer = later  # a wake does not wait for it
         logger.info(

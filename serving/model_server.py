@@ -89,6 +89,8 @@ def text_generator() -> EngineLoader:
             max_batch_size=config.max_batch_size,
             max_new_tokens_limit=config.max_new_tokens_limit,
             label=f"model {config.name!r}",
+            packed_cache_dir=config.packed_cache_dir or None,
+            packed_cache_gb=config.packed_cache_gb,
         )
         return TextGenerator.load(engine_config, timer)
 

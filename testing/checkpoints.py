@@ -175,6 +175,22 @@ def build_tiny_causal_that_stops(path: Path) -> Path:
     return path
 
 
+def build_tiny_llama(path: Path) -> Path:
+    """A random two-layer Llama with grouped-query attention (4 heads over 2 key/value heads): ``nn.Linear`` layers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
 def random_checkpoint(
     shape: str = "gpt2-small", root: Path = CACHE, dtype: str = "float32", full_vocab: bool = False
 ) -> Path:

@@ -19,6 +19,9 @@ from serving.pool.errors import ModelExistsError, ModelValidationError, UnknownM
 from serving.pool.logic import PoolModel
 from serving.pool.spec import ModelSpec
 
+# Per-model fields /admin may not set: the service's own value always applies.
+OPERATOR_FIELDS = ("packed_cache_dir", "packed_cache_gb")
+
 
 def model_id_allowed(model_id: str, patterns: tuple[str, ...]) -> bool:
     """Whether ``model_id`` (a hub id or a directory) matches one of ``patterns`` (shell-style, ``*``).
@@ -97,6 +100,11 @@ class AdminMixin:
         requested = entry.get("model_id", self._defaults.get("model_id")) if isinstance(entry, dict) else None
         if isinstance(requested, str):  # before validation looks the path up: no disk probe for what is refused
             self._check_model_id(requested)
+        for field in OPERATOR_FIELDS:  # where a replica writes on its node is not a client's to choose
+            if isinstance(entry, dict) and field in entry:
+                raise ModelValidationError(
+                    field, f"set by the operator ({field.upper()}); /admin loads a model with the service's value"
+                )
         spec = self._apps.spec_from_entry(entry, self._defaults)
         self._check_admin_policy(spec)
         async with self._lock:

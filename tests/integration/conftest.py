@@ -68,7 +68,9 @@ def serve_port() -> Iterator[int]:
 
 
 def deploy(port: int, env: dict[str, str]) -> Service:
-    settings = build_settings(env)
+    # No packed-layer cache unless a test names one: a wake's report must not depend on which test loaded the
+    # same checkpoint before (and nothing is written under the home directory).
+    settings = build_settings({"PACKED_CACHE_DIR": "", **env})
     serve.run(build_graph(settings), name=APP, route_prefix="/", blocking=False)
     client = httpx.Client()
     url = f"http://127.0.0.1:{port}"

@@ -58,6 +58,7 @@ def defaults(model: Path, **extra: object) -> dict:
         "autoscaling_look_back_s": 0.5,
         "metrics_push_interval_s": 0.25,
         "max_new_tokens_limit": LONG_TOKENS,
+        "packed_cache_dir": "",  # no packed-layer cache (conftest's deploy)
         **extra,
     }
 

@@ -37,7 +37,8 @@ class Bystander:
 
 
 def base(model: Path, **extra: object) -> dict:
-    return {"model_id": str(model), "num_cpus_per_replica": 0.5, "max_replicas": 1, "idle_timeout_s": 120, **extra}
+    return {"model_id": str(model), "num_cpus_per_replica": 0.5, "max_replicas": 1, "idle_timeout_s": 120,
+            "packed_cache_dir": "", **extra}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,12 @@ async def test_admin_loads_refuse_remote_code_and_model_ids_outside_the_allow_li
         with pytest.raises(ModelValidationError) as error:
             await pool.load.remote({"name": "outside", "model_id": model_id})
         assert error.value.field == "model_id" and "ADMIN_MODELS" in error.value.message, model_id
-    assert {m["id"] for m in await pool.list_models.remote()} & {"remote", "outside"} == set()
+    # Where a replica writes on its node is the operator's to say, not an admin client's.
+    for field, value in (("packed_cache_dir", "/etc/cron.d"), ("packed_cache_gb", 1000)):
+        with pytest.raises(ModelValidationError) as error:
+            await pool.load.remote({"name": "writer", "model_id": str(tiny_causal), field: value})
+        assert error.value.field == field and field.upper() in error.value.message
+    assert {m["id"] for m in await pool.list_models.remote()} & {"remote", "outside", "writer"} == set()
 
 
 async def test_reserved_names_are_refused_at_load_and_the_bystander_keeps_running(pool, tiny_causal) -> None:

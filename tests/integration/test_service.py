@@ -17,7 +17,12 @@ IDLE_TIMEOUT_S = 6.0
 
 
 @pytest.fixture(scope="module")
-def service(serve_port: int, tiny_causal: Path) -> Service:
+def packed_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("packed-layers")
+
+
+@pytest.fixture(scope="module")
+def service(serve_port: int, tiny_causal: Path, packed_cache: Path) -> Service:
     return deploy(
         serve_port,
         {
@@ -30,6 +35,7 @@ def service(serve_port: int, tiny_causal: Path) -> Service:
             "MAX_PROMPTS_PER_REQUEST": "4",
             "MAX_NEW_TOKENS": "8",
             "REQUEST_TIMEOUT_S": "120",
+            "PACKED_CACHE_DIR": str(packed_cache),
         },
     )
 
@@ -80,6 +86,7 @@ def test_first_generate_from_zero_replicas(service: Service) -> None:
     assert report["details"]["dtype_reason"].startswith("auto: ")
     assert health["placement"] == report["details"]["placement"] and health["placement"].items() >= placement.items()
     assert report["details"]["touched_bytes"] == report["details"]["weights_bytes"]  # the warm-up mapped them all
+    assert report["details"]["packed_cache"] == "miss"  # a new PACKED_CACHE_DIR: packed, then written
     print(f"cold start to first answer: {elapsed:.2f}s; phases: {report}")
 
 
@@ -128,7 +135,7 @@ def test_malformed_json_is_400(service: Service) -> None:
     assert response.status_code == 400
 
 
-def test_model_scales_to_zero_after_idle_timeout(service: Service) -> None:
+def test_model_scales_to_zero_after_idle_timeout(service: Service, packed_cache: Path) -> None:
     # Traffic for longer than the handle's metrics push period: an answer of a few milliseconds can fall
     # between two of the autoscaler's samples and then does not restart its idle countdown (README, Limitations).
     started = time.monotonic()
@@ -142,6 +149,19 @@ def test_model_scales_to_zero_after_idle_timeout(service: Service) -> None:
     idle = time.monotonic() - last_answer
     print(f"model replica gone {idle:.1f}s after the last answer (IDLE_TIMEOUT_S={IDLE_TIMEOUT_S})")
     assert idle >= IDLE_TIMEOUT_S * 0.7, "the replica stopped well before the idle timeout"
-    wait_for(lambda: service.model_status()["state"] == "scaled_to_zero", timeout=60, what="the listing")
-    # and it wakes again
+    first = wait_for(
+        lambda: service.model_status()["state"] == "scaled_to_zero" and service.model_status()["last_cold_start"],
+        timeout=60,
+        what="the listing",
+    )
+    # and it wakes again, its packed layers mapped from the cache the first wake wrote
+    written = lambda: [e for e in packed_cache.iterdir() if not e.name.startswith(".")]  # noqa: E731 - renamed whole
+    wait_for(written, timeout=30, what="the first replica's cache entry")
     assert service.generate({"prompt": "Raise"}).status_code == 200
+    report = wait_for(
+        lambda: (r := service.model_status()["last_cold_start"])["finished_at"] != first["finished_at"] and r,
+        timeout=60,
+        what="the second wake's report",
+    )
+    assert report["details"]["packed_cache"] == "hit"
+    assert report["details"]["placement"]["dtype"] == str(auto_cpu_dtype()[0]).removeprefix("torch.")

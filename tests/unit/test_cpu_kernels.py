@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.pytorch_utils import Conv1D
 
@@ -20,7 +20,7 @@ from engine.model import EngineConfig, TextGenerator
 from engine.timing import PhaseTimer
 from engine.types import Delta, SamplingParams
 from engine.work import WorkItem
-from testing.checkpoints import build_tokenizer
+from testing.checkpoints import build_tiny_llama
 
 native_bf16 = pytest.mark.skipif(
     not (torch.backends.mkldnn.is_available() and cpu_flags() & set(NATIVE_BF16_FLAGS)),
@@ -161,26 +161,13 @@ def _amx(monkeypatch: pytest.MonkeyPatch, amx: bool) -> None:
     monkeypatch.setattr(engine_cpu, "cpu_flags", lambda: flags)
 
 
-def _tiny_llama(path: Path) -> Path:
-    """A random two-layer Llama with grouped-query attention (4 heads over 2 key/value heads)."""
-    tokenizer = build_tokenizer(path)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(3)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
 @native_bf16
 @pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_bfloat16_engine_answers_as_the_models_own_generate(
     kind: str, amx: bool, tiny_causal: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tiny_causal if kind == "gpt2" else _tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    path = tiny_causal if kind == "gpt2" else build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
     _amx(monkeypatch, amx)
     engine = TextGenerator.load(EngineConfig(model_id=str(path), dtype="bfloat16", num_threads=1))
     assert engine.model.config._attn_implementation == (NAME if amx else PRODUCTS_NAME)
@@ -208,7 +195,7 @@ def test_bfloat16_engine_answers_as_the_models_own_generate(
 def test_auto_wakes_a_float32_checkpoint_in_float32_and_then_runs_in_bfloat16(
     kind: str, tiny_causal: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tiny_causal if kind == "gpt2" else _tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    path = tiny_causal if kind == "gpt2" else build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
     monkeypatch.setattr(engine_model, "auto_cpu_dtype", lambda: (torch.bfloat16, "cpu has amx_bf16"))
     timer = PhaseTimer()
     engine = TextGenerator.load(EngineConfig(model_id=str(path), dtype="auto", num_threads=1), timer)
@@ -276,7 +263,7 @@ def test_rows_that_join_a_step_answer_as_alone(
 ) -> None:  # fmt: skip
     if dtype == "bfloat16" and not cpu_flags() & set(NATIVE_BF16_FLAGS):
         pytest.skip("this CPU has no native bfloat16")
-    path = tiny_causal if kind == "gpt2" else _tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    path = tiny_causal if kind == "gpt2" else build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
     _amx(monkeypatch, amx)
     engine = TextGenerator.load(EngineConfig(model_id=str(path), dtype=dtype, num_threads=1))
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)

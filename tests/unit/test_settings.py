@@ -55,6 +55,8 @@ BAD_VALUES = [
     ("STREAM_MESSAGES_PER_S", "many", "valid number"),
     ("KERNEL_CACHE_CAPACITY", "0", "greater than or equal to 1"),
     ("KERNEL_CACHE_CAPACITY", "4096", "less than or equal to 1024"),
+    ("PACKED_CACHE_DIR", "cache/packed", "must be an absolute path"),
+    ("PACKED_CACHE_GB", "-1", "greater than or equal to 0"),
     ("MAX_ONGOING_REQUESTS", "0", "greater than or equal to 1"),
     ("MAX_QUEUED_REQUESTS", "-2", "greater than or equal to -1"),
     ("RETRY_AFTER_S", "0", "greater than or equal to 1"),
