@@ -189,6 +189,7 @@ def one_cold_start(
             "first_generation_s": report["first_generation_s"],
             "placement": report.get("placement"),
             "packed_cache": report.get("packed_cache"),
+            "packing": report.get("packing"),
             "last_cold_start": last,
         }
         accounted = sum(run.get(key) or 0 for _, key in PHASES[:-1])

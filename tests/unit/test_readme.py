@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from settings import REPO_ROOT, Settings, env_name
 from tests.docs import code_lines, section
 
@@ -32,3 +34,26 @@ def test_quick_start_is_one_install_and_one_run_command() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (REPO_ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1] == "python -m pytest"
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's ids for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    return {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", markdown, re.M)
+    }
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "benchmarks" / "results").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if link.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path) if path else page
+            if not target.exists():
+                broken.append(f"{page.name}: {link} (no such file)")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target.read_text()):
+                broken.append(f"{page.name}: {link} (no such heading)")
+    assert not broken, broken
