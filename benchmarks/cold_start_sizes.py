@@ -148,7 +148,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
     gb = [results["sizes"][s]["checkpoint_bytes"] / 1e9 for s in SIZES]
-    for system, label in (("service", "service (warm pool)"), ("nocache", "service, no packed-layer cache"),
+    for system, label in (("service", "service (warm pool, packed layers cached)"), ("nocache", "service, no cache"),
                           ("baseline", "plain pattern")):  # fmt: skip
         ax.plot(gb, [results["sizes"][s][system]["wake_cost_s"]["median"] for s in SIZES], marker="o", label=label)
     small = results["sizes"][SIZES[0]]["service"]["wake_cost_s"]["median"]
