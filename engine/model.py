@@ -186,9 +186,8 @@ class TextGenerator:
             and getattr(model_config, "quantization_config", None) is None
             and stored_float32(model_config)
         )
-        if then_bfloat16:
-            dtype_reason += "; the checkpoint is float32: float32 until the first answer ends, then bfloat16"
-        timer.facts["dtype_reason"] = dtype_reason  # beside placement's dtype in the cold-start report
+        float32_first = "; the checkpoint is float32: float32 until the first answer ends, then bfloat16"
+        timer.facts["dtype_reason"] = dtype_reason + (float32_first if then_bfloat16 else "")  # beside placement's
         with timer.phase("weights"):
             # Straight onto the target devices and dtype: no CPU copy of a GPU model, no float32
             # detour for a half-precision one; spread over the replica's GPUs when it has several.
@@ -215,14 +214,13 @@ class TextGenerator:
                 dtype = torch.bfloat16
                 timer.facts["placement"]["dtype"] = "bfloat16"
                 timer.facts["placement"].pop("dtype_after_first_answer", None)
-                timer.facts["dtype_reason"] = dtype_reason = (
-                    dtype_reason.partition("; the checkpoint is float32")[0]
-                    + "; the checkpoint is float32: its packed bfloat16 layers came from the cache"
-                )
+                float32_first = "; the checkpoint is float32: its packed bfloat16 layers came from the cache"
                 if engine.slots is not None:
                     engine.slots.cast(model.dtype)
             engine.warm_up()
         engine.after_first_answer = later  # a wake does not wait for it
+        if then_bfloat16:
+            dtype_reason = timer.facts["dtype_reason"] = dtype_reason + float32_first
         logger.info(
             "loaded model=%s class=%s placement=%s dtype=%s (%s) threads=%s context=%s batching=%s phases=%s",
             config.model_id,

@@ -46,12 +46,12 @@ from engine.cpu import (
     prepare_cpu_model,
     to_bfloat16,
 )
+from engine.loading import MADV_POPULATE_READ
 
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
 PAGE = mmap.PAGESIZE
-MADV_POPULATE_READ = 22  # Linux 5.14+: fault in a range's pages in one call
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
 
 
