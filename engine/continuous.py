@@ -100,6 +100,8 @@ class ContinuousBatch:
             and self._passes_kwargs
             and getattr(model.config, "_attn_implementation", None) in (ATTENTION, PRODUCTS_ATTENTION)
         )
+        # bfloat16 steps by engine.attention's batched products read the cache's buffers whole (no copies).
+        self._whole_steps = getattr(model.config, "_attn_implementation", None) == PRODUCTS_ATTENTION
         self.rows: list[Row] = []
         self.cache = cache if cache is not None else new_cache(model)
         for slot in range(self.cache.slots):  # a batch that failed may have left rows behind
@@ -196,7 +198,7 @@ class ContinuousBatch:
             return self._joined(joining, logits)
         n = len(self.rows)
         dtype = self.model.dtype
-        mask, positions = self.cache.begin_step(n, dtype, self._additive_mask)
+        mask, positions = self.cache.begin_step(n, dtype, self._additive_mask, whole=self._whole(dtype))
         out = self.model(
             input_ids=self.last[:n, None],
             attention_mask=mask,
@@ -210,13 +212,17 @@ class ContinuousBatch:
         self.last[:n] = torch.tensor(tokens, dtype=torch.long, device=self.device)
         return self._record(tokens, logprobs, 0)
 
+    def _whole(self, dtype: torch.dtype) -> bool:
+        return self._whole_steps and dtype == torch.bfloat16
+
     def _joining_pass(self, joining: Sequence[Row]) -> torch.Tensor:
         """The forward pass of a step with ``joining``'s prompts (``engine.attention.JoiningStep``): its logits,
         each decoding row's and then each joining prompt's last ``[rows, vocab]``. Records nothing."""
         n, lengths = len(self.rows), [len(row.prompt_ids) for row in joining]
         device = self.device
         self.cache.reserve(n + len(joining), max(lengths) + 1)
-        mask, positions = self.cache.begin_step(n, self.model.dtype, additive=False)
+        dtype = self.model.dtype
+        mask, positions = self.cache.begin_step(n, dtype, additive=False, whole=self._whole(dtype))
         slots = torch.arange(n, n + len(joining))
         prompt_positions = torch.cat([torch.arange(length) for length in lengths])
         tokens = torch.tensor([t for row in joining for t in row.prompt_ids], dtype=torch.long, device=device)

@@ -14,7 +14,9 @@ tokens at positions ``0 .. length_i - 1`` (left-aligned, no padding in front). S
 - a row that leaves is replaced by the batch's last row (its used positions only), so the rows in
   use stay ``slots[:n]`` and a step runs on a view, never on a gathered copy;
 - attention reads ``[:n, :, :width]`` (``width``: the longest row after this step, rounded up to
-  a multiple of :data:`WIDTH_STEP`) with a mask that hides each row's positions past its own length.
+  a multiple of :data:`WIDTH_STEP`) with a mask that hides each row's positions past its own length;
+  with ``whole`` steps (bfloat16's batched products) it reads the buffers' whole capacity instead
+  while the longest row fills at least half of it, a dense block that needs no copy;
   The rounding keeps the step's shapes few: oneDNN (and PyTorch's ideep above it) compile and cache
   a kernel per matrix shape, and a width that grew by one every step made a new one each step,
   about 0.4 MB apiece, held until their caches' 1024 entries were full (0.4 GB on a 2-layer toy
@@ -176,15 +178,22 @@ class SlotCache(Cache):
         self.lengths[slot] = 0
         self.host_lengths[slot] = 0
 
-    def begin_step(self, rows: int, dtype: torch.dtype, additive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def begin_step(
+        self, rows: int, dtype: torch.dtype, additive: bool, whole: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention mask (``[rows, 1, 1, width]``) and position of this step's token per row.
 
         ``additive``: a float mask to add to the scores (eager attention), else a boolean one (SDPA).
+        ``whole``: attention reads the buffers' whole capacity while the longest row fills at least
+        half of it (the rest masked), so that ``[:rows]`` is one dense block that a batched product
+        takes as it is; ``[:rows, :, :width]`` of a wider buffer is strided, and oneDNN's batched
+        product copies a strided operand before every call (``engine.attention``).
         """
         longest = max(self.host_lengths[:rows]) + 1
         if longest > self.capacity:  # a row outgrew the buffers: double them (rare)
             self.reserve(rows, longest)
-        self.width = min(self.capacity, -(-longest // WIDTH_STEP) * WIDTH_STEP)
+        width = min(self.capacity, -(-longest // WIDTH_STEP) * WIDTH_STEP)
+        self.width = self.capacity if whole and 2 * width >= self.capacity else width
         positions = self.lengths[:rows]
         span = torch.arange(self.width, device=positions.device)
         keep = (span[None, :] <= positions[:, None])[:, None, None, :]

@@ -77,9 +77,10 @@ def test_only_a_gelu_onednn_computes_alike_is_folded() -> None:
         assert engine_cpu._onednn_activation(other) is None
 
 
-def _attention_inputs(rows: int, heads: int, kv_heads: int, width: int):
+def _attention_inputs(rows: int, heads: int, kv_heads: int, width: int, whole: bool = False):
     torch.manual_seed(1)
-    capacity, dim = width + 13, 16  # the cache's buffers are longer than the step reads, as the slot cache's
+    # The cache's buffers are longer than the step reads, as the slot cache's, unless the step reads them whole.
+    capacity, dim = width if whole else width + 13, 16
     keys = torch.randn(rows + 2, kv_heads, capacity, dim, dtype=torch.bfloat16)[:rows, :, :width]
     values = torch.randn(rows + 2, kv_heads, capacity, dim, dtype=torch.bfloat16)[:rows, :, :width]
     query = torch.randn(rows, heads, 1, dim, dtype=torch.bfloat16)
@@ -88,9 +89,11 @@ def _attention_inputs(rows: int, heads: int, kv_heads: int, width: int):
     return query, keys, values, mask
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["strided", "whole"])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2)])
-def test_decode_attention_equals_attention_computed_in_float32(heads: int, kv_heads: int) -> None:
-    query, keys, values, mask = _attention_inputs(rows=4, heads=heads, kv_heads=kv_heads, width=37)
+def test_decode_attention_equals_attention_computed_in_float32(heads: int, kv_heads: int, whole: bool) -> None:
+    query, keys, values, mask = _attention_inputs(rows=4, heads=heads, kv_heads=kv_heads, width=37, whole=whole)
+    assert keys.flatten(0, 1).is_contiguous() == whole  # whole: the products take the buffers without a copy
     module = torch.nn.Module()
     out, weights = decode_attention(module, query, keys, values, mask, scaling=0.3)
     assert weights is None and out.shape == (4, 1, heads, 16)

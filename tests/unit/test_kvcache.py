@@ -133,6 +133,28 @@ def test_the_attention_width_changes_once_every_width_step_not_every_step() -> N
     assert sorted(set(widths)) == [WIDTH_STEP, 2 * WIDTH_STEP, 3 * WIDTH_STEP] and widths == sorted(widths)
 
 
+def test_a_whole_step_reads_the_buffers_whole_once_the_longest_row_fills_half_of_them() -> None:
+    # Whole steps (bfloat16's batched products) read one dense block: no copy of a strided view per step.
+    prefill = DynamicCache()
+    prefill.update(torch.zeros(2, 1, 3, 2), torch.zeros(2, 1, 3, 2), 0)
+    cache = SlotCache(num_layers=1)
+    cache.reserve(2, 3, like=prefill)
+    assert cache.capacity == 64
+    cache.load(0, prefill, source_row=0, start=0, length=3)
+    cache.load(1, prefill, source_row=1, start=0, length=1)
+    seen = []
+    for _ in range(40):
+        mask, _ = cache.begin_step(2, torch.bfloat16, additive=False, whole=True)
+        k, v = cache.update(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2), 0)
+        cache.end_step(2)
+        longest = -(-(max(cache.host_lengths[:2])) // WIDTH_STEP) * WIDTH_STEP  # this step's rows, rounded
+        seen.append((longest, mask.shape[-1], k.is_contiguous() and v.is_contiguous()))
+        assert mask[:, 0, 0].sum(-1).tolist() == cache.host_lengths[:2]  # each row's own positions only
+    assert (16, 16, False) in seen and (32, 64, True) in seen and (48, 64, True) in seen
+    assert all(width == (64 if 2 * longest >= 64 else longest) for longest, width, _ in seen)
+    assert all(dense == (width == 64) for _, width, dense in seen)
+
+
 def test_packed_prefill_groups_hold_their_token_budget() -> None:
     from engine.continuous import _groups
 
