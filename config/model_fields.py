@@ -221,6 +221,13 @@ class ModelFields(BaseModel):
         description="Most disk PACKED_CACHE_DIR may take, in GB (about a bfloat16 model's size per model): the "
         "entries used longest ago are removed to make room, and a model larger than this is not kept. 0: none kept.",
     )
+    huge_pages: bool = Field(
+        default=True,
+        description="Move a CPU replica's packed layers onto 2 MB pages after its first answer, where the kernel's "
+        "transparent huge pages are `always` or `madvise`: every decode step streams them, faster than on 4 KB pages. "
+        "Only layers packed in the replica's own memory move (layers mapped from PACKED_CACHE_DIR read as fast). "
+        "false: leave them where they are.",
+    )
     max_ongoing_requests: int = Field(
         default=32, ge=1, description="Requests one model replica works on at once; more wait in the queue."
     )

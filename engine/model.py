@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -90,6 +91,7 @@ class EngineConfig:
     # Packed CPU layers kept on disk for the next load (engine.packed_cache): None, or 0 GB, keeps none.
     packed_cache_dir: str | None = None
     packed_cache_gb: float = 32.0
+    huge_pages: bool = True  # packed layers moved onto 2 MB pages after the first answer (engine.hugepages)
 
     def resolved_dtype(self) -> torch.dtype:
         return self.dtype_choice()[0]
@@ -159,6 +161,9 @@ class TextGenerator:
         self.slots = new_cache(model) if self.continuous else None
         # One-off work once a first answer is done (engine.cpu's packing): at the step after a row ends.
         self.after_first_answer: Callable[[], None] | None = None
+        # Work other threads hand the engine (between_steps), run on its thread between two steps.
+        self._between: list[Callable[[], None]] = []
+        self._between_lock = threading.Lock()
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
@@ -208,6 +213,8 @@ class TextGenerator:
                 rows_hint=config.max_batch_size,
                 then_bfloat16=then_bfloat16,
                 touch=touch_weights,
+                huge_pages=config.huge_pages and config.device == "cpu",
+                between_steps=engine.between_steps,
             )
             timer.facts.update(cpu_facts)
             if then_bfloat16 and cpu_facts.get("packed_cache") == "hit":  # bfloat16 from the first answer on
@@ -329,6 +336,7 @@ class TextGenerator:
         next step. Each row's last delta carries its finish reason.
         """
         try:
+            self._run_between_steps()
             if self.continuous:
                 self._run_continuous(list(items), on_step, poll, max_batch_size or len(items))
             else:
@@ -339,6 +347,26 @@ class TextGenerator:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise
+
+    def between_steps(self, work: Callable[[], None]) -> None:
+        """Have the engine's thread run ``work`` between two decode steps, or before its next batch when idle.
+
+        For what must not change under a running forward pass (``engine.hugepages`` points the layers at
+        their new bytes); any thread may call it. A failure is logged, and the batch goes on.
+        """
+        with self._between_lock:
+            self._between.append(work)
+
+    def _run_between_steps(self) -> None:
+        if not self._between:  # the common case, without the lock
+            return
+        with self._between_lock:
+            work, self._between = self._between, []
+        for job in work:
+            try:
+                job()
+            except Exception:
+                logger.exception("work handed to the engine between steps failed")
 
     def _first_answer_done(self) -> None:
         """Run the one-off work, once: its answers have gone out already; rows still running wait for it."""
@@ -389,6 +417,7 @@ class TextGenerator:
             emit(on_step, events)
             if self.after_first_answer is not None and any(delta.finish_reason for _, delta in events):
                 self._first_answer_done()
+            self._run_between_steps()
             # Asked after the step: rows that came during it are prefilled next, into the slots it freed.
             pending = more(max_batch_size - len(batch.rows))
             if not batch.rows and not pending:

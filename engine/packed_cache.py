@@ -46,6 +46,7 @@ from engine.cpu import (
     prepare_cpu_model,
     to_bfloat16,
 )
+from engine.hugepages import move_later, move_to_huge_pages
 from engine.loading import MADV_POPULATE_READ
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ def prepare_cached(
     rows_hint: int,
     then_bfloat16: bool,
     touch: Callable[[Any], dict[str, Any]],
+    huge_pages: bool = False,
+    between_steps: Callable[[Callable[[], None]], None] | None = None,
 ) -> tuple[dict[str, Any], Callable[[], None] | None]:
     """:func:`engine.cpu.prepare_cpu_model`, the packed layers taken from ``cache`` when it has them, kept when not.
 
@@ -125,6 +128,9 @@ def prepare_cached(
     plain layers are never read; ``DTYPE=auto``'s bfloat16 then holds from the first answer on (the
     rest of the model is converted at once: embeddings, norms, biases). A miss packs as without a
     cache, at load or after the first answer, and a thread writes the entry once it is packed.
+    ``huge_pages``: after the first answer (and the packing then, if any, and once the entry is
+    written), a thread copies the packed layers onto 2 MB pages and hands ``between_steps`` the swap
+    (:mod:`engine.hugepages`); without ``between_steps`` they move at once.
     """
     key = target = None
     quantized = getattr(model.config, "quantization_config", None) is not None
@@ -140,19 +146,43 @@ def prepare_cached(
     )
     facts.update(cpu_facts)
     facts.update(restored)
-    if cache is None or key is None or restored:
+    writer = None  # the thread writing an entry packed at load
+    store_after = False  # an entry to write once the first answer's packing is done
+    if cache is not None and key is not None and not restored:
+        facts["packed_cache"] = "miss"
+        if later is None:  # packed at load
+            writer = cache.store_later(model, key)
+        else:
+            store_after = True
+    # Packed in torch's memory, now or after the first answer. Layers mapped from the cache stay: its file
+    # pages read as fast as 2 MB pages (engine.hugepages), and a node's replicas share them.
+    packs = bool(facts.get("packed_linears")) or str(facts.get("packing", "")).startswith("after")
+    move = huge_pages and packs and not restored
+    if move:
+        facts["huge_pages"] = "after the first answer"
+    elif huge_pages and restored:
+        facts["huge_pages"] = "not needed: the layers are the cache's file pages"
+    if not move and not store_after:
         return facts, later
-    facts["packed_cache"] = "miss"
-    if later is None:  # packed at load
-        cache.store_later(model, key)
-        return facts, None
     pack = later
 
-    def pack_then_store() -> None:
-        pack()
-        cache.store_later(model, key)
+    def after_first_answer() -> None:
+        if pack is not None:
+            pack()
+        written = writer
+        if store_after:
+            assert cache is not None and key is not None
+            written = cache.store_later(model, key)
+        if not move:
+            return
+        if between_steps is None:
+            if written is not None:
+                written.join()  # it reads the layers' bytes, which the move frees
+            move_to_huge_pages(model)
+        else:
+            move_later(model, between_steps, after=written)
 
-    return facts, pack_then_store
+    return facts, after_first_answer
 
 
 class PackedCache:

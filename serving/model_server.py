@@ -91,6 +91,7 @@ def text_generator() -> EngineLoader:
             label=f"model {config.name!r}",
             packed_cache_dir=config.packed_cache_dir or None,
             packed_cache_gb=config.packed_cache_gb,
+            huge_pages=config.huge_pages,
         )
         return TextGenerator.load(engine_config, timer)
 

@@ -14,6 +14,7 @@ MODULES = [
     "engine.timing",
     "engine.placement",
     "engine.cpu",
+    "engine.hugepages",
     "engine.quantization",
     "engine.token_choice",
     "observability.metrics",

@@ -7,6 +7,7 @@ import ctypes
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,11 @@ GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = ["def add(a, b):", "import os", "Return the number of"]
 
 
-def load(path: Path, cache: Path, dtype: str = "auto") -> tuple[TextGenerator, dict]:
+def load(path: Path, cache: Path, dtype: str = "auto", huge_pages: bool = False) -> tuple[TextGenerator, dict]:
     timer = PhaseTimer()
-    config = EngineConfig(model_id=str(path), dtype=dtype, num_threads=1, packed_cache_dir=str(cache))
+    config = EngineConfig(
+        model_id=str(path), dtype=dtype, num_threads=1, packed_cache_dir=str(cache), huge_pages=huge_pages
+    )
     return TextGenerator.load(config, timer), timer.facts
 
 
@@ -92,6 +95,36 @@ def test_a_second_load_maps_the_packed_layers_and_answers_the_same(
     layer = next(m for m in again.model.modules() if isinstance(m, PackedLinear))
     assert isinstance(layer.backing, packed_cache.mmap.mmap)  # the file's pages, not a copy
     assert len(entries(cache)) == 1  # a hit writes nothing
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moved_layers_write_the_same_entry_and_a_hit_stays_on_the_files_pages(dtype: str, tmp_path: Path) -> None:
+    # The move frees the bytes the cache's writer reads: it waits for the writer (packed at load) or runs
+    # before it (packed after the first answer); either way the entry is the packed layers' own bytes.
+    from engine.hugepages import thp_mode
+
+    path, cache = build_tiny_causal(tmp_path / "model"), tmp_path / "cache"
+    plain, _ = load(path, tmp_path / "other-cache", dtype)
+    expected = packed_answers(plain)
+    engine, facts = load(path, cache, dtype, huge_pages=True)
+    assert facts["packed_cache"] == "miss" and facts["huge_pages"] == "after the first answer"
+    assert packed_answers(engine) == expected
+    wait_for(lambda: entries(cache), timeout=30, what="the entry written after packing")
+    for thread in threading.enumerate():  # the copy onto huge pages waits for the writer
+        if thread.name == "huge-pages":
+            thread.join(timeout=60)
+    assert engine.generate(engine.encode(PROMPTS, GREEDY), GREEDY) == expected  # the swap, at its first step
+    moved = thp_mode() in ("always", "madvise")
+    layers = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
+    assert all(isinstance(layer.backing, packed_cache.mmap.mmap) == moved for layer in layers)
+
+    again, facts = load(path, cache, dtype, huge_pages=True)
+    # The cache's file pages read as fast as huge ones: a hit leaves them where they are.
+    assert facts["packed_cache"] == "hit" and facts["huge_pages"].startswith("not needed")
+    assert again.after_first_answer is None
+    layer = next(m for m in again.model.modules() if isinstance(m, PackedLinear))
+    file_pages = layer.backing
+    assert again.generate(again.encode(PROMPTS, GREEDY), GREEDY) == expected and layer.backing is file_pages
 
 
 def test_a_changed_checkpoint_gets_its_own_entry(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ BAD_VALUES = [
     ("KERNEL_CACHE_CAPACITY", "4096", "less than or equal to 1024"),
     ("PACKED_CACHE_DIR", "cache/packed", "must be an absolute path"),
     ("PACKED_CACHE_GB", "-1", "greater than or equal to 0"),
+    ("HUGE_PAGES", "maybe", "valid boolean"),
     ("MAX_ONGOING_REQUESTS", "0", "greater than or equal to 1"),
     ("MAX_QUEUED_REQUESTS", "-2", "greater than or equal to -1"),
     ("RETRY_AFTER_S", "0", "greater than or equal to 1"),
