@@ -87,6 +87,7 @@ def test_first_generate_from_zero_replicas(service: Service) -> None:
     assert health["placement"] == report["details"]["placement"] and health["placement"].items() >= placement.items()
     assert report["details"]["touched_bytes"] == report["details"]["weights_bytes"]  # the warm-up mapped them all
     assert report["details"]["packed_cache"] == "miss"  # a new PACKED_CACHE_DIR: packed, then written
+    assert report["details"]["huge_pages"] == "after the first answer"  # packed in the replica's own memory
     print(f"cold start to first answer: {elapsed:.2f}s; phases: {report}")
 
 
@@ -164,4 +165,5 @@ def test_model_scales_to_zero_after_idle_timeout(service: Service, packed_cache:
         what="the second wake's report",
     )
     assert report["details"]["packed_cache"] == "hit"
+    assert report["details"]["huge_pages"].startswith("not needed")  # the file's pages stay
     assert report["details"]["placement"]["dtype"] == str(auto_cpu_dtype()[0]).removeprefix("torch.")
