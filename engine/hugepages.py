@@ -8,12 +8,13 @@ a GPT-2-small token's 49 packed products at one row took 13.9-14.1 ms instead of
 
 torch's allocator does not ask for huge pages (unless ``THP_MEM_ALLOC_ENABLE`` is set when the
 process starts, which a warm worker's cannot be for one model). Layers mapped from the packed-layer
-cache need nothing: on the same VM a token on them took 20.8 ms on the file's pages and 20.8 ms once
-copied onto 2 MB pages, against 21.7 ms on torch's 4 KB pages (the page cache keeps large folios,
-and the CPU's TLB merges their contiguous entries), so only layers packed in torch's memory move
-(``engine.packed_cache.prepare_cached``). :func:`move_to_huge_pages` copies their bytes into one anonymous mapping
-advised ``MADV_HUGEPAGE`` and makes the layers over it again (:func:`engine.onednn_bytes.tensor_over`,
-the cache's own way). A replica does it after its first answer (no wake waits for it) from a thread,
+cache need nothing: on the same VM a token at one row took 20.6 ms on the file's pages, 20.5 ms on 2 MB
+pages and 21.8 ms on torch's 4 KB pages (``python -m benchmarks.huge_pages``; why was not established:
+large folios in the page cache, whose contiguous entries the CPU's TLB can merge, are a likely
+reason). So only layers packed in torch's memory move (``engine.packed_cache.prepare_cached``), and a
+node's replicas go on sharing a cache entry's pages. :func:`move_to_huge_pages` copies their bytes
+into one anonymous mapping advised ``MADV_HUGEPAGE`` and makes the layers over it again
+(:func:`engine.onednn_bytes.tensor_over`, the cache's own way). A replica does it after its first answer (no wake waits for it) from a thread,
 while it serves: the first touch of fresh huge pages took 0.5 s for 247 MB on the AMD VM, a stall no
 running request should see; the engine then points its layers at the copy between two steps
 (:meth:`engine.model.TextGenerator.between_steps`). The layers compute exactly what they did: the
