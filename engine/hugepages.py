@@ -14,11 +14,11 @@ large folios in the page cache, whose contiguous entries the CPU's TLB can merge
 reason). So only layers packed in torch's memory move (``engine.packed_cache.prepare_cached``), and a
 node's replicas go on sharing a cache entry's pages. :func:`move_to_huge_pages` copies their bytes
 into one anonymous mapping advised ``MADV_HUGEPAGE`` and makes the layers over it again
-(:func:`engine.onednn_bytes.tensor_over`, the cache's own way). A replica does it after its first answer (no wake waits for it) from a thread,
-while it serves: the first touch of fresh huge pages took 0.5 s for 247 MB on the AMD VM, a stall no
-running request should see; the engine then points its layers at the copy between two steps
-(:meth:`engine.model.TextGenerator.between_steps`). The layers compute exactly what they did: the
-same bytes, the same layout.
+(:func:`engine.onednn_bytes.tensor_over`, the cache's own way). A replica does it after its first
+answer (no wake waits for it) from a thread, while it serves: the first touch of fresh huge pages
+took 0.5 s for 247 MB on the AMD VM, a stall no running request should see; the engine then points
+its layers at the copy between two steps (:meth:`engine.model.TextGenerator.between_steps`). The
+layers compute exactly what they did: the same bytes, the same layout.
 
 The moved bytes are the replica's own memory, as the bytes they replace were.
 
