@@ -9,6 +9,8 @@ import json
 import platform
 import re
 import statistics
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,48 @@ def scatter_panel(ax: Any, runs: dict[str, list[dict[str, Any]]], key: str, titl
     ax.set_xticks(range(len(runs)), list(runs))
     ax.set_xlim(-0.6, len(runs) - 0.4)
     ax.set_title(title)
+
+
+def alternated_generations(
+    generate: Callable[[str], Sequence[Any]], ways: Sequence[str], repeats: int, new_tokens: int
+) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
+    """Each way's ms per generated token in ``repeats`` rounds, and its last answers' texts.
+
+    ``generate(way)`` runs one generation of ``new_tokens`` per row the way named. The ways take turns,
+    in reverse order every other round, so that load on a shared machine hits each alike; a first
+    round warms them up, untimed.
+    """
+    times: dict[str, list[float]] = {way: [] for way in ways}
+    answers: dict[str, list[str]] = {}
+    for repeat in range(repeats + 1):
+        for way in ways if repeat % 2 == 0 else ways[::-1]:
+            started = time.perf_counter()
+            done = generate(way)
+            if repeat:
+                times[way].append((time.perf_counter() - started) / new_tokens * 1000)
+            answers[way] = [completion.text for completion in done]
+    return times, answers
+
+
+def plot_ms_per_token(results: dict[str, Any], ways: Sequence[str], title: str, path: Path) -> None:
+    """Bars of each way's median ms per generated token (``results[rows]["ms_per_token"][way]``), by row count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(ways)
+    for i, way in enumerate(ways):
+        xs = [x + (i - (len(ways) - 1) / 2) * width for x in range(len(results))]
+        ax.bar(xs, [r["ms_per_token"][way] for r in results.values()], width, label=way,
+               color=("#999", "#2a7", "#68c")[i % 3])  # fmt: skip
+    ax.set_xticks(range(len(results)), [f"{rows} row" + ("" if rows == "1" else "s") for rows in results])
+    ax.set_ylabel("ms per generated token (median)")
+    ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot_concurrency(results: dict[str, Any], path: Path, title: str) -> None:

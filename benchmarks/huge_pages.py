@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from benchmarks.common import PROMPTS, RESULTS, write_results
+from benchmarks.common import PROMPTS, RESULTS, alternated_generations, plot_ms_per_token, write_results
 from engine import hugepages, onednn_bytes
 from engine.cpu import PackedLinear
 from engine.model import EngineConfig, TextGenerator
@@ -78,15 +78,9 @@ def main() -> None:
     results: dict[str, Any] = {}
     for rows in args.rows:
         ids = engines[WAYS[0]].encode([PROMPTS[i % len(PROMPTS)] for i in range(rows)], params)
-        times: dict[str, list[float]] = {way: [] for way in WAYS}
-        answers: dict[str, list[str]] = {}
-        for repeat in range(args.repeats + 1):  # the first round warms them up, untimed
-            for way in WAYS if repeat % 2 == 0 else WAYS[::-1]:
-                started = time.perf_counter()
-                done = engines[way].generate(ids, params)
-                if repeat:
-                    times[way].append((time.perf_counter() - started) / NEW_TOKENS * 1000)
-                answers[way] = [completion.text for completion in done]
+        times, answers = alternated_generations(
+            lambda way, ids=ids: engines[way].generate(ids, params), WAYS, args.repeats, NEW_TOKENS
+        )
         medians = {way: statistics.median(times[way]) for way in WAYS}
         results[str(rows)] = {
             "ms_per_token": medians,
@@ -100,28 +94,9 @@ def main() -> None:
             "transparent_hugepage": hugepages.thp_mode(), "copy_s": copy_s, "huge_page_bytes": huge,
             "packed_layers": len(layers), "load_average": os.getloadavg(), "results": results}  # fmt: skip
     print(f"copied in {copy_s:.2f} s, {huge / 1e6:.0f} MB on 2 MB pages -> {write_results(args.name, data)}")
-    _plot(results, args)
+    title = f"{args.dtype} decode, GPT-2-small shape, {args.threads} thread(s): packed layers' pages"
+    plot_ms_per_token(results, WAYS, title, RESULTS / f"{args.name}.png")
     shutil.rmtree(cache, ignore_errors=True)
-
-
-def _plot(results: dict[str, Any], args: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    width = 0.27
-    for i, way in enumerate(WAYS):
-        xs = [x + (i - 1) * width for x in range(len(results))]
-        ax.bar(xs, [r["ms_per_token"][way] for r in results.values()], width, label=way,
-               color=("#999", "#2a7", "#68c")[i])  # fmt: skip
-    ax.set_xticks(range(len(results)), [f"{rows} row" + ("" if rows == "1" else "s") for rows in results])
-    ax.set_ylabel("ms per generated token (median)")
-    ax.legend()
-    fig.suptitle(f"{args.dtype} decode, GPT-2-small shape, {args.threads} thread(s): packed layers' pages")
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from typing import Any
 
-from benchmarks.common import PROMPTS, RESULTS, write_results
+from benchmarks.common import PROMPTS, RESULTS, alternated_generations, plot_ms_per_token, write_results
 from engine.continuous import ContinuousBatch
 from engine.model import EngineConfig, TextGenerator
 from engine.types import SamplingParams
@@ -52,16 +51,12 @@ def main() -> None:
     try:
         for rows in args.rows:
             ids = engine.encode([PROMPTS[i % len(PROMPTS)] for i in range(rows)], params)
-            times: dict[str, list[float]] = {way: [] for way in WAYS}
-            answers: dict[str, list[str]] = {}
-            for repeat in range(args.repeats + 1):  # the first round warms both ways up, untimed
-                for way in WAYS if repeat % 2 == 0 else WAYS[::-1]:
-                    ContinuousBatch._whole = whole if way == "whole" else lambda self, dtype: False
-                    started = time.perf_counter()
-                    done = engine.generate(ids, params)
-                    if repeat:
-                        times[way].append((time.perf_counter() - started) / NEW_TOKENS * 1000)
-                    answers[way] = [completion.text for completion in done]
+
+            def generate(way: str, ids: list[list[int]] = ids) -> list:
+                ContinuousBatch._whole = whole if way == "whole" else lambda self, dtype: False
+                return engine.generate(ids, params)
+
+            times, answers = alternated_generations(generate, WAYS, args.repeats, NEW_TOKENS)
             medians = {way: statistics.median(times[way]) for way in WAYS}
             same = sum(a == b for a, b in zip(answers["strided"], answers["whole"], strict=True))
             results[str(rows)] = {
@@ -78,27 +73,8 @@ def main() -> None:
     data = {"threads": args.threads, "dtype": "bfloat16", "new_tokens": NEW_TOKENS, "repeats": args.repeats,
             "load_average": os.getloadavg(), "results": results}  # fmt: skip
     print(write_results(args.name, data))
-    _plot(results, args)
-
-
-def _plot(results: dict[str, Any], args: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    width = 0.38
-    for i, way in enumerate(WAYS):
-        xs = [x + (i - 0.5) * width for x in range(len(results))]
-        ax.bar(xs, [r["ms_per_token"][way] for r in results.values()], width, label=way,
-               color="#999" if way == "strided" else "#2a7")  # fmt: skip
-    ax.set_xticks(range(len(results)), [f"{rows} row" + ("" if rows == "1" else "s") for rows in results])
-    ax.set_ylabel("ms per generated token (median)")
-    ax.legend()
-    fig.suptitle(f"bfloat16 decode, GPT-2-small shape, {args.threads} thread(s): whole buffers against strided views")
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png", dpi=110)
+    title = f"bfloat16 decode, GPT-2-small shape, {args.threads} thread(s): whole buffers against strided views"
+    plot_ms_per_token(results, WAYS, title, RESULTS / f"{args.name}.png")
 
 
 if __name__ == "__main__":
