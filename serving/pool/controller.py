@@ -162,8 +162,8 @@ class PoolController(AdminMixin):
         busy = {name: bool((self._store.stats(app) or {}).get("busy")) for app, name in apps.items()}
         return states, busy, free_per_node()
 
-    def _replica_nodes(self) -> dict[str, tuple[str, ...]]:
-        """The node of each live replica, by model (empty when Ray cannot say: placement then unknown)."""
+    def _replica_nodes(self) -> dict[str, tuple[str, ...]] | None:
+        """The node of each live replica actor, by model (None when Ray cannot say: placement then unknown)."""
         apps = {state.spec.app: name for name, state in list(self._logic.models.items())}
         try:
             from ray._private import state as ray_state  # the GCS's actor table; no dashboard needed
@@ -171,7 +171,7 @@ class PoolController(AdminMixin):
             actors = ray_state.actors(actor_state_name="ALIVE")
         except Exception:
             logger.warning("pool: could not read the replicas' nodes; eviction assumes nothing of placement")
-            return {}
+            return None
         out: dict[str, list[str]] = {}
         for actor in actors.values():
             kind, _, rest = str(actor.get("ActorClassName", "")).partition(":")
@@ -191,7 +191,10 @@ class PoolController(AdminMixin):
             for name in list(self._logic.models):
                 constructing = self._board.constructing(name, now)
                 seen = Seen.from_replica_states(
-                    states.get(name, {}), constructing, busy.get(name, False), nodes.get(name, ())
+                    states.get(name, {}),
+                    constructing,
+                    busy.get(name, False),
+                    None if nodes is None else nodes.get(name, ()),
                 )
                 self._board.observe(name, seen.starting, seen.running, now, checked_at)
                 self._logic.observe(name, seen)

@@ -40,16 +40,24 @@ class Seen:
 
     @classmethod
     def from_replica_states(
-        cls, states: dict[str, int], constructing: int = 0, busy: bool = False, nodes: tuple[str, ...] = ()
+        cls,
+        states: dict[str, int],
+        constructing: int = 0,
+        busy: bool = False,
+        nodes: tuple[str, ...] | None = None,
     ) -> Seen:
-        return cls(
-            running=states.get("RUNNING", 0) + states.get("UPDATING", 0),
-            starting=states.get("STARTING", 0) + states.get("RECOVERING", 0),
-            stopping=states.get("STOPPING", 0) + states.get("PENDING_MIGRATION", 0),
-            constructing=constructing,
-            busy=busy,
-            nodes=nodes,
-        )
+        """``nodes``: the node of each of the model's live replica actors, from Ray's actor table (None when
+        it could not be read). A replica actor is alive once it holds its resources on a node (its
+        constructor is light; the model loads after), so the live ones past those Serve calls running or
+        stopping are the starting replicas that were placed, and they replace ``constructing``, the
+        replicas' own reports. The reports lag: one that finished counts a while longer, for Serve calls
+        it running a moment later, and meanwhile it would hide a replica that still waits for room."""
+        running = states.get("RUNNING", 0) + states.get("UPDATING", 0)
+        starting = states.get("STARTING", 0) + states.get("RECOVERING", 0)
+        stopping = states.get("STOPPING", 0) + states.get("PENDING_MIGRATION", 0)
+        if nodes is not None:
+            constructing = min(starting, max(0, len(nodes) - running - stopping))
+        return cls(running, starting, stopping, constructing, busy, nodes or ())
 
 
 @dataclass
@@ -175,6 +183,7 @@ class PoolLogic:
             if state.evicted and state.drain is None and wanted and not self._higher_waits_for_room(state):
                 state.evicted = False
                 step.readmitted.append(name)
+                step.events.append(f"readmitting {name}: no model of higher priority waits for room")
         return step
 
     def _settle(self, name: str, state: PoolModel, step: Step) -> None:

@@ -95,7 +95,9 @@ class ColdStartBoard:
         """Replicas of ``model`` that were placed (they reported) and that Serve may still show as starting.
 
         A replica that finished its constructor counts for ``READY_LAG_S`` more: Serve marks it running
-        a moment later, and until then it must not look like a replica waiting for room.
+        a moment later, and until then it must not look like a replica waiting for room. The pool uses
+        this count only when Ray's actor table cannot be read (see ``Seen.from_replica_states``): in the
+        lag it also counts a replica Serve already calls running, which hides one that waits for room.
         """
         records = self._starting.get(model, {}).values()
         return sum(1 for r in records if r.ready_at is None or now - r.ready_at < READY_LAG_S)

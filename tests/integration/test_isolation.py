@@ -26,6 +26,7 @@ from engine.timing import PhaseTimer
 from engine.types import GenerationRequest, SamplingParams, Started
 from engine.work import OnStep, Poll, WorkItem
 from serving.model_server import ModelServer
+from serving.models import ModelStatus
 from serving.pool.errors import UnknownModelError
 from serving.pool.reporter import CONTROLLER
 from settings import ModelConfig, build_settings
@@ -166,6 +167,11 @@ def pool_controller():
     return serve.get_deployment_handle(CONTROLLER, "llm")
 
 
+def pool_status(controller, name: str) -> ModelStatus:
+    """The pool controller's own view of ``name`` (what the Gateway decides on)."""
+    return next(m for m in controller.snapshot.remote().result(timeout_s=30) if m.name == name)
+
+
 def state_of(svc: Service, name: str) -> dict:
     """The model's card in /healthz ({} when not listed); with the key, so that it has the replica counts."""
     models = svc.client.get(f"{svc.url}/healthz", headers=AUTH, timeout=10).json()["models"]
@@ -192,10 +198,13 @@ def probe(svc: Service) -> list[float]:
     return times
 
 
-def refused_at_once_while_the_others_wait(svc: Service, model: str, code: str, release) -> list[tuple]:
+def refused_at_once_while_the_others_wait(
+    svc: Service, model: str, code: str, release, still_waiting=lambda: None
+) -> list[tuple]:
     """Send BOUND + EXCESS requests for ``model``, which has no room: EXCESS are refused with 503 + Retry-After
     while the BOUND others still wait (they cannot be answered before ``release`` is called), and probes answer
-    meanwhile; then ``release()`` makes room and the BOUND waiting ones are answered."""
+    meanwhile; ``still_waiting()`` checks where they wait; then ``release()`` makes room and the BOUND waiting
+    ones are answered."""
     with ThreadPoolExecutor(BOUND + EXCESS) as pool:
         futures = [pool.submit(send, svc, model) for _ in range(BOUND + EXCESS)]
 
@@ -215,6 +224,7 @@ def refused_at_once_while_the_others_wait(svc: Service, model: str, code: str, r
         assert not any(f.done() for f in waiting)
         worst = max(max(p) for p in probes)
         assert worst < 5, probes
+        still_waiting()
         print(f"\n{model}: refusals in {sorted(round(f.result()[3], 3) for f in done)} s; "
               f"probes /healthz, /v1/models median {statistics.median(p[0] for p in probes):.3f} s, "
               f"{statistics.median(p[1] for p in probes):.3f} s, worst {worst:.3f} s")  # fmt: skip
@@ -248,8 +258,20 @@ def test_waiters_past_a_models_bound_get_503_at_once_whether_it_starts_or_was_ev
             return low.get("state") == "evicted" and high.get("replicas", {}).get("running") == 1
 
         wait_for(evicted, timeout=180, interval=0.25, what="low to be evicted for high's first replica")
+
+        def at_the_gate() -> None:
+            # Once the pool sees high's second replica wait for room, low stays evicted: its waiters are not
+            # let through to a replica that could not be placed (as when high's first replica, just called
+            # running, was still counted as one being placed and hid the second).
+            wait_for(lambda: pool_status(controller, "high").waiting_for_room, 30, what="high to wait for room")
+            assert not pool_status(controller, "low").admitted
+
         refused_at_once_while_the_others_wait(
-            service, "low", "too_many_waiters", lambda: controller.unload.remote("high", 0).result(timeout_s=60)
+            service,
+            "low",
+            "too_many_waiters",
+            lambda: controller.unload.remote("high", 0).result(timeout_s=60),
+            still_waiting=at_the_gate,
         )
     finally:
         ray.kill(squatter)

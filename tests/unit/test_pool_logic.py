@@ -119,6 +119,40 @@ def test_an_evicted_model_drains_then_waits_and_comes_back_once_no_higher_priori
     assert logic.directive("low") == {"floor": 0, "ceiling": None, "drain": False}
 
 
+@pytest.mark.parametrize(
+    ("states", "nodes", "constructing"),
+    [
+        ({"RUNNING": 1, "STARTING": 1}, ("n1",), 0),  # the live actor is the running one: the other waits
+        ({"RUNNING": 1, "STARTING": 1}, ("n1", "n1"), 1),
+        ({"STARTING": 2}, ("n1",), 1),
+        ({"STOPPING": 1, "STARTING": 1}, ("n1",), 0),  # the live actor is the stopping one
+        ({"STARTING": 1}, ("n1", "n2", "n3"), 1),  # never more than Serve calls starting
+        ({"RUNNING": 1, "STARTING": 1}, None, 1),  # the actor table unread: the replicas' reports count
+    ],
+)
+def test_placed_starting_replicas_come_from_the_live_actors_when_ray_can_say(states, nodes, constructing) -> None:
+    seen = Seen.from_replica_states(states, constructing=1, nodes=nodes)
+    assert seen.constructing == constructing and seen.nodes == (nodes or ())
+
+
+def test_a_replica_serve_just_called_running_does_not_hide_its_sibling_waiting_for_room() -> None:
+    # high's first replica finished its constructor a moment ago: its own report still counts it as
+    # constructing, while Serve already calls it running. Its second replica has no room, so low, which
+    # high evicted, stays evicted and its waiters stay at the gate.
+    logic = pool(("low", 0), ("high", 1))
+    logic.models["low"].evicted = True
+    logic.models["low"].waiters = 1
+    states = {"RUNNING": 1, "STARTING": 1}
+    logic.observe("high", Seen.from_replica_states(states, constructing=1, nodes=("n1",)))
+    step = logic.step(now=0.0, free={"CPU": 0.0})
+    assert step.readmitted == [] and not logic.gate_open("low") and logic.waiting_for_room("high")
+    # Once high's second replica is placed, nothing of higher priority waits and low is let back in.
+    logic.observe("high", Seen.from_replica_states({"RUNNING": 1, "STARTING": 1}, constructing=1, nodes=("n1", "n2")))
+    step = logic.step(now=1.0, free={"CPU": 0.0})
+    assert step.readmitted == ["low"] and logic.gate_open("low")
+    assert step.events == ["readmitting low: no model of higher priority waits for room"]
+
+
 def test_a_readmitted_lower_priority_model_cannot_evict_the_one_that_evicted_it() -> None:
     logic = pool(("low", 0), ("high", 1))
     logic.observe("high", Seen(running=1))
