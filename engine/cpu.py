@@ -122,6 +122,18 @@ def use_cpu_head(model: Any) -> None:
         head.__class__ = CpuHead
 
 
+# A packed layer computes fewer rows than this as this many (the others zeros). oneDNN picks its kernel by
+# the row count, and for 1 and 2 rows it picks ones that read the weight slower than the one for 4. On the
+# AMD VM (AVX512-BF16, no AMX), one thread, GPT-2-small (``python -m benchmarks.packed_rows``), the 49
+# products of a token at 1, 2, 3 rows took 16.3, 18.8, 14.1 ms as they were against 15.5, 15.1, 14.5 as
+# four in bfloat16, and 32.0, 39.6, 26.1 against 27.3, 26.1, 25.5 ms in float32; a generated token at
+# 1 and 2 rows 1.08x and 1.18x faster in bfloat16, 1.19x and 1.34x in float32, 3 rows alike within the
+# noise. A row's sums do not depend on the rows beside it in the kernel for 4, and the float32 one for a
+# lone row rounds differently, so a row gets the same answer alone as beside others
+# (tests/unit/test_cpu_kernels.py).
+MIN_PACKED_ROWS = 4
+
+
 class PackedLinear(torch.nn.Module):
     """A linear layer whose weight oneDNN has reordered once, after load, into its own blocked layout.
 
@@ -156,8 +168,13 @@ class PackedLinear(torch.nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The packed kernel reads its input as dense rows: a strided view must be made dense first.
         attr, algorithm = self.activation
+        rows = x.numel() // self.in_features
+        if 0 < rows < MIN_PACKED_ROWS:  # zero rows up to the kernel that reads the weight fastest
+            padded = F.pad(x.reshape(rows, self.in_features), (0, 0, 0, MIN_PACKED_ROWS - rows))
+            out = torch.ops.mkldnn._linear_pointwise(padded, self.packed, self.bias, attr, [], algorithm)
+            return out[:rows].reshape(*x.shape[:-1], self.out_features)
+        # The packed kernel reads its input as dense rows: a strided view must be made dense first.
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, attr, [], algorithm)
 
     def extra_repr(self) -> str:
