@@ -52,6 +52,15 @@ def packed_answers(engine: TextGenerator) -> list:
     return first if packed else engine.generate(ids, GREEDY)
 
 
+def activations(engine: TextGenerator) -> list:
+    """Each packed layer's folded activation, and each activation module's type, in module order."""
+    return [
+        m.activation if isinstance(m, PackedLinear) else type(m).__name__
+        for m in engine.model.modules()
+        if isinstance(m, PackedLinear) or "GELU" in type(m).__name__ or isinstance(m, torch.nn.Identity)
+    ]
+
+
 def _all_packed(engine: TextGenerator) -> bool:
     return not any(isinstance(m, torch.nn.Linear) and not isinstance(m, PackedLinear) for m in engine.model.modules())
 
@@ -92,6 +101,9 @@ def test_a_second_load_maps_the_packed_layers_and_answers_the_same(
     if dtype == "auto" and again.model.dtype == torch.bfloat16:
         assert facts["dtype_reason"].endswith("its packed bfloat16 layers came from the cache")
     assert again.generate(again.encode(PROMPTS, GREEDY), GREEDY) == expected
+    # The same computation as the packing load's, GELUs folded into their layers alike.
+    assert facts["folded_activations"] == (2 if kind == "gpt2" else 0)
+    assert activations(again) == activations(engine)
     layer = next(m for m in again.model.modules() if isinstance(m, PackedLinear))
     assert isinstance(layer.backing, packed_cache.mmap.mmap)  # the file's pages, not a copy
     assert len(entries(cache)) == 1  # a hit writes nothing
