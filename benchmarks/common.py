@@ -126,6 +126,20 @@ def alternated_generations(
     return times, answers
 
 
+def two_ways(times: dict[str, list[float]], answers: dict[str, list[str]], ways: Sequence[str]) -> dict[str, Any]:
+    """One row count's result of :func:`alternated_generations` for two ways (``ways``: before, after):
+    medians, every run, the speedup of the second, and how many rows answered alike."""
+    before, after = ways
+    medians = {way: statistics.median(times[way]) for way in ways}
+    same = sum(a == b for a, b in zip(answers[before], answers[after], strict=True))
+    return {
+        "ms_per_token": medians,
+        "runs_ms_per_token": times,
+        "speedup": medians[before] / medians[after],
+        "same_answers": f"{same} of {len(answers[before])}",
+    }
+
+
 def plot_ms_per_token(results: dict[str, Any], ways: Sequence[str], title: str, path: Path) -> None:
     """Bars of each way's median ms per generated token (``results[rows]["ms_per_token"][way]``), by row count."""
     import matplotlib

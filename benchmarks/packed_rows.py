@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import engine.cpu as engine_cpu
-from benchmarks.common import PROMPTS, RESULTS, alternated_generations, plot_ms_per_token, write_results
+from benchmarks.common import PROMPTS, RESULTS, alternated_generations, plot_ms_per_token, two_ways, write_results
 from engine.cpu import PackedLinear
 from engine.model import EngineConfig, TextGenerator
 from engine.types import SamplingParams
@@ -37,11 +37,11 @@ WAYS = ("as_is", "four")
 NEW_TOKENS = 64
 
 
+MIN_ROWS = engine_cpu.MIN_PACKED_ROWS
+
+
 def _way(way: str) -> None:
     engine_cpu.MIN_PACKED_ROWS = 1 if way == "as_is" else MIN_ROWS
-
-
-MIN_ROWS = engine_cpu.MIN_PACKED_ROWS
 
 
 def products(layers: list[PackedLinear], rows: int, dtype: torch.dtype, repeats: int) -> dict[str, float]:
@@ -86,21 +86,15 @@ def main() -> None:
                 _way(way)
                 return engine.generate(ids, params)
 
-            times, answers = alternated_generations(generate, WAYS, args.repeats, NEW_TOKENS)
-            medians = {way: statistics.median(times[way]) for way in WAYS}
-            same = sum(a == b for a, b in zip(answers["as_is"], answers["four"], strict=True))
-            results[str(rows)] = {
-                "ms_per_token": medians,
-                "runs_ms_per_token": times,
-                "speedup": medians["as_is"] / medians["four"],
-                "same_answers": f"{same} of {rows}",
-                "products_ms": products(layers, rows, dtype, args.repeats),
-            }
-            product_ms = results[str(rows)]["products_ms"]
+            result = results[str(rows)] = two_ways(
+                *alternated_generations(generate, WAYS, args.repeats, NEW_TOKENS), WAYS
+            )
+            medians, product_ms = result["ms_per_token"], products(layers, rows, dtype, args.repeats)
+            result["products_ms"] = product_ms
             print(
                 f"rows={rows}: generation " + ", ".join(f"{w} {medians[w]:.2f}" for w in WAYS) + " ms/token; "
                 f"{len(layers)} products " + ", ".join(f"{w} {product_ms[w]:.2f}" for w in WAYS)
-                + f" ms; same answers {same}/{rows}"
+                + f" ms; same answers {result['same_answers']}"
             )  # fmt: skip
     finally:
         _way("four")

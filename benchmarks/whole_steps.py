@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 from typing import Any
 
-from benchmarks.common import PROMPTS, RESULTS, alternated_generations, plot_ms_per_token, write_results
+from benchmarks.common import PROMPTS, RESULTS, alternated_generations, plot_ms_per_token, two_ways, write_results
 from engine.continuous import ContinuousBatch
 from engine.model import EngineConfig, TextGenerator
 from engine.types import SamplingParams
@@ -56,18 +55,14 @@ def main() -> None:
                 ContinuousBatch._whole = whole if way == "whole" else lambda self, dtype: False
                 return engine.generate(ids, params)
 
-            times, answers = alternated_generations(generate, WAYS, args.repeats, NEW_TOKENS)
-            medians = {way: statistics.median(times[way]) for way in WAYS}
-            same = sum(a == b for a, b in zip(answers["strided"], answers["whole"], strict=True))
-            results[str(rows)] = {
-                "ms_per_token": medians,
-                "runs_ms_per_token": times,
-                "speedup": medians["strided"] / medians["whole"],
-                "same_answers": f"{same} of {rows}",
-            }
-            print(
-                f"rows={rows}: " + ", ".join(f"{w} {medians[w]:.2f} ms" for w in WAYS) + f", same answers {same}/{rows}"
+            result = results[str(rows)] = two_ways(
+                *alternated_generations(generate, WAYS, args.repeats, NEW_TOKENS), WAYS
             )
+            medians = result["ms_per_token"]
+            print(
+                f"rows={rows}: " + ", ".join(f"{w} {medians[w]:.2f} ms" for w in WAYS)
+                + f", same answers {result['same_answers']}"
+            )  # fmt: skip
     finally:
         ContinuousBatch._whole = whole
     data = {"threads": args.threads, "dtype": "bfloat16", "new_tokens": NEW_TOKENS, "repeats": args.repeats,

@@ -350,14 +350,15 @@ def prepare_cpu_model(
     plain 32 ms), so the model answers first in float32, and the work returned converts it to
     bfloat16 and packs it.
 
-    ``packed``: the layers are packed already (``engine.packed_cache``); only the rest is done.
+    ``packed``: the layers are packed already (``engine.packed_cache``); only the rest is done, their GELUs folded.
     """
     fuse_activations(model)
     if split or model.device.type != "cpu":
         return {}, None
     # SDPA's decode kernel multiplies with AMX tiles; without them two batched products are faster.
     facts: dict[str, Any] = {"attention": use_decode_attention(model, products="amx_bf16" not in cpu_flags())}
-    if packed:
+    if packed:  # mapped from engine.packed_cache: their MLPs' GELUs fold into them as into freshly packed ones
+        facts["folded_activations"] = fold_activations(model)
         return facts, None
     if not can_pack(model) or getattr(model.config, "quantization_config", None) is not None:
         use_cpu_head(model)

@@ -41,8 +41,6 @@ from engine.cpu import (
     PackedLinear,
     can_pack,
     cpu_flags,
-    fold_activations,
-    fuse_activations,
     packable_layers,
     prepare_cpu_model,
     to_bfloat16,
@@ -138,10 +136,6 @@ def prepare_cached(
     if cache is not None and not split and not quantized and can_pack(model):
         target = torch.bfloat16 if then_bfloat16 else model.dtype
         key = cache_key(model, model_id, target, rows_hint)
-    # A hit folds each MLP's GELU into its packed input layer as a miss does, which needs the fused GELU
-    # module (prepare_cpu_model fuses too, after this): the same model computes the same whether its
-    # layers were packed now or mapped.
-    fuse_activations(model)
     restored = cache.restore(model, key, target) if cache is not None and key is not None else {}
     if restored and then_bfloat16:
         restored["converted_to_bfloat16"] = to_bfloat16(model)
@@ -238,7 +232,6 @@ class PackedCache:
             os.utime(entry / "index.json")
         return {
             "packed_linears": len(built),
-            "folded_activations": fold_activations(model),
             "packed_cache": "hit",
             "packed_cache_bytes": size,
             "packing": f"from the cache, {time.monotonic() - started:.2f}s",
