@@ -21,7 +21,7 @@ from engine.types import GenerationRequest, SamplingParams, Started
 from serving.api.errors import from_exception
 from serving.pool.apps import MODEL_APPS, spec_from_entry
 from serving.pool.client import PoolBackend, PoolClient
-from serving.pool.controller import PoolController
+from serving.pool.controller import PoolController, replica_states
 from serving.pool.errors import ModelExistsError, ModelUnavailableError, ModelValidationError, UnknownModelError
 from serving.pool.spec import PoolSettings
 from serving.pool.store import PoolStore
@@ -172,6 +172,14 @@ async def test_a_keep_hot_model_starts_by_itself_and_stays_up_past_its_idle_time
         hot_states.append(await state(client, "hot"))
         await asyncio.sleep(0.1)
     assert set(hot_states) == {"running"}
+    # The pool's loop counts replicas from Serve's plain answer: the counts serve.status() gives.
+    hot, cold = await client.entry("hot", max_age_s=0), await client.entry("cold", max_age_s=0)
+    seen = {
+        app: {name: d.replica_states for name, d in a.deployments.items()}
+        for app, a in serve.status().applications.items()
+    }
+    assert replica_states() == seen
+    assert seen[hot.app][hot.deployment] == {"RUNNING": 1} and not seen[cold.app][cold.deployment]
 
 
 async def backend_state(backend: PoolBackend, name: str, wanted: str) -> bool:
