@@ -201,25 +201,15 @@ def interleaved(
 
 
 def tree_cpu_s(root: int) -> float:
-    """User + system CPU seconds so far of ``root`` and every process below it (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rpartition(")")[2].split()[1]), []).append(int(entry))
-            except OSError:
-                continue
-    tick, total, todo = os.sysconf("SC_CLK_TCK"), 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except OSError:
-            pass
-        todo += children.get(pid, [])
+    """User + system CPU seconds so far of ``root`` and every process below it."""
+    import psutil
+
+    total = 0.0
+    process = psutil.Process(root)
+    for each in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # a process that ended meanwhile
+            times = each.cpu_times()
+            total += times.user + times.system
     return total
 
 
@@ -267,13 +257,7 @@ def main() -> None:
         for system in args.systems:
             name = f"{system}/{dtype}"
             logger.info("%s: starting (load average %s)", name, os.getloadavg())
-            if system == "vllm":
-                if not _vllm_version(args.venv):
-                    sys.exit(f"vLLM is not installed in {args.venv}: run python -m benchmarks.peer_vllm --install")
-                log = Path(tempfile.gettempdir()) / f"{args.name}_vllm_{dtype}.log"  # outside the repository
-                server = vllm_server(args.venv, model, dtype, args.cpus, log)
-            else:
-                server = service(model, dtype, args.cpus, settings)
+            server = _vllm(args, model, dtype) if system == "vllm" else service(model, dtype, args.cpus, settings)
             with server as (url, served, ready_s):
                 results[name] = {"ready_s": round(ready_s, 1), "load_before": os.getloadavg()}
                 results[name]["stream"] = load(url, served, args.clients, args.seconds, args.new_tokens, True)
@@ -287,13 +271,18 @@ def main() -> None:
     print(markdown(results, ratios(results, args.dtypes)))
 
 
-def both_at_once(args: argparse.Namespace, model: Path, dtype: str, settings: dict[str, str]) -> dict[str, Any]:
-    """``--interleave``: one dtype's results, both systems up at once and their legs alternating."""
+def _vllm(args: argparse.Namespace, model: Path, dtype: str) -> contextlib.AbstractContextManager:
+    """vLLM's server for one dtype, its log in the temporary directory (outside the repository)."""
     if not _vllm_version(args.venv):
         sys.exit(f"vLLM is not installed in {args.venv}: run python -m benchmarks.peer_vllm --install")
-    log = Path(tempfile.gettempdir()) / f"{args.name}_vllm_{dtype}.log"  # outside the repository
+    log = Path(tempfile.gettempdir()) / f"{args.name}_vllm_{dtype}.log"
+    return vllm_server(args.venv, model, dtype, args.cpus, log)
+
+
+def both_at_once(args: argparse.Namespace, model: Path, dtype: str, settings: dict[str, str]) -> dict[str, Any]:
+    """``--interleave``: one dtype's results, both systems up at once and their legs alternating."""
     with (
-        vllm_server(args.venv, model, dtype, args.cpus, log) as (vllm_url, vllm_model, vllm_ready),
+        _vllm(args, model, dtype) as (vllm_url, vllm_model, vllm_ready),
         service(model, dtype, args.cpus, settings) as (url, served, ready),
     ):
         # What each system takes while the other runs its legs: its CPU at rest, both idle, over 10 s.
