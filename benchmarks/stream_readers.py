@@ -1,6 +1,6 @@
 """Streamed against whole answers in one process, without Ray: what the replica's readers cost its engine.
 
-    python -m benchmarks.stream_readers [--clients 16] [--seconds 6] [--repeats 8] [--dtype bfloat16]
+    python -m benchmarks.stream_readers [--clients 16] [--seconds 6] [--repeats 8] [--dtype bfloat16] [--prompts all]
 
 The model server's own path below Serve: the ``Batcher`` over this engine (the GPT-2-small-shaped random
 checkpoint, one torch thread, batch limit 32) and ``--clients`` closed-loop clients in the same event loop,
@@ -14,8 +14,10 @@ alternate (whole, streamed, then the other way round), so that both meet the sam
 Nothing is sent anywhere, so any gap between the two is the readers' cost to the engine inside one process
 (their event loop shares the GIL with the engine thread). Prints and writes
 ``benchmarks/results/<name>.json`` and ``.png``: requests/s, the engine's ms per step (between its step
-callbacks) and the event loop thread's CPU per step, medians over the legs, and each round's
-streamed / whole ratio.
+callbacks), the event loop thread's CPU per step and streamed requests' TTFT p50 (asking to first read), medians
+over the legs, and each round's streamed / whole ratio. With ``--prompts all`` the requests take the benchmark's
+prompts in turn, as ``peer_vllm``'s do: its TTFT then compares with the service's and vLLM's there, less
+everything above the engine (HTTP, the proxy, the Gateway, Serve's routing).
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ KINDS = ("whole", "streamed")
 
 
 async def leg(
-    engine: TextGenerator, prompt: list[int], streamed: bool, clients: int, seconds: float, messages_per_s: float
-) -> dict[str, float]:
-    """One leg: ``clients`` closed-loop clients for about ``seconds``."""
+    engine: TextGenerator, prompts: list[list[int]], streamed: bool, clients: int, seconds: float, messages_per_s: float
+) -> dict[str, float | None]:
+    """One leg: ``clients`` closed-loop clients for about ``seconds``; request ``k`` asks with ``prompts[k % len]``."""
     steps, step_s = 0, 0.0
 
     def run(items: Any, on_step: Any, poll: Any = None, max_batch_size: Any = None) -> None:
@@ -58,14 +60,18 @@ async def leg(
 
     batcher = Batcher(run, 32, 0.005, stream_messages_per_s=messages_per_s)
     params = SamplingParams(max_new_tokens=64, ignore_eos=True)
-    done, reads = 0, 0
+    done, reads, first_reads = 0, 0, []
     stop = time.monotonic() + seconds
 
     async def client() -> None:
         nonlocal done, reads
         while time.monotonic() < stop:
-            async for _ in batcher.open([list(prompt)], [params], streamed=streamed):
+            asked, first = time.monotonic(), None
+            async for _ in batcher.open([list(prompts[done % len(prompts)])], [params], streamed=streamed):
                 reads += 1
+                if first is None:
+                    first = time.monotonic() - asked
+            first_reads.append(first)
             done += 1
 
     began, cpu, loop_cpu = time.monotonic(), time.process_time(), time.thread_time()
@@ -80,18 +86,20 @@ async def leg(
         "loop_cpu_ms_per_step": loop_cpu / steps * 1000,
         "process_cores": cpu / elapsed,
         "reads_per_request": reads / done,
+        # From asking to the first read, as a streaming client's TTFT (a whole answer's first read is its end).
+        "ttft_p50_s": statistics.median(first_reads) if streamed else None,
     }
 
 
-async def measure(args: argparse.Namespace, engine: TextGenerator, prompt: list[int]) -> dict[str, list[dict]]:
-    await leg(engine, prompt, False, args.clients, 2.0, args.messages_per_s)  # warm: packing, kernels, buffers
-    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
+async def measure(args: argparse.Namespace, engine: TextGenerator, prompts: list[list[int]]) -> dict[str, list[dict]]:
+    await leg(engine, prompts, False, args.clients, 2.0, args.messages_per_s)  # warm: packing, kernels, buffers
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
     for repeat in range(args.repeats):
         for kind in KINDS if repeat % 2 == 0 else tuple(reversed(KINDS)):
-            result = await leg(engine, prompt, kind == "streamed", args.clients, args.seconds, args.messages_per_s)
+            result = await leg(engine, prompts, kind == "streamed", args.clients, args.seconds, args.messages_per_s)
             runs[kind].append(result)
             print(f"  {kind:8s} {result['requests_per_s']:5.2f} req/s, {result['engine_ms_per_step']:5.1f} ms a step,"
-                  f" event loop {result['loop_cpu_ms_per_step']:.2f} ms a step", flush=True)  # fmt: skip
+                  f" event loop {result['loop_cpu_ms_per_step']:.2f} ms a step{_ttft(result)}", flush=True)  # fmt: skip
     return runs
 
 
@@ -102,15 +110,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8, help="legs of each kind")
     parser.add_argument("--messages-per-s", type=float, default=100.0, help="STREAM_MESSAGES_PER_S")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--prompts", choices=("first", "all"), default="first",
+        help="every request the benchmark's first prompt, or its prompts in turn (as peer_vllm asks)",
+    )  # fmt: skip
     parser.add_argument("--name", default="stream_readers")
     args = parser.parse_args()
     torch.set_num_threads(1)
     checkpoint = random_checkpoint("gpt2-small", full_vocab=True)
     engine = TextGenerator.load(EngineConfig(model_id=str(checkpoint), num_threads=1, dtype=args.dtype))
-    prompt = engine.encode(PROMPTS[:1], SamplingParams(max_new_tokens=8))[0]
-    runs = asyncio.run(measure(args, engine, prompt))
+    prompts = engine.encode(PROMPTS if args.prompts == "all" else PROMPTS[:1], SamplingParams(max_new_tokens=8))
+    runs = asyncio.run(measure(args, engine, prompts))
     keys = runs["whole"][0].keys()
-    medians = {kind: {key: statistics.median(run[key] for run in runs[kind]) for key in keys} for kind in KINDS}
+    medians = {
+        kind: {key: statistics.median(run[key] for run in runs[kind]) if runs[kind][0][key] is not None else None
+               for key in keys}
+        for kind in KINDS
+    }  # fmt: skip
     ratios = [s["requests_per_s"] / w["requests_per_s"] for s, w in zip(runs["streamed"], runs["whole"], strict=True)]
     data = {"config": vars(args), "machine": machine(), "load_average": os.getloadavg(), "runs": runs,
             "medians": medians, "streamed_over_whole": ratios,
@@ -120,9 +136,13 @@ def main() -> None:
     print(f"clients={args.clients} dtype={args.dtype} messages/s={args.messages_per_s:g} -> {path}")
     for kind, m in medians.items():
         print(f"  {kind:8s} {m['requests_per_s']:5.2f} req/s, {m['engine_ms_per_step']:5.1f} ms a step, "
-              f"event loop {m['loop_cpu_ms_per_step']:.2f} ms a step (medians)")  # fmt: skip
+              f"event loop {m['loop_cpu_ms_per_step']:.2f} ms a step{_ttft(m)} (medians)")  # fmt: skip
     rounds = ", ".join(f"{r:.2f}" for r in ratios)
     print(f"  streamed / whole per round: {rounds}; median {statistics.median(ratios):.2f}")
+
+
+def _ttft(result: dict[str, Any]) -> str:
+    return "" if result["ttft_p50_s"] is None else f", TTFT p50 {result['ttft_p50_s'] * 1000:.0f} ms"
 
 
 def _plot(runs: dict[str, list[dict[str, float]]], ratios: list[float], args: argparse.Namespace) -> None:
