@@ -178,12 +178,13 @@ class ModelFields(BaseModel):
         default=0.005, ge=0, le=1, description="How long a batch waits for more prompts once the first arrives."
     )
     stream_interval_s: float = Field(
-        default=0.0,
+        default=0.05,
         ge=0,
         le=1,
         description="Least time between two messages of one stream after its first token: the tokens made "
         "meanwhile leave joined, in one message (fewer messages per token, coarser inter-token latency). "
-        "0: every message carries what is ready when it is read.",
+        "The first token and the end are never held. 0.05 is Ray Serve LLM's window too; 0: every message "
+        "carries what is ready when it is read (one stream alone: every token).",
     )
     stream_messages_per_s: float = Field(
         default=100.0,
