@@ -8,8 +8,8 @@ each asking for 64 tokens and reading its request's stream as the model server d
 alternate (whole, streamed, then the other way round), so that both meet the same machine:
 
 - ``whole``: the reader of an answer collected in the replica (``streamed=False``);
-- ``streamed``: the reader of a streamed answer, its messages spaced by ``STREAM_MESSAGES_PER_S``
-  (``--messages-per-s``, 100 as shipped).
+- ``streamed``: the reader of a streamed answer, its messages spaced by ``STREAM_INTERVAL_S`` and
+  ``STREAM_MESSAGES_PER_S`` (``--interval-s``, ``--messages-per-s``; the service's defaults unless given).
 
 Nothing is sent anywhere, so any gap between the two is the readers' cost to the engine inside one process
 (their event loop shares the GIL with the engine thread). Prints and writes
@@ -27,11 +27,12 @@ import asyncio
 import os
 import statistics
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from benchmarks.common import PROMPTS, RESULTS, machine, scatter_panel, write_results
+from config.model_fields import ModelFields
 from engine.batcher import Batcher
 from engine.model import EngineConfig, TextGenerator
 from engine.types import SamplingParams
@@ -40,8 +41,15 @@ from testing.checkpoints import random_checkpoint
 KINDS = ("whole", "streamed")
 
 
+class ReadPacing(NamedTuple):
+    """How a streamed request's reads are spaced: ``STREAM_INTERVAL_S`` and ``STREAM_MESSAGES_PER_S``."""
+
+    interval_s: float
+    messages_per_s: float
+
+
 async def leg(
-    engine: TextGenerator, prompts: list[list[int]], streamed: bool, clients: int, seconds: float, messages_per_s: float
+    engine: TextGenerator, prompts: list[list[int]], streamed: bool, clients: int, seconds: float, pacing: ReadPacing
 ) -> dict[str, float | None]:
     """One leg: ``clients`` closed-loop clients for about ``seconds``; request ``k`` asks with ``prompts[k % len]``."""
     steps, step_s = 0, 0.0
@@ -58,7 +66,7 @@ async def leg(
 
         engine.run(items, timed, poll, max_batch_size)
 
-    batcher = Batcher(run, 32, 0.005, stream_messages_per_s=messages_per_s)
+    batcher = Batcher(run, 32, 0.005, stream_interval_s=pacing.interval_s, stream_messages_per_s=pacing.messages_per_s)
     params = SamplingParams(max_new_tokens=64, ignore_eos=True)
     done, reads, first_reads = 0, 0, []
     stop = time.monotonic() + seconds
@@ -92,11 +100,12 @@ async def leg(
 
 
 async def measure(args: argparse.Namespace, engine: TextGenerator, prompts: list[list[int]]) -> dict[str, list[dict]]:
-    await leg(engine, prompts, False, args.clients, 2.0, args.messages_per_s)  # warm: packing, kernels, buffers
+    pacing = ReadPacing(args.interval_s, args.messages_per_s)
+    await leg(engine, prompts, False, args.clients, 2.0, pacing)  # warm: packing, kernels, buffers
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
     for repeat in range(args.repeats):
         for kind in KINDS if repeat % 2 == 0 else tuple(reversed(KINDS)):
-            result = await leg(engine, prompts, kind == "streamed", args.clients, args.seconds, args.messages_per_s)
+            result = await leg(engine, prompts, kind == "streamed", args.clients, args.seconds, pacing)
             runs[kind].append(result)
             print(f"  {kind:8s} {result['requests_per_s']:5.2f} req/s, {result['engine_ms_per_step']:5.1f} ms a step,"
                   f" event loop {result['loop_cpu_ms_per_step']:.2f} ms a step{_ttft(result)}", flush=True)  # fmt: skip
@@ -108,7 +117,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=6.0, help="about how long each leg runs")
     parser.add_argument("--repeats", type=int, default=8, help="legs of each kind")
-    parser.add_argument("--messages-per-s", type=float, default=100.0, help="STREAM_MESSAGES_PER_S")
+    shipped = ModelFields.model_fields  # the service's defaults, as a replica gets them
+    parser.add_argument(
+        "--messages-per-s", type=float, default=shipped["stream_messages_per_s"].default, help="STREAM_MESSAGES_PER_S"
+    )
+    parser.add_argument("--interval-s", type=float, default=shipped["stream_interval_s"].default,
+                        help="STREAM_INTERVAL_S")  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument(
         "--prompts", choices=("first", "all"), default="first",
@@ -133,7 +147,8 @@ def main() -> None:
             "streamed_over_whole_median": statistics.median(ratios)}  # fmt: skip
     path = write_results(args.name, data)
     _plot(runs, ratios, args)
-    print(f"clients={args.clients} dtype={args.dtype} messages/s={args.messages_per_s:g} -> {path}")
+    print(f"clients={args.clients} dtype={args.dtype} messages/s={args.messages_per_s:g} "
+          f"interval={args.interval_s:g}s -> {path}")  # fmt: skip
     for kind, m in medians.items():
         print(f"  {kind:8s} {m['requests_per_s']:5.2f} req/s, {m['engine_ms_per_step']:5.1f} ms a step, "
               f"event loop {m['loop_cpu_ms_per_step']:.2f} ms a step{_ttft(m)} (medians)")  # fmt: skip
