@@ -33,12 +33,16 @@ import torch
 
 from benchmarks.common import PROMPTS, RESULTS, machine, scatter_panel, write_results
 from config.model_fields import ModelFields
+from engine.admission import STEP_PROMPT_TOKENS, TokenBudget
 from engine.batcher import Batcher
 from engine.model import EngineConfig, TextGenerator
 from engine.types import SamplingParams
 from testing.checkpoints import random_checkpoint
 
 KINDS = ("whole", "streamed")
+# A replica's admission on a CPU with the default settings (STEP_PROMPT_TOKENS unset); MAX_BATCH_TOKENS's 16384
+# never binds these rows (at most 32 x 84 tokens).
+SERVICE_BUDGET = TokenBudget(None, STEP_PROMPT_TOKENS["cpu"])
 
 
 class ReadPacing(NamedTuple):
@@ -49,9 +53,17 @@ class ReadPacing(NamedTuple):
 
 
 async def leg(
-    engine: TextGenerator, prompts: list[list[int]], streamed: bool, clients: int, seconds: float, pacing: ReadPacing
+    engine: TextGenerator,
+    prompts: list[list[int]],
+    streamed: bool,
+    clients: int,
+    seconds: float,
+    pacing: ReadPacing,
+    budget: TokenBudget = SERVICE_BUDGET,
 ) -> dict[str, float | None]:
-    """One leg: ``clients`` closed-loop clients for about ``seconds``; request ``k`` asks with ``prompts[k % len]``."""
+    """One leg: ``clients`` closed-loop clients for about ``seconds``; request ``k`` asks with ``prompts[k % len]``.
+
+    ``budget``: what each of the engine's polls admits (the service's default on a CPU unless given)."""
     steps, step_s = 0, 0.0
 
     def run(items: Any, on_step: Any, poll: Any = None, max_batch_size: Any = None) -> None:
@@ -66,7 +78,9 @@ async def leg(
 
         engine.run(items, timed, poll, max_batch_size)
 
-    batcher = Batcher(run, 32, 0.005, stream_interval_s=pacing.interval_s, stream_messages_per_s=pacing.messages_per_s)
+    batcher = Batcher(
+        run, 32, 0.005, budget, stream_interval_s=pacing.interval_s, stream_messages_per_s=pacing.messages_per_s
+    )
     params = SamplingParams(max_new_tokens=64, ignore_eos=True)
     done, reads, first_reads = 0, 0, []
     stop = time.monotonic() + seconds

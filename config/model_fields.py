@@ -174,6 +174,15 @@ class ModelFields(BaseModel):
         "padding included, plus the tokens still to generate). A row joins a running batch only when it fits; "
         "a single prompt plus its max_new_tokens above it is refused (413).",
     )
+    step_prompt_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Prompt tokens that join a running batch per decoding step, about (a step's first prompt joins "
+        "whatever its length; the rest wait for the next step). Prompts that arrive together are prefilled a "
+        "share a step, so the first of them get their first token after a short step instead of all after one "
+        "long pass. Unset: 64 on a CPU, 2048 on a GPU. Continuous batching only.",
+    )
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, le=1, description="How long a batch waits for more prompts once the first arrives."
     )

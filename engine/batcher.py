@@ -71,6 +71,7 @@ class RequestStream:
         # A streamed request's reads leave as messages, spaced (Batcher.read_interval_s); a whole one's never.
         self.streamed = streamed
         self._read_at: float | None = None
+        self._due: float | None = None  # while held: the read waits for the first step that ends after this
 
     @property
     def admitted_at(self) -> float | None:
@@ -103,19 +104,25 @@ class RequestStream:
 
     async def _hold(self) -> None:
         """Until the read interval has passed since the last read (the first read is never held), so that the
-        steps made meanwhile leave joined, in one message; the request's end or a failure is not held."""
-        loop = asyncio.get_running_loop()
-        now, interval = loop.time(), self._batcher.read_interval_s()
-        if self._read_at is not None:
-            while self._open_rows and self._error is None and (left := self._read_at + interval - now) > 0:
-                # A timer, not asyncio.wait_for: on Python 3.11 that drops a cancel coming with a wake.
-                self._wake.clear()
-                timer = loop.call_later(left, self._wake.set)
-                try:
+        steps made meanwhile leave joined, in one message; the request's end or a failure is not held.
+
+        The read is woken by the first engine step that ends once the interval has passed (``_deliver``),
+        not by a timer of its own: tokens come only with steps, and every held stream that is due then
+        reads in the event loop's one wake-up for that step. Timers spread over the interval woke the loop
+        once per stream (100 times a second under the message budget), and each wake-up takes the GIL from
+        the engine thread between its kernels: streamed answers with staggered ends made 0.86-0.92x the
+        requests/s of the same answers at once (16 clients).
+        """
+        now = time.monotonic()
+        if self._read_at is not None and (due := self._read_at + self._batcher.read_interval_s()) > now:
+            self._due = due
+            try:
+                while self._open_rows and self._error is None and self._due is not None:
+                    self._wake.clear()
                     await self._wake.wait()
-                finally:
-                    timer.cancel()
-                now = loop.time()
+            finally:
+                self._due = None
+            now = time.monotonic()
         self._read_at = now
 
     def close(self) -> None:
@@ -147,6 +154,9 @@ class RequestStream:
             self._open_rows -= 1
             self._wake.set()
         elif self._listening:
+            self._wake.set()
+        elif self._due is not None and at >= self._due:  # a held read whose interval has passed
+            self._due = None
             self._wake.set()
 
     def _fail(self, error: BaseException) -> None:
@@ -283,7 +293,8 @@ class Batcher:
         """Up to ``n`` queued items that are still wanted and fit the batch of ``shape`` (either thread).
 
         The first item that does not fit the token budget stays at the head of the queue, and so
-        does everything behind it: it joins when enough rows have left.
+        does everything behind it: it joins when enough rows have left. Past the budget's prompt
+        tokens per poll, the rest wait for the next poll (the engine's next step).
         """
         taken: list[WorkItem] = []
         now = time.monotonic()
@@ -295,7 +306,8 @@ class Batcher:
                     self._queue.popleft()
                     continue
                 if not admission.admit(len(item.prompt_ids), item.params.max_new_tokens):
-                    self.budget_waits += 1
+                    if admission.refused == "cache":  # (not the step's prompt tokens: those join next step)
+                        self.budget_waits += 1
                     break
                 self._queue.popleft()
                 item.admitted_at = now

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from engine.admission import TokenBudget
+from engine.admission import STEP_PROMPT_TOKENS, TokenBudget
 from engine.batcher import Batcher, RequestStream
 from engine.embedding_types import EmbeddingRequest, EmbeddingResult
 from engine.errors import InvalidFieldError, StepFailedError
@@ -47,6 +47,8 @@ REPORTED_PHASES = ("imports", "model_code", "weights", "warmup")
 
 class Engine(Protocol):
     """What the model server needs of an engine (``engine.model.TextGenerator`` is the real one)."""
+
+    continuous: bool  # run() takes polled rows between its steps (continuous batching)
 
     def run(
         self, items: Sequence[WorkItem], on_step: OnStep, poll: Poll | None = None, max_batch_size: int | None = None
@@ -155,7 +157,7 @@ class ModelServer:
                 self._engine.run,
                 config.max_batch_size,
                 config.batch_wait_timeout_s,
-                budget=TokenBudget(config.max_batch_tokens),
+                budget=TokenBudget(config.max_batch_tokens, step_prompt_tokens(config, self._engine)),
                 stream_interval_s=config.stream_interval_s,
                 stream_messages_per_s=config.stream_messages_per_s,
             )
@@ -363,6 +365,17 @@ class ModelServer:
         metrics.cold_start(self._name, {name: seconds})  # each phase as it ends (first_generation has none)
         if self._reporter is not None:
             self._reporter.phase(name, seconds, details)
+
+
+def step_prompt_tokens(config: ModelConfig, engine: Engine) -> int | None:
+    """Prompt tokens one poll admits (``engine.admission``): ``STEP_PROMPT_TOKENS``, else the device's default.
+
+    None for an engine that batches statically: its batches take no rows once they run, so its first poll
+    takes every queued row that fits.
+    """
+    if not engine.continuous:
+        return None
+    return config.step_prompt_tokens or STEP_PROMPT_TOKENS[config.resolved_device]
 
 
 def _replica_id() -> str:

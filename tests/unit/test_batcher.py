@@ -327,6 +327,26 @@ async def test_a_stream_interval_holds_neither_the_first_token_nor_the_end() -> 
     await batcher.close()
 
 
+async def test_a_held_read_leaves_with_the_first_step_after_its_interval() -> None:
+    """Held reads are woken by the engine's steps, not by timers of their own: a read that holds a token past
+    its interval waits for the next step (tokens come only with steps) and leaves with both, at once."""
+    gate = threading.Semaphore(0)  # the engine waits here after each step
+    engine = FakeEngine(join=True, step_s=0.0, after_step=lambda: gate.acquire(timeout=10))
+    batcher = Batcher(engine, max_batch_size=4, wait_timeout_s=0.0, stream_interval_s=0.05)
+    stream = batcher.open([[7]], [params(4)])
+    assert [d.text for d in await stream.__anext__()] == ["7"]  # step 1: the first read is never held
+    reader = asyncio.create_task(stream.__anext__())
+    gate.release()  # step 2, within the interval: the read holds its token
+    await until(lambda: stream._due is not None)
+    await asyncio.sleep(0.15)  # three intervals, and no step ended meanwhile
+    assert not reader.done()
+    gate.release()  # step 3
+    assert [(d.text, d.tokens) for d in await asyncio.wait_for(reader, 5)] == [("77", 2)]
+    gate.release(10)
+    assert "".join(d.text for ds in [x async for x in stream] for d in ds) == "7"  # step 4, the end
+    await batcher.close()
+
+
 async def test_streams_share_a_message_budget() -> None:
     """STREAM_MESSAGES_PER_S: with S streams open each reads at most S / budget times a second."""
     # One stream, 1 / 1000 s between reads: shorter than a step, so every step leaves as its own message.

@@ -42,6 +42,44 @@ def test_an_empty_batch_takes_its_first_row_whatever_its_size() -> None:
     assert TokenBudget(None).round(BatchShape(5, (1,) * 100)).admit(10_000, 10_000)
 
 
+def test_a_poll_admits_its_prompt_tokens_and_the_rest_wait_for_the_next_poll() -> None:
+    round_ = TokenBudget(None, step_prompt_tokens=25).round()
+    assert round_.admit(10, 4) and round_.admit(10, 4)
+    assert not round_.admit(10, 4) and round_.refused == "step"  # 30 > 25
+    assert TokenBudget(None, step_prompt_tokens=4).round().admit(50, 4)  # a poll's first row: whatever its length
+    batcher = Batcher(lambda *args: None, max_batch_size=8, wait_timeout_s=0, budget=TokenBudget(None, 25))
+    items = [WorkItem(stream=i, row=0, prompt_ids=[1] * 10, params=PARAMS) for i in range(5)]
+    batcher._queue.extend(items)
+    assert batcher._take(8) == items[:2] and batcher._take(8, BatchShape(10, (12, 12))) == items[2:4]
+    assert batcher._take(8) == items[4:] and batcher.budget_waits == 0  # budget_waits: the cache's only
+
+
+async def test_a_wave_of_prompts_is_prefilled_a_share_a_step_and_answers_as_alone(causal) -> None:
+    prompts = ["Return the number of", "Raise the error when", "A Ray Serve replica", "Scale the model to"]
+    ids = [causal.encode([p], PARAMS)[0] for p in prompts]
+    alone = [causal.generate([i], PARAMS)[0] for i in ids]
+    tokens: list[int] = []
+    handle = causal.model.register_forward_pre_hook(
+        lambda module, args, kwargs: tokens.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    longest = max(len(i) for i in ids)
+    batcher = Batcher(causal.run, max_batch_size=8, wait_timeout_s=0.05, budget=TokenBudget(None, longest))
+
+    async def read(prompt_ids: list[int]) -> Completion:
+        deltas = [d for ds in [x async for x in batcher.stream([prompt_ids], [PARAMS])] for d in ds]
+        return collect(deltas, 1, [len(prompt_ids)])[0]
+
+    try:
+        answers = await asyncio.gather(*(read(i) for i in ids))
+    finally:
+        handle.remove()
+        await batcher.close()
+    assert answers == alone
+    # One prompt a pass (beside at most three decoding rows' tokens), where all four arrived within the wait.
+    assert max(tokens) <= longest + len(ids) - 1 < sum(len(i) for i in ids), (tokens, [len(i) for i in ids])
+    assert batcher.stats()["rows_running"] == 0
+
+
 def test_the_projection_counts_padding_and_the_longest_tail() -> None:
     round_ = TokenBudget(100).round(BatchShape(width=10, remaining=(20,)))
     assert round_.projected(prompt_tokens=40, max_new_tokens=5) == 2 * (40 + 20)

@@ -6,13 +6,14 @@ from collections.abc import Sequence
 
 import pytest
 
+from engine.admission import STEP_PROMPT_TOKENS
 from engine.errors import PromptTooLongError
 from engine.timing import PhaseTimer
 from engine.types import ChatMessage, Delta, GenerationRequest, SamplingParams, Started
 from engine.work import OnStep, Poll, WorkItem
 from observability import metrics
 from observability.sinks import MemorySink, use_sink
-from serving.model_server import ModelServer
+from serving.model_server import ModelServer, step_prompt_tokens
 from settings import ModelConfig
 
 TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"
@@ -29,6 +30,8 @@ class NoRules:
 
 class FakeEngine:
     """One token a step per row: the row's prompt length as text; prompts of over 8 words are too long."""
+
+    continuous = False  # a batch runs to its end with the rows it began with
 
     def __init__(self) -> None:
         self.chats: list[tuple[Sequence[ChatMessage], str | None]] = []
@@ -88,6 +91,14 @@ def test_the_server_loads_the_engine_it_is_given_with_its_config(server: ModelSe
     assert config.name == "fake" and isinstance(timer, PhaseTimer)
     assert set(server._cold_start) >= {"imports_s", "weights_s", "constructor_s"}
     assert server._cold_start["replica"] == "local"
+
+
+def test_a_continuous_engine_takes_a_waves_prompts_a_share_a_step(engine: FakeEngine) -> None:
+    config = ModelConfig(name="fake", model_id="org/fake")
+    assert step_prompt_tokens(config, engine) is None  # a static batch takes no rows later: it takes all at once
+    engine.continuous = True
+    assert step_prompt_tokens(config, engine) == STEP_PROMPT_TOKENS["cpu"] == 64
+    assert step_prompt_tokens(ModelConfig(name="fake", model_id="org/fake", step_prompt_tokens=512), engine) == 512
 
 
 async def test_a_stream_is_started_then_the_engine_deltas(server: ModelServer) -> None:

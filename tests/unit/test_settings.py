@@ -49,6 +49,8 @@ BAD_VALUES = [
     ("MAX_BATCH_TOKENS", "lots", "valid integer"),
     ("MAX_OUTPUT_TOKENS_PER_REQUEST", "0", "greater than or equal to 1"),
     ("BATCH_WAIT_TIMEOUT_S", "2", "less than or equal to 1"),
+    ("STEP_PROMPT_TOKENS", "0", "greater than or equal to 1"),
+    ("STEP_PROMPT_TOKENS", "many", "valid integer"),
     ("STREAM_INTERVAL_S", "-0.1", "greater than or equal to 0"),
     ("STREAM_INTERVAL_S", "2", "less than or equal to 1"),
     ("STREAM_MESSAGES_PER_S", "-1", "greater than or equal to 0"),
