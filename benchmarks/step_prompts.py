@@ -1,0 +1,100 @@
+"""A wave's prompts prefilled a share a step, or all in one pass: ``STEP_PROMPT_TOKENS`` in one process, without Ray.
+
+    python -m benchmarks.step_prompts [--clients 16] [--budgets 0 2048 128 64 32] [--seconds 8] [--repeats 4]
+
+``benchmarks.stream_readers``' streamed leg (the ``Batcher`` over this engine, the GPT-2-small-shaped random
+checkpoint in bfloat16, one torch thread, batch limit 32, ``peer_vllm``'s prompts in turn, 64 tokens each, the
+service's stream pacing) once per prompt-token budget per poll, the budgets taking turns, in reverse order
+every other round. 0 is no budget: every queued prompt joins the next pass. Closed-loop clients that all ask
+for 64 tokens move in waves: a wave's rows end in one step and ask again together.
+
+Prints and writes ``benchmarks/results/<name>.json`` and ``.png``: streamed requests/s, TTFT p50 (asking to
+first read) and the engine's ms per step for each budget, every leg and the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+from typing import Any
+
+import torch
+
+from benchmarks.common import PROMPTS, RESULTS, machine, scatter_panel, write_results
+from benchmarks.stream_readers import ReadPacing, leg
+from config.model_fields import ModelFields
+from engine.admission import STEP_PROMPT_TOKENS, TokenBudget
+from engine.model import EngineConfig, TextGenerator
+from engine.types import SamplingParams
+from testing.checkpoints import random_checkpoint
+
+KEYS = ("requests_per_s", "ttft_p50_s", "engine_ms_per_step")
+
+
+def way(budget: int) -> str:
+    return "all" if budget == 0 else str(budget)
+
+
+async def measure(args: argparse.Namespace, engine: TextGenerator, prompts: list[list[int]]) -> dict[str, list[dict]]:
+    shipped = ModelFields.model_fields
+    pacing = ReadPacing(shipped["stream_interval_s"].default, shipped["stream_messages_per_s"].default)
+    await leg(engine, prompts, True, args.clients, 2.0, pacing)  # warm: packing, kernels, buffers
+    runs: dict[str, list[dict[str, Any]]] = {way(b): [] for b in args.budgets}
+    for repeat in range(args.repeats):
+        for budget in args.budgets if repeat % 2 == 0 else args.budgets[::-1]:
+            result = await leg(engine, prompts, True, args.clients, args.seconds, pacing,
+                               TokenBudget(None, budget or None))  # fmt: skip
+            runs[way(budget)].append(result)
+            ttft_ms, step_ms = result["ttft_p50_s"] * 1000, result["engine_ms_per_step"]
+            print(f"  {way(budget):>5s} {result['requests_per_s']:5.2f} req/s, TTFT p50 {ttft_ms:4.0f} ms, "
+                  f"{step_ms:5.1f} ms a step", flush=True)  # fmt: skip
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", default=[0, 2048, 128, 64, 32], help="prompt tokens a poll admits; 0: all"
+    )
+    parser.add_argument("--seconds", type=float, default=8.0, help="about how long each leg runs")
+    parser.add_argument("--repeats", type=int, default=4, help="legs of each budget")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--name", default="step_prompts")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    checkpoint = random_checkpoint("gpt2-small", full_vocab=True)
+    engine = TextGenerator.load(EngineConfig(model_id=str(checkpoint), num_threads=1, dtype=args.dtype))
+    prompts = engine.encode(PROMPTS, SamplingParams(max_new_tokens=8))
+    runs = asyncio.run(measure(args, engine, prompts))
+    medians = {name: {key: statistics.median(run[key] for run in legs) for key in KEYS} for name, legs in runs.items()}
+    path = write_results(args.name, {"config": vars(args), "runs": runs, "medians": medians})
+    _plot(runs, args)
+    print(f"clients={args.clients} dtype={args.dtype} -> {path}")
+    for name, m in medians.items():
+        print(f"  {name:>5s} {m['requests_per_s']:5.2f} req/s, TTFT p50 {m['ttft_p50_s'] * 1000:4.0f} ms, "
+              f"{m['engine_ms_per_step']:5.1f} ms a step (medians)")  # fmt: skip
+
+
+def _plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    panels = (("requests_per_s", "streamed requests/s"), ("ttft_p50_s", "TTFT p50 (s)"),
+              ("engine_ms_per_step", "engine ms per step"))  # fmt: skip
+    highlight = way(STEP_PROMPT_TOKENS["cpu"])  # the default on a CPU, in colour
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        scatter_panel(ax, runs, key, title, highlight=highlight)
+        ax.set_xlabel("prompt tokens a poll admits")
+    fig.suptitle(f"STEP_PROMPT_TOKENS in one process: {args.clients} clients, {args.dtype}, one thread, "
+                 f"{machine()['cpu']}")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{args.name}.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
