@@ -4,7 +4,8 @@ A batch is a set of rows decoding together, one token per step. Between steps, r
 leave (their answer goes out at once, and they stop costing compute) and prompts that arrived
 join: they are prefilled together (packed end to end in one sequence, no padding) and copied into
 free slots of the batch's :class:`SlotCache`, the rows already decoding are not touched. So a
-request that arrives while others decode waits at most one step, not a whole generation, and
+request that arrives while others decode waits at most one step, not a whole generation (in a wave
+of arrivals, one step per ``STEP_PROMPT_TOKENS`` of prompts ahead of it: ``engine.admission``), and
 nothing is re-padded or concatenated.
 
 Each row keeps its own length and positions (its tokens start at position 0 in its slot); a
