@@ -328,22 +328,23 @@ async def test_a_stream_interval_holds_neither_the_first_token_nor_the_end() -> 
 
 
 async def test_a_held_read_leaves_with_the_first_step_after_its_interval() -> None:
-    """Held reads are woken by the engine's steps, not by timers of their own: a read that holds a token past
-    its interval waits for the next step (tokens come only with steps) and leaves with both, at once."""
+    """Held reads are woken by the engine's steps, not by timers of their own: a held read whose interval has
+    passed waits for the next step (tokens come only with steps) and leaves with it, its tokens joined."""
     gate = threading.Semaphore(0)  # the engine waits here after each step
     engine = FakeEngine(join=True, step_s=0.0, after_step=lambda: gate.acquire(timeout=10))
-    batcher = Batcher(engine, max_batch_size=4, wait_timeout_s=0.0, stream_interval_s=0.05)
+    batcher = Batcher(engine, max_batch_size=4, wait_timeout_s=0.0, stream_interval_s=5.0)
     stream = batcher.open([[7]], [params(4)])
     assert [d.text for d in await stream.__anext__()] == ["7"]  # step 1: the first read is never held
     reader = asyncio.create_task(stream.__anext__())
-    gate.release()  # step 2, within the interval: the read holds its token
+    gate.release()  # step 2, well within the 5 s interval: the read holds its token
     await until(lambda: stream._due is not None)
-    await asyncio.sleep(0.15)  # three intervals, and no step ended meanwhile
-    assert not reader.done()
+    stream._due = time.monotonic()  # as if the interval had passed now (no 5 s wait in a test)
+    await asyncio.sleep(0.1)
+    assert not reader.done()  # no step has ended since: nothing new to send, no wake-up
     gate.release()  # step 3
-    assert [(d.text, d.tokens) for d in await asyncio.wait_for(reader, 5)] == [("77", 2)]
+    assert [(d.text, d.tokens) for d in await asyncio.wait_for(reader, 2)] == [("77", 2)]
     gate.release(10)
-    assert "".join(d.text for ds in [x async for x in stream] for d in ds) == "7"  # step 4, the end
+    assert "".join(d.text for ds in [x async for x in stream] for d in ds) == "7"  # step 4, the end: not held
     await batcher.close()
 
 
