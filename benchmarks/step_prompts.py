@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import PROMPTS, RESULTS, machine, scatter_panel, write_results
-from benchmarks.stream_readers import ReadPacing, leg
-from config.model_fields import ModelFields
+from benchmarks.stream_readers import SERVICE_PACING, alternated, leg
 from engine.admission import STEP_PROMPT_TOKENS, TokenBudget
 from engine.model import EngineConfig, TextGenerator
 from engine.types import SamplingParams
@@ -37,19 +36,17 @@ def way(budget: int) -> str:
 
 
 async def measure(args: argparse.Namespace, engine: TextGenerator, prompts: list[list[int]]) -> dict[str, list[dict]]:
-    shipped = ModelFields.model_fields
-    pacing = ReadPacing(shipped["stream_interval_s"].default, shipped["stream_messages_per_s"].default)
-    await leg(engine, prompts, True, args.clients, 2.0, pacing)  # warm: packing, kernels, buffers
-    runs: dict[str, list[dict[str, Any]]] = {way(b): [] for b in args.budgets}
-    for repeat in range(args.repeats):
-        for budget in args.budgets if repeat % 2 == 0 else args.budgets[::-1]:
-            result = await leg(engine, prompts, True, args.clients, args.seconds, pacing,
-                               TokenBudget(None, budget or None))  # fmt: skip
-            runs[way(budget)].append(result)
-            ttft_ms, step_ms = result["ttft_p50_s"] * 1000, result["engine_ms_per_step"]
-            print(f"  {way(budget):>5s} {result['requests_per_s']:5.2f} req/s, TTFT p50 {ttft_ms:4.0f} ms, "
-                  f"{step_ms:5.1f} ms a step", flush=True)  # fmt: skip
-    return runs
+    await leg(engine, prompts, True, args.clients, 2.0, SERVICE_PACING)  # warm: packing, kernels, buffers
+    budgets = {way(b): TokenBudget(None, b or None) for b in args.budgets}
+
+    def show(name: str, result: dict[str, Any]) -> str:
+        ttft_ms, step_ms = result["ttft_p50_s"] * 1000, result["engine_ms_per_step"]
+        return f"{name:>5s} {result['requests_per_s']:5.2f} req/s, TTFT p50 {ttft_ms:4.0f} ms, {step_ms:5.1f} ms a step"
+
+    return await alternated(
+        list(budgets), args.repeats,
+        lambda name: leg(engine, prompts, True, args.clients, args.seconds, SERVICE_PACING, budgets[name]), show,
+    )  # fmt: skip
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import asyncio
 import os
 import statistics
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -50,6 +51,12 @@ class ReadPacing(NamedTuple):
 
     interval_s: float
     messages_per_s: float
+
+
+# The service's defaults, as a replica gets them.
+SERVICE_PACING = ReadPacing(
+    ModelFields.model_fields["stream_interval_s"].default, ModelFields.model_fields["stream_messages_per_s"].default
+)
 
 
 async def leg(
@@ -113,17 +120,31 @@ async def leg(
     }
 
 
+async def alternated(
+    ways: Sequence[str], repeats: int, run: Callable[[str], Awaitable[dict[str, Any]]], show: Callable[[str, dict], str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Each way's legs, ``repeats`` of them: the ways take turns, in reverse order every other round, so that the
+    machine's drift hits each alike; ``show(way, result)`` is printed after each leg."""
+    runs: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
+    for repeat in range(repeats):
+        for way in ways if repeat % 2 == 0 else ways[::-1]:
+            runs[way].append(result := await run(way))
+            print(f"  {show(way, result)}", flush=True)
+    return runs
+
+
 async def measure(args: argparse.Namespace, engine: TextGenerator, prompts: list[list[int]]) -> dict[str, list[dict]]:
     pacing = ReadPacing(args.interval_s, args.messages_per_s)
     await leg(engine, prompts, False, args.clients, 2.0, pacing)  # warm: packing, kernels, buffers
-    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
-    for repeat in range(args.repeats):
-        for kind in KINDS if repeat % 2 == 0 else tuple(reversed(KINDS)):
-            result = await leg(engine, prompts, kind == "streamed", args.clients, args.seconds, pacing)
-            runs[kind].append(result)
-            print(f"  {kind:8s} {result['requests_per_s']:5.2f} req/s, {result['engine_ms_per_step']:5.1f} ms a step,"
-                  f" event loop {result['loop_cpu_ms_per_step']:.2f} ms a step{_ttft(result)}", flush=True)  # fmt: skip
-    return runs
+
+    def show(kind: str, result: dict[str, Any]) -> str:
+        return (f"{kind:8s} {result['requests_per_s']:5.2f} req/s, {result['engine_ms_per_step']:5.1f} ms a step, "
+                f"event loop {result['loop_cpu_ms_per_step']:.2f} ms a step{_ttft(result)}")  # fmt: skip
+
+    return await alternated(
+        KINDS, args.repeats, lambda kind: leg(engine, prompts, kind == "streamed", args.clients, args.seconds, pacing),
+        show,
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -131,12 +152,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=6.0, help="about how long each leg runs")
     parser.add_argument("--repeats", type=int, default=8, help="legs of each kind")
-    shipped = ModelFields.model_fields  # the service's defaults, as a replica gets them
     parser.add_argument(
-        "--messages-per-s", type=float, default=shipped["stream_messages_per_s"].default, help="STREAM_MESSAGES_PER_S"
+        "--messages-per-s", type=float, default=SERVICE_PACING.messages_per_s, help="STREAM_MESSAGES_PER_S"
     )
-    parser.add_argument("--interval-s", type=float, default=shipped["stream_interval_s"].default,
-                        help="STREAM_INTERVAL_S")  # fmt: skip
+    parser.add_argument("--interval-s", type=float, default=SERVICE_PACING.interval_s, help="STREAM_INTERVAL_S")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument(
         "--prompts", choices=("first", "all"), default="first",

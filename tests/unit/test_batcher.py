@@ -339,7 +339,8 @@ async def test_a_held_read_leaves_with_the_first_step_after_its_interval() -> No
     gate.release()  # step 2, well within the 5 s interval: the read holds its token
     await until(lambda: stream._due is not None)
     stream._due = time.monotonic()  # as if the interval had passed now (no 5 s wait in a test)
-    await asyncio.sleep(0.1)
+    for _ in range(20):  # the loop turns over, and nothing but a step can wake the read
+        await asyncio.sleep(0)
     assert not reader.done()  # no step has ended since: nothing new to send, no wake-up
     gate.release()  # step 3
     assert [(d.text, d.tokens) for d in await asyncio.wait_for(reader, 2)] == [("77", 2)]
@@ -401,7 +402,7 @@ async def test_a_reader_that_leaves_while_its_read_is_held_is_cancelled() -> Non
     stream._deliver(Delta(0, "b", 1), time.monotonic())
     reader = asyncio.create_task(stream.__anext__())
     await until(lambda: stream._wake._waiters)  # the read is held for the 5 s interval
-    stream._deliver(Delta(0, "c", 1), time.monotonic())  # wakes the held read...
+    stream._deliver(Delta(0, "c", 1), stream._due)  # a step that ends at its due time wakes the held read...
     reader.cancel()  # ...and its reader goes away in the same turn
     done, _ = await asyncio.wait({reader}, timeout=2)
     assert reader in done and reader.cancelled()

@@ -4,6 +4,7 @@ of one request (MAX_OUTPUT_TOKENS_PER_REQUEST)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,23 @@ PARAMS = SamplingParams(max_new_tokens=12)
 @pytest.fixture(scope="module")
 def causal(tiny_causal: Path) -> TextGenerator:
     return TextGenerator.load(EngineConfig(model_id=str(tiny_causal), num_threads=1, max_batch_tokens=100))
+
+
+async def answered_together(
+    batcher: Batcher, engine: TextGenerator, ids: list[list[int]], hook: Callable[..., None]
+) -> list[Completion]:
+    """Every prompt sent at once through ``batcher`` (closed after), ``hook`` seeing each forward pass's kwargs."""
+    handle = engine.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    async def read(prompt_ids: list[int]) -> Completion:
+        deltas = [d for ds in [x async for x in batcher.stream([prompt_ids], [PARAMS])] for d in ds]
+        return collect(deltas, 1, [len(prompt_ids)])[0]
+
+    try:
+        return await asyncio.gather(*(read(i) for i in ids))
+    finally:
+        handle.remove()
+        await batcher.close()
 
 
 def test_a_row_that_does_not_fit_holds_the_queue_and_nothing_overtakes_it() -> None:
@@ -59,21 +77,11 @@ async def test_a_wave_of_prompts_is_prefilled_a_share_a_step_and_answers_as_alon
     ids = [causal.encode([p], PARAMS)[0] for p in prompts]
     alone = [causal.generate([i], PARAMS)[0] for i in ids]
     tokens: list[int] = []
-    handle = causal.model.register_forward_pre_hook(
-        lambda module, args, kwargs: tokens.append(kwargs["input_ids"].numel()), with_kwargs=True
-    )
     longest = max(len(i) for i in ids)
     batcher = Batcher(causal.run, max_batch_size=8, wait_timeout_s=0.05, budget=TokenBudget(None, longest))
-
-    async def read(prompt_ids: list[int]) -> Completion:
-        deltas = [d for ds in [x async for x in batcher.stream([prompt_ids], [PARAMS])] for d in ds]
-        return collect(deltas, 1, [len(prompt_ids)])[0]
-
-    try:
-        answers = await asyncio.gather(*(read(i) for i in ids))
-    finally:
-        handle.remove()
-        await batcher.close()
+    answers = await answered_together(
+        batcher, causal, ids, lambda module, args, kwargs: tokens.append(kwargs["input_ids"].numel())
+    )
     assert answers == alone
     # One prompt a pass (beside at most three decoding rows' tokens), where all four arrived within the wait.
     assert max(tokens) <= longest + len(ids) - 1 < sum(len(i) for i in ids), (tokens, [len(i) for i in ids])
@@ -96,19 +104,9 @@ async def test_a_batch_at_its_token_budget_admits_the_row_later_and_it_answers_a
         mask = kwargs["attention_mask"]
         widths.append(mask.shape[0] * mask.shape[1])
 
-    handle = causal.model.register_forward_pre_hook(hook, with_kwargs=True)
     budget = TokenBudget(2 * (max(len(i) for i in ids) + PARAMS.max_new_tokens))  # two rows, never three
     batcher = Batcher(causal.run, max_batch_size=8, wait_timeout_s=0.05, budget=budget)
-
-    async def read(prompt_ids: list[int]) -> Completion:
-        deltas = [d for ds in [x async for x in batcher.stream([prompt_ids], [PARAMS])] for d in ds]
-        return collect(deltas, 1, [len(prompt_ids)])[0]
-
-    try:
-        answers = await asyncio.gather(*(read(i) for i in ids))
-    finally:
-        handle.remove()
-        await batcher.close()
+    answers = await answered_together(batcher, causal, ids, hook)
     assert answers == alone
     stats = batcher.stats()
     assert stats["budget_waits"] >= 1
