@@ -5,10 +5,10 @@
 
 Two ways, alternated run by run on one loaded model so that load on a shared machine hits both alike:
 
-- ``joining``: each arrival prefilled in the next step's own pass (``engine.continuous.JOINING_STEP_TOKENS``
-  at a GPU's value, what a CPU did until 2026-12-07);
-- ``separate``: each arrival prefilled in a pass of its own before the next step (the limit at 0, a CPU's
-  default now).
+- ``joining``: what the engine does, each arrival prefilled in the next step's own pass
+  (``engine.continuous.JOINING_STEP_TOKENS``);
+- ``separate``: the same with that limit at 0, each arrival prefilled in a pass of its own before the next
+  step.
 
 Two loads:
 
@@ -44,13 +44,13 @@ from engine.types import Delta, SamplingParams
 from engine.work import WorkItem
 from testing.checkpoints import random_checkpoint
 
-WAYS = {"joining": continuous.JOINING_STEP_TOKENS["cuda"], "separate": 0}
+WAYS = {"joining": continuous.JOINING_STEP_TOKENS, "separate": 0}
 CLIENT_KEYS = ("requests_per_s", "ttft_p50_s", "engine_ms_per_step")
 
 
 def use(way: str) -> None:
-    """Arrivals in this process's CPU engine are prefilled ``way``'s way from now on."""
-    continuous.JOINING_STEP_TOKENS["cpu"] = WAYS[way]
+    """Arrivals in this process's engine are prefilled ``way``'s way from now on."""
+    continuous.JOINING_STEP_TOKENS = WAYS[way]
 
 
 def closed_loop(engine: TextGenerator, prompt: list[int], rows: int, requests: int, tokens: int) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def main() -> None:
     checkpoint = random_checkpoint("gpt2-small", full_vocab=True)
     engine = TextGenerator.load(EngineConfig(model_id=str(checkpoint), num_threads=args.threads, dtype=args.dtype))
     prompt = engine.encode(PROMPTS[:1], SamplingParams(max_new_tokens=8))[0]
-    default = continuous.JOINING_STEP_TOKENS["cpu"]
+    default = continuous.JOINING_STEP_TOKENS
     runs: dict[str, list[dict[str, Any]]] = {way: [] for way in WAYS}
     try:
         with torch.inference_mode():
@@ -115,7 +115,7 @@ def main() -> None:
                     runs[way].append(closed_loop(engine, prompt, args.rows, args.requests, args.tokens))
         clients = asyncio.run(streamed_clients(args, engine)) if args.clients else {}
     finally:
-        continuous.JOINING_STEP_TOKENS["cpu"] = default
+        continuous.JOINING_STEP_TOKENS = default
     result = {
         way: {key: statistics.median(run[key] for run in runs[way]) for key in ("ms_per_token", "first_token_wait_ms")}
         for way in WAYS
@@ -169,7 +169,7 @@ def _plot(
                    (clients, "ttft_p50_s", f"{args.clients} streamed clients: TTFT p50 (s)")]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
     for ax, (legs, key, title) in zip(axes, panels, strict=True):
-        scatter_panel(ax, legs, key, title, highlight="separate")
+        scatter_panel(ax, legs, key, title, highlight="joining")
     fig.suptitle(f"{args.dtype}, GPT-2-small shape, arrivals joining a step's pass or in a pass of their own, "
                  f"{args.threads} thread(s)")  # fmt: skip
     fig.tight_layout()

@@ -10,10 +10,9 @@ not overtaken forever by short ones) until rows leave. A batch's first row is al
 engine refuses a single row above the budget before it is queued.
 
 A poll also admits at most ``STEP_PROMPT_TOKENS`` of prompt (its first row whatever its length). The
-continuous engine polls between decoding steps and prefills what it got before the next step (on a CPU in a
-pass of its own, after which it polls again; on a GPU in the step's own pass), so with a small budget a wave
-of arrivals is prefilled a share a pass: its first rows get their first token after a short pass, not all of
-them after one long one (vLLM's ``max_num_batched_tokens`` plays this part there).
+continuous engine polls between decoding steps and prefills what it got in the next step's pass, so with a
+small budget a wave of arrivals is prefilled a share a step: its first rows get their first token after a
+short step, not all of them after one long pass (vLLM's ``max_num_batched_tokens`` plays this part there).
 
 The batcher asks the policy (``Batcher(..., budget=TokenBudget(n))``); the engine tells it the
 batch's shape when it polls for more rows (``poll(free_slots, BatchShape(...))``).
@@ -36,12 +35,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-# Prompt tokens a poll admits where STEP_PROMPT_TOKENS is unset, by device. On a CPU a pass's time grows with
+# Prompt tokens a poll admits where STEP_PROMPT_TOKENS is unset, by device. On a CPU a step's time grows with
 # its tokens (about 0.75 ms each for GPT-2-small in bfloat16 on the AMD VM): a 16-prompt wave of 254 tokens
-# prefilled in one pass made every one of them wait about 0.24 s. 64 a poll spreads it over four passes: at 16
-# streamed clients TTFT p50 fell 30% at the same requests/s (benchmarks/results/peer_vllm.md, measured while
-# arrivals joined the steps' passes).
-# A GPU prefills thousands of tokens in the time of a decoding step.
+# prefilled in one pass made every one of them wait about 0.24 s. 64 a poll spreads it over four steps: at 16
+# streamed clients TTFT p50 fell 30% at the same requests/s (benchmarks/results/peer_vllm.md). A GPU prefills
+# thousands of tokens in the time of a decoding step.
 STEP_PROMPT_TOKENS = {"cpu": 64, "cuda": 2048}
 
 

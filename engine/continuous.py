@@ -3,11 +3,10 @@
 A batch is a set of rows decoding together, one token per step. Between steps, rows that ended
 leave (their answer goes out at once, and they stop costing compute) and prompts that arrived
 join: they are prefilled together (packed end to end in one sequence, no padding) and copied into
-free slots of the batch's :class:`SlotCache`, the rows already decoding are not touched. On a CPU
-they get a pass of their own before the next step, elsewhere they join that step's own pass
-(:data:`JOINING_STEP_TOKENS`). So a request that arrives while others decode waits at most one step,
-not a whole generation (in a wave of arrivals, also one pass per ``STEP_PROMPT_TOKENS`` of prompts
-ahead of it: ``engine.admission``), and nothing is re-padded or concatenated.
+free slots of the batch's :class:`SlotCache`, the rows already decoding are not touched. So a
+request that arrives while others decode waits at most one step, not a whole generation (in a wave
+of arrivals, one step per ``STEP_PROMPT_TOKENS`` of prompts ahead of it: ``engine.admission``), and
+nothing is re-padded or concatenated.
 
 Each row keeps its own length and positions (its tokens start at position 0 in its slot); a
 step's attention mask hides what lies past each row's length.
@@ -45,15 +44,9 @@ logger = logging.getLogger(__name__)
 _MASKS = {"sdpa": False, "eager": True, "cpu_packed_sdpa": False, "cpu_decode_products": False}
 # Tokens per packed prefill pass: its mask is this squared in booleans (4 MiB), its activations this x hidden.
 PACKED_PREFILL_TOKENS = 2048
-# Prompt tokens that may join a decode step's own pass (JoiningStep), by device; more are prefilled in a pass of
-# their own before the step, so that a long prompt does not hold the decoding rows' next token back for a whole long
-# prefill. On a CPU every arrival gets a pass of its own: a pass's time there grows with its tokens, so a prompt that
-# joins a step gets its first token after the step's longer pass, while a pass of its own gives it after its prefill
-# alone. At 16 streamed clients (AMD VM, bfloat16, benchmarks/results/joining_steps_amd.json) that cut TTFT p50 by
-# a fifth (144 to 116 ms) at the same requests/s; the price shows with 2-token prompts arriving one at a time, which
-# made 1.10x the tokens/s when joining (their first token 22 ms after arriving instead of 44).
-# A GPU keeps joining (not measured): a decode step there is mostly reading the weights, which a joining pass saves.
-JOINING_STEP_TOKENS = {"cpu": 0, "cuda": 512}
+# Prompt tokens that may join a decode step's own pass (JoiningStep); more are prefilled in a pass of their own,
+# so that a long prompt does not hold the decoding rows' next token back for a whole long prefill.
+JOINING_STEP_TOKENS = 512
 
 
 def supports(model: Any) -> bool:
@@ -182,8 +175,7 @@ class ContinuousBatch:
     # --- decoding ----------------------------------------------------------------------------
     def joins_step(self, prompt_lengths: Sequence[int]) -> bool:
         """Whether prompts of these lengths can join the next :meth:`step`'s pass (else :meth:`admit` them first)."""
-        limit = JOINING_STEP_TOKENS.get(self.device.type, JOINING_STEP_TOKENS["cuda"])
-        return bool(self.rows) and self._joins_steps and sum(prompt_lengths) <= limit
+        return bool(self.rows) and self._joins_steps and sum(prompt_lengths) <= JOINING_STEP_TOKENS
 
     def step(self, joining: Sequence[Row] = ()) -> Events:
         """Feed every row its last token, pick the next one, and let ended rows go.

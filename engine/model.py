@@ -411,7 +411,7 @@ class TextGenerator:
                 joined += len(pending)
                 pending = more(min(max_batch_size - len(batch.rows), max_batch_size - joined))
             dropped = batch.drop_cancelled()
-            # Rows that batch.joins_step let join are prefilled in the step's own pass (a GPU's way).
+            # Rows that arrived while others decode are prefilled in the step's own pass (batch.joins_step).
             joining, pending = [self._row(item) for item in pending], []
             events = dropped + batch.step(joining) if batch.rows or joining else dropped
             emit(on_step, events)

@@ -60,14 +60,6 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"), pooling="cls")
 
 
-@pytest.fixture
-def arrivals_join_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Arrivals prefilled in the next decode step's own pass, as on a GPU (a CPU gives them a pass of their own)."""
-    from engine import continuous
-
-    monkeypatch.setitem(continuous.JOINING_STEP_TOKENS, "cpu", continuous.JOINING_STEP_TOKENS["cuda"])
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
     """End the process with pytest's own status once everything is reported, without the interpreter's teardown.

@@ -264,7 +264,7 @@ def test_a_rows_answer_does_not_depend_on_the_prompts_packed_beside_it(
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_rows_that_join_a_step_answer_as_alone(
     kind: str, dtype: str, amx: bool, tiny_causal: Path, tmp_path_factory: pytest.TempPathFactory,
-    monkeypatch: pytest.MonkeyPatch, arrivals_join_steps: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     if dtype == "bfloat16" and not cpu_flags() & set(NATIVE_BF16_FLAGS):
         pytest.skip("this CPU has no native bfloat16")

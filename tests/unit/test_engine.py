@@ -226,12 +226,7 @@ def test_decoder_only_uses_continuous_batching_seq2seq_static(causal: TextGenera
     assert causal.continuous and not seq2seq.continuous
 
 
-@pytest.mark.parametrize("way", ["pass of their own", "joining steps"])
-def test_prompts_joining_mid_generation_match_their_solo_output(
-    causal: TextGenerator, way: str, request: pytest.FixtureRequest
-) -> None:
-    if way == "joining steps":
-        request.getfixturevalue("arrivals_join_steps")
+def test_prompts_joining_mid_generation_match_their_solo_output(causal: TextGenerator) -> None:
     long = SamplingParams(max_new_tokens=20)
     ids = [causal.encode([p], long)[0] for p in PROMPTS]
     solo = [causal.generate([i], long)[0] for i in ids]
@@ -265,12 +260,10 @@ def test_joining_respects_max_batch_size(causal: TextGenerator) -> None:
     assert len(completions(events, items)) == 4 and asked and max(asked) <= 2 and asked[0] == 1
 
 
-def test_a_request_that_comes_during_a_step_joins_the_very_next_pass(
-    causal: TextGenerator, arrivals_join_steps: None
-) -> None:
+def test_a_request_that_comes_during_a_step_joins_the_very_next_pass(causal: TextGenerator) -> None:
     # The engine asks for new rows after each step: one that came while a step ran gets its first token
-    # from the very next pass, which (where arrivals join steps) prefills it while the running row decodes
-    # its next token, and the answers are the ones each request gets alone.
+    # from the very next pass, which prefills it while the running row decodes its next token, and
+    # the answers are the ones each request gets alone.
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     first, joining = items_for(causal.encode(PROMPTS[:2], params), params)
     alone = {item.key: causal.generate([item.prompt_ids], params)[0].text for item in (first, joining)}
@@ -296,7 +289,7 @@ def test_a_request_that_comes_during_a_step_joins_the_very_next_pass(
     assert tokens == {first.key: 8, joining.key: 8} and texts == alone
 
 
-def test_requests_that_keep_coming_each_join_the_next_pass(causal: TextGenerator, arrivals_join_steps: None) -> None:
+def test_requests_that_keep_coming_each_join_the_next_pass(causal: TextGenerator) -> None:
     # Each arrival joins the pass after the one it came during, beside the rows already decoding: a
     # stream of arrivals costs no pass of its own, and no running row waits for another's prefill.
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -325,13 +318,10 @@ def test_requests_that_keep_coming_each_join_the_next_pass(causal: TextGenerator
     assert tokens == {first.key: 8, joining.key: 8, later.key: 8} and texts == alone
 
 
-@pytest.mark.parametrize("joining_tokens", [None, 3], ids=["a CPU's default", "longer than the limit"])
-def test_arrivals_prefilled_in_a_pass_of_their_own_get_their_first_token_before_the_next_step(
-    causal: TextGenerator, monkeypatch: pytest.MonkeyPatch, joining_tokens: int | None
+def test_prompts_too_long_to_join_a_step_are_prefilled_in_a_pass_of_their_own(
+    causal: TextGenerator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # On a CPU every arrival gets a pass of its own; where arrivals join steps, a prompt above the limit does.
-    if joining_tokens is not None:
-        monkeypatch.setitem(engine_continuous.JOINING_STEP_TOKENS, "cpu", joining_tokens)  # every prompt is longer
+    monkeypatch.setattr(engine_continuous, "JOINING_STEP_TOKENS", 3)  # every prompt here is longer
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
     first, joining = items_for(causal.encode(PROMPTS[:2], params), params)
     alone = {item.key: causal.generate([item.prompt_ids], params)[0].text for item in (first, joining)}
@@ -356,7 +346,7 @@ def test_arrivals_prefilled_in_a_pass_of_their_own_get_their_first_token_before_
 
 
 def test_a_failed_joining_pass_leaves_each_row_as_it_would_be_alone(
-    causal: TextGenerator, monkeypatch: pytest.MonkeyPatch, arrivals_join_steps: None
+    causal: TextGenerator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The step that would prefill the joining row fails: the joining row is prefilled on its own and
     # the running row steps again; both answers are still their solo ones.
