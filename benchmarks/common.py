@@ -105,6 +105,29 @@ def scatter_panel(ax: Any, runs: dict[str, list[dict[str, Any]]], key: str, titl
     ax.set_title(title)
 
 
+def plot_scatter_panels(
+    panels: Sequence[tuple[dict[str, list[dict[str, Any]]], str, str]],
+    highlight: str,
+    title: str,
+    path: Path,
+    xlabel: str | None = None,
+) -> None:
+    """A row of :func:`scatter_panel` panels, one per ``(runs, key, panel title)``, saved as ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (runs, key, panel_title) in zip(axes[0], panels, strict=True):
+        scatter_panel(ax, runs, key, panel_title, highlight)
+        if xlabel is not None:
+            ax.set_xlabel(xlabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def alternated_generations(
     generate: Callable[[str], Sequence[Any]], ways: Sequence[str], repeats: int, new_tokens: int
 ) -> tuple[dict[str, list[float]], dict[str, list[str]]]:

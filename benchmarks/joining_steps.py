@@ -37,15 +37,14 @@ from typing import Any
 import torch
 
 import engine.continuous as continuous
-from benchmarks.common import PROMPTS, RESULTS, machine, scatter_panel, write_results
-from benchmarks.stream_readers import SERVICE_PACING, alternated, leg
+from benchmarks.common import PROMPTS, RESULTS, machine, plot_scatter_panels, write_results
+from benchmarks.stream_readers import SERVICE_PACING, alternated, leg, streamed_line, streamed_medians
 from engine.model import EngineConfig, TextGenerator
 from engine.types import Delta, SamplingParams
 from engine.work import WorkItem
 from testing.checkpoints import random_checkpoint
 
 WAYS = {"joining": continuous.JOINING_STEP_TOKENS, "separate": 0}
-CLIENT_KEYS = ("requests_per_s", "ttft_p50_s", "engine_ms_per_step")
 
 
 def use(way: str) -> None:
@@ -121,9 +120,7 @@ def main() -> None:
         for way in WAYS
     }
     ratio = result["separate"]["ms_per_token"] / result["joining"]["ms_per_token"]
-    client_medians = {
-        way: {k: statistics.median(r[k] for r in legs) for k in CLIENT_KEYS} for way, legs in clients.items()
-    }
+    client_medians = streamed_medians(clients)
     data = {"config": vars(args), "machine": machine(), "load_average": os.getloadavg(), "prompt_tokens": len(prompt),
             "runs": runs, "results": result, "joining_tokens_per_s_over_separate": ratio,
             "streamed_clients": {"legs": clients, "medians": client_medians}}  # fmt: skip
@@ -134,7 +131,7 @@ def main() -> None:
         print(f"  {way:9s} {r['ms_per_token']:6.2f} ms a token, first-token wait {r['first_token_wait_ms']:6.1f} ms")
     print(f"  joining / separate: {ratio:.2f}x the tokens per second")
     for way, m in client_medians.items():
-        print(f"  {args.clients} streamed clients, {_client_leg(way, m)} (medians)")
+        print(f"  {args.clients} streamed clients, {streamed_line(way, m)} (medians)")
 
 
 async def streamed_clients(args: argparse.Namespace, engine: TextGenerator) -> dict[str, list[dict[str, Any]]]:
@@ -146,34 +143,20 @@ async def streamed_clients(args: argparse.Namespace, engine: TextGenerator) -> d
         use(way)
         return leg(engine, prompts, True, args.clients, args.seconds, SERVICE_PACING)
 
-    return await alternated(list(WAYS), args.repeats, run, _client_leg)
-
-
-def _client_leg(way: str, r: dict[str, Any]) -> str:
-    ttft, step = r["ttft_p50_s"] * 1000, r["engine_ms_per_step"]
-    return f"{way:9s} {r['requests_per_s']:5.2f} req/s, TTFT p50 {ttft:4.0f} ms, {step:5.1f} ms a step"
+    return await alternated(list(WAYS), args.repeats, run, streamed_line)
 
 
 def _plot(
     runs: dict[str, list[dict[str, Any]]], clients: dict[str, list[dict[str, Any]]], args: argparse.Namespace
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [(runs, "ms_per_token", "staggered: ms per generated token"),
               (runs, "first_token_wait_ms", "staggered: an arrival's first token (ms)")]  # fmt: skip
     if clients:
         panels += [(clients, "requests_per_s", f"{args.clients} streamed clients: requests/s"),
                    (clients, "ttft_p50_s", f"{args.clients} streamed clients: TTFT p50 (s)")]  # fmt: skip
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
-    for ax, (legs, key, title) in zip(axes, panels, strict=True):
-        scatter_panel(ax, legs, key, title, highlight="joining")
-    fig.suptitle(f"{args.dtype}, GPT-2-small shape, arrivals joining a step's pass or in a pass of their own, "
-                 f"{args.threads} thread(s)")  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png", dpi=110)
+    title = (f"{args.dtype}, GPT-2-small shape, arrivals joining a step's pass or in a pass of their own, "
+             f"{args.threads} thread(s)")  # fmt: skip
+    plot_scatter_panels(panels, "joining", title, RESULTS / f"{args.name}.png")
 
 
 if __name__ == "__main__":

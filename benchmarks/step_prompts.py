@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 from typing import Any
 
 import torch
 
-from benchmarks.common import PROMPTS, RESULTS, machine, scatter_panel, write_results
-from benchmarks.stream_readers import SERVICE_PACING, alternated, leg
+from benchmarks.common import PROMPTS, RESULTS, machine, plot_scatter_panels, write_results
+from benchmarks.stream_readers import SERVICE_PACING, alternated, leg, streamed_line, streamed_medians
 from engine.admission import STEP_PROMPT_TOKENS, TokenBudget
 from engine.model import EngineConfig, TextGenerator
 from engine.types import SamplingParams
 from testing.checkpoints import random_checkpoint
-
-KEYS = ("requests_per_s", "ttft_p50_s", "engine_ms_per_step")
 
 
 def way(budget: int) -> str:
@@ -39,13 +36,10 @@ async def measure(args: argparse.Namespace, engine: TextGenerator, prompts: list
     await leg(engine, prompts, True, args.clients, 2.0, SERVICE_PACING)  # warm: packing, kernels, buffers
     budgets = {way(b): TokenBudget(None, b or None) for b in args.budgets}
 
-    def show(name: str, result: dict[str, Any]) -> str:
-        ttft_ms, step_ms = result["ttft_p50_s"] * 1000, result["engine_ms_per_step"]
-        return f"{name:>5s} {result['requests_per_s']:5.2f} req/s, TTFT p50 {ttft_ms:4.0f} ms, {step_ms:5.1f} ms a step"
-
     return await alternated(
         list(budgets), args.repeats,
-        lambda name: leg(engine, prompts, True, args.clients, args.seconds, SERVICE_PACING, budgets[name]), show,
+        lambda name: leg(engine, prompts, True, args.clients, args.seconds, SERVICE_PACING, budgets[name]),
+        streamed_line,
     )  # fmt: skip
 
 
@@ -65,32 +59,22 @@ def main() -> None:
     engine = TextGenerator.load(EngineConfig(model_id=str(checkpoint), num_threads=1, dtype=args.dtype))
     prompts = engine.encode(PROMPTS, SamplingParams(max_new_tokens=8))
     runs = asyncio.run(measure(args, engine, prompts))
-    medians = {name: {key: statistics.median(run[key] for run in legs) for key in KEYS} for name, legs in runs.items()}
+    medians = streamed_medians(runs)
     path = write_results(args.name, {"config": vars(args), "runs": runs, "medians": medians})
     _plot(runs, args)
     print(f"clients={args.clients} dtype={args.dtype} -> {path}")
     for name, m in medians.items():
-        print(f"  {name:>5s} {m['requests_per_s']:5.2f} req/s, TTFT p50 {m['ttft_p50_s'] * 1000:4.0f} ms, "
-              f"{m['engine_ms_per_step']:5.1f} ms a step (medians)")  # fmt: skip
+        print(f"  {streamed_line(name, m)} (medians)")
 
 
 def _plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    panels = (("requests_per_s", "streamed requests/s"), ("ttft_p50_s", "TTFT p50 (s)"),
-              ("engine_ms_per_step", "engine ms per step"))  # fmt: skip
-    highlight = way(STEP_PROMPT_TOKENS["cpu"])  # the default on a CPU, in colour
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        scatter_panel(ax, runs, key, title, highlight=highlight)
-        ax.set_xlabel("prompt tokens a poll admits")
-    fig.suptitle(f"STEP_PROMPT_TOKENS in one process: {args.clients} clients, {args.dtype}, one thread, "
-                 f"{machine()['cpu']}")  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png", dpi=110)
+    panels = [(runs, "requests_per_s", "streamed requests/s"), (runs, "ttft_p50_s", "TTFT p50 (s)"),
+              (runs, "engine_ms_per_step", "engine ms per step")]  # fmt: skip
+    title = (f"STEP_PROMPT_TOKENS in one process: {args.clients} clients, {args.dtype}, one thread, "
+             f"{machine()['cpu']}")  # fmt: skip
+    # The default on a CPU in colour.
+    plot_scatter_panels(panels, way(STEP_PROMPT_TOKENS["cpu"]), title, RESULTS / f"{args.name}.png",
+                        xlabel="prompt tokens a poll admits")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -133,6 +133,23 @@ async def alternated(
     return runs
 
 
+# What a streamed leg's summary shows, per way (benchmarks.step_prompts, benchmarks.joining_steps).
+STREAMED_KEYS = ("requests_per_s", "ttft_p50_s", "engine_ms_per_step")
+
+
+def streamed_medians(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Each way's medians of :data:`STREAMED_KEYS` over its streamed legs."""
+    return {
+        way: {key: statistics.median(leg[key] for leg in legs) for key in STREAMED_KEYS} for way, legs in runs.items()
+    }
+
+
+def streamed_line(way: str, result: dict[str, Any]) -> str:
+    """One streamed leg (or its medians) in a line: requests/s, TTFT p50 and the engine's step time."""
+    ttft_ms, step_ms = result["ttft_p50_s"] * 1000, result["engine_ms_per_step"]
+    return f"{way:>9s} {result['requests_per_s']:5.2f} req/s, TTFT p50 {ttft_ms:4.0f} ms, {step_ms:5.1f} ms a step"
+
+
 async def measure(args: argparse.Namespace, engine: TextGenerator, prompts: list[list[int]]) -> dict[str, list[dict]]:
     pacing = ReadPacing(args.interval_s, args.messages_per_s)
     await leg(engine, prompts, False, args.clients, 2.0, pacing)  # warm: packing, kernels, buffers
