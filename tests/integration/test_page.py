@@ -110,6 +110,9 @@ def _live_target(request: pytest.FixtureRequest) -> Target:
             # Every wake-up a full cold start: from a warm worker the phases come with the first token,
             # and the tests watch them appear before it.
             "WARM_WORKERS": "0",
+            # Each token its own message, as the fake target streams: the tests watch an answer grow step by
+            # step, and a small model makes several tokens within the default 50 ms between a stream's messages.
+            "STREAM_INTERVAL_S": "0",
         },
     )
     headers = {"Authorization": f"Bearer {API_KEY}"}
