@@ -23,6 +23,7 @@ MODULES = [
     "serving.api.errors",
     "serving.api.json_body",
     "serving.models",
+    "serving.ray_start",
     "serving.transport",
     "serving.warm_pool.worker",
     "config.schedule",
