@@ -10,6 +10,10 @@ is C closed-loop clients sending ``/v1/completions`` with 64 greedy tokens. Besi
 reads the CPU seconds each of the service's processes (the model replica, the Gateway, Serve's
 proxy) and this load generator spent per request, from ``/proc``, which is where a per-token cost
 shows, and the client's view of inter-token latency (the gaps between pieces of streamed text).
+It also follows the replica's engine thread (its busiest), which the machine's speed moves far less
+than requests/s: the share of its runnable time it spent waiting for a core (``/proc``'s schedstat),
+and the share of the engine's busy time (``busy_s`` of the replica's ``stats()``) it ran, the rest
+being waits for a core or for the GIL.
 Each ``--variant`` is a service of its own (settings, or with ``@`` the environment of its Ray
 instance, where Serve reads its flags), measured one after another.
 Writes benchmarks/results/<name>.json and .png and prints the tables.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -73,17 +78,51 @@ def cpu_seconds(pids: dict[str, str]) -> dict[str, float]:
     return out
 
 
+def thread_times(pid: str) -> dict[str, tuple[float, float]]:
+    """Each thread of ``pid``: seconds run on a core, and seconds runnable but waiting for one (schedstat)."""
+    out: dict[str, tuple[float, float]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:  # a thread that ended
+            run_ns, wait_ns, _ = f.read().split()
+            out[tid] = (int(run_ns) / 1e9, int(wait_ns) / 1e9)
+    return out
+
+
+def engine_shares(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], busy_s: float
+) -> dict[str, float]:
+    """The engine thread (the one that ran most meanwhile): its wait for a core over its runnable time, and
+    its run time over the engine's busy time (the batcher's ``busy_s``).
+
+    >>> engine_shares({"7": (1.0, 0.1)}, {"7": (2.8, 0.3), "8": (0.5, 0.0)}, busy_s=2.0)
+    {'engine_waiting_for_a_core': 0.1, 'engine_running_while_busy': 0.9}
+    """
+    delta = {tid: (run - before.get(tid, (0.0, 0.0))[0], wait - before.get(tid, (0.0, 0.0))[1])
+             for tid, (run, wait) in after.items()}  # fmt: skip
+    run, wait = max(delta.values())
+    return {
+        "engine_waiting_for_a_core": round(wait / (run + wait), 3),
+        "engine_running_while_busy": round(run / busy_s, 3) if busy_s > 0 else float("nan"),
+    }
+
+
 def leg(url: str, model: str, clients: int, seconds: float, stream: bool, pids: dict[str, str]) -> dict[str, Any]:
     """One closed-loop run, sized from a one-round probe to last about ``seconds`` (the probe when one round)."""
+    from ray import serve
+
+    replica = serve.get_deployment_handle(model, model)  # the model's application has this one deployment
 
     def run(rounds: int) -> tuple[dict[str, Any], dict[str, float], float]:
         make = lambda n: body(model, n, 64, stream)  # noqa: E731
         count = lambda answer: answer["usage"]["completion_tokens"]  # noqa: E731
-        before, load = cpu_seconds(pids), os.getloadavg()[0]
+        busy = replica.stats.remote().result()["busy_s"]
+        before, threads, load = cpu_seconds(pids), thread_times(pids["replica"]), os.getloadavg()[0]
         result = asyncio.run(closed_loop(url, make, count, clients, rounds, stream=stream)).as_dict()
-        after = cpu_seconds(pids)
+        after, threads_after = cpu_seconds(pids), thread_times(pids["replica"])
+        busy = replica.stats.remote().result()["busy_s"] - busy
         served = result["requests"] + clients  # the untimed first round is in the CPU time too
         result["cpu_ms_per_request"] = {name: round(1000 * (after[name] - before[name]) / served, 1) for name in after}
+        result |= engine_shares(threads, threads_after, busy)
         result["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]
         return result, after, load
 
@@ -91,8 +130,10 @@ def leg(url: str, model: str, clients: int, seconds: float, stream: bool, pids: 
     rounds = max(1, round(seconds * result["requests_per_s"] / clients))
     if rounds > 1:
         result, _, _ = run(rounds)
-    logger.info("  c=%d %s: %.2f req/s, CPU ms/request %s, load %s", clients, "stream" if stream else "whole",
-                result["requests_per_s"], result["cpu_ms_per_request"], result["load_average"])  # fmt: skip
+    logger.info("  c=%d %s: %.2f req/s, CPU ms/request %s, engine thread waiting for a core %.3f, running while "
+                "busy %.3f, load %s", clients, "stream" if stream else "whole", result["requests_per_s"],
+                result["cpu_ms_per_request"], result["engine_waiting_for_a_core"],
+                result["engine_running_while_busy"], result["load_average"])  # fmt: skip
     return result
 
 
@@ -101,7 +142,7 @@ def summarize(legs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"requests_per_s": statistics.median(leg["requests_per_s"] for leg in legs)}
     for name in legs[0]["cpu_ms_per_request"]:
         out[f"cpu_ms_{name}"] = statistics.median(leg["cpu_ms_per_request"][name] for leg in legs)
-    for key in ("itl_p50_s", "itl_p95_s", "ttft_p50_s"):
+    for key in ("itl_p50_s", "itl_p95_s", "ttft_p50_s", "engine_waiting_for_a_core", "engine_running_while_busy"):
         if key in legs[0]:
             out[key] = statistics.median(leg[key] for leg in legs)
     return out
@@ -110,15 +151,18 @@ def summarize(legs: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(table: dict[str, Any]) -> str:
     lines = [
         "| clients | streamed req/s | whole req/s | streamed / whole | CPU ms per request, streamed (replica / "
-        "Gateway / proxy / client) | the same, whole | ITL p50 / p95 (streamed, client) |",
-        "|---:|---:|---:|---:|---|---|---|",
+        "Gateway / proxy / client) | the same, whole | ITL p50 / p95 (streamed, client) | engine thread waiting "
+        "for a core, streamed / whole | engine thread running while busy, streamed / whole |",
+        "|---:|---:|---:|---:|---|---|---|---|---|",
     ]
     for c, row in table.items():
         s, w = row["stream"], row["whole"]
         cpu = lambda r: " / ".join(f"{r[f'cpu_ms_{n}']:.0f}" for n in ("replica", "gateway", "proxy", "client"))  # noqa: E731
         lines.append(
             f"| {c} | {s['requests_per_s']:.2f} | {w['requests_per_s']:.2f} | {row['ratio']:.2f} | {cpu(s)} | "
-            f"{cpu(w)} | {1000 * s['itl_p50_s']:.0f} / {1000 * s['itl_p95_s']:.0f} ms |"
+            f"{cpu(w)} | {1000 * s['itl_p50_s']:.0f} / {1000 * s['itl_p95_s']:.0f} ms | "
+            f"{s['engine_waiting_for_a_core']:.1%} / {w['engine_waiting_for_a_core']:.1%} | "
+            f"{s['engine_running_while_busy']:.1%} / {w['engine_running_while_busy']:.1%} |"
         )
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ MODULES = [
     "serving.ray_start",
     "serving.transport",
     "serving.warm_pool.worker",
+    "benchmarks.stream_cost",
     "config.schedule",
     "config.model",
     "testing.polling",
