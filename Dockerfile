@@ -58,13 +58,10 @@ RUN python -m compileall -q settings.py ray_serve_app.py config engine serving o
 # PYTHONPATH: every Ray process (also on KubeRay worker pods, whatever their working directory)
 # imports ray_serve_app from here. RAY_SERVE_DEFAULT_HTTP_HOST: inside the container Serve must
 # listen on all interfaces or the published port reaches nothing; outside it stays 127.0.0.1.
-# RAY_SERVE_PROXY_USE_GRPC and RAY_worker_niceness: what the service asks of the Ray instance, read where
-# Ray starts (serving/ray_start.py): streamed tokens over gRPC, and Ray's workers (the model replicas'
-# engines among them) at the normal priority rather than Ray's default of 15.
+# RAY_SERVE_PROXY_USE_GRPC: the proxy takes streamed tokens from the Gateway over gRPC (serving/transport.py).
 ENV PYTHONPATH=/app \
     RAY_SERVE_DEFAULT_HTTP_HOST=0.0.0.0 \
     RAY_SERVE_PROXY_USE_GRPC=1 \
-    RAY_worker_niceness=0 \
     RAY_USAGE_STATS_ENABLED=0
 
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.

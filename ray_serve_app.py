@@ -20,11 +20,11 @@ from serving.gateway import Gateway
 from serving.pool.apps import MODEL_APPS, model_defaults, spec_of
 from serving.pool.controller import PoolController
 from serving.pool.spec import PoolSettings
-from serving.ray_start import prefer_ray_start_env
+from serving.transport import prefer_grpc_proxy
 from settings import Settings, load_settings
 
-# `serve run` imports this module before it starts a local Ray instance, which inherits the variables.
-prefer_ray_start_env()
+# `serve run` imports this module before it starts a local Ray instance, which inherits the variable.
+prefer_grpc_proxy()
 
 
 def pool_graph(settings: Settings) -> Application:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -38,7 +37,6 @@ from engine.work import OnStep, Poll, WorkItem
 from observability import metrics
 from serving import warm_pool
 from serving.pool.reporter import PhaseReporter
-from serving.ray_start import warn_if_niced
 from settings import ModelConfig
 
 logger = logging.getLogger("ray.serve")
@@ -134,7 +132,6 @@ class ModelServer:
         warm = warm_pool.worker_report()  # a warm worker's process started long before this replica
         process_started = None if warm["warm_worker"] else warm_pool.process_started_at()
         self._name = config.name
-        warn_if_niced()
         self._reporter = PhaseReporter(pool, config.name) if pool else None
         self._report("process_start", round(self._constructed_at - process_started, 4) if process_started else None)
         self._timer = PhaseTimer(on_phase=self._phase_ended)
@@ -310,16 +307,9 @@ class ModelServer:
     async def stats(self) -> dict[str, Any]:
         """This replica's counters: batches, rows running and cancelled, queue, open streams, tokens,
         requests received and how those that reached the engine ended (``ended``: completed, left, failed),
-        the asyncio tasks alive on its event loop (``tasks``: this call's own included), and the process's
-        ``niceness`` (``serving/ray_start.py``)."""
+        and the asyncio tasks alive on its event loop (``tasks``: this call's own included)."""
         counters = self._embeddings.stats() if self._task == "embed" else self._batcher.stats()
-        return {
-            **counters,
-            "requests": self._requests,
-            "ended": dict(self._ended),
-            "tasks": len(asyncio.all_tasks()),
-            "niceness": os.getpriority(os.PRIO_PROCESS, 0),
-        }
+        return {**counters, "requests": self._requests, "ended": dict(self._ended), "tasks": len(asyncio.all_tasks())}
 
     def _encode(self, request: GenerationRequest) -> list[list[int]]:
         self._engine.rules.check(request.params)  # logit bias ids, grammar compiled (cached) before queueing

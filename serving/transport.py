@@ -8,8 +8,9 @@ two hops then cost the Gateway and the proxy about 40% less CPU per streamed req
 
 - The Gateway's handles to model replicas ask for it themselves (``MODEL_HANDLE_OPTIONS``).
 - Serve's proxy reads ``RAY_SERVE_PROXY_USE_GRPC`` from its own environment, the environment of the
-  node's raylet: it must be set where Ray starts (``serving/ray_start.py`` sets it for a local Ray
-  instance; the container image sets it for ``ray start``).
+  node's raylet: it must be set where Ray starts. ``prefer_grpc_proxy`` sets it (unless the operator
+  set it) in a process about to start a local Ray instance (``serve run``, the tests, the benchmarks);
+  the container image sets it for ``ray start`` (the KubeRay manifest's pods run that image).
 """
 
 from __future__ import annotations
@@ -24,6 +25,19 @@ logger = logging.getLogger("ray.serve")
 PROXY_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
 # Serve's own switch for a handle's transport (what RAY_SERVE_USE_GRPC_BY_DEFAULT sets for every handle).
 MODEL_HANDLE_OPTIONS: dict[str, Any] = {"_by_reference": False}
+
+
+def prefer_grpc_proxy(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Ask for the gRPC proxy in a Ray instance that this process is about to start (an operator's value wins).
+
+    >>> env = {}
+    >>> prefer_grpc_proxy(env); env
+    {'RAY_SERVE_PROXY_USE_GRPC': '1'}
+    >>> env = {"RAY_SERVE_PROXY_USE_GRPC": "0"}
+    >>> prefer_grpc_proxy(env); env
+    {'RAY_SERVE_PROXY_USE_GRPC': '0'}
+    """
+    environ.setdefault(PROXY_GRPC_ENV, "1")
 
 
 def proxy_transport(environ: MutableMapping[str, str] = os.environ) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from serving.ray_start import prefer_ray_start_env
+from serving.transport import prefer_grpc_proxy
 from testing.http import free_port
 from testing.polling import wait_for
 
@@ -28,7 +28,7 @@ def local_serve(
     import ray
     from ray import serve
 
-    prefer_ray_start_env()  # as `serve run` of ray_serve_app does
+    prefer_grpc_proxy()  # as `serve run` of ray_serve_app does
     system = {} if metrics_report_interval_ms is None else {"metrics_report_interval_ms": metrics_report_interval_ms}
     # address="local": always a new instance, never a cluster some `ray start` left running.
     ray.init(
@@ -92,7 +92,7 @@ def two_node_serve(worker_cpus: float = 2, worker_env: Mapping[str, str] | None 
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    prefer_ray_start_env()
+    prefer_grpc_proxy()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": free_port()},

@@ -59,11 +59,6 @@ def test_the_first_request_carries_the_cold_start_report(handle: DeploymentHandl
     assert again.cold_start is None and again.replica == started.replica
 
 
-def test_the_replica_runs_at_the_normal_priority(handle: DeploymentHandle) -> None:
-    # RAY_worker_niceness=0 where the tests' Ray started, as `serve run` and the image set it (serving/ray_start.py).
-    assert stats(handle)["niceness"] == 0
-
-
 def test_tokens_arrive_while_the_engine_is_still_generating(handle: DeploymentHandle) -> None:
     generator = handle.options(stream=True).stream.remote(request(max_new=LONG))
     started = next(generator)

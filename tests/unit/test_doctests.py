@@ -23,7 +23,6 @@ MODULES = [
     "serving.api.errors",
     "serving.api.json_body",
     "serving.models",
-    "serving.ray_start",
     "serving.transport",
     "serving.warm_pool.worker",
     "benchmarks.stream_cost",
