@@ -105,6 +105,13 @@ def scatter_panel(ax: Any, runs: dict[str, list[dict[str, Any]]], key: str, titl
     ax.set_title(title)
 
 
+def replica_stats(model: str) -> dict[str, Any]:
+    """The ``stats()`` of ``model``'s replica (its application holds that one deployment) in this Ray instance."""
+    from ray import serve
+
+    return serve.get_deployment_handle(model, model).stats.remote().result(timeout_s=60)
+
+
 def plot_scatter_panels(
     panels: Sequence[tuple[dict[str, list[dict[str, Any]]], str, str]],
     highlight: str,

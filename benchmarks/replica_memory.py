@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import write_results
+from benchmarks.common import replica_stats, write_results
 from config.model_fields import DEFAULT_MODEL_DIR
 from ray_serve_app import build_graph
 from settings import build_settings
@@ -83,12 +83,6 @@ def complete(url: str, model: str, prompt: list[int], max_tokens: int) -> dict[s
     return response.json()
 
 
-def stats(model: str) -> dict[str, Any]:
-    from ray import serve
-
-    return serve.get_deployment_handle(model, model).stats.remote().result(timeout_s=60)
-
-
 def fill(url: str, model: str, prompt_tokens: int, max_tokens: int, rounds: int = 5) -> dict[str, Any]:
     pid = replica_pid(model)
     complete(url, model, [11, 12, 13], 4)  # warm: the weights and the first small cache are in place
@@ -97,7 +91,7 @@ def fill(url: str, model: str, prompt_tokens: int, max_tokens: int, rounds: int 
     idle = psutil.Process(pid).memory_info().rss
     peaks, batches = [], []
     for r in range(rounds):
-        before = stats(model)
+        before = replica_stats(model)
         sampler = Peak(pid)
         sampler.start()
         prompts = [[(17 * (i + r * ROWS) + 31 * j) % 390 + 5 for j in range(prompt_tokens)] for i in range(ROWS)]
@@ -105,7 +99,7 @@ def fill(url: str, model: str, prompt_tokens: int, max_tokens: int, rounds: int 
             answers = list(pool.map(lambda p: complete(url, model, p, max_tokens), prompts))
         sampler.stop.set()
         sampler.join()
-        after = stats(model)
+        after = replica_stats(model)
         assert all(a["usage"]["completion_tokens"] == max_tokens for a in answers)
         peaks.append(sampler.peak)
         batches.append(after["batches"] - before["batches"])

@@ -32,7 +32,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, write_results
+from benchmarks.common import RESULTS, replica_stats, write_results
 from benchmarks.loadgen import closed_loop
 from benchmarks.peer_vllm import body, service
 from testing.checkpoints import random_checkpoint
@@ -108,18 +108,15 @@ def engine_shares(
 
 def leg(url: str, model: str, clients: int, seconds: float, stream: bool, pids: dict[str, str]) -> dict[str, Any]:
     """One closed-loop run, sized from a one-round probe to last about ``seconds`` (the probe when one round)."""
-    from ray import serve
-
-    replica = serve.get_deployment_handle(model, model)  # the model's application has this one deployment
 
     def run(rounds: int) -> tuple[dict[str, Any], dict[str, float], float]:
         make = lambda n: body(model, n, 64, stream)  # noqa: E731
         count = lambda answer: answer["usage"]["completion_tokens"]  # noqa: E731
-        busy = replica.stats.remote().result()["busy_s"]
+        busy = replica_stats(model)["busy_s"]
         before, threads, load = cpu_seconds(pids), thread_times(pids["replica"]), os.getloadavg()[0]
         result = asyncio.run(closed_loop(url, make, count, clients, rounds, stream=stream)).as_dict()
         after, threads_after = cpu_seconds(pids), thread_times(pids["replica"])
-        busy = replica.stats.remote().result()["busy_s"] - busy
+        busy = replica_stats(model)["busy_s"] - busy
         served = result["requests"] + clients  # the untimed first round is in the CPU time too
         result["cpu_ms_per_request"] = {name: round(1000 * (after[name] - before[name]) / served, 1) for name in after}
         result |= engine_shares(threads, threads_after, busy)
